@@ -1,0 +1,154 @@
+package affinity
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+)
+
+// The benchmarks put affinity side by side with Caddy's own policies in
+// one run, at N = 3, 16 and 64 upstreams:
+//
+//	go test -run '^$' -bench . -benchmem ./affinity/ | tee new.txt
+//	benchstat new.txt
+//
+// "pinned" is a returning session (valid pin cookie, or for Caddy's
+// cookie policy its own valid cookie); "new" is a request with no cookie.
+
+var benchSizes = []int{3, 16, 64}
+
+// benchRequest is a request as Caddy's server passes it: vars with the
+// client IP, a few unrelated cookies before ours.
+func benchRequest(cookies string) *http.Request {
+	r := httptest.NewRequest(http.MethodGet, "http://example.com/app?x=1", nil)
+	r.RemoteAddr = "198.51.100.23:40000"
+	r.Header.Set("X-Session", "0123456789abcdef0123456789abcdef")
+	if cookies != "" {
+		r.Header.Set("Cookie", cookies)
+	}
+	vars := map[string]any{caddyhttp.ClientIPVarKey: "198.51.100.23"}
+	return r.WithContext(context.WithValue(r.Context(), caddyhttp.VarsCtxKey, vars))
+}
+
+type discardWriter struct{ h http.Header }
+
+func (d *discardWriter) Header() http.Header         { return d.h }
+func (d *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (d *discardWriter) WriteHeader(int)             {}
+
+func benchSelect(b *testing.B, sel reverseproxy.Selector, pool reverseproxy.UpstreamPool, r *http.Request) {
+	vars := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
+	w := &discardWriter{h: make(http.Header)}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		delete(vars, triedVar)
+		clear(w.h)
+		if sel.Select(pool, r, w) == nil {
+			b.Fatal("no upstream")
+		}
+	}
+}
+
+func provisioned[T caddy.Module](b *testing.B, m T) T {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	b.Cleanup(cancel)
+	if p, ok := any(m).(caddy.Provisioner); ok {
+		if err := p.Provision(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return m
+}
+
+func BenchmarkSelect(b *testing.B) {
+	for _, n := range benchSizes {
+		pool := testPool(b, n)
+
+		aff := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+		// A returning session: the app's cookie plus our pin.
+		rec := httptest.NewRecorder()
+		aff.Select(pool, benchRequest("sid=0123456789abcdef0123456789abcdef"), rec)
+		pin := ""
+		for _, c := range rec.Result().Cookies() {
+			if c.Name == DefaultPinCookie {
+				pin = c.Name + "=" + c.Value
+			}
+		}
+		if pin == "" {
+			b.Fatal("no pin issued")
+		}
+		cookie := provisioned(b, &reverseproxy.CookieHashSelection{Name: "lb", Secret: "bench"})
+		rec = httptest.NewRecorder()
+		cookie.Select(pool, benchRequest(""), rec)
+		lb := ""
+		for _, c := range rec.Result().Cookies() {
+			if c.Name == "lb" {
+				lb = c.Name + "=" + c.Value
+			}
+		}
+
+		b.Run(fmt.Sprintf("affinity/pinned/N=%d", n), func(b *testing.B) {
+			benchSelect(b, aff, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pin))
+		})
+		b.Run(fmt.Sprintf("cookie/pinned/N=%d", n), func(b *testing.B) {
+			benchSelect(b, cookie, pool, benchRequest("theme=dark; "+lb))
+		})
+		b.Run(fmt.Sprintf("affinity/new/N=%d", n), func(b *testing.B) {
+			benchSelect(b, aff, pool, benchRequest("theme=dark"))
+		})
+		b.Run(fmt.Sprintf("cookie/new/N=%d", n), func(b *testing.B) {
+			benchSelect(b, cookie, pool, benchRequest("theme=dark"))
+		})
+		// affinity keyed on the client IP with no cookie at all, the
+		// like-for-like comparison with client_ip_hash.
+		affIP := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "client_ip"}}, DisablePinCookie: true})
+		b.Run(fmt.Sprintf("affinity_client_ip/N=%d", n), func(b *testing.B) {
+			benchSelect(b, affIP, pool, benchRequest(""))
+		})
+		b.Run(fmt.Sprintf("client_ip_hash/N=%d", n), func(b *testing.B) {
+			benchSelect(b, provisioned(b, &reverseproxy.ClientIPHashSelection{}), pool, benchRequest(""))
+		})
+		b.Run(fmt.Sprintf("header/N=%d", n), func(b *testing.B) {
+			benchSelect(b, provisioned(b, &reverseproxy.HeaderHashSelection{Field: "X-Session"}), pool, benchRequest(""))
+		})
+		b.Run(fmt.Sprintf("round_robin/N=%d", n), func(b *testing.B) {
+			benchSelect(b, provisioned(b, &reverseproxy.RoundRobinSelection{}), pool, benchRequest(""))
+		})
+	}
+}
+
+// BenchmarkTableMemory reports the bytes the session table holds per live
+// session, at 100k and 1M sessions.
+func BenchmarkTableMemory(b *testing.B) {
+	for _, n := range []int{100_000, 1_000_000} {
+		b.Run(fmt.Sprintf("sessions=%d", n), func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				before := heapInUse()
+				tb := newSessionTable(n)
+				for k := 0; k < n; k++ {
+					tb.put(uint64(k)*0x9E3779B97F4A7C15, uint32(k%16), 0, 1200)
+				}
+				after := heapInUse()
+				b.ReportMetric(float64(after-before)/float64(n), "B/session")
+				if tb.len() != n {
+					b.Fatalf("table holds %d of %d", tb.len(), n)
+				}
+			}
+		})
+	}
+}
+
+func heapInUse() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
+}

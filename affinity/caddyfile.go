@@ -1,0 +1,162 @@
+package affinity
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
+//
+//	lb_policy affinity {
+//		key cookie <name>
+//		key header <name>
+//		key query <name>
+//		key client_ip [<v4 bits> [<v6 bits>]]
+//		pin_cookie <name> | off
+//		secret <value>
+//		session_ttl <duration>
+//		max_sessions <n>
+//		weights <w1> [<w2>...]
+//	}
+//
+// Several key lines are tried in the order given. Every error names the
+// file and line (the dispenser adds them).
+func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the policy name
+	if d.NextArg() {
+		return d.Errf("affinity takes no arguments on the lb_policy line, got %q; options go in a block", d.Val())
+	}
+	seen := make(map[string]bool)
+	for d.NextBlock(0) {
+		opt := d.Val()
+		if opt != "key" && seen[opt] {
+			return d.Errf("%s specified more than once", opt)
+		}
+		seen[opt] = true
+		switch opt {
+		case "key":
+			k, err := parseKey(d)
+			if err != nil {
+				return err
+			}
+			p.Keys = append(p.Keys, k)
+
+		case "pin_cookie":
+			name, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			if name == "off" {
+				p.DisablePinCookie = true
+				break
+			}
+			if !validCookieName(name) {
+				return d.Errf("pin_cookie: %q is not a valid cookie name", name)
+			}
+			p.PinCookie = name
+
+		case "secret":
+			s, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			p.Secret = s
+
+		case "session_ttl":
+			s, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			dur, err := caddy.ParseDuration(s)
+			if err != nil {
+				return d.Errf("session_ttl: invalid duration %q: %v", s, err)
+			}
+			if dur < 1e9 {
+				return d.Errf("session_ttl: %q is too short, the least is 1s", s)
+			}
+			p.SessionTTL = caddy.Duration(dur)
+
+		case "max_sessions":
+			s, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			n, err := strconv.Atoi(s)
+			if err != nil || n <= 0 {
+				return d.Errf("max_sessions: %q is not a positive whole number", s)
+			}
+			p.MaxSessions = n
+
+		case "weights":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.Err("weights: need one weight per upstream, in the order the upstreams are listed")
+			}
+			for _, a := range args {
+				w, err := strconv.Atoi(a)
+				if err != nil || w < 0 {
+					return d.Errf("weights: %q is not a whole number >= 0", a)
+				}
+				p.Weights = append(p.Weights, w)
+			}
+
+		default:
+			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions or weights)", opt)
+		}
+	}
+	return nil
+}
+
+// parseKey parses the arguments of one `key` line.
+func parseKey(d *caddyfile.Dispenser) (KeySource, error) {
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return KeySource{}, d.Err("key: need a source: cookie <name>, header <name>, query <name> or client_ip")
+	}
+	k := KeySource{From: args[0]}
+	switch args[0] {
+	case "cookie", "header", "query":
+		if len(args) != 2 {
+			return k, d.Errf("key %s: need exactly one name, got %d arguments", args[0], len(args)-1)
+		}
+		k.Name = args[1]
+	case "client_ip":
+		if len(args) > 3 {
+			return k, d.Errf("key client_ip: at most two prefix lengths (IPv4, IPv6), got %d", len(args)-1)
+		}
+		bits := []*int{&k.IPv4Bits, &k.IPv6Bits}
+		limits := []int{32, 128}
+		for i, a := range args[1:] {
+			n, err := strconv.Atoi(a)
+			if err != nil || n < 1 || n > limits[i] {
+				return k, d.Errf("key client_ip: prefix length %q is not in 1..%d", a, limits[i])
+			}
+			*bits[i] = n
+		}
+	default:
+		return k, d.Errf("key: unknown source %q: want cookie, header, query or client_ip", args[0])
+	}
+	probe := k
+	if err := probe.provision(); err != nil {
+		return k, d.Err(err.Error())
+	}
+	return k, nil
+}
+
+// oneArg returns the single argument of the current line.
+func oneArg(d *caddyfile.Dispenser) (string, error) {
+	opt := d.Val()
+	if !d.NextArg() {
+		return "", d.Errf("%s: need a value", opt)
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return "", d.Errf("%s: takes one value, got more (%q)", opt, d.Val())
+	}
+	return v, nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Policy)(nil)

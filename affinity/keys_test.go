@@ -1,0 +1,168 @@
+package affinity
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+)
+
+func TestCookieValue(t *testing.T) {
+	for _, tc := range []struct {
+		headers []string
+		name    string
+		want    string
+		ok      bool
+	}{
+		{[]string{"ASP.NET_SessionId=abc"}, "ASP.NET_SessionId", "abc", true},
+		{[]string{"a=1; JSESSIONID=ABC.node1; b=2"}, "JSESSIONID", "ABC.node1", true},
+		{[]string{"a=1", "sid=two"}, "sid", "two", true},
+		{[]string{`sid="quoted"`}, "sid", "quoted", true},
+		{[]string{"xsid=no; sidx=no"}, "sid", "", false},
+		{[]string{"sid=; sid=second"}, "sid", "second", true},
+		{[]string{"sid"}, "sid", "", false},
+		{[]string{";;; ;sid=x;"}, "sid", "x", true},
+		{[]string{"  sid=spaced  "}, "sid", "spaced", true},
+		{[]string{"bad\x00cookie; sid=ok"}, "sid", "ok", true},
+		{nil, "sid", "", false},
+	} {
+		h := http.Header{"Cookie": tc.headers}
+		got, ok := cookieValue(h, tc.name)
+		if got != tc.want || ok != tc.ok {
+			t.Errorf("cookieValue(%q, %q) = %q, %v; want %q, %v", tc.headers, tc.name, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestQueryValue(t *testing.T) {
+	for _, tc := range []struct {
+		q, name, want string
+		ok            bool
+	}{
+		{"sid=1", "sid", "1", true},
+		{"a=b&sid=x%20y&sid=2", "sid", "x%20y", true},
+		{"xsid=1&sidx=2", "sid", "", false},
+		{"sid=&sid=3", "sid", "3", true},
+		{"", "sid", "", false},
+		{"sid", "sid", "", false},
+	} {
+		got, ok := queryValue(tc.q, tc.name)
+		if got != tc.want || ok != tc.ok {
+			t.Errorf("queryValue(%q, %q) = %q, %v; want %q, %v", tc.q, tc.name, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestClientIPKeyMasksAndUnmaps(t *testing.T) {
+	k := KeySource{From: "client_ip", IPv4Bits: 24}
+	if err := k.provision(); err != nil {
+		t.Fatal(err)
+	}
+	hashOf := func(remote string) (uint64, bool) {
+		r := httptest.NewRequest(http.MethodGet, "/", nil)
+		r.RemoteAddr = remote
+		return k.hash(r)
+	}
+	a, ok1 := hashOf("198.51.100.7:1000")
+	b, ok2 := hashOf("198.51.100.200:2000")
+	c, ok3 := hashOf("[::ffff:198.51.100.9]:3000")
+	d, _ := hashOf("198.51.101.7:1000")
+	if !ok1 || !ok2 || !ok3 {
+		t.Fatal("no key for a plain client address")
+	}
+	if a != b || a != c {
+		t.Error("addresses in one /24 (one of them IPv4-mapped) are different keys")
+	}
+	if a == d {
+		t.Error("addresses in different /24s are the same key")
+	}
+	v6a, _ := hashOf("[2001:db8:1:2::1]:1")
+	v6b, _ := hashOf("[2001:db8:1:2:ffff::9]:1")
+	v6c, _ := hashOf("[2001:db8:1:3::1]:1")
+	if v6a != v6b || v6a == v6c {
+		t.Error("IPv6 keys do not follow the default /64")
+	}
+	if _, ok := hashOf("not-an-address"); ok {
+		t.Error("garbage remote address gave a key")
+	}
+}
+
+func TestKeySourcesInOrder(t *testing.T) {
+	p := &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "x-session"}, {From: "query", Name: "s"}}}
+	for i := range p.Keys {
+		if err := p.Keys[i].provision(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := httptest.NewRequest(http.MethodGet, "/?s=q", nil)
+	hq, _ := p.keyHash(r)
+	r.Header.Set("X-Session", "q")
+	hh, _ := p.keyHash(r)
+	r.Header.Set("Cookie", "sid=q")
+	hc, _ := p.keyHash(r)
+	if hq == hh || hh == hc || hq == hc {
+		t.Error("the same value from different sources is the same key")
+	}
+	r = httptest.NewRequest(http.MethodGet, "/", nil)
+	if _, ok := p.keyHash(r); ok {
+		t.Error("key found in a request without any")
+	}
+}
+
+// FuzzCookieValue checks the hand-written Cookie parser against garbage:
+// it never panics, and what it returns is a part of the header that
+// net/http would also find when the header is well formed.
+func FuzzCookieValue(f *testing.F) {
+	for _, s := range []string{"sid=abc", "a=1; sid=2", `sid="x"`, ";;;", "sid=", "sid==", "\xff=\xfe; sid=\x00", strings.Repeat("a=b; ", 300) + "sid=z"} {
+		f.Add(s, "sid")
+	}
+	f.Fuzz(func(t *testing.T, header, name string) {
+		if name == "" {
+			return
+		}
+		h := http.Header{"Cookie": {header}}
+		v, ok := cookieValue(h, name)
+		if ok && (v == "" || !strings.Contains(header, v)) {
+			t.Fatalf("cookieValue(%q, %q) = %q, not part of the header", header, name, v)
+		}
+		r := &http.Request{Header: h}
+		if c, err := r.Cookie(name); err == nil && c.Value != "" && c.Quoted == false && validCookieName(name) {
+			if !ok {
+				t.Fatalf("net/http finds %s=%q in %q, cookieValue does not", name, c.Value, header)
+			}
+		}
+	})
+}
+
+// FuzzKeyHash runs every key source over arbitrary requests: no panic,
+// and a key is found only if the request carries something for it.
+func FuzzKeyHash(f *testing.F) {
+	f.Add("sid=1", "v", "s=2", "10.0.0.1:5")
+	f.Add("", "", "", "[::ffff:1.2.3.4]:80")
+	f.Add("\xff", "\x00", "%zz", "garbage")
+	f.Add(strings.Repeat("x", 9000), "h", "s=&s", "[fe80::1%eth0]:1")
+	keys := []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}, {From: "query", Name: "s"}, {From: "client_ip", IPv4Bits: 16, IPv6Bits: 48}}
+	for i := range keys {
+		if err := keys[i].provision(); err != nil {
+			f.Fatal(err)
+		}
+	}
+	f.Fuzz(func(t *testing.T, cookie, header, query, remote string) {
+		r := &http.Request{
+			Header:     http.Header{"Cookie": {cookie}, "X-Session": {header}},
+			URL:        &url.URL{RawQuery: query},
+			RemoteAddr: remote,
+		}
+		r = r.WithContext(t.Context())
+		for _, k := range keys {
+			_, ok := k.hash(r)
+			if k.kind == keyHeader && ok != (header != "") {
+				t.Fatalf("header key found=%v for %q", ok, header)
+			}
+			if k.kind == keyCookie && ok && !strings.Contains(cookie, "sid=") {
+				t.Fatalf("cookie key found in %q", cookie)
+			}
+		}
+	})
+}

@@ -1,0 +1,109 @@
+package affinity
+
+import (
+	"errors"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+)
+
+// Outcomes of Select, the values of the `outcome` label.
+const (
+	outcomePinned     = "pinned"      // a valid pin or table entry was honoured
+	outcomePlaced     = "placed"      // a new session was placed on the ring
+	outcomeFailover   = "failover"    // a pinned session moved because its upstream could not serve it
+	outcomeDrainSkip  = "drain_skip"  // placement walked past a draining or maintenance upstream
+	outcomeNoUpstream = "no_upstream" // nothing could take the request
+)
+
+// metrics are process-wide: the counters are registered into every new
+// config's registry (each config load gets a fresh one), so they appear on
+// Caddy's /metrics and keep counting across reloads. Per-upstream gauges
+// are read at scrape time from the healthcheck registry, so an upstream
+// removed from the config does not leave a stale series behind for long
+// and no request pays for them. No label is ever per session.
+var metrics = struct {
+	once           sync.Once
+	selections     *prometheus.CounterVec
+	pinned         prometheus.Counter
+	placed         prometheus.Counter
+	failover       prometheus.Counter
+	drainSkip      prometheus.Counter
+	noUpstream     prometheus.Counter
+	rejectedPins   prometheus.Counter
+	upstreamGauges *upstreamCollector
+}{}
+
+func initMetrics() {
+	metrics.once.Do(func() {
+		metrics.selections = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "affinity", Name: "selections_total",
+			Help: "Upstream selections by outcome: pinned, placed, failover, drain_skip, no_upstream.",
+		}, []string{"outcome"})
+		// Resolved once, so that counting on the request path is one
+		// atomic add and no label lookup.
+		metrics.pinned = metrics.selections.WithLabelValues(outcomePinned)
+		metrics.placed = metrics.selections.WithLabelValues(outcomePlaced)
+		metrics.failover = metrics.selections.WithLabelValues(outcomeFailover)
+		metrics.drainSkip = metrics.selections.WithLabelValues(outcomeDrainSkip)
+		metrics.noUpstream = metrics.selections.WithLabelValues(outcomeNoUpstream)
+		metrics.rejectedPins = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "affinity", Name: "rejected_pins_total",
+			Help: "Pin cookies that were present but not valid (forged, stale secret, unknown upstream).",
+		})
+		metrics.upstreamGauges = new(upstreamCollector)
+	})
+}
+
+// registerMetrics registers the collectors into a config's registry,
+// accepting that another affinity policy of the same config did already.
+func registerMetrics(reg *prometheus.Registry) error {
+	initMetrics()
+	if reg == nil {
+		return nil
+	}
+	for _, c := range []prometheus.Collector{metrics.selections, metrics.rejectedPins, metrics.upstreamGauges} {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+var (
+	descSessions = prometheus.NewDesc("caddy_affinity_sessions",
+		"Live sessions pinned to the upstream (session-table entries within their TTL).", []string{"upstream"}, nil)
+	descState = prometheus.NewDesc("caddy_affinity_upstream_state",
+		"Lifecycle state of the upstream: 0 up, 1 draining, 2 maintenance.", []string{"upstream"}, nil)
+	descTableSize = prometheus.NewDesc("caddy_affinity_session_table_entries",
+		"Entries in the session table.", nil, nil)
+	descEvictions = prometheus.NewDesc("caddy_affinity_session_table_evictions_total",
+		"Live session-table entries evicted because the table was full.", nil, nil)
+)
+
+// upstreamCollector reports the per-upstream and table gauges at scrape
+// time.
+type upstreamCollector struct{}
+
+func (upstreamCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descSessions
+	ch <- descState
+	ch <- descTableSize
+	ch <- descEvictions
+}
+
+func (upstreamCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, u := range healthcheck.All() {
+		ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(u.Sessions()), u.Dial)
+		ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, float64(u.State()), u.Dial)
+	}
+	if st := currentTable(); st != nil {
+		ch <- prometheus.MustNewConstMetric(descTableSize, prometheus.GaugeValue, float64(st.len()))
+		ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(st.evictions.Load()))
+	}
+}

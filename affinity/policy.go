@@ -1,0 +1,547 @@
+// Package affinity is the `affinity` load-balancing selection policy for
+// Caddy's reverse_proxy: it pins every session to one upstream.
+//
+// Per request, in order:
+//  1. a valid pin cookie naming a selectable upstream wins;
+//  2. else a live session-table entry for the session key naming a
+//     selectable upstream wins;
+//  3. else the key (or, for a new session with no key, a random one) is
+//     placed on a consistent-hash ring and walked to the first upstream
+//     that may take new sessions.
+//
+// Whatever was chosen is remembered (pin cookie and session table with a
+// sliding TTL), so a session that failed over stays on its new upstream
+// when the old one comes back.
+package affinity
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io/fs"
+	weakrand "math/rand/v2"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+
+	"github.com/caddy-affinity/caddy-affinity/hashring"
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+)
+
+func init() {
+	caddy.RegisterModule(new(Policy))
+}
+
+// Defaults.
+const (
+	DefaultPinCookie   = "caddy_affinity"
+	DefaultSessionTTL  = caddy.Duration(20 * time.Minute)
+	DefaultMaxSessions = 1_000_000
+)
+
+// Policy is the `affinity` selection policy. It keeps each session on
+// one upstream: by the proxy's own signed pin cookie, by a server-side
+// session table keyed on the app's session key, and, for a session seen
+// for the first time, by a consistent-hash ring that every proxy
+// instance computes alike.
+type Policy struct {
+	// Keys are the places the session key is read from, tried in order;
+	// the first present wins. With none, sessions are told apart by the
+	// pin cookie alone.
+	Keys []KeySource `json:"keys,omitempty"`
+
+	// PinCookie is the name of the proxy's own cookie that remembers the
+	// upstream a session was given. Default "caddy_affinity". The app's
+	// cookies are never rewritten.
+	PinCookie string `json:"pin_cookie,omitempty"`
+
+	// DisablePinCookie turns the pin cookie off: sessions are then kept
+	// by the session table and the ring alone.
+	DisablePinCookie bool `json:"disable_pin_cookie,omitempty"`
+
+	// Secret signs pin cookies. Placeholders such as {env.AFFINITY_SECRET}
+	// are replaced at provision time. Instances that must accept each
+	// other's pins need the same secret. If empty, a random secret is
+	// created once and kept in Caddy's storage, so instances that share
+	// storage share it.
+	Secret string `json:"secret,omitempty"` //nolint:gosec // config field, like the cookie policy's
+
+	// SessionTTL is how long a session is remembered in the session
+	// table after its last request (sliding). Default 20m, ASP.NET's
+	// session timeout.
+	SessionTTL caddy.Duration `json:"session_ttl,omitempty"`
+
+	// MaxSessions bounds the session table, process-wide (the largest
+	// value among live configs applies). When full, the entries closest
+	// to expiry are evicted first. Default 1000000 (about 40 MB).
+	MaxSessions int `json:"max_sessions,omitempty"`
+
+	// Weights gives each upstream, in the order they are listed, its
+	// share of new sessions (like weighted_round_robin). Upstreams beyond
+	// the list weigh 1; weight 0 takes no new sessions but keeps its
+	// pinned ones.
+	Weights []int `json:"weights,omitempty"`
+
+	secret []byte
+	ttl    uint32
+	table  *sharedTable
+	logger *zap.Logger
+
+	// pools caches the ring and pin tokens of the last pool seen; Caddy
+	// passes the same pool on every request unless upstreams are dynamic.
+	pools atomic.Pointer[poolState]
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Policy) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.selection_policies.affinity",
+		New: func() caddy.Module { return new(Policy) },
+	}
+}
+
+// Provision sets up the policy.
+func (p *Policy) Provision(ctx caddy.Context) error {
+	p.logger = ctx.Logger()
+	if p.PinCookie == "" {
+		p.PinCookie = DefaultPinCookie
+	}
+	if p.SessionTTL == 0 {
+		p.SessionTTL = DefaultSessionTTL
+	}
+	if p.MaxSessions == 0 {
+		p.MaxSessions = DefaultMaxSessions
+	}
+	for i := range p.Keys {
+		if err := p.Keys[i].provision(); err != nil {
+			return err
+		}
+	}
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	p.ttl = uint32(time.Duration(p.SessionTTL) / time.Second)
+
+	if !p.DisablePinCookie {
+		secret, err := p.loadSecret(ctx)
+		if err != nil {
+			return err
+		}
+		p.secret = secret
+	}
+
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %v", err)
+	}
+
+	table, err := acquireTable(p)
+	if err != nil {
+		return fmt.Errorf("session table: %v", err)
+	}
+	p.table = table
+	return nil
+}
+
+// Validate checks the configuration.
+func (p *Policy) Validate() error {
+	if p.DisablePinCookie && len(p.Keys) == 0 {
+		return errors.New("with the pin cookie off, at least one key is needed: nothing would tell sessions apart")
+	}
+	if !validCookieName(p.PinCookie) {
+		return fmt.Errorf("pin_cookie: %q is not a valid cookie name", p.PinCookie)
+	}
+	if time.Duration(p.SessionTTL) < time.Second {
+		return fmt.Errorf("session_ttl must be at least 1s, got %s", time.Duration(p.SessionTTL))
+	}
+	if p.MaxSessions < 0 {
+		return fmt.Errorf("max_sessions must not be negative, got %d", p.MaxSessions)
+	}
+	for i, w := range p.Weights {
+		if w < 0 {
+			return fmt.Errorf("weights: weight %d (upstream %d) is negative", w, i+1)
+		}
+	}
+	return nil
+}
+
+// Cleanup lets go of the shared session table.
+func (p *Policy) Cleanup() error {
+	p.releaseTable()
+	return nil
+}
+
+// validCookieName reports whether s is a cookie name (an RFC 6265 token).
+func validCookieName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c >= 0x7f || c == '=' || c == ';' || c == ',' || c == '"' || c == '\\' ||
+			c == '(' || c == ')' || c == '<' || c == '>' || c == '@' || c == ':' || c == '/' ||
+			c == '[' || c == ']' || c == '?' || c == '{' || c == '}' {
+			return false
+		}
+	}
+	return true
+}
+
+// secretStorageKey is where a generated secret is kept in Caddy's storage.
+const secretStorageKey = "caddy-affinity/pin-secret"
+
+// loadSecret returns the configured secret (placeholders replaced) or the
+// one kept in Caddy's storage, creating it under the storage lock so that
+// two instances starting at once end up with the same secret.
+func (p *Policy) loadSecret(ctx caddy.Context) ([]byte, error) {
+	if p.Secret != "" {
+		s := caddy.NewReplacer().ReplaceKnown(p.Secret, "")
+		if s == "" {
+			return nil, fmt.Errorf("secret %q is empty once its placeholders are replaced", p.Secret)
+		}
+		return []byte(s), nil
+	}
+	storage := ctx.Storage()
+	if storage == nil {
+		return nil, errors.New("no secret configured and no Caddy storage to keep a generated one")
+	}
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if b, err := storage.Load(sctx, secretStorageKey); err == nil && len(b) > 0 {
+		return b, nil
+	}
+	if err := storage.Lock(sctx, secretStorageKey); err != nil {
+		return nil, fmt.Errorf("locking storage for the pin secret: %v", err)
+	}
+	defer func() { _ = storage.Unlock(context.Background(), secretStorageKey) }()
+	b, err := storage.Load(sctx, secretStorageKey)
+	if err == nil && len(b) > 0 {
+		return b, nil
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("loading the pin secret: %v", err)
+	}
+	raw := make([]byte, 32)
+	if _, err := rand.Read(raw); err != nil {
+		return nil, err
+	}
+	b = []byte(base64.RawURLEncoding.EncodeToString(raw))
+	if err := storage.Store(sctx, secretStorageKey, b); err != nil {
+		return nil, fmt.Errorf("storing the pin secret: %v", err)
+	}
+	p.logger.Info("generated a pin secret and kept it in storage; instances sharing this storage accept each other's pins",
+		zap.String("key", secretStorageKey))
+	return b, nil
+}
+
+// triedVar names the request var where Select leaves the upstream it
+// chose. Caddy calls Select again with the same request only when that
+// attempt failed, so finding it set means "this one just failed".
+const triedVar = "affinity.tried"
+
+// Select returns the upstream for the request's session, or nil when no
+// upstream may take it (Caddy then retries per lb_try_duration).
+func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.ResponseWriter) *reverseproxy.Upstream {
+	ps := p.poolState(pool)
+	if ps == nil {
+		return nil
+	}
+	// An upstream that failed this very request is not selectable on
+	// the retry, even if Caddy's health checks have not caught up.
+	failed := -1
+	prev, retry := caddyhttp.GetVar(r.Context(), triedVar).(*reverseproxy.Upstream)
+	if retry {
+		failed = ps.index(prev)
+	}
+	key, hasKey := p.keyHash(r)
+	now := clockNow()
+
+	// 1. The pin cookie.
+	pinned := -1
+	if !p.DisablePinCookie {
+		if v, ok := cookieValue(r.Header, p.PinCookie); ok {
+			if pinned = ps.pinIndex(v); pinned < 0 {
+				metrics.rejectedPins.Inc()
+			}
+		}
+	}
+	if pinned >= 0 && pinned != failed && ps.pinnable(pinned) {
+		if hasKey {
+			p.table.put(key, ps.recs[pinned].ID, now, p.ttl)
+		}
+		metrics.pinned.Inc()
+		return p.chosen(ps, pinned, r, w, false, retry)
+	}
+
+	// 2. The session table.
+	from := pinned
+	if hasKey {
+		if id, ok := p.table.get(key, now, p.ttl); ok {
+			i := ps.indexByID(id)
+			if i >= 0 && i != failed && ps.pinnable(i) {
+				metrics.pinned.Inc()
+				return p.chosen(ps, i, r, w, pinned != i && !p.DisablePinCookie, retry)
+			}
+			if from < 0 {
+				from = i
+			}
+		}
+	} else {
+		// A new session: place it at random (uniformly over ring slots,
+		// so weights hold), without remembering the throwaway key.
+		key = weakrand.Uint64()
+	}
+
+	// 3. Place on the ring.
+	choice, skippedState := -1, false
+	ps.ring.Walk(key, func(i int) bool {
+		if i == failed || !ps.ups[i].Available() {
+			return true
+		}
+		if !ps.recs[i].State().AcceptsNew() {
+			skippedState = true
+			return true
+		}
+		choice = i
+		return false
+	})
+	if skippedState {
+		metrics.drainSkip.Inc()
+	}
+	if choice < 0 {
+		metrics.noUpstream.Inc()
+		return nil
+	}
+	if hasKey {
+		p.table.put(key, ps.recs[choice].ID, now, p.ttl)
+	}
+	if from < 0 {
+		from = failed
+	}
+	if from < 0 || from == choice {
+		metrics.placed.Inc()
+	} else {
+		metrics.failover.Inc()
+		p.logger.Info("session failed over",
+			zap.String("from", ps.ups[from].Dial),
+			zap.String("to", ps.ups[choice].Dial),
+			zap.String("reason", ps.unavailableReason(from, failed)))
+	}
+	return p.chosen(ps, choice, r, w, !p.DisablePinCookie, retry)
+}
+
+// keyHash returns the hash of the first configured key present.
+func (p *Policy) keyHash(r *http.Request) (uint64, bool) {
+	for i := range p.Keys {
+		if h, ok := p.Keys[i].hash(r); ok {
+			return h, true
+		}
+	}
+	return 0, false
+}
+
+// chosen records the choice on the request (so that a retry knows it
+// failed) and, when asked, issues the pin cookie for it, replacing the
+// one an earlier attempt of this request issued.
+func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool) *reverseproxy.Upstream {
+	up := ps.ups[i]
+	caddyhttp.SetVar(r.Context(), triedVar, up)
+	ps.recs[i].CountRequest()
+	if issuePin && w != nil {
+		t := &ps.pins[i]
+		v := t.setCookie
+		if secureRequest(r) {
+			v = t.setCookieSecure
+		}
+		setPinCookie(w.Header(), p.PinCookie, v, retry)
+	}
+	return up
+}
+
+// secureRequest reports whether the client reached us over TLS, directly
+// or through a trusted proxy that says so.
+func secureRequest(r *http.Request) bool {
+	if r.TLS != nil {
+		return true
+	}
+	if trusted, _ := caddyhttp.GetVar(r.Context(), caddyhttp.TrustedProxyVarKey).(bool); trusted {
+		if vs := r.Header["X-Forwarded-Proto"]; len(vs) > 0 && vs[len(vs)-1] == "https" {
+			return true
+		}
+	}
+	return false
+}
+
+// poolState is what the policy derives from one upstream pool: the ring,
+// the pin tokens and the lifecycle records, index-aligned with the pool.
+type poolState struct {
+	// first is the address of the first element of the pool this state
+	// was derived from: Caddy passes the same slice on every request for
+	// static upstreams, so one comparison recognises it.
+	first **reverseproxy.Upstream
+	ups   []*reverseproxy.Upstream
+	recs  []*healthcheck.Upstream
+	pins  []pinToken
+	ring  *hashring.Ring
+}
+
+// poolState returns the derived state for pool, rebuilding it only when
+// the pool's addresses changed.
+func (p *Policy) poolState(pool reverseproxy.UpstreamPool) *poolState {
+	if len(pool) == 0 {
+		return nil
+	}
+	ps := p.pools.Load()
+	if ps != nil && ps.first == &pool[0] && len(pool) == len(ps.ups) {
+		return ps
+	}
+	if ps != nil && ps.samePointers(pool) {
+		return ps
+	}
+	if ps != nil && ps.sameDials(pool) {
+		// Dynamic upstreams come as new values for the same addresses:
+		// the ring and pins depend on addresses only, so keep them.
+		cp := *ps
+		cp.ups = append([]*reverseproxy.Upstream(nil), pool...)
+		cp.first = &pool[0]
+		p.pools.Store(&cp)
+		return &cp
+	}
+	ps, err := p.buildPoolState(pool)
+	if err != nil {
+		p.logger.Error("cannot build the upstream ring", zap.Error(err))
+		return nil
+	}
+	p.pools.Store(ps)
+	return ps
+}
+
+func (ps *poolState) samePointers(pool reverseproxy.UpstreamPool) bool {
+	if len(pool) != len(ps.ups) {
+		return false
+	}
+	for i, u := range pool {
+		if u != ps.ups[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func (ps *poolState) sameDials(pool reverseproxy.UpstreamPool) bool {
+	if len(pool) != len(ps.ups) {
+		return false
+	}
+	for i, u := range pool {
+		if u.Dial != ps.ups[i].Dial {
+			return false
+		}
+	}
+	return true
+}
+
+func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, error) {
+	ps := &poolState{
+		first: &pool[0],
+		ups:   append([]*reverseproxy.Upstream(nil), pool...),
+		recs:  make([]*healthcheck.Upstream, len(pool)),
+		pins:  make([]pinToken, len(pool)),
+	}
+	members := make([]hashring.Member, len(pool))
+	for i, u := range pool {
+		ps.recs[i] = healthcheck.Get(u.Dial)
+		weight := 1
+		if i < len(p.Weights) {
+			weight = p.Weights[i]
+		}
+		members[i] = hashring.Member{Name: u.Dial, Weight: weight}
+		if p.secret != nil {
+			ps.pins[i] = newPinToken(p.secret, u.Dial, p.PinCookie)
+		}
+	}
+	ring, err := hashring.New(members)
+	if err != nil {
+		return nil, err
+	}
+	ps.ring = ring
+	return ps, nil
+}
+
+// index returns the position of up in the pool, or -1.
+func (ps *poolState) index(up *reverseproxy.Upstream) int {
+	for i, u := range ps.ups {
+		if u == up {
+			return i
+		}
+	}
+	if up != nil {
+		for i, u := range ps.ups {
+			if u.Dial == up.Dial {
+				return i
+			}
+		}
+	}
+	return -1
+}
+
+// indexByID returns the position of the upstream with the given
+// healthcheck ID, or -1.
+func (ps *poolState) indexByID(id uint32) int {
+	for i, rec := range ps.recs {
+		if rec.ID == id {
+			return i
+		}
+	}
+	return -1
+}
+
+// pinIndex returns the position of the upstream a pin cookie value names,
+// or -1 if the value is not a valid pin for this pool.
+func (ps *poolState) pinIndex(value string) int {
+	id, mac, ok := decodePin(value)
+	if !ok {
+		return -1
+	}
+	for i := range ps.pins {
+		if ps.pins[i].match(id, &mac) {
+			return i
+		}
+	}
+	return -1
+}
+
+// pinnable reports whether upstream i may go on serving a session already
+// pinned to it: Caddy says it is available (health checks, max_requests)
+// and its lifecycle state keeps pinned sessions.
+func (ps *poolState) pinnable(i int) bool {
+	return ps.ups[i].Available() && ps.recs[i].State().AcceptsPinned()
+}
+
+// unavailableReason says why a session left upstream i, for the log.
+func (ps *poolState) unavailableReason(i, failed int) string {
+	switch {
+	case i == failed:
+		return "request to upstream failed"
+	case !ps.ups[i].Healthy():
+		return "upstream unhealthy"
+	case ps.ups[i].Full():
+		return "upstream at max_requests"
+	case !ps.recs[i].State().AcceptsPinned():
+		return "upstream in " + ps.recs[i].State().String()
+	}
+	return "upstream not selectable"
+}
+
+// Interface guards
+var (
+	_ reverseproxy.Selector = (*Policy)(nil)
+	_ caddy.Provisioner     = (*Policy)(nil)
+	_ caddy.Validator       = (*Policy)(nil)
+	_ caddy.CleanerUpper    = (*Policy)(nil)
+)

@@ -1,0 +1,365 @@
+package affinity
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-affinity/caddy-affinity/hashring"
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+)
+
+// newTestPolicy provisions a policy the way Caddy would.
+func newTestPolicy(t testing.TB, p *Policy) *Policy {
+	t.Helper()
+	if p.Secret == "" && !p.DisablePinCookie {
+		p.Secret = "test-secret"
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	if err := p.Provision(ctx); err != nil {
+		t.Fatalf("provision: %v", err)
+	}
+	t.Cleanup(func() { _ = p.Cleanup() })
+	return p
+}
+
+// testPool returns n upstreams with unique dial addresses per test, so
+// that lifecycle states set by one test do not leak into another.
+func testPool(t testing.TB, n int) reverseproxy.UpstreamPool {
+	pool := make(reverseproxy.UpstreamPool, n)
+	for i := range pool {
+		pool[i] = &reverseproxy.Upstream{Host: new(reverseproxy.Host), Dial: fmt.Sprintf("%s-u%d:80", t.Name(), i)}
+	}
+	return pool
+}
+
+// newRequest returns a request as Caddy's server hands it on: with a vars
+// table in its context, so that Select can mark retries.
+func newRequest(cookies ...string) *http.Request {
+	r := httptest.NewRequest(http.MethodGet, "http://example.com/", nil)
+	if len(cookies) > 0 {
+		r.Header.Set("Cookie", strings.Join(cookies, "; "))
+	}
+	ctx := context.WithValue(r.Context(), caddyhttp.VarsCtxKey, map[string]any{})
+	return r.WithContext(ctx)
+}
+
+// pinFrom returns the "name=value" of the pin a response set, or "".
+func pinFrom(t *testing.T, w *httptest.ResponseRecorder, name string) string {
+	t.Helper()
+	var found []string
+	for _, v := range w.Header()["Set-Cookie"] {
+		if strings.HasPrefix(v, name+"=") {
+			found = append(found, strings.SplitN(v, ";", 2)[0])
+		}
+	}
+	if len(found) > 1 {
+		t.Fatalf("more than one pin cookie set: %q", found)
+	}
+	if len(found) == 0 {
+		return ""
+	}
+	return found[0]
+}
+
+func setState(t *testing.T, dial string, s healthcheck.State) {
+	t.Helper()
+	healthcheck.Get(dial).SetState(s)
+	t.Cleanup(func() { healthcheck.Get(dial).SetState(healthcheck.Up) })
+}
+
+func TestNewSessionGetsPinAndKeepsIt(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 3)
+
+	w := httptest.NewRecorder()
+	first := p.Select(pool, newRequest(), w)
+	if first == nil {
+		t.Fatal("no upstream for a new session")
+	}
+	pin := pinFrom(t, w, DefaultPinCookie)
+	if pin == "" {
+		t.Fatal("new session got no pin cookie")
+	}
+	sc := w.Header().Get("Set-Cookie")
+	for _, attr := range []string{"Path=/", "HttpOnly", "SameSite=Lax"} {
+		if !strings.Contains(sc, attr) {
+			t.Errorf("pin cookie %q lacks %s", sc, attr)
+		}
+	}
+	if strings.Contains(sc, "Secure") {
+		t.Errorf("pin cookie on plain HTTP is Secure: %q", sc)
+	}
+	if strings.Contains(sc, first.Dial) {
+		t.Errorf("pin cookie names the address: %q", sc)
+	}
+	for i := 0; i < 50; i++ {
+		w := httptest.NewRecorder()
+		if got := p.Select(pool, newRequest(pin), w); got != first {
+			t.Fatalf("visit %d: pinned session went to %s, want %s", i, got.Dial, first.Dial)
+		}
+		if pinFrom(t, w, DefaultPinCookie) != "" {
+			t.Fatalf("visit %d: pin re-issued although it was valid", i)
+		}
+	}
+}
+
+func TestNewSessionsSpread(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 3)
+	counts := map[string]int{}
+	for i := 0; i < 3000; i++ {
+		counts[p.Select(pool, newRequest(), nil).Dial]++
+	}
+	for _, u := range pool {
+		if c := counts[u.Dial]; c < 800 || c > 1200 {
+			t.Errorf("%s got %d of 3000 new sessions, want about 1000", u.Dial, c)
+		}
+	}
+}
+
+func TestSecurePinUnderTLSAndTrustedProxy(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 2)
+
+	r := newRequest()
+	r.Header.Set("X-Forwarded-Proto", "https")
+	w := httptest.NewRecorder()
+	p.Select(pool, r, w)
+	if strings.Contains(w.Header().Get("Set-Cookie"), "Secure") {
+		t.Error("an untrusted X-Forwarded-Proto made the pin Secure")
+	}
+
+	r = newRequest()
+	r.Header.Set("X-Forwarded-Proto", "https")
+	caddyhttp.SetVar(r.Context(), caddyhttp.TrustedProxyVarKey, true)
+	w = httptest.NewRecorder()
+	p.Select(pool, r, w)
+	if !strings.Contains(w.Header().Get("Set-Cookie"), "; Secure") {
+		t.Errorf("trusted X-Forwarded-Proto https: pin not Secure: %q", w.Header().Get("Set-Cookie"))
+	}
+}
+
+func TestKeyedSessionsArePlacedByTheRing(t *testing.T) {
+	// Every instance must place a key alike: the choice is the ring
+	// owner of the key's hash, whatever order the upstreams are in.
+	pool := testPool(t, 5)
+	members := make([]hashring.Member, len(pool))
+	for i, u := range pool {
+		members[len(pool)-1-i] = hashring.Member{Name: u.Dial, Weight: 1}
+	}
+	ring, err := hashring.New(members)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
+	for i := 0; i < 300; i++ {
+		v := fmt.Sprintf("placement-%d", i)
+		want := members[ring.Lookup(hashring.HashStringSeed(v, uint64(keyCookie)))].Name
+		if got := p.Select(pool, newRequest("sid="+v), nil); got.Dial != want {
+			t.Fatalf("key %q went to %s, ring owner is %s", v, got.Dial, want)
+		}
+	}
+}
+
+func TestFailoverSticksAfterRecovery(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	pool := testPool(t, 3)
+
+	// A session with an app cookie, pinned.
+	w := httptest.NewRecorder()
+	home := p.Select(pool, newRequest("sid=abc"), w)
+	pin := pinFrom(t, w, DefaultPinCookie)
+
+	// Its upstream goes into maintenance: it fails over, with a new pin.
+	healthcheck.Get(home.Dial).SetState(healthcheck.Maintenance)
+	w = httptest.NewRecorder()
+	moved := p.Select(pool, newRequest("sid=abc", pin), w)
+	if moved == home || moved == nil {
+		t.Fatalf("session stayed on %v in maintenance", moved)
+	}
+	newPin := pinFrom(t, w, DefaultPinCookie)
+	if newPin == "" || newPin == pin {
+		t.Fatalf("failover issued no new pin (old %q new %q)", pin, newPin)
+	}
+
+	// The old upstream comes back: the session stays where it landed,
+	// by the new pin, and by the table for a client that lost its pin.
+	healthcheck.Get(home.Dial).SetState(healthcheck.Up)
+	for _, cookies := range [][]string{{"sid=abc", newPin}, {"sid=abc"}} {
+		if got := p.Select(pool, newRequest(cookies...), httptest.NewRecorder()); got != moved {
+			t.Fatalf("cookies %q: session went back to %s, want it to stay on %s", cookies, got.Dial, moved.Dial)
+		}
+	}
+}
+
+func TestDrainingKeepsPinnedTakesNoNew(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 3)
+	w := httptest.NewRecorder()
+	home := p.Select(pool, newRequest(), w)
+	pin := pinFrom(t, w, DefaultPinCookie)
+	setState(t, home.Dial, healthcheck.Draining)
+
+	if got := p.Select(pool, newRequest(pin), httptest.NewRecorder()); got != home {
+		t.Fatalf("pinned session left draining upstream for %s", got.Dial)
+	}
+	for i := 0; i < 300; i++ {
+		if got := p.Select(pool, newRequest(), nil); got == home {
+			t.Fatal("new session placed on a draining upstream")
+		}
+	}
+}
+
+func TestNothingSelectableReturnsNil(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 2)
+	for _, u := range pool {
+		setState(t, u.Dial, healthcheck.Maintenance)
+	}
+	if got := p.Select(pool, newRequest(), httptest.NewRecorder()); got != nil {
+		t.Fatalf("got %s with every upstream in maintenance", got.Dial)
+	}
+	if got := p.Select(nil, newRequest(), nil); got != nil {
+		t.Fatal("empty pool gave an upstream")
+	}
+}
+
+func TestRetryFailsOverAndReplacesPin(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	pool := testPool(t, 3)
+	w := httptest.NewRecorder()
+	home := p.Select(pool, newRequest("sid=x1"), w)
+	pin := pinFrom(t, w, DefaultPinCookie)
+
+	// Caddy calls Select again with the same request after the chosen
+	// upstream failed: the retry must go elsewhere and the response must
+	// carry exactly one pin, the new one.
+	r := newRequest("sid=x1", pin)
+	w = httptest.NewRecorder()
+	w.Header().Add("Set-Cookie", "other=1; Path=/")
+	if got := p.Select(pool, r, w); got != home {
+		t.Fatalf("first attempt went to %s, want %s", got.Dial, home.Dial)
+	}
+	retry := p.Select(pool, r, w)
+	if retry == nil || retry == home {
+		t.Fatalf("retry went to %v, want another upstream than %s", retry, home.Dial)
+	}
+	newPin := pinFrom(t, w, DefaultPinCookie) // fails on two pins
+	if newPin == "" || newPin == pin {
+		t.Fatalf("retry issued pin %q (old %q)", newPin, pin)
+	}
+	if !strings.Contains(strings.Join(w.Header()["Set-Cookie"], "\n"), "other=1") {
+		t.Error("retry dropped another Set-Cookie header")
+	}
+	// And the session stays there.
+	if got := p.Select(pool, newRequest("sid=x1", newPin), nil); got != retry {
+		t.Fatalf("after the retry the session went to %s, want %s", got.Dial, retry.Dial)
+	}
+}
+
+func TestForgedPinsAreIgnored(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 3)
+	w := httptest.NewRecorder()
+	p.Select(pool, newRequest(), w)
+	good := strings.TrimPrefix(pinFrom(t, w, DefaultPinCookie), DefaultPinCookie+"=")
+	flipped := []byte(good)
+	flipped[len(flipped)-1] ^= 1
+	other := newTestPolicy(t, &Policy{Secret: "another secret"})
+	w2 := httptest.NewRecorder()
+	other.Select(pool, newRequest(), w2)
+	foreign := strings.TrimPrefix(pinFrom(t, w2, DefaultPinCookie), DefaultPinCookie+"=")
+
+	for _, v := range []string{string(flipped), foreign, "", "x", strings.Repeat("A", pinValueLen),
+		strings.Repeat("Z", 8192), "\xff\xfe\xfd", good[:len(good)-1] + "!", `"` + good + `"x`} {
+		w := httptest.NewRecorder()
+		if got := p.Select(pool, newRequest(DefaultPinCookie+"="+v), w); got == nil {
+			t.Fatalf("pin %q: no upstream", v)
+		}
+		// A forged pin is treated as no pin: a new one is issued.
+		if pinFrom(t, w, DefaultPinCookie) == "" {
+			t.Errorf("pin %q was accepted as valid", v)
+		}
+	}
+}
+
+func TestClientIPKeyIgnoresUntrustedForwardedFor(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "client_ip"}}, DisablePinCookie: true})
+	pool := testPool(t, 16)
+	base := newRequest()
+	base.RemoteAddr = "192.0.2.10:5555"
+	want := p.Select(pool, base, nil)
+	for i := 0; i < 50; i++ {
+		r := newRequest()
+		r.RemoteAddr = "192.0.2.10:5555"
+		r.Header.Set("X-Forwarded-For", fmt.Sprintf("203.0.113.%d", i))
+		if got := p.Select(pool, r, nil); got != want {
+			t.Fatalf("X-Forwarded-For %d moved the client from %s to %s", i, want.Dial, got.Dial)
+		}
+	}
+}
+
+func TestSessionTableSurvivesReload(t *testing.T) {
+	pool := testPool(t, 4)
+	old := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Session"}}, DisablePinCookie: true})
+	r := newRequest()
+	r.Header.Set("X-Session", "s1")
+	home := old.Select(pool, r, nil)
+	healthcheck.Get(home.Dial).SetState(healthcheck.Maintenance)
+	moved := old.Select(pool, r, nil)
+	healthcheck.Get(home.Dial).SetState(healthcheck.Up)
+
+	// A reload: the new policy is provisioned before the old one is
+	// cleaned up, and must remember the failover.
+	next := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Session"}}, DisablePinCookie: true})
+	_ = old.Cleanup()
+	r = newRequest()
+	r.Header.Set("X-Session", "s1")
+	if got := next.Select(pool, r, nil); got != moved {
+		t.Fatalf("after reload the session went to %s, want %s (home was %s)", got.Dial, moved.Dial, home.Dial)
+	}
+}
+
+func TestWeights(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Weights: []int{3, 1, 0}})
+	pool := testPool(t, 3)
+	counts := map[string]int{}
+	const n = 8000
+	for i := 0; i < n; i++ {
+		counts[p.Select(pool, newRequest(), nil).Dial]++
+	}
+	if counts[pool[2].Dial] != 0 {
+		t.Errorf("weight 0 upstream got %d new sessions", counts[pool[2].Dial])
+	}
+	if share := float64(counts[pool[0].Dial]) / n; share < 0.72 || share > 0.78 {
+		t.Errorf("weight 3 of 4 got share %.3f", share)
+	}
+}
+
+func TestPinnedPathDoesNotAllocate(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	pool := testPool(t, 16)
+	w := httptest.NewRecorder()
+	p.Select(pool, newRequest("sid=zzz"), w)
+	pin := pinFrom(t, w, DefaultPinCookie)
+	r := newRequest("a=1", "sid=zzz", pin)
+	vars := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
+	allocs := testing.AllocsPerRun(200, func() {
+		delete(vars, triedVar)
+		if p.Select(pool, r, w) == nil {
+			t.Fatal("nil")
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("pinned path allocated %.1f times per request", allocs)
+	}
+}

@@ -1,0 +1,223 @@
+package affinity
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+)
+
+// sessionTable remembers which upstream each session key was given, so
+// that a session stays where it is even when the ring would place its key
+// elsewhere (after a failover, or when the client dropped the pin cookie).
+//
+// It is a fixed number of shards, each a Go map from the 64-bit key hash
+// to a 8-byte entry behind its own mutex. The table has a hard bound: a
+// shard that is full evicts before it inserts (expired entries first,
+// otherwise the entry closest to expiry among a small random sample, as
+// Redis does for its LRU), so a flood of random keys costs the oldest
+// sessions, never unbounded memory. Keys are hashes, never the cookie
+// values themselves, which keeps entries small and secrets out of memory
+// dumps.
+type sessionTable struct {
+	shards [tableShards]tableShard
+
+	// perShard is the capacity of each shard (max sessions / shards).
+	perShard atomic.Int64
+
+	evictions atomic.Uint64
+}
+
+const (
+	tableShards = 256
+	// evictSample is how many entries a full shard looks at to choose
+	// one to evict.
+	evictSample = 8
+)
+
+type tableShard struct {
+	mu sync.Mutex
+	m  map[uint64]tableEntry
+	_  [40]byte // keep hot mutexes on separate cache lines
+}
+
+// tableEntry is what the table keeps per session: the upstream (by its
+// process-wide healthcheck ID) and when the entry expires, in seconds
+// since tableEpoch. Eight bytes.
+type tableEntry struct {
+	up      uint32
+	expires uint32
+}
+
+// tableEpoch is the zero of entry times; uint32 seconds from here last
+// beyond 2150.
+var tableEpoch = time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC).Unix()
+
+// tableNow returns a time in table seconds.
+func tableNow(now time.Time) uint32 { return uint32(now.Unix() - tableEpoch) }
+
+// clock is the current time in table seconds, kept by a ticker so that
+// the request path does not read the system clock (which costs more than
+// the rest of a pinned selection on some virtual machines).
+var clock struct {
+	once sync.Once
+	now  atomic.Uint32
+}
+
+// clockNow returns the current time in table seconds, to within a
+// quarter of a second.
+func clockNow() uint32 {
+	if now := clock.now.Load(); now != 0 {
+		return now
+	}
+	clock.once.Do(func() {
+		clock.now.Store(tableNow(time.Now()))
+		go func() {
+			for now := range time.Tick(250 * time.Millisecond) {
+				clock.now.Store(tableNow(now))
+			}
+		}()
+	})
+	return clock.now.Load()
+}
+
+func newSessionTable(maxSessions int) *sessionTable {
+	t := new(sessionTable)
+	for i := range t.shards {
+		t.shards[i].m = make(map[uint64]tableEntry)
+	}
+	t.setMax(maxSessions)
+	return t
+}
+
+// setMax sets the bound on live entries. It applies to inserts from now
+// on; a table larger than a lowered bound shrinks as entries expire or
+// are evicted.
+func (t *sessionTable) setMax(maxSessions int) {
+	per := int64(maxSessions / tableShards)
+	if per < 1 {
+		per = 1
+	}
+	t.perShard.Store(per)
+}
+
+func (t *sessionTable) shard(key uint64) *tableShard {
+	// The low bits of an xxh3 hash are as good as any; the map re-hashes.
+	return &t.shards[key&(tableShards-1)]
+}
+
+// get returns the upstream recorded for key if the entry is live at now,
+// and, when ttl > 0, slides its expiry to now+ttl.
+func (t *sessionTable) get(key uint64, now, ttl uint32) (uint32, bool) {
+	s := t.shard(key)
+	s.mu.Lock()
+	e, ok := s.m[key]
+	if ok && e.expires < now {
+		delete(s.m, key)
+		ok = false
+	}
+	if ok && ttl > 0 && e.expires != now+ttl {
+		e.expires = now + ttl
+		s.m[key] = e
+	}
+	s.mu.Unlock()
+	return e.up, ok
+}
+
+// put records key -> up, live until now+ttl.
+func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
+	s := t.shard(key)
+	e := tableEntry{up: up, expires: now + ttl}
+	s.mu.Lock()
+	if old, ok := s.m[key]; ok {
+		if old != e {
+			s.m[key] = e
+		}
+		s.mu.Unlock()
+		return
+	}
+	if int64(len(s.m)) >= t.perShard.Load() {
+		t.evictLocked(s, now)
+	}
+	s.m[key] = e
+	s.mu.Unlock()
+}
+
+// remove forgets key.
+func (t *sessionTable) remove(key uint64) {
+	s := t.shard(key)
+	s.mu.Lock()
+	delete(s.m, key)
+	s.mu.Unlock()
+}
+
+// evictLocked makes room for one entry in a full shard. Go's map
+// iteration starts at a random place, which makes the first few entries a
+// fair random sample.
+func (t *sessionTable) evictLocked(s *tableShard, now uint32) {
+	for int64(len(s.m)) >= t.perShard.Load() {
+		var victim uint64
+		var victimExp uint32
+		n := 0
+		for k, e := range s.m {
+			if e.expires < now {
+				victim, n = k, 1
+				break
+			}
+			if n == 0 || e.expires < victimExp {
+				victim, victimExp = k, e.expires
+			}
+			n++
+			if n == evictSample {
+				break
+			}
+		}
+		if n == 0 {
+			return
+		}
+		delete(s.m, victim)
+		t.evictions.Add(1)
+	}
+}
+
+// len returns the number of entries, live or not yet swept.
+func (t *sessionTable) len() int {
+	n := 0
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		n += len(s.m)
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// sweep deletes expired entries and returns the number of live entries
+// per upstream ID. It holds one shard's lock at a time, so requests on
+// other shards go on.
+func (t *sessionTable) sweep(now uint32) map[uint32]int64 {
+	counts := make(map[uint32]int64)
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		for k, e := range s.m {
+			if e.expires < now {
+				delete(s.m, k)
+				continue
+			}
+			counts[e.up]++
+		}
+		s.mu.Unlock()
+	}
+	return counts
+}
+
+// publishCounts writes the live-session counts of a sweep to the
+// upstream records the admin API and metrics read; upstreams with no
+// entry get zero.
+func publishCounts(counts map[uint32]int64) {
+	for _, u := range healthcheck.All() {
+		u.SetSessions(counts[u.ID])
+	}
+}
