@@ -5,6 +5,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
@@ -19,6 +21,17 @@ import (
 //		session_ttl <duration>
 //		max_sessions <n>
 //		weights <w1> [<w2>...]
+//		hold <duration>
+//		slow_start <duration>
+//		probe [<path>] {
+//			path <path>
+//			interval <duration>
+//			timeout <duration>
+//			passes <n>
+//			fails <n>
+//			drain_status <code> | off
+//			drain_header <name>
+//		}
 //	}
 //
 // Several key lines are tried in the order given. Every error names the
@@ -89,6 +102,27 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			p.MaxSessions = n
 
+		case "hold", "slow_start":
+			s, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			dur, err := caddy.ParseDuration(s)
+			if err != nil || dur <= 0 {
+				return d.Errf("%s: %q is not a positive duration", opt, s)
+			}
+			if opt == "hold" {
+				p.Hold = caddy.Duration(dur)
+			} else {
+				p.SlowStart = caddy.Duration(dur)
+			}
+
+		case "probe":
+			p.Probe = new(healthcheck.Probe)
+			if err := p.Probe.UnmarshalCaddyfile(d); err != nil {
+				return err
+			}
+
 		case "weights":
 			args := d.RemainingArgs()
 			if len(args) == 0 {
@@ -103,7 +137,7 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		default:
-			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions or weights)", opt)
+			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions, weights, hold, slow_start or probe)", opt)
 		}
 	}
 	return nil

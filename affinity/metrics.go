@@ -16,6 +16,7 @@ const (
 	outcomeFailover   = "failover"    // a pinned session moved because its upstream could not serve it
 	outcomeDrainSkip  = "drain_skip"  // placement walked past a draining or maintenance upstream
 	outcomeNoUpstream = "no_upstream" // nothing could take the request
+	outcomeHeld       = "held"        // a pinned session waited for its upstream (hold)
 )
 
 // metrics are process-wide: the counters are registered into every new
@@ -32,6 +33,7 @@ var metrics = struct {
 	failover       prometheus.Counter
 	drainSkip      prometheus.Counter
 	noUpstream     prometheus.Counter
+	held           prometheus.Counter
 	rejectedPins   prometheus.Counter
 	upstreamGauges *upstreamCollector
 }{}
@@ -40,7 +42,7 @@ func initMetrics() {
 	metrics.once.Do(func() {
 		metrics.selections = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "affinity", Name: "selections_total",
-			Help: "Upstream selections by outcome: pinned, placed, failover, drain_skip, no_upstream.",
+			Help: "Upstream selections by outcome: pinned, placed, failover, drain_skip, held, no_upstream.",
 		}, []string{"outcome"})
 		// Resolved once, so that counting on the request path is one
 		// atomic add and no label lookup.
@@ -49,6 +51,7 @@ func initMetrics() {
 		metrics.failover = metrics.selections.WithLabelValues(outcomeFailover)
 		metrics.drainSkip = metrics.selections.WithLabelValues(outcomeDrainSkip)
 		metrics.noUpstream = metrics.selections.WithLabelValues(outcomeNoUpstream)
+		metrics.held = metrics.selections.WithLabelValues(outcomeHeld)
 		metrics.rejectedPins = prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "affinity", Name: "rejected_pins_total",
 			Help: "Pin cookies that were present but not valid (forged, stale secret, unknown upstream).",

@@ -23,12 +23,14 @@ import (
 	"io/fs"
 	weakrand "math/rand/v2"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
@@ -89,10 +91,33 @@ type Policy struct {
 	// pinned ones.
 	Weights []int `json:"weights,omitempty"`
 
+	// Probe asks each upstream whether it wants to be drained, like
+	// HAProxy's agent-check: see healthcheck.Probe.
+	Probe *healthcheck.Probe `json:"probe,omitempty"`
+
+	// Hold is how long the sessions of an upstream that stopped being
+	// available wait for it (the policy returns no upstream, so Caddy's
+	// lb_try_duration keeps retrying) instead of failing over; after it,
+	// they fail over once and stay. For workers that restart in seconds.
+	// Needs lb_try_duration longer than the hold. Default off.
+	Hold caddy.Duration `json:"hold,omitempty"`
+
+	// SlowStart is how long a recovered or newly added upstream takes to
+	// reach its full share of new sessions; its share ramps up linearly.
+	// Pinned sessions are never affected. Default off.
+	SlowStart caddy.Duration `json:"slow_start,omitempty"`
+
 	secret []byte
 	ttl    uint32
-	table  *sharedTable
-	logger *zap.Logger
+	ctx    caddy.Context
+
+	releaseSyncer func()
+	probeMu       sync.Mutex
+	probeStop     func()
+	probeDials    string
+	probeClosed   bool
+	table         *sharedTable
+	logger        *zap.Logger
 
 	// pools caches the ring and pin tokens of the last pool seen; Caddy
 	// passes the same pool on every request unless upstreams are dynamic.
@@ -109,6 +134,7 @@ func (*Policy) CaddyModule() caddy.ModuleInfo {
 
 // Provision sets up the policy.
 func (p *Policy) Provision(ctx caddy.Context) error {
+	p.ctx = ctx
 	p.logger = ctx.Logger()
 	if p.PinCookie == "" {
 		p.PinCookie = DefaultPinCookie
@@ -141,6 +167,16 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("registering metrics: %v", err)
 	}
 
+	// States set through the admin API on any instance sharing this
+	// storage apply here too.
+	if storageOf(ctx) != nil {
+		release, err := healthcheck.AcquireSyncer(ctx)
+		if err != nil {
+			return fmt.Errorf("upstream state syncer: %v", err)
+		}
+		p.releaseSyncer = release
+	}
+
 	table, err := acquireTable(p)
 	if err != nil {
 		return fmt.Errorf("session table: %v", err)
@@ -168,11 +204,23 @@ func (p *Policy) Validate() error {
 			return fmt.Errorf("weights: weight %d (upstream %d) is negative", w, i+1)
 		}
 	}
+	if p.Hold < 0 || p.SlowStart < 0 {
+		return errors.New("hold and slow_start must not be negative")
+	}
+	if p.Probe != nil {
+		if err := p.Probe.Validate(); err != nil {
+			return fmt.Errorf("probe: %v", err)
+		}
+	}
 	return nil
 }
 
 // Cleanup lets go of the shared session table.
 func (p *Policy) Cleanup() error {
+	p.stopProbe()
+	if p.releaseSyncer != nil {
+		p.releaseSyncer()
+	}
 	p.releaseTable()
 	return nil
 }
@@ -193,6 +241,18 @@ func validCookieName(s string) bool {
 	return true
 }
 
+// storageOf returns the config's storage, or nil for a context that
+// belongs to no config (Context.Storage panics on those; unit tests
+// provision policies that way).
+func storageOf(ctx caddy.Context) (s certmagic.Storage) {
+	defer func() {
+		if recover() != nil {
+			s = nil
+		}
+	}()
+	return ctx.Storage()
+}
+
 // secretStorageKey is where a generated secret is kept in Caddy's storage.
 const secretStorageKey = "caddy-affinity/pin-secret"
 
@@ -207,7 +267,7 @@ func (p *Policy) loadSecret(ctx caddy.Context) ([]byte, error) {
 		}
 		return []byte(s), nil
 	}
-	storage := ctx.Storage()
+	storage := storageOf(ctx)
 	if storage == nil {
 		return nil, errors.New("no secret configured and no Caddy storage to keep a generated one")
 	}
@@ -271,25 +331,26 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 			}
 		}
 	}
-	if pinned >= 0 && pinned != failed && ps.pinnable(pinned) {
-		if hasKey {
-			p.table.put(key, ps.recs[pinned].ID, now, p.ttl)
+	if pinned >= 0 {
+		if up, decided := p.keep(ps, pinned, failed, r, w, false, retry); decided {
+			if up != nil && hasKey {
+				p.table.put(key, ps.recs[pinned].ID, now, p.ttl)
+			}
+			return up
 		}
-		metrics.pinned.Inc()
-		return p.chosen(ps, pinned, r, w, false, retry)
 	}
 
 	// 2. The session table.
 	from := pinned
 	if hasKey {
 		if id, ok := p.table.get(key, now, p.ttl); ok {
-			i := ps.indexByID(id)
-			if i >= 0 && i != failed && ps.pinnable(i) {
-				metrics.pinned.Inc()
-				return p.chosen(ps, i, r, w, pinned != i && !p.DisablePinCookie, retry)
-			}
-			if from < 0 {
-				from = i
+			if i := ps.indexByID(id); i >= 0 {
+				if up, decided := p.keep(ps, i, failed, r, w, pinned != i && !p.DisablePinCookie, retry); decided {
+					return up
+				}
+				if from < 0 {
+					from = i
+				}
 			}
 		}
 	} else {
@@ -299,21 +360,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	}
 
 	// 3. Place on the ring.
-	choice, skippedState := -1, false
-	ps.ring.Walk(key, func(i int) bool {
-		if i == failed || !ps.ups[i].Available() {
-			return true
-		}
-		if !ps.recs[i].State().AcceptsNew() {
-			skippedState = true
-			return true
-		}
-		choice = i
-		return false
-	})
-	if skippedState {
-		metrics.drainSkip.Inc()
-	}
+	choice := p.place(ps, key, failed)
 	if choice < 0 {
 		metrics.noUpstream.Inc()
 		return nil
@@ -334,6 +381,83 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 			zap.String("reason", ps.unavailableReason(from, failed)))
 	}
 	return p.chosen(ps, choice, r, w, !p.DisablePinCookie, retry)
+}
+
+// keep decides about a session pinned to upstream i: serve it there
+// (decided, upstream), make it wait for i under `hold` (decided, nil), or
+// let it fail over (not decided).
+func (p *Policy) keep(ps *poolState, i, failed int, r *http.Request, w http.ResponseWriter, issuePin, retry bool) (*reverseproxy.Upstream, bool) {
+	if i != failed && ps.pinnable(i) {
+		metrics.pinned.Inc()
+		return p.chosen(ps, i, r, w, issuePin, retry), true
+	}
+	rec := ps.recs[i]
+	if p.Hold <= 0 || !rec.State().AcceptsPinned() {
+		return nil, false // maintenance is an order to leave: no hold
+	}
+	// Reports of trouble closer than this belong to one incident; the
+	// farm watcher also reports unhealthy upstreams every second.
+	hold := time.Duration(p.Hold)
+	if rec.NoteTrouble(time.Now(), 2*hold+troubleGap) >= hold {
+		return nil, false
+	}
+	metrics.held.Inc()
+	if i == failed && ps.pinnable(i) {
+		// The attempt failed but health checks still pass: try it again
+		// (Caddy waits lb_try_interval first), it may be restarting.
+		return p.chosen(ps, i, r, w, issuePin, retry), true
+	}
+	return nil, true
+}
+
+// place walks the ring from key to the first upstream that may take a new
+// session. Under slow_start, an upstream that came back recently accepts
+// only its ramped share of the keys that reach it; if every candidate
+// declined that way, the first of them takes the session anyway.
+func (p *Policy) place(ps *poolState, key uint64, failed int) int {
+	choice, ramped, skippedState := -1, -1, false
+	var now time.Time
+	if p.SlowStart > 0 {
+		now = time.Now()
+	}
+	ps.ring.Walk(key, func(i int) bool {
+		if i == failed || !ps.ups[i].Available() {
+			return true
+		}
+		if !ps.recs[i].State().AcceptsNew() {
+			skippedState = true
+			return true
+		}
+		if p.SlowStart > 0 && !rampAccepts(ps.recs[i].BackFor(now), time.Duration(p.SlowStart), key, i) {
+			if ramped < 0 {
+				ramped = i
+			}
+			return true
+		}
+		choice = i
+		return false
+	})
+	if skippedState {
+		metrics.drainSkip.Inc()
+	}
+	if choice < 0 {
+		choice = ramped
+	}
+	return choice
+}
+
+// rampAccepts reports whether an upstream that came back `back` ago takes
+// a key under a ramp of length ramp. The draw is derived from the key and
+// the upstream, so every instance decides alike for the same key.
+func rampAccepts(back, ramp time.Duration, key uint64, i int) bool {
+	if back >= ramp {
+		return true
+	}
+	if back <= 0 {
+		return false
+	}
+	draw := hashring.HashSeed(nil, key^uint64(i)*0x9E3779B97F4A7C15) >> 11 // 53 bits
+	return float64(draw)/(1<<53) < float64(back)/float64(ramp)
 }
 
 // keyHash returns the hash of the first configured key present.

@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -361,5 +362,86 @@ func TestPinnedPathDoesNotAllocate(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Fatalf("pinned path allocated %.1f times per request", allocs)
+	}
+}
+
+func TestHoldRetriesTheSameUpstreamThenFailsOver(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Hold: caddy.Duration(300 * time.Millisecond)})
+	pool := testPool(t, 3)
+	w := httptest.NewRecorder()
+	home := p.Select(pool, newRequest(), w)
+	pin := pinFrom(t, w, DefaultPinCookie)
+
+	// Attempts of one request keep failing on home: within the hold the
+	// retry goes to home again (it may be restarting)...
+	r := newRequest(pin)
+	if got := p.Select(pool, r, httptest.NewRecorder()); got != home {
+		t.Fatalf("first attempt: %v", got)
+	}
+	for i := 0; i < 3; i++ {
+		if got := p.Select(pool, r, httptest.NewRecorder()); got != home {
+			t.Fatalf("retry %d within the hold went to %v, want %s", i, got, home.Dial)
+		}
+	}
+	// ...and after the hold it fails over, once.
+	time.Sleep(350 * time.Millisecond)
+	w = httptest.NewRecorder()
+	moved := p.Select(pool, r, w)
+	if moved == nil || moved == home {
+		t.Fatalf("after the hold the retry went to %v", moved)
+	}
+	if newPin := pinFrom(t, w, DefaultPinCookie); newPin == "" || newPin == pin {
+		t.Fatal("failover after the hold issued no new pin")
+	}
+}
+
+func TestHoldDoesNotApplyToMaintenance(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Hold: caddy.Duration(time.Hour)})
+	pool := testPool(t, 3)
+	w := httptest.NewRecorder()
+	home := p.Select(pool, newRequest(), w)
+	setState(t, home.Dial, healthcheck.Maintenance)
+	if got := p.Select(pool, newRequest(pinFrom(t, w, DefaultPinCookie)), nil); got == nil || got == home {
+		t.Fatalf("maintenance with a hold: got %v, want an immediate failover", got)
+	}
+}
+
+func TestSlowStartRamp(t *testing.T) {
+	p := newTestPolicy(t, &Policy{SlowStart: caddy.Duration(10 * time.Second)})
+	pool := testPool(t, 3)
+	back := healthcheck.Get(pool[0].Dial)
+	share := func() float64 {
+		n := 0
+		for i := 0; i < 6000; i++ {
+			if p.Select(pool, newRequest(), nil) == pool[0] {
+				n++
+			}
+		}
+		return float64(n) / 6000
+	}
+	back.MarkBack(time.Now())
+	if s := share(); s > 0.02 {
+		t.Errorf("just back: share %.3f, want about 0", s)
+	}
+	back.MarkBack(time.Now().Add(-5 * time.Second))
+	if s := share(); s < 0.12 || s > 0.22 {
+		t.Errorf("half way through the ramp: share %.3f, want about 1/6", s)
+	}
+	back.MarkBack(time.Now().Add(-time.Minute))
+	if s := share(); s < 0.28 || s > 0.39 {
+		t.Errorf("after the ramp: share %.3f, want about 1/3", s)
+	}
+	// Pinned sessions are never affected by the ramp.
+	w := httptest.NewRecorder()
+	var pin string
+	for pin == "" {
+		w = httptest.NewRecorder()
+		if p.Select(pool, newRequest(), w) == pool[0] {
+			pin = pinFrom(t, w, DefaultPinCookie)
+		}
+	}
+	back.MarkBack(time.Now())
+	if got := p.Select(pool, newRequest(pin), nil); got != pool[0] {
+		t.Fatalf("slow start moved a pinned session to %s", got.Dial)
 	}
 }

@@ -27,7 +27,8 @@ func currentTable() *sharedTable { return liveTable.Load() }
 const tableKey = "sessions"
 
 // sweepInterval is how often expired entries are deleted and the live
-// session counts per upstream are published.
+// session counts per upstream are published; the farm watcher runs twice
+// as often.
 const sweepInterval = 2 * time.Second
 
 // sharedTable is the UsagePool value: the table plus its sweeper, and the
@@ -91,14 +92,17 @@ func (p *Policy) releaseTable() {
 
 func (st *sharedTable) sweepLoop() {
 	defer close(st.done)
-	tick := time.NewTicker(sweepInterval)
+	tick := time.NewTicker(sweepInterval / 2)
 	defer tick.Stop()
-	for {
+	for n := 0; ; n++ {
 		select {
 		case <-st.stop:
 			return
 		case now := <-tick.C:
-			publishCounts(st.sweep(tableNow(now)))
+			watchFarm()
+			if n%2 == 1 {
+				publishCounts(st.sweep(tableNow(now)))
+			}
 		}
 	}
 }

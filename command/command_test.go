@@ -1,0 +1,128 @@
+package command
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	"github.com/caddy-affinity/caddy-affinity/demoapp"
+)
+
+func defaultDemoOptions() demoOptions {
+	return demoOptions{
+		Listen:    "127.0.0.1:8080",
+		Admin:     "127.0.0.1:2019",
+		Control:   "127.0.0.1:8081",
+		Cookie:    "JSESSIONID",
+		Workers:   3,
+		FirstPort: 9001,
+	}
+}
+
+func TestDemoCaddyfileAdapts(t *testing.T) {
+	o := defaultDemoOptions()
+	if err := o.check(); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := o.caddyfile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	adapter := caddyfile.Adapter{ServerType: httpcaddyfile.ServerType{}}
+	out, warnings, err := adapter.Adapt(cfg, map[string]any{"filename": "demo.Caddyfile"})
+	if err != nil {
+		t.Fatalf("adapt: %v\n%s", err, cfg)
+	}
+	for _, w := range warnings {
+		t.Errorf("warning: %s", w.String())
+	}
+	js := string(out)
+	for _, want := range []string{
+		`"dial":"127.0.0.1:9001"`,
+		`"dial":"127.0.0.1:9002"`,
+		`"dial":"127.0.0.1:9003"`,
+		`"policy":"affinity"`,
+		`"JSESSIONID"`,
+		`"listen":["127.0.0.1:8080"]`,
+		`"listen":"127.0.0.1:2019"`,
+	} {
+		if !strings.Contains(js, want) {
+			t.Errorf("adapted config lacks %s:\n%s", want, js)
+		}
+	}
+	if strings.Contains(js, "9004") {
+		t.Errorf("a fourth upstream in a 3-worker config:\n%s", js)
+	}
+	if !json.Valid(out) {
+		t.Fatal("adapted config is not JSON")
+	}
+}
+
+func TestDemoOptionsCheck(t *testing.T) {
+	bad := map[string]func(*demoOptions){
+		"no workers":     func(o *demoOptions) { o.Workers = 0 },
+		"port overflow":  func(o *demoOptions) { o.FirstPort = 65535 },
+		"cookie space":   func(o *demoOptions) { o.Cookie = "a b" },
+		"cookie brace":   func(o *demoOptions) { o.Cookie = "{x}" },
+		"cookie comment": func(o *demoOptions) { o.Cookie = "#x" },
+		"listen no port": func(o *demoOptions) { o.Listen = "127.0.0.1" },
+		"admin garbage":  func(o *demoOptions) { o.Admin = "x" },
+	}
+	for name, spoil := range bad {
+		o := defaultDemoOptions()
+		spoil(&o)
+		if err := o.check(); err == nil {
+			t.Errorf("%s: accepted %+v", name, o)
+		}
+	}
+	o := defaultDemoOptions()
+	o.Listen = ":8080"
+	cfg, err := o.caddyfile()
+	if err != nil || strings.Contains(string(cfg), "bind") {
+		t.Errorf(":8080 renders a bind line or fails (%v):\n%s", err, cfg)
+	}
+}
+
+func TestDemoControl(t *testing.T) {
+	w := demoapp.NewWorker("A", "")
+	if err := w.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	d := &demo{workers: []*demoapp.Worker{w}}
+	defer d.stopWorkers()
+	srv := httptest.NewServer(d.controlHandler())
+	defer srv.Close()
+
+	get := func(path string) int {
+		t.Helper()
+		resp, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if c := get("/__demo/kill/a"); c != 200 || w.Running() {
+		t.Fatalf("kill: %d, running %v", c, w.Running())
+	}
+	if c := get("/__demo/kill/A"); c != http.StatusConflict {
+		t.Fatalf("second kill: %d", c)
+	}
+	if c := get("/__demo/start/A"); c != 200 || !w.Running() {
+		t.Fatalf("start: %d, running %v", c, w.Running())
+	}
+	if c := get("/__demo/start/Z"); c != http.StatusNotFound {
+		t.Fatalf("start of an unknown worker: %d", c)
+	}
+	if c := get("/__demo/"); c != 200 {
+		t.Fatalf("list: %d", c)
+	}
+}

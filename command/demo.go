@@ -1,0 +1,344 @@
+package command
+
+import (
+	"bytes"
+	"context"
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/template"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	// The demo's config uses lb_policy affinity: linking this command
+	// without the policy would only give a demo that fails to load.
+	_ "github.com/caddy-affinity/caddy-affinity/affinity"
+	"github.com/caddy-affinity/caddy-affinity/demoapp"
+)
+
+//go:embed demo.Caddyfile
+var demoCaddyfile string
+
+var demoTemplate = template.Must(template.New("demo.Caddyfile").
+	Funcs(template.FuncMap{"join": strings.Join}).
+	Parse(demoCaddyfile))
+
+// maxDemoWorkers bounds --workers: each worker is a listener and a name
+// in the output, and a demo needs a handful.
+const maxDemoWorkers = 26
+
+// demoOptions are the flags of `caddy affinity demo`.
+type demoOptions struct {
+	Listen    string // the proxy's address, [host]:port
+	Admin     string // Caddy's admin API address
+	Control   string // the kill/start switch's address
+	Cookie    string // the workers' session cookie name
+	Workers   int
+	FirstPort int
+}
+
+// workerNames returns the workers' names, A, B, C...: short enough to
+// type in the control URLs.
+func (o demoOptions) workerNames() []string {
+	names := make([]string, o.Workers)
+	for i := range names {
+		names[i] = string(rune('A' + i))
+	}
+	return names
+}
+
+// workerAddrs returns the workers' listen addresses, one port each from
+// FirstPort on.
+func (o demoOptions) workerAddrs() []string {
+	addrs := make([]string, o.Workers)
+	for i := range addrs {
+		addrs[i] = net.JoinHostPort("127.0.0.1", strconv.Itoa(o.FirstPort+i))
+	}
+	return addrs
+}
+
+// check rejects options that would render a broken Caddyfile or start
+// nothing.
+func (o demoOptions) check() error {
+	if o.Workers < 1 || o.Workers > maxDemoWorkers {
+		return fmt.Errorf("--workers %d: want 1 to %d", o.Workers, maxDemoWorkers)
+	}
+	if o.FirstPort < 1 || o.FirstPort+o.Workers-1 > 65535 {
+		return fmt.Errorf("--first-port %d: the %d worker ports must be within 1..65535", o.FirstPort, o.Workers)
+	}
+	if _, _, err := splitListen(o.Listen); err != nil {
+		return err
+	}
+	for flag, addr := range map[string]string{"admin": o.Admin, "control": o.Control} {
+		if _, _, err := net.SplitHostPort(addr); err != nil || strings.ContainsAny(addr, " \t{}#\"") {
+			return fmt.Errorf("--%s %q: want host:port", flag, addr)
+		}
+	}
+	return checkCookieName(o.Cookie)
+}
+
+// splitListen splits the proxy's address. The host may be empty (all
+// interfaces); the port must be a number because it goes into the site
+// address.
+func splitListen(listen string) (host string, port int, err error) {
+	host, p, err := net.SplitHostPort(listen)
+	if err == nil {
+		port, err = strconv.Atoi(p)
+	}
+	if err != nil || port < 1 || port > 65535 || strings.ContainsAny(host, " \t{}#\"") {
+		return "", 0, fmt.Errorf("--listen %q: want [host]:port, e.g. 127.0.0.1:8080 or :8080", listen)
+	}
+	return host, port, nil
+}
+
+// checkCookieName rejects names that are not cookie names, which also
+// keeps them from breaking the Caddyfile they are written into.
+func checkCookieName(name string) error {
+	c := http.Cookie{Name: name, Value: "x"}
+	if err := c.Valid(); err != nil || strings.HasPrefix(name, "#") {
+		return fmt.Errorf("--cookie %q is not a valid cookie name", name)
+	}
+	return nil
+}
+
+// caddyfile renders the demo's Caddyfile from the options.
+func (o demoOptions) caddyfile() ([]byte, error) {
+	host, port, err := splitListen(o.Listen)
+	if err != nil {
+		return nil, err
+	}
+	// The site address is only a port, with bind for the host: a host in
+	// the site address would also be a Host matcher, and the demo would
+	// answer nothing to http://localhost:8080 when listening on 127.0.0.1.
+	data := struct {
+		Admin, Host, Cookie string
+		Port                int
+		Upstreams           []string
+	}{o.Admin, host, o.Cookie, port, o.workerAddrs()}
+	var buf bytes.Buffer
+	if err := demoTemplate.Execute(&buf, data); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// demoCommand builds `caddy affinity demo`.
+func demoCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "demo [--listen <addr>] [--workers <n>] [--first-port <port>] [--cookie <name>]",
+		Short: "Runs demo workers behind Caddy with lb_policy affinity",
+		Long: `
+Starts --workers demo app workers (A, B, C...) on 127.0.0.1:--first-port
+and up, each keeping its sessions in its own memory, and Caddy in front
+of them on --listen with lb_policy affinity. Blocks until SIGINT/SIGTERM.
+
+Open the proxy in a browser and refresh: the visit counter goes on,
+because every request of the session reaches the same worker. Then kill
+that worker with the control URL printed at start: the next request
+fails over to another worker, which knows nothing of the session and
+starts at 1, and the session stays there. Start the worker again and the
+session does not move back.
+
+The config Caddy runs is printed with --print-config (a Caddyfile, made
+from the flags).
+`,
+		RunE: caddycmd.WrapCommandFuncForCobra(cmdDemo),
+	}
+	cmd.Flags().StringP("listen", "l", "127.0.0.1:8080", "Address of the proxy")
+	cmd.Flags().IntP("workers", "w", 3, fmt.Sprintf("Number of workers (1 to %d)", maxDemoWorkers))
+	cmd.Flags().IntP("first-port", "p", 9001, "Port of the first worker; the others follow")
+	cmd.Flags().StringP("cookie", "c", demoapp.DefaultCookieName, "Session cookie name of the workers, and the policy's key")
+	cmd.Flags().String("admin", "127.0.0.1:2019", "Address of Caddy's admin API")
+	cmd.Flags().String("control", "127.0.0.1:8081", "Address of the demo's kill/start switch for workers")
+	cmd.Flags().Bool("print-config", false, "Print the rendered Caddyfile and exit")
+	return cmd
+}
+
+func cmdDemo(fs caddycmd.Flags) (int, error) {
+	o := demoOptions{
+		Listen:    fs.String("listen"),
+		Admin:     fs.String("admin"),
+		Control:   fs.String("control"),
+		Cookie:    fs.String("cookie"),
+		Workers:   fs.Int("workers"),
+		FirstPort: fs.Int("first-port"),
+	}
+	if err := o.check(); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	cfgFile, err := o.caddyfile()
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if fs.Bool("print-config") {
+		_, _ = os.Stdout.Write(cfgFile)
+		return caddy.ExitCodeSuccess, nil
+	}
+
+	adapter := caddyconfig.GetAdapter("caddyfile")
+	if adapter == nil {
+		return caddy.ExitCodeFailedStartup, errors.New("the caddyfile config adapter is not in this binary")
+	}
+	cfgJSON, warnings, err := adapter.Adapt(cfgFile, map[string]any{"filename": "demo.Caddyfile"})
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("adapting the demo config: %w", err)
+	}
+	for _, w := range warnings {
+		caddy.Log().Warn(w.String())
+	}
+
+	// Caught from here on, so that Ctrl-C during start-up still stops
+	// what was started.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	d := &demo{}
+	defer d.stopWorkers()
+	for i, name := range o.workerNames() {
+		w := demoapp.NewWorker(name, o.Cookie)
+		if err := w.Start(o.workerAddrs()[i]); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		d.workers = append(d.workers, w)
+	}
+
+	ctl := &http.Server{Handler: d.controlHandler(), ReadHeaderTimeout: 10 * time.Second}
+	ln, err := net.Listen("tcp", o.Control)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("control listener: %w", err)
+	}
+	go func() { _ = ctl.Serve(ln) }()
+	defer ctl.Close()
+
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("loading the demo config: %w", err)
+	}
+	defer func() { _ = caddy.Stop() }()
+
+	printDemo(o, d, ln.Addr().String())
+
+	<-ctx.Done()
+	fmt.Println("stopping")
+	return caddy.ExitCodeSuccess, nil
+}
+
+// printDemo tells the newcomer where everything is.
+func printDemo(o demoOptions, d *demo, control string) {
+	host, port, _ := splitListen(o.Listen)
+	if host == "" || net.ParseIP(host).IsUnspecified() {
+		host = "localhost"
+	}
+	proxy := "http://" + net.JoinHostPort(host, strconv.Itoa(port)) + "/"
+	var b strings.Builder
+	fmt.Fprintf(&b, "\ncaddy-affinity demo: %d workers behind lb_policy affinity (key: cookie %s, then client IP)\n\n", len(d.workers), o.Cookie)
+	fmt.Fprintf(&b, "  proxy       %s\n", proxy)
+	fmt.Fprintf(&b, "              open it in a browser and refresh, or: curl -b /tmp/jar -c /tmp/jar %s\n", proxy)
+	for _, w := range d.workers {
+		fmt.Fprintf(&b, "  worker %s    http://%s/\n", w.Name(), w.Addr())
+	}
+	fmt.Fprintf(&b, "  upstreams   http://%s/affinity/upstreams   (admin API)\n\n", o.Admin)
+	fmt.Fprintf(&b, "  workers     http://%s/__demo/\n", control)
+	for _, w := range d.workers {
+		fmt.Fprintf(&b, "  kill %s      http://%s/__demo/kill/%s    start again: http://%s/__demo/start/%s\n",
+			w.Name(), control, w.Name(), control, w.Name())
+	}
+	b.WriteString("\nKill the worker that answers you and refresh: the session fails over\n" +
+		"once (the counter restarts at 1 on another worker) and stays there.\n" +
+		"Ctrl-C stops the demo.\n\n")
+	fmt.Print(b.String())
+}
+
+// demo is the running demo's workers, and the switch that kills and
+// starts them.
+type demo struct {
+	workers []*demoapp.Worker
+}
+
+// worker finds a worker by name, in any case ("a" finds A).
+func (d *demo) worker(name string) *demoapp.Worker {
+	for _, w := range d.workers {
+		if strings.EqualFold(w.Name(), name) {
+			return w
+		}
+	}
+	return nil
+}
+
+// stopWorkers kills every worker; the demo is over, their sessions with it.
+func (d *demo) stopWorkers() {
+	for _, w := range d.workers {
+		w.Kill()
+	}
+}
+
+// workerStatus is one worker in the control listing.
+type workerStatus struct {
+	Name     string `json:"name"`
+	Addr     string `json:"addr"`
+	Running  bool   `json:"running"`
+	Sessions int    `json:"sessions"`
+	Requests int64  `json:"requests"`
+}
+
+// controlHandler serves the demo's switch:
+//
+//	GET /__demo/              the workers, running or not, with their counts
+//	GET /__demo/kill/<name>   kill the worker, as kill -9 would
+//	GET /__demo/start/<name>  start it again on its address, sessions empty
+//
+// They are GETs, though they change things, so that a newcomer can click
+// them; the listener is on loopback and the demo holds nothing of value.
+func (d *demo) controlHandler() http.Handler {
+	mux := http.NewServeMux()
+	list := func(w http.ResponseWriter, r *http.Request) {
+		ws := make([]workerStatus, 0, len(d.workers))
+		for _, wk := range d.workers {
+			ws = append(ws, workerStatus{wk.Name(), wk.Addr(), wk.Running(), wk.Sessions(), wk.Requests()})
+		}
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(ws)
+	}
+	mux.HandleFunc("GET /{$}", list)
+	mux.HandleFunc("GET /__demo/{$}", list)
+	mux.HandleFunc("GET /__demo/kill/{name}", func(w http.ResponseWriter, r *http.Request) {
+		wk := d.worker(r.PathValue("name"))
+		if wk == nil {
+			http.Error(w, "no worker "+r.PathValue("name"), http.StatusNotFound)
+			return
+		}
+		if !wk.Running() {
+			http.Error(w, "worker "+wk.Name()+" is not running", http.StatusConflict)
+			return
+		}
+		wk.Kill()
+		fmt.Fprintf(w, "killed worker %s (%s): its sessions are gone, and its clients fail over on their next request\n", wk.Name(), wk.Addr())
+	})
+	mux.HandleFunc("GET /__demo/start/{name}", func(w http.ResponseWriter, r *http.Request) {
+		wk := d.worker(r.PathValue("name"))
+		if wk == nil {
+			http.Error(w, "no worker "+r.PathValue("name"), http.StatusNotFound)
+			return
+		}
+		if err := wk.Start(wk.Addr()); err != nil {
+			http.Error(w, err.Error(), http.StatusConflict)
+			return
+		}
+		fmt.Fprintf(w, "started worker %s (%s) with no sessions: Caddy's health check sees it within a second or so\n", wk.Name(), wk.Addr())
+	})
+	return mux
+}

@@ -1,0 +1,381 @@
+package healthcheck
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/url"
+	"os"
+	"path"
+	"reflect"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+)
+
+// Operator states are shared through Caddy's storage, so that every
+// instance using the same storage (a shared file_system folder, redis,
+// consul...) agrees on them. One key per upstream:
+//
+//	caddy-affinity/states/<url.QueryEscape(dial)>
+//
+// holding JSON such as
+//
+//	{"upstream":"10.0.0.5:8080","state":"draining","since":1767225600000000000,"by":"web-1/4c5b…"}
+//
+// since is unix nanoseconds; among the records for one upstream the one
+// with the largest since wins (clocks of instances should be roughly in
+// step). Only states set through the admin API are stored; the drain
+// probe's decisions are local, since every instance runs its own probe.
+// A state is never deleted: setting "up" is stored like the others.
+const statesPrefix = "caddy-affinity/states"
+
+// SyncInterval is how often a Syncer reads the stored states.
+const SyncInterval = time.Second
+
+// syncTimeout bounds one round of storage calls.
+const syncTimeout = 10 * time.Second
+
+// stateKey returns the storage key of an upstream's operator state.
+func stateKey(dial string) string { return statesPrefix + "/" + url.QueryEscape(dial) }
+
+// storedRecord is an operator record as written to storage.
+type storedRecord struct {
+	// Upstream repeats the dial address, so that a stray file in the
+	// folder (a storage's temporary file) is not taken for a state.
+	Upstream string `json:"upstream"`
+	operatorRecord
+}
+
+// syncers holds one Syncer per storage, shared by every policy (and every
+// config, across reloads) using that storage.
+var syncers = caddy.NewUsagePool()
+
+// AcquireSyncer starts (or joins) the background syncer that shares
+// operator states through the storage of ctx's config: states set through
+// the admin API are written there, and states written by other instances
+// are read every SyncInterval and applied here. The first read happens
+// before AcquireSyncer returns, so a restarted instance has its stored
+// states before it serves a request; if that read fails it is logged and
+// retried, not returned.
+//
+// The affinity policy calls it from Provision and calls release from
+// Cleanup. A reload (new config provisioned before the old one is cleaned
+// up) keeps the same syncer running, switched to the new config's storage
+// value; it stops when the last user releases it. release may be called
+// more than once.
+func AcquireSyncer(ctx caddy.Context) (release func(), err error) {
+	storage := ctx.Storage()
+	if storage == nil {
+		return nil, errors.New("no Caddy storage to share upstream states through")
+	}
+	return acquireSyncer(defaultRegistry, storage)
+}
+
+func acquireSyncer(reg *registry, storage certmagic.Storage) (func(), error) {
+	key := fmt.Sprintf("%p %s", reg, storageIdentity(storage))
+	h := &heldStorage{storage}
+	val, loaded, err := syncers.LoadOrNew(key, func() (caddy.Destructor, error) {
+		s := newSyncer(reg, h, SyncInterval)
+		s.start()
+		return s, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	s := val.(*Syncer)
+	if loaded {
+		s.hold(h)
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.unhold(h)
+			_, _ = syncers.Delete(key)
+		})
+	}, nil
+}
+
+// storageIdentity names a storage by its configuration, so that the
+// storage values of two configs (before and after a reload) that point to
+// the same place share a syncer.
+func storageIdentity(st certmagic.Storage) string {
+	if s, ok := st.(fmt.Stringer); ok {
+		return fmt.Sprintf("%T %s", st, s.String())
+	}
+	if b, err := json.Marshal(st); err == nil && string(b) != "{}" && string(b) != "null" {
+		return fmt.Sprintf("%T %s", st, b)
+	}
+	if reflect.ValueOf(st).Kind() == reflect.Pointer {
+		return fmt.Sprintf("%T %p", st, st)
+	}
+	return fmt.Sprintf("%T %v", st, st)
+}
+
+// heldStorage is one user's storage value; a pointer, so that two users
+// handing in equal values are still told apart.
+type heldStorage struct{ certmagic.Storage }
+
+// Syncer shares operator states through a Caddy storage; see
+// AcquireSyncer. It is a caddy.Destructor for the usage pool.
+type Syncer struct {
+	reg      *registry
+	interval time.Duration
+
+	mu    sync.Mutex
+	holds []*heldStorage // the users' storage values; the newest is used
+
+	base   context.Context
+	cancel context.CancelFunc
+	stop   chan struct{}
+	done   chan struct{}
+
+	// Used by one round at a time only (the first synchronous round,
+	// then the loop).
+	lastErr string
+	bad     map[string]string // key -> problem already logged
+}
+
+func newSyncer(reg *registry, h *heldStorage, interval time.Duration) *Syncer {
+	base, cancel := context.WithCancel(context.Background())
+	return &Syncer{
+		reg:      reg,
+		interval: interval,
+		holds:    []*heldStorage{h},
+		base:     base,
+		cancel:   cancel,
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
+		bad:      make(map[string]string),
+	}
+}
+
+// start reads the stored states once, makes the syncer the registry's
+// current one (where the admin API writes) and starts the loop.
+func (s *Syncer) start() {
+	s.round()
+	s.reg.addSyncer(s)
+	go s.loop()
+}
+
+func (s *Syncer) hold(h *heldStorage) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.holds = append(s.holds, h)
+}
+
+func (s *Syncer) unhold(h *heldStorage) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, x := range s.holds {
+		if x == h {
+			s.holds = append(s.holds[:i], s.holds[i+1:]...)
+			return
+		}
+	}
+}
+
+// storage returns the newest storage value still held, or nil.
+func (s *Syncer) storage() certmagic.Storage {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.holds) == 0 {
+		return nil
+	}
+	return s.holds[len(s.holds)-1].Storage
+}
+
+func (s *Syncer) logger() *zap.Logger { return s.reg.logger().Named("sync") }
+
+func (s *Syncer) loop() {
+	defer close(s.done)
+	t := time.NewTicker(s.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+			s.round()
+		}
+	}
+}
+
+// round runs one sync with a timeout and logs its outcome when that
+// changes (a storage that stays unreachable is logged once, not every
+// second).
+func (s *Syncer) round() {
+	ctx, cancel := context.WithTimeout(s.base, syncTimeout)
+	defer cancel()
+	err := s.syncOnce(ctx)
+	switch {
+	case err != nil && err.Error() != s.lastErr:
+		s.lastErr = err.Error()
+		s.logger().Warn("cannot sync upstream states with storage; retrying every interval",
+			zap.Duration("interval", s.interval), zap.Error(err))
+	case err == nil && s.lastErr != "":
+		s.lastErr = ""
+		s.logger().Info("syncing upstream states with storage works again")
+	}
+}
+
+// syncOnce applies every stored operator state newer than the one known
+// here, then writes every operator state known here that storage lacks or
+// has an older one of (a write that failed, a state set through the admin
+// API before any syncer ran, or a write lost to a concurrent one).
+func (s *Syncer) syncOnce(ctx context.Context) error {
+	st := s.storage()
+	if st == nil {
+		return nil // being released
+	}
+	keys, err := st.List(ctx, statesPrefix, false)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("listing %s: %w", statesPrefix, err)
+	}
+	var errs []error
+	stored := make(map[string]int64, len(keys))
+	for _, key := range keys {
+		rec, err := s.load(ctx, st, key)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // deleted since the listing
+			}
+			errs = append(errs, err)
+			continue
+		}
+		if rec == nil {
+			continue
+		}
+		stored[rec.Upstream] = rec.Since
+		s.reg.applyShared(s.reg.get(rec.Upstream), rec.operatorRecord)
+	}
+	for _, u := range s.reg.all() {
+		rec := u.operator.Load()
+		if rec == nil {
+			continue
+		}
+		if since, ok := stored[u.Dial]; ok && since >= rec.Since {
+			continue
+		}
+		if err := writeRecord(ctx, st, u.Dial, *rec); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		s.logger().Debug("wrote operator state to storage",
+			zap.String("upstream", u.Dial), zap.String("state", rec.State.String()))
+	}
+	return errors.Join(errs...)
+}
+
+// load reads one stored record. A key that is not a state record (a
+// temporary file, a foreign file) gives nil, nil and is logged once.
+func (s *Syncer) load(ctx context.Context, st certmagic.Storage, key string) (*storedRecord, error) {
+	b, err := st.Load(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("loading %s: %w", key, err)
+	}
+	var rec storedRecord
+	problem := ""
+	if err := json.Unmarshal(b, &rec); err != nil {
+		problem = "not a state record: " + err.Error()
+	} else if rec.Upstream == "" || rec.Since <= 0 {
+		problem = "state record lacks upstream or since"
+	} else if stateKey(rec.Upstream) != statesPrefix+"/"+path.Base(key) {
+		// A storage's temporary copy, or a file renamed by hand.
+		s.logger().Debug("ignoring state record under another key",
+			zap.String("key", key), zap.String("upstream", rec.Upstream))
+		return nil, nil
+	}
+	if problem != "" {
+		if s.bad[key] != problem {
+			s.bad[key] = problem
+			s.logger().Warn("ignoring malformed upstream state in storage",
+				zap.String("key", key), zap.String("problem", problem))
+		}
+		return nil, nil
+	}
+	delete(s.bad, key)
+	return &rec, nil
+}
+
+// write stores an operator record (from the admin API) right away.
+func (s *Syncer) write(ctx context.Context, dial string, rec operatorRecord) error {
+	st := s.storage()
+	if st == nil {
+		return errors.New("storage syncer is stopping")
+	}
+	return writeRecord(ctx, st, dial, rec)
+}
+
+func writeRecord(ctx context.Context, st certmagic.Storage, dial string, rec operatorRecord) error {
+	b, err := json.Marshal(storedRecord{Upstream: dial, operatorRecord: rec})
+	if err != nil {
+		return err
+	}
+	if err := st.Store(ctx, stateKey(dial), b); err != nil {
+		return fmt.Errorf("storing %s: %w", stateKey(dial), err)
+	}
+	return nil
+}
+
+// Destruct stops the syncer when the last user has released it.
+func (s *Syncer) Destruct() error {
+	s.reg.removeSyncer(s)
+	close(s.stop)
+	s.cancel()
+	<-s.done
+	return nil
+}
+
+// addSyncer makes s the syncer the admin API writes through.
+func (r *registry) addSyncer(s *Syncer) {
+	r.syncMu.Lock()
+	defer r.syncMu.Unlock()
+	r.syncers = append(r.syncers, s)
+}
+
+func (r *registry) removeSyncer(s *Syncer) {
+	r.syncMu.Lock()
+	defer r.syncMu.Unlock()
+	for i, x := range r.syncers {
+		if x == s {
+			r.syncers = append(r.syncers[:i], r.syncers[i+1:]...)
+			return
+		}
+	}
+}
+
+// currentSyncer returns the most recently started live syncer, or nil
+// when no affinity policy has started one yet.
+func (r *registry) currentSyncer() *Syncer {
+	r.syncMu.Lock()
+	defer r.syncMu.Unlock()
+	if len(r.syncers) == 0 {
+		return nil
+	}
+	return r.syncers[len(r.syncers)-1]
+}
+
+// defaultInstance names this Caddy instance in stored records: the host
+// name and Caddy's instance ID.
+var defaultInstance = sync.OnceValue(func() string {
+	host, _ := os.Hostname()
+	id, err := caddy.InstanceID()
+	switch {
+	case err == nil && host != "":
+		return host + "/" + id.String()
+	case err == nil:
+		return id.String()
+	case host != "":
+		return fmt.Sprintf("%s/pid-%d", host, os.Getpid())
+	}
+	return fmt.Sprintf("pid-%d", os.Getpid())
+})
+
+// Interface guards
+var _ caddy.Destructor = (*Syncer)(nil)
