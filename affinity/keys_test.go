@@ -95,17 +95,24 @@ func TestKeySourcesInOrder(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	var buf [maxKeys]uint64
 	r := httptest.NewRequest(http.MethodGet, "/?s=q", nil)
-	hq, _ := p.keyHash(r)
 	r.Header.Set("X-Session", "q")
-	hh, _ := p.keyHash(r)
 	r.Header.Set("Cookie", "sid=q")
-	hc, _ := p.keyHash(r)
-	if hq == hh || hh == hc || hq == hc {
+	keys := p.keyHashes(r, &buf)
+	if len(keys) != 3 {
+		t.Fatalf("found %d keys, want 3", len(keys))
+	}
+	if keys[0] == keys[1] || keys[1] == keys[2] || keys[0] == keys[2] {
 		t.Error("the same value from different sources is the same key")
 	}
+	r.Header.Del("Cookie")
+	var buf2 [maxKeys]uint64
+	if k := p.keyHashes(r, &buf2); len(k) != 2 || k[0] != keys[1] {
+		t.Error("keys not in configured order")
+	}
 	r = httptest.NewRequest(http.MethodGet, "/", nil)
-	if _, ok := p.keyHash(r); ok {
+	if k := p.keyHashes(r, &buf); len(k) != 0 {
 		t.Error("key found in a request without any")
 	}
 }

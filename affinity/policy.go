@@ -187,6 +187,9 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 
 // Validate checks the configuration.
 func (p *Policy) Validate() error {
+	if len(p.Keys) > maxKeys {
+		return fmt.Errorf("at most %d key lines, got %d", maxKeys, len(p.Keys))
+	}
 	if p.DisablePinCookie && len(p.Keys) == 0 {
 		return errors.New("with the pin cookie off, at least one key is needed: nothing would tell sessions apart")
 	}
@@ -319,7 +322,8 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	if retry {
 		failed = ps.index(prev)
 	}
-	key, hasKey := p.keyHash(r)
+	var keyBuf [maxKeys]uint64
+	keys := p.keyHashes(r, &keyBuf)
 	now := clockNow()
 
 	// 1. The pin cookie.
@@ -333,41 +337,53 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	}
 	if pinned >= 0 {
 		if up, decided := p.keep(ps, pinned, failed, r, w, false, retry); decided {
-			if up != nil && hasKey {
-				p.table.put(key, ps.recs[pinned].ID, now, p.ttl)
+			if up != nil {
+				p.remember(keys, ps.recs[pinned].ID, now)
 			}
 			return up
 		}
 	}
 
-	// 2. The session table.
+	// 2. The session table: the first key present that has a live entry.
+	// A session's keys change over its life (the first request has no
+	// app cookie yet and is known by its client IP; an app may rotate its
+	// session id), so every present key is tried, and what is chosen is
+	// recorded under all of them.
 	from := pinned
-	if hasKey {
-		if id, ok := p.table.get(key, now, p.ttl); ok {
-			if i := ps.indexByID(id); i >= 0 {
-				if up, decided := p.keep(ps, i, failed, r, w, pinned != i && !p.DisablePinCookie, retry); decided {
-					return up
-				}
-				if from < 0 {
-					from = i
-				}
-			}
+	for _, key := range keys {
+		id, ok := p.table.get(key, now, p.ttl)
+		if !ok {
+			continue
 		}
-	} else {
-		// A new session: place it at random (uniformly over ring slots,
-		// so weights hold), without remembering the throwaway key.
-		key = weakrand.Uint64()
+		i := ps.indexByID(id)
+		if i < 0 {
+			continue // an upstream this pool does not have
+		}
+		if up, decided := p.keep(ps, i, failed, r, w, pinned != i && !p.DisablePinCookie, retry); decided {
+			if up != nil {
+				p.remember(keys, id, now)
+			}
+			return up
+		}
+		if from < 0 {
+			from = i
+		}
+		break
 	}
 
-	// 3. Place on the ring.
+	// 3. Place on the ring, by the first key present; a new session with
+	// no key yet is placed at random (uniformly over ring slots, so
+	// weights hold) and the throwaway key is not remembered.
+	key := weakrand.Uint64()
+	if len(keys) > 0 {
+		key = keys[0]
+	}
 	choice := p.place(ps, key, failed)
 	if choice < 0 {
 		metrics.noUpstream.Inc()
 		return nil
 	}
-	if hasKey {
-		p.table.put(key, ps.recs[choice].ID, now, p.ttl)
-	}
+	p.remember(keys, ps.recs[choice].ID, now)
 	if from < 0 {
 		from = failed
 	}
@@ -460,14 +476,27 @@ func rampAccepts(back, ramp time.Duration, key uint64, i int) bool {
 	return float64(draw)/(1<<53) < float64(back)/float64(ramp)
 }
 
-// keyHash returns the hash of the first configured key present.
-func (p *Policy) keyHash(r *http.Request) (uint64, bool) {
+// maxKeys bounds the number of key sources, so that a request's key
+// hashes fit in an array on the stack.
+const maxKeys = 8
+
+// keyHashes returns the hashes of the configured keys present in the
+// request, in configured order, in buf's storage.
+func (p *Policy) keyHashes(r *http.Request, buf *[maxKeys]uint64) []uint64 {
+	keys := buf[:0]
 	for i := range p.Keys {
 		if h, ok := p.Keys[i].hash(r); ok {
-			return h, true
+			keys = append(keys, h)
 		}
 	}
-	return 0, false
+	return keys
+}
+
+// remember records (and slides) key -> upstream for every key present.
+func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
+	for _, key := range keys {
+		p.table.put(key, id, now, p.ttl)
+	}
 }
 
 // chosen records the choice on the request (so that a retry knows it
@@ -588,6 +617,12 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		if p.secret != nil {
 			ps.pins[i] = newPinToken(p.secret, u.Dial, p.PinCookie)
 		}
+	}
+	if len(p.Weights) > 0 && len(p.Weights) != len(pool) {
+		// The Caddyfile parser never sees the upstream list, so this is
+		// the first place a mismatch can be told.
+		p.logger.Warn("weights do not match the upstreams: missing weights count as 1, extra ones are ignored",
+			zap.Int("weights", len(p.Weights)), zap.Int("upstreams", len(pool)))
 	}
 	ring, err := hashring.New(members)
 	if err != nil {

@@ -445,3 +445,24 @@ func TestSlowStartRamp(t *testing.T) {
 		t.Fatalf("slow start moved a pinned session to %s", got.Dial)
 	}
 }
+
+func TestSessionFollowedAcrossKeysWithoutPin(t *testing.T) {
+	// pin_cookie off, key cookie then client_ip: the first request has no
+	// app cookie yet and is placed by its IP; the next one brings the
+	// app's new cookie, which must find the same upstream.
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip"}}, DisablePinCookie: true})
+	pool := testPool(t, 5)
+	for c := 0; c < 100; c++ {
+		ip := fmt.Sprintf("10.1.%d.%d:1000", c/200, c%200)
+		r := newRequest()
+		r.RemoteAddr = ip
+		first := p.Select(pool, r, nil)
+		for v := 0; v < 3; v++ {
+			r := newRequest(fmt.Sprintf("sid=app-issued-%d", c))
+			r.RemoteAddr = ip
+			if got := p.Select(pool, r, nil); got != first {
+				t.Fatalf("client %d visit %d moved from %s to %s", c, v, first.Dial, got.Dial)
+			}
+		}
+	}
+}
