@@ -1,0 +1,28 @@
+package hashring
+
+import "github.com/zeebo/xxh3"
+
+// Hash returns the 64-bit xxh3 hash of b. It has no per-process seed, so
+// a key hashes the same everywhere, which is what keeps the mapping
+// identical across processes and machines.
+func Hash(b []byte) uint64 {
+	return xxh3.Hash(b)
+}
+
+// HashString returns Hash([]byte(s)) without converting s.
+func HashString(s string) uint64 {
+	return xxh3.HashString(s)
+}
+
+// HashSeed returns the xxh3 hash of b with the given seed. Callers that
+// draw keys from several sources (cookie, header, client address) can use
+// one seed per source so that equal strings from different sources land
+// on unrelated members.
+func HashSeed(b []byte, seed uint64) uint64 {
+	return xxh3.HashSeed(b, seed)
+}
+
+// HashStringSeed returns HashSeed([]byte(s), seed) without converting s.
+func HashStringSeed(s string, seed uint64) uint64 {
+	return xxh3.HashStringSeed(s, seed)
+}
