@@ -492,9 +492,13 @@ func (p *Policy) keyHashes(r *http.Request, buf *[maxKeys]uint64) []uint64 {
 	return keys
 }
 
-// remember records (and slides) key -> upstream for every key present.
+// remember records (and slides) key -> upstream for every key present;
+// the first is the session's main entry, the others are aliases.
 func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
-	for _, key := range keys {
+	for i, key := range keys {
+		if i > 0 {
+			id |= aliasBit
+		}
 		p.table.put(key, id, now, p.ttl)
 	}
 }

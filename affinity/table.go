@@ -27,7 +27,22 @@ type sessionTable struct {
 	perShard atomic.Int64
 
 	evictions atomic.Uint64
+
+	// live counts the session entries (not aliases) per upstream ID, kept
+	// exact under the shard locks by every insert, change and delete, so
+	// that placement can bound loads between two sweeps (see liveCount).
+	live [livePages]atomic.Pointer[livePage]
 }
+
+// livePage is one page of the table's per-upstream live counters; pages
+// are allocated on first use, so a process with a handful of upstreams
+// holds one.
+type livePage [livePageSize]atomic.Int64
+
+const (
+	livePageSize = 1024
+	livePages    = 64 // upstream IDs beyond livePages*livePageSize are not counted
+)
 
 const (
 	tableShards = 256
@@ -43,12 +58,19 @@ type tableShard struct {
 }
 
 // tableEntry is what the table keeps per session: the upstream (by its
-// process-wide healthcheck ID) and when the entry expires, in seconds
-// since tableEpoch. Eight bytes.
+// process-wide healthcheck ID, with aliasBit set when the entry is one of
+// the session's other keys) and when the entry expires, in seconds since
+// tableEpoch. Eight bytes.
 type tableEntry struct {
 	up      uint32
 	expires uint32
 }
+
+// aliasBit marks an entry recorded under a key that is not the session's
+// main key (the first key present in its request), such as the client IP
+// of a session that also has an app cookie. A session is recorded under
+// every key it shows; only its main entry counts as a live session.
+const aliasBit = 1 << 31
 
 // tableEpoch is the zero of entry times; uint32 seconds from here last
 // beyond 2150.
@@ -122,10 +144,10 @@ func (t *sessionTable) get(key uint64, now, ttl uint32) (uint32, bool) {
 		s.m[key] = e
 	}
 	s.mu.Unlock()
-	return e.up, ok
+	return e.up &^ aliasBit, ok
 }
 
-// put records key -> up, live until now+ttl.
+// put records key -> up, live until now+ttl. up may carry aliasBit.
 func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
 	s := t.shard(key)
 	e := tableEntry{up: up, expires: now + ttl}
@@ -176,7 +198,7 @@ func (t *sessionTable) evictLocked(s *tableShard, now uint32) {
 		if n == 0 {
 			return
 		}
-		delete(s.m, victim)
+		t.deleteLocked(s, victim, s.m[victim])
 		t.evictions.Add(1)
 	}
 }
@@ -193,8 +215,8 @@ func (t *sessionTable) len() int {
 	return n
 }
 
-// sweep deletes expired entries and returns the number of live entries
-// per upstream ID. It holds one shard's lock at a time, so requests on
+// sweep deletes expired entries and returns the number of live sessions
+// (main entries) per upstream ID. It holds one shard's lock at a time, so requests on
 // other shards go on.
 func (t *sessionTable) sweep(now uint32) map[uint32]int64 {
 	counts := make(map[uint32]int64)
@@ -206,7 +228,9 @@ func (t *sessionTable) sweep(now uint32) map[uint32]int64 {
 				delete(s.m, k)
 				continue
 			}
-			counts[e.up]++
+			if e.up&aliasBit == 0 {
+				counts[e.up]++
+			}
 		}
 		s.mu.Unlock()
 	}

@@ -60,4 +60,12 @@ func TestTableSweepCounts(t *testing.T) {
 	if tb.len() != 15 {
 		t.Fatalf("sweep left %d entries, want 15", tb.len())
 	}
+	// An alias entry (another key of a session) is not a session.
+	tb.put(100, 1|aliasBit, 25, 60)
+	if up, ok := tb.get(100, 25, 0); !ok || up != 1 {
+		t.Fatalf("alias entry reads as %d, %v; want upstream 1", up, ok)
+	}
+	if counts := tb.sweep(25); counts[1] != 5 {
+		t.Fatalf("an alias entry was counted as a session: %v", counts)
+	}
 }
