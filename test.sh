@@ -9,5 +9,12 @@ if [ -n "$unformatted" ]; then
 	echo "gofmt would change:"; echo "$unformatted"; exit 1
 fi
 go vet ./...
+# go test shows a passing package's output only with -v, so the browser
+# test's skip would go unseen: say it here.
+if [ -z "${AFFINITY_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 &&
+	! command -v google-chrome >/dev/null 2>&1 && ! command -v google-chrome-stable >/dev/null 2>&1 && ! command -v headless-shell >/dev/null 2>&1; then
+	echo "!!! no Chromium: TestStatusPageInBrowser (tests/browser_test.go) will be SKIPPED." >&2
+	echo "!!! Install it to test the status page in a browser (Debian: apt-get install -y --no-install-recommends chromium)." >&2
+fi
 go test -race -count=1 -timeout 15m ./...
 ./caddy-build.sh

@@ -1,7 +1,9 @@
 package affinity
 
 import (
+	"math"
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -16,6 +18,8 @@ import (
 //		key header <name>
 //		key query <name>
 //		key client_ip [<v4 bits> [<v6 bits>]]
+//		key path_param <name>
+//		key aspnet_cookieless
 //		pin_cookie <name> | off
 //		secret <value>
 //		session_ttl <duration>
@@ -23,6 +27,8 @@ import (
 //		weights <w1> [<w2>...]
 //		hold <duration>
 //		slow_start <duration>
+//		balance_factor <c>
+//		tomcat_route <route> <upstream dial address>
 //		probe [<path>] {
 //			path <path>
 //			interval <duration>
@@ -34,17 +40,21 @@ import (
 //		}
 //	}
 //
-// Several key lines are tried in the order given. Every error names the
-// file and line (the dispenser adds them).
+// Several key lines are tried in the order given; so are several
+// tomcat_route lines, one per route. Every error names the file and line
+// (the dispenser adds them).
 func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the policy name
 	if d.NextArg() {
 		return d.Errf("affinity takes no arguments on the lb_policy line, got %q; options go in a block", d.Val())
 	}
 	seen := make(map[string]bool)
+	// Options that need a key line, which may come later in the block,
+	// keep their error (naming their line) until the block is read.
+	var needKey, needIDKey error
 	for d.NextBlock(0) {
 		opt := d.Val()
-		if opt != "key" && seen[opt] {
+		if opt != "key" && opt != "tomcat_route" && seen[opt] {
 			return d.Errf("%s specified more than once", opt)
 		}
 		seen[opt] = true
@@ -117,6 +127,38 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				p.SlowStart = caddy.Duration(dur)
 			}
 
+		case "balance_factor":
+			s, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			c, err := strconv.ParseFloat(s, 64)
+			if err != nil || !(c > 1) || math.IsInf(c, 0) {
+				return d.Errf("balance_factor: %q is not a number more than 1 (1.25 is a sensible value)", s)
+			}
+			p.BalanceFactor = c
+			needKey = d.Err("balance_factor needs a key line: live sessions are counted in the session table, by key")
+
+		case "tomcat_route":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return d.Errf("tomcat_route: need a route and an upstream address (tomcat_route node1 10.0.0.1:8080), got %d arguments", len(args))
+			}
+			route, dial := args[0], args[1]
+			if strings.ContainsAny(route, " ;,=") {
+				return d.Errf("tomcat_route: route %q has a space, ';', ',' or '='", route)
+			}
+			if _, dup := p.TomcatRoutes[route]; dup {
+				return d.Errf("tomcat_route: route %q given twice", route)
+			}
+			if p.TomcatRoutes == nil {
+				p.TomcatRoutes = make(map[string]string)
+			}
+			p.TomcatRoutes[route] = dial
+			if needIDKey == nil {
+				needIDKey = d.Err("tomcat_route needs a `key cookie` or `key path_param` line: the route is read from that session id")
+			}
+
 		case "probe":
 			p.Probe = new(healthcheck.Probe)
 			if err := p.Probe.UnmarshalCaddyfile(d); err != nil {
@@ -137,8 +179,19 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		default:
-			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions, weights, hold, slow_start or probe)", opt)
+			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions, weights, hold, slow_start, balance_factor, tomcat_route or probe)", opt)
 		}
+	}
+	if needKey != nil && len(p.Keys) == 0 {
+		return needKey
+	}
+	if needIDKey != nil {
+		for _, k := range p.Keys {
+			if k.From == "cookie" || k.From == "path_param" {
+				return nil
+			}
+		}
+		return needIDKey
 	}
 	return nil
 }
@@ -147,11 +200,11 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 func parseKey(d *caddyfile.Dispenser) (KeySource, error) {
 	args := d.RemainingArgs()
 	if len(args) == 0 {
-		return KeySource{}, d.Err("key: need a source: cookie <name>, header <name>, query <name> or client_ip")
+		return KeySource{}, d.Err("key: need a source: cookie <name>, header <name>, query <name>, client_ip, path_param <name> or aspnet_cookieless")
 	}
 	k := KeySource{From: args[0]}
 	switch args[0] {
-	case "cookie", "header", "query":
+	case "cookie", "header", "query", "path_param":
 		if len(args) != 2 {
 			return k, d.Errf("key %s: need exactly one name, got %d arguments", args[0], len(args)-1)
 		}
@@ -169,8 +222,12 @@ func parseKey(d *caddyfile.Dispenser) (KeySource, error) {
 			}
 			*bits[i] = n
 		}
+	case "aspnet_cookieless":
+		if len(args) != 1 {
+			return k, d.Errf("key aspnet_cookieless takes no arguments, got %d", len(args)-1)
+		}
 	default:
-		return k, d.Errf("key: unknown source %q: want cookie, header, query or client_ip", args[0])
+		return k, d.Errf("key: unknown source %q: want cookie, header, query, client_ip, path_param or aspnet_cookieless", args[0])
 	}
 	probe := k
 	if err := probe.provision(); err != nil {

@@ -1,6 +1,8 @@
 package affinity
 
 import (
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -28,6 +30,12 @@ import (
 
 func init() {
 	healthcheck.RegisterDiscoverer(watchFarm)
+	healthcheck.SetSessionCounter(func(id uint32) int64 {
+		if st := currentTable(); st != nil {
+			return st.liveCount(id)
+		}
+		return 0
+	})
 }
 
 // troubleGap is the longest quiet time between two reports of trouble of
@@ -48,45 +56,120 @@ var farm = struct {
 
 // watchFarm looks at the running config once.
 func watchFarm() {
-	app, err := caddy.ActiveContext().AppIfConfigured("http")
-	if err != nil || app == nil {
-		return
-	}
-	httpApp, ok := app.(*caddyhttp.App)
-	if !ok {
-		return
-	}
 	now := time.Now()
 	farm.Lock()
 	defer farm.Unlock()
-	for _, srv := range httpApp.Servers {
-		walkRoutes(srv.Routes, now)
-		if srv.Errors != nil {
-			walkRoutes(srv.Errors.Routes, now)
-		}
+	if eachPolicy(func(s policySite) { s.Policy.observe(s.Handler.Upstreams, now) }) {
+		farm.looked = true
 	}
-	farm.looked = true
 }
 
-func walkRoutes(routes caddyhttp.RouteList, now time.Time) {
-	for _, route := range routes {
-		for _, h := range route.Handlers {
+// policySite is one reverse_proxy handler of the running config whose
+// selection policy is affinity, and where it sits in the config: what the
+// admin endpoints (lookup, status page) need to name it to an operator.
+type policySite struct {
+	// Server is the HTTP server's name in the config ("srv0" for the
+	// first Caddyfile server), Listen its listener addresses.
+	Server string
+	Listen []string
+	// Hosts are the host matchers of the routes that lead to the
+	// handler (the Caddyfile's site addresses), if any.
+	Hosts []string
+	// Path is the handler's place in the config as the admin API's
+	// /config/ endpoint spells it, which tells apart several proxies of
+	// one site.
+	Path    string
+	Handler *reverseproxy.Handler
+	Policy  *Policy
+}
+
+// eachPolicy calls fn for every reverse_proxy handler of the running
+// config that uses this policy, servers in name order and routes in
+// config order, so that answers are stable. It reports whether there is
+// a running http app at all. It only reads the provisioned config, so it
+// needs no lock of its own.
+func eachPolicy(fn func(policySite)) bool {
+	app, err := caddy.ActiveContext().AppIfConfigured("http")
+	if err != nil || app == nil {
+		return false
+	}
+	httpApp, ok := app.(*caddyhttp.App)
+	if !ok {
+		return false
+	}
+	names := make([]string, 0, len(httpApp.Servers))
+	for name := range httpApp.Servers {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		srv := httpApp.Servers[name]
+		w := routeWalker{server: name, listen: srv.Listen, fn: fn}
+		base := "/config/apps/http/servers/" + name
+		w.walk(srv.Routes, base+"/routes", nil)
+		if srv.Errors != nil {
+			w.walk(srv.Errors.Routes, base+"/errors/routes", nil)
+		}
+	}
+	return true
+}
+
+// routeWalker walks one server's routes and subroutes.
+type routeWalker struct {
+	server string
+	listen []string
+	fn     func(policySite)
+}
+
+func (w routeWalker) walk(routes caddyhttp.RouteList, path string, hosts []string) {
+	for ri, route := range routes {
+		routeHosts := appendHosts(hosts, route.MatcherSets)
+		for hi, h := range route.Handlers {
 			switch h := h.(type) {
 			case *reverseproxy.Handler:
 				if h.LoadBalancing == nil {
 					continue
 				}
 				if p, ok := h.LoadBalancing.SelectionPolicy.(*Policy); ok {
-					p.observe(h.Upstreams, now)
+					w.fn(policySite{
+						Server:  w.server,
+						Listen:  w.listen,
+						Hosts:   routeHosts,
+						Path:    path + "/" + strconv.Itoa(ri) + "/handle/" + strconv.Itoa(hi),
+						Handler: h,
+						Policy:  p,
+					})
 				}
 			case *caddyhttp.Subroute:
-				walkRoutes(h.Routes, now)
+				sub := path + "/" + strconv.Itoa(ri) + "/handle/" + strconv.Itoa(hi)
+				w.walk(h.Routes, sub+"/routes", routeHosts)
 				if h.Errors != nil {
-					walkRoutes(h.Errors.Routes, now)
+					w.walk(h.Errors.Routes, sub+"/errors/routes", routeHosts)
 				}
 			}
 		}
 	}
+}
+
+// appendHosts returns hosts plus the hosts of the route's host matchers.
+// The result is a new slice when anything is added, so that sibling
+// routes do not share (and overwrite) one backing array.
+func appendHosts(hosts []string, sets caddyhttp.MatcherSets) []string {
+	var add []string
+	for _, set := range sets {
+		for _, m := range set {
+			switch m := m.(type) {
+			case caddyhttp.MatchHost:
+				add = append(add, m...)
+			case *caddyhttp.MatchHost:
+				add = append(add, *m...)
+			}
+		}
+	}
+	if len(add) == 0 {
+		return hosts
+	}
+	return append(append(make([]string, 0, len(hosts)+len(add)), hosts...), add...)
 }
 
 // observe records what one policy's static upstreams look like now.
@@ -109,6 +192,26 @@ func (p *Policy) observe(ups reverseproxy.UpstreamPool, now time.Time) {
 		dials = append(dials, u.Dial)
 	}
 	p.followProbe(dials)
+}
+
+// noteNewUpstreams starts the slow-start ramp of upstreams that a reload
+// added, as soon as the new pool is first used, rather than at the
+// watcher's next look (up to a second of full share). The upstreams of
+// the config the process starts with are not new.
+func noteNewUpstreams(pool reverseproxy.UpstreamPool) {
+	now := time.Now()
+	farm.Lock()
+	defer farm.Unlock()
+	if !farm.looked {
+		return
+	}
+	for _, u := range pool {
+		if _, known := farm.placeable[u.Dial]; !known {
+			rec := healthcheck.Get(u.Dial)
+			rec.MarkBack(now)
+			farm.placeable[u.Dial] = rec.State().AcceptsNew()
+		}
+	}
 }
 
 // followProbe (re)starts the drain probe when the policy's set of

@@ -16,12 +16,19 @@ import (
 // the order they are configured; the first one present in a request is
 // the session key.
 type KeySource struct {
-	// From is where the key is read: "cookie", "header", "query" or
-	// "client_ip".
+	// From is where the key is read: "cookie", "header", "query",
+	// "client_ip", "path_param" (a path parameter such as Java's
+	// `;jsessionid=<id>`) or "aspnet_cookieless" (the session id of an
+	// ASP.NET cookieless URL, `/(S(<id>))/...`).
+	//
+	// A session id read from the path hashes like the same value read
+	// from a cookie: `;jsessionid=X` and the cookie `JSESSIONID=X` are
+	// one key, so a session that starts with URL rewriting and goes on
+	// with the cookie keeps its entry.
 	From string `json:"from"`
 
-	// Name is the cookie, header or query parameter name. Not used with
-	// client_ip.
+	// Name is the cookie, header, query parameter or path parameter name.
+	// Not used with client_ip and aspnet_cookieless.
 	Name string `json:"name,omitempty"`
 
 	// IPv4Bits and IPv6Bits are prefix lengths applied to the client IP
@@ -41,6 +48,8 @@ const (
 	keyHeader
 	keyQuery
 	keyClientIP
+	keyPathParam
+	keyCookieless
 )
 
 // provision checks the source and fills in its defaults.
@@ -53,6 +62,17 @@ func (k *KeySource) provision() error {
 		k.Name = http.CanonicalHeaderKey(k.Name)
 	case "query":
 		k.kind = keyQuery
+	case "path_param":
+		k.kind = keyPathParam
+		if strings.ContainsAny(k.Name, "/?#") {
+			return fmt.Errorf("key path_param: name %q has a '/', '?' or '#'", k.Name)
+		}
+	case "aspnet_cookieless":
+		k.kind = keyCookieless
+		if k.Name != "" {
+			return fmt.Errorf("key aspnet_cookieless takes no name")
+		}
+		return nil
 	case "client_ip":
 		k.kind = keyClientIP
 		if k.Name != "" {
@@ -72,7 +92,7 @@ func (k *KeySource) provision() error {
 		}
 		return nil
 	default:
-		return fmt.Errorf("unknown key source %q: want cookie, header, query or client_ip", k.From)
+		return fmt.Errorf("unknown key source %q: want cookie, header, query, client_ip, path_param or aspnet_cookieless", k.From)
 	}
 	if k.Name == "" {
 		return fmt.Errorf("key %s needs a name", k.From)
@@ -88,9 +108,9 @@ func (k *KeySource) provision() error {
 // sources are different keys. It does not allocate.
 func (k *KeySource) hash(r *http.Request) (uint64, bool) {
 	switch k.kind {
-	case keyCookie:
-		if v, ok := cookieValue(r.Header, k.Name); ok {
-			return hashring.HashStringSeed(v, uint64(keyCookie)), true
+	case keyCookie, keyPathParam, keyCookieless:
+		if v, ok := k.sessionID(r); ok {
+			return sessionIDHash(v), true
 		}
 	case keyHeader:
 		if vs := r.Header[k.Name]; len(vs) > 0 && vs[0] != "" {
@@ -113,6 +133,27 @@ func (k *KeySource) hash(r *http.Request) (uint64, bool) {
 		}
 	}
 	return 0, false
+}
+
+// sessionID returns the value of a cookie, path_param or
+// aspnet_cookieless key in the request. It does not allocate.
+func (k *KeySource) sessionID(r *http.Request) (string, bool) {
+	switch k.kind {
+	case keyCookie:
+		return cookieValue(r.Header, k.Name)
+	case keyPathParam:
+		return pathParam(rawPath(r), k.Name)
+	case keyCookieless:
+		return aspnetCookielessID(rawPath(r))
+	}
+	return "", false
+}
+
+// sessionIDHash is the key hash of an app's session id, wherever it was
+// read (cookie, path parameter, cookieless URL) or learned (Set-Cookie,
+// Location).
+func sessionIDHash(v string) uint64 {
+	return hashring.HashStringSeed(v, uint64(keyCookie))
 }
 
 // cookieValue returns the value of the first cookie called name in the

@@ -11,12 +11,13 @@ import (
 
 // Outcomes of Select, the values of the `outcome` label.
 const (
-	outcomePinned     = "pinned"      // a valid pin or table entry was honoured
-	outcomePlaced     = "placed"      // a new session was placed on the ring
-	outcomeFailover   = "failover"    // a pinned session moved because its upstream could not serve it
-	outcomeDrainSkip  = "drain_skip"  // placement walked past a draining or maintenance upstream
-	outcomeNoUpstream = "no_upstream" // nothing could take the request
-	outcomeHeld       = "held"        // a pinned session waited for its upstream (hold)
+	outcomePinned       = "pinned"        // a valid pin or table entry was honoured
+	outcomePlaced       = "placed"        // a new session was placed on the ring
+	outcomeFailover     = "failover"      // a pinned session moved because its upstream could not serve it
+	outcomeDrainSkip    = "drain_skip"    // placement walked past a draining or maintenance upstream
+	outcomeNoUpstream   = "no_upstream"   // nothing could take the request
+	outcomeHeld         = "held"          // a pinned session waited for its upstream (hold)
+	outcomeOverloadSkip = "overload_skip" // placement walked past an upstream at its balance_factor bound
 )
 
 // metrics are process-wide: the counters are registered into every new
@@ -34,6 +35,7 @@ var metrics = struct {
 	drainSkip      prometheus.Counter
 	noUpstream     prometheus.Counter
 	held           prometheus.Counter
+	overloadSkip   prometheus.Counter
 	rejectedPins   prometheus.Counter
 	upstreamGauges *upstreamCollector
 }{}
@@ -42,7 +44,7 @@ func initMetrics() {
 	metrics.once.Do(func() {
 		metrics.selections = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "affinity", Name: "selections_total",
-			Help: "Upstream selections by outcome: pinned, placed, failover, drain_skip, held, no_upstream.",
+			Help: "Upstream selections by outcome: pinned, placed, failover, drain_skip, overload_skip, held, no_upstream.",
 		}, []string{"outcome"})
 		// Resolved once, so that counting on the request path is one
 		// atomic add and no label lookup.
@@ -52,6 +54,7 @@ func initMetrics() {
 		metrics.drainSkip = metrics.selections.WithLabelValues(outcomeDrainSkip)
 		metrics.noUpstream = metrics.selections.WithLabelValues(outcomeNoUpstream)
 		metrics.held = metrics.selections.WithLabelValues(outcomeHeld)
+		metrics.overloadSkip = metrics.selections.WithLabelValues(outcomeOverloadSkip)
 		metrics.rejectedPins = prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "affinity", Name: "rejected_pins_total",
 			Help: "Pin cookies that were present but not valid (forged, stale secret, unknown upstream).",

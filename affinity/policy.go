@@ -2,12 +2,15 @@
 // Caddy's reverse_proxy: it pins every session to one upstream.
 //
 // Per request, in order:
+//  0. a session id whose Tomcat route suffix names a selectable upstream
+//     (tomcat_route) wins;
 //  1. a valid pin cookie naming a selectable upstream wins;
 //  2. else a live session-table entry for the session key naming a
 //     selectable upstream wins;
 //  3. else the key (or, for a new session with no key, a random one) is
 //     placed on a consistent-hash ring and walked to the first upstream
-//     that may take new sessions.
+//     that may take new sessions (and, under balance_factor, is below its
+//     bound of live sessions).
 //
 // Whatever was chosen is remembered (pin cookie and session table with a
 // sliding TTL), so a session that failed over stays on its new upstream
@@ -21,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	weakrand "math/rand/v2"
 	"net/http"
 	"sync"
@@ -106,6 +110,31 @@ type Policy struct {
 	// reach its full share of new sessions; its share ramps up linearly.
 	// Pinned sessions are never affected. Default off.
 	SlowStart caddy.Duration `json:"slow_start,omitempty"`
+
+	// BalanceFactor bounds the load of new sessions (consistent hashing
+	// with bounded loads): a new session is never placed on an upstream
+	// that already holds ceil(c × average) live sessions or more, where c
+	// is the factor and the average is over the upstreams that may take
+	// new sessions, in proportion to their weights; the walk along the
+	// ring goes on to the next one. Sessions already pinned never move
+	// because of load. Live sessions are the session table's entries, so
+	// at least one key is needed; a session is counted from the first
+	// request that carries its key (or as soon as affinity_learn sees the
+	// app issue it). Must be more than 1; 1.25 is a sensible value. The
+	// smaller it is, the more placement departs from the ring, so that
+	// instances with different loads place alike less often (pins and
+	// the table keep sessions where they were placed). Default off.
+	BalanceFactor float64 `json:"balance_factor,omitempty"`
+
+	// TomcatRoutes maps a worker route, as Tomcat appends it to its
+	// session ids (`JSESSIONID=<id>.<jvmRoute>`), to the dial address of
+	// the upstream that has it, as written in the upstream list. A
+	// request whose session id (read by the `cookie` and `path_param`
+	// keys, in order) ends in a listed route goes to that upstream while
+	// it may serve pinned sessions, before the pin cookie, the table and
+	// the ring are asked: the id is the app's own pin. Needs a cookie or
+	// path_param key.
+	TomcatRoutes map[string]string `json:"tomcat_routes,omitempty"`
 
 	secret []byte
 	ttl    uint32
@@ -209,6 +238,28 @@ func (p *Policy) Validate() error {
 	}
 	if p.Hold < 0 || p.SlowStart < 0 {
 		return errors.New("hold and slow_start must not be negative")
+	}
+	if p.BalanceFactor != 0 {
+		if !(p.BalanceFactor > 1) || math.IsInf(p.BalanceFactor, 0) {
+			return fmt.Errorf("balance_factor must be more than 1, got %v", p.BalanceFactor)
+		}
+		if len(p.Keys) == 0 {
+			return errors.New("balance_factor needs at least one key: live sessions are counted in the session table")
+		}
+	}
+	if len(p.TomcatRoutes) > 0 {
+		hasID := false
+		for _, k := range p.Keys {
+			hasID = hasID || k.From == "cookie" || k.From == "path_param"
+		}
+		if !hasID {
+			return errors.New("tomcat_route needs a `key cookie` or `key path_param` to read the session id from")
+		}
+		for route, dial := range p.TomcatRoutes {
+			if route == "" || dial == "" {
+				return fmt.Errorf("tomcat_route: route %q and upstream %q must both be given", route, dial)
+			}
+		}
 	}
 	if p.Probe != nil {
 		if err := p.Probe.Validate(); err != nil {
@@ -318,20 +369,35 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// An upstream that failed this very request is not selectable on
 	// the retry, even if Caddy's health checks have not caught up.
 	failed := -1
-	prev, retry := caddyhttp.GetVar(r.Context(), triedVar).(*reverseproxy.Upstream)
+	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
+	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
 	if retry {
 		failed = ps.index(prev)
 	}
 	var keyBuf [maxKeys]uint64
-	keys := p.keyHashes(r, &keyBuf)
+	keys, firstKind := p.requestKeys(r, &keyBuf)
 	now := clockNow()
 
-	// 1. The pin cookie.
+	// 1. The pin cookie (read first: the route step issues it when it
+	// names another upstream).
 	pinned := -1
 	if !p.DisablePinCookie {
 		if v, ok := cookieValue(r.Header, p.PinCookie); ok {
 			if pinned = ps.pinIndex(v); pinned < 0 {
 				metrics.rejectedPins.Inc()
+			}
+		}
+	}
+	// 0. The app's own pin comes before ours: a session id whose route
+	// suffix names a worker (tomcat_route) says where the session lives.
+	routed := -1
+	if len(ps.routes) > 0 {
+		if routed = p.routeIndex(ps, r); routed >= 0 {
+			if up, decided := p.keep(ps, routed, failed, r, w, pinned != routed && !p.DisablePinCookie, retry); decided {
+				if up != nil {
+					p.remember(keys, ps.recs[routed].ID, now)
+				}
+				return up
 			}
 		}
 	}
@@ -349,9 +415,19 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// app cookie yet and is known by its client IP; an app may rotate its
 	// session id), so every present key is tried, and what is chosen is
 	// recorded under all of them.
+	//
+	// An alias entry (recorded under a key that was not its request's
+	// first, such as the client IP next to an app cookie) is what carries
+	// a session over to the new id its app issues (on its first response,
+	// after a failover). Under affinity_learn the learner records those
+	// ids as they are issued, so an unknown app session id is not one of
+	// them: it is then placed on its own rather than sent after an alias,
+	// which many users behind one address (NAT) share.
+	_, learning := vars[learnVar].(*learnWriter)
+	laterAliases := !learning || !learnable(firstKind)
 	from := pinned
-	for _, key := range keys {
-		id, ok := p.table.get(key, now, p.ttl)
+	for j, key := range keys {
+		id, ok := p.table.follow(key, now, p.ttl, j == 0 || laterAliases)
 		if !ok {
 			continue
 		}
@@ -385,6 +461,9 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	}
 	p.remember(keys, ps.recs[choice].ID, now)
 	if from < 0 {
+		from = routed
+	}
+	if from < 0 {
 		from = failed
 	}
 	if from < 0 || from == choice {
@@ -395,6 +474,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 			zap.String("from", ps.ups[from].Dial),
 			zap.String("to", ps.ups[choice].Dial),
 			zap.String("reason", ps.unavailableReason(from, failed)))
+		failovers.record(ps.ups[from].Dial, ps.ups[choice].Dial, ps.unavailableReason(from, failed))
 	}
 	return p.chosen(ps, choice, r, w, !p.DisablePinCookie, retry)
 }
@@ -418,23 +498,32 @@ func (p *Policy) keep(ps *poolState, i, failed int, r *http.Request, w http.Resp
 		return nil, false
 	}
 	metrics.held.Inc()
-	if i == failed && ps.pinnable(i) {
-		// The attempt failed but health checks still pass: try it again
-		// (Caddy waits lb_try_interval first), it may be restarting.
+	if !ps.ups[i].Full() {
+		// Within the hold, try the upstream itself (Caddy waits
+		// lb_try_interval between attempts) whatever the health checks
+		// say: they lag a restart both ways, and passive checks keep a
+		// recovered upstream down for their whole fail_duration.
 		return p.chosen(ps, i, r, w, issuePin, retry), true
 	}
 	return nil, true
 }
 
 // place walks the ring from key to the first upstream that may take a new
-// session. Under slow_start, an upstream that came back recently accepts
-// only its ramped share of the keys that reach it; if every candidate
-// declined that way, the first of them takes the session anyway.
+// session. Under balance_factor, an upstream at its bound of live sessions
+// declines; under slow_start, an upstream that came back recently accepts
+// only its ramped share of the keys that reach it. If every candidate
+// declined, the first that declined by ramp, else by load, takes the
+// session anyway (the load bound always leaves room on some candidate, so
+// the latter needs loads that changed during the walk).
 func (p *Policy) place(ps *poolState, key uint64, failed int) int {
-	choice, ramped, skippedState := -1, -1, false
+	choice, ramped, loaded, skippedState, skippedLoad := -1, -1, -1, false, false
 	var now time.Time
 	if p.SlowStart > 0 {
 		now = time.Now()
+	}
+	bound := loadBound{total: -1}
+	if p.BalanceFactor > 0 {
+		bound = p.loadBound(ps, failed)
 	}
 	ps.ring.Walk(key, func(i int) bool {
 		if i == failed || !ps.ups[i].Available() {
@@ -442,6 +531,13 @@ func (p *Policy) place(ps *poolState, key uint64, failed int) int {
 		}
 		if !ps.recs[i].State().AcceptsNew() {
 			skippedState = true
+			return true
+		}
+		if bound.total >= 0 && p.overloaded(ps, i, bound) {
+			if loaded < 0 {
+				loaded = i
+			}
+			skippedLoad = true
 			return true
 		}
 		if p.SlowStart > 0 && !rampAccepts(ps.recs[i].BackFor(now), time.Duration(p.SlowStart), key, i) {
@@ -456,10 +552,84 @@ func (p *Policy) place(ps *poolState, key uint64, failed int) int {
 	if skippedState {
 		metrics.drainSkip.Inc()
 	}
+	if skippedLoad && choice >= 0 {
+		metrics.overloadSkip.Inc()
+	}
 	if choice < 0 {
 		choice = ramped
 	}
+	if choice < 0 {
+		choice = loaded
+	}
 	return choice
+}
+
+// loadBound is what balance_factor needs to know of a pool for one
+// placement: the live sessions and the weight of the upstreams that may
+// take new sessions. total is -1 when loads are not bounded.
+type loadBound struct {
+	total  int64
+	weight int64
+}
+
+// loadBound sums the live sessions and weights of the upstreams that may
+// take a new session now (all but failed).
+func (p *Policy) loadBound(ps *poolState, failed int) loadBound {
+	b := loadBound{}
+	for i := range ps.ups {
+		w := ps.weights[i]
+		if i == failed || w <= 0 || !ps.ups[i].Available() || !ps.recs[i].State().AcceptsNew() {
+			continue
+		}
+		b.total += max(0, p.table.liveCount(ps.recs[i].ID))
+		b.weight += int64(w)
+	}
+	if b.weight == 0 {
+		b.total = -1
+	}
+	return b
+}
+
+// overloaded reports whether upstream i holds its bound already, so
+// that it may not take one more session: ceil(c × (total+1) × w/W) live
+// sessions, where total and W are the candidates' live sessions and
+// weights, and the session being placed is counted in. A placement thus
+// never leaves an upstream with more than ceil(c × average) sessions (by
+// weight), and some candidate always has room: the bounds add up to at
+// least c × (total+1), more than the total.
+func (p *Policy) overloaded(ps *poolState, i int, b loadBound) bool {
+	w := ps.weights[i]
+	if w <= 0 {
+		return false // not a candidate; the ring gives it no keys
+	}
+	limit := math.Ceil(p.BalanceFactor * float64(b.total+1) * float64(w) / float64(b.weight))
+	return float64(p.table.liveCount(ps.recs[i].ID)) >= limit
+}
+
+// routeIndex returns the upstream a request's Tomcat route names, or -1:
+// the first session id among the cookie and path_param keys that ends in
+// a configured route.
+func (p *Policy) routeIndex(ps *poolState, r *http.Request) int {
+	for i := range p.Keys {
+		k := &p.Keys[i]
+		if k.kind != keyCookie && k.kind != keyPathParam {
+			continue
+		}
+		id, ok := k.sessionID(r)
+		if !ok {
+			continue
+		}
+		route, ok := routeSuffix(id)
+		if !ok {
+			continue
+		}
+		for _, rt := range ps.routes {
+			if rt.route == route {
+				return rt.index
+			}
+		}
+	}
+	return -1
 }
 
 // rampAccepts reports whether an upstream that came back `back` ago takes
@@ -483,13 +653,30 @@ const maxKeys = 8
 // keyHashes returns the hashes of the configured keys present in the
 // request, in configured order, in buf's storage.
 func (p *Policy) keyHashes(r *http.Request, buf *[maxKeys]uint64) []uint64 {
+	keys, _ := p.requestKeys(r, buf)
+	return keys
+}
+
+// requestKeys is keyHashes that also returns the kind of the first key
+// present (0 if none).
+func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64) ([]uint64, keyKind) {
 	keys := buf[:0]
+	var first keyKind
 	for i := range p.Keys {
 		if h, ok := p.Keys[i].hash(r); ok {
+			if len(keys) == 0 {
+				first = p.Keys[i].kind
+			}
 			keys = append(keys, h)
 		}
 	}
-	return keys
+	return keys, first
+}
+
+// learnable reports whether affinity_learn records the keys of a kind
+// when the app issues them.
+func learnable(k keyKind) bool {
+	return k == keyCookie || k == keyPathParam || k == keyCookieless
 }
 
 // remember records (and slides) key -> upstream for every key present;
@@ -508,7 +695,12 @@ func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
 // one an earlier attempt of this request issued.
 func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool) *reverseproxy.Upstream {
 	up := ps.ups[i]
-	caddyhttp.SetVar(r.Context(), triedVar, up)
+	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+		vars[triedVar] = up
+		if lw, ok := vars[learnVar].(*learnWriter); ok {
+			lw.chose(p, ps.recs[i].ID)
+		}
+	}
 	ps.recs[i].CountRequest()
 	if issuePin && w != nil {
 		t := &ps.pins[i]
@@ -546,6 +738,17 @@ type poolState struct {
 	recs  []*healthcheck.Upstream
 	pins  []pinToken
 	ring  *hashring.Ring
+	// weights are the upstreams' weights, index-aligned (for
+	// balance_factor); routes the tomcat_route lines whose upstream is in
+	// the pool.
+	weights []int
+	routes  []poolRoute
+}
+
+// poolRoute is a tomcat_route whose upstream is at index in the pool.
+type poolRoute struct {
+	route string
+	index int
 }
 
 // poolState returns the derived state for pool, rebuilding it only when
@@ -609,8 +812,11 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		ups:   append([]*reverseproxy.Upstream(nil), pool...),
 		recs:  make([]*healthcheck.Upstream, len(pool)),
 		pins:  make([]pinToken, len(pool)),
+
+		weights: make([]int, len(pool)),
 	}
 	members := make([]hashring.Member, len(pool))
+	defer noteNewUpstreams(pool)
 	for i, u := range pool {
 		ps.recs[i] = healthcheck.Get(u.Dial)
 		weight := 1
@@ -618,6 +824,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 			weight = p.Weights[i]
 		}
 		members[i] = hashring.Member{Name: u.Dial, Weight: weight}
+		ps.weights[i] = weight
 		if p.secret != nil {
 			ps.pins[i] = newPinToken(p.secret, u.Dial, p.PinCookie)
 		}
@@ -627,6 +834,20 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		// the first place a mismatch can be told.
 		p.logger.Warn("weights do not match the upstreams: missing weights count as 1, extra ones are ignored",
 			zap.Int("weights", len(p.Weights)), zap.Int("upstreams", len(pool)))
+	}
+	for route, dial := range p.TomcatRoutes {
+		found := false
+		for i, u := range pool {
+			if u.Dial == dial {
+				ps.routes = append(ps.routes, poolRoute{route: route, index: i})
+				found = true
+				break
+			}
+		}
+		if !found {
+			p.logger.Warn("tomcat_route names an upstream that is not in the list; the route is ignored",
+				zap.String("route", route), zap.String("upstream", dial))
+		}
 	}
 	ring, err := hashring.New(members)
 	if err != nil {

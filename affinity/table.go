@@ -72,6 +72,13 @@ type tableEntry struct {
 // every key it shows; only its main entry counts as a live session.
 const aliasBit = 1 << 31
 
+// upstream returns the entry's upstream ID.
+func (e tableEntry) upstream() uint32 { return e.up &^ aliasBit }
+
+// alias reports whether the entry is an alias (not the session's main
+// entry).
+func (e tableEntry) alias() bool { return e.up&aliasBit != 0 }
+
 // tableEpoch is the zero of entry times; uint32 seconds from here last
 // beyond 2150.
 var tableEpoch = time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC).Unix()
@@ -132,11 +139,21 @@ func (t *sessionTable) shard(key uint64) *tableShard {
 // get returns the upstream recorded for key if the entry is live at now,
 // and, when ttl > 0, slides its expiry to now+ttl.
 func (t *sessionTable) get(key uint64, now, ttl uint32) (uint32, bool) {
+	return t.follow(key, now, ttl, true)
+}
+
+// follow is get for one of a request's keys: an alias entry counts only
+// when aliases is true, and one that does not count is left untouched
+// (see Select for when aliases are followed).
+func (t *sessionTable) follow(key uint64, now, ttl uint32, aliases bool) (uint32, bool) {
 	s := t.shard(key)
 	s.mu.Lock()
 	e, ok := s.m[key]
 	if ok && e.expires < now {
-		delete(s.m, key)
+		t.deleteLocked(s, key, e)
+		ok = false
+	}
+	if ok && !aliases && e.alias() {
 		ok = false
 	}
 	if ok && ttl > 0 && e.expires != now+ttl {
@@ -144,7 +161,7 @@ func (t *sessionTable) get(key uint64, now, ttl uint32) (uint32, bool) {
 		s.m[key] = e
 	}
 	s.mu.Unlock()
-	return e.up &^ aliasBit, ok
+	return e.upstream(), ok
 }
 
 // put records key -> up, live until now+ttl. up may carry aliasBit.
@@ -155,6 +172,10 @@ func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
 	if old, ok := s.m[key]; ok {
 		if old != e {
 			s.m[key] = e
+			if old.up != e.up {
+				t.count(old, -1)
+				t.count(e, 1)
+			}
 		}
 		s.mu.Unlock()
 		return
@@ -163,6 +184,7 @@ func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
 		t.evictLocked(s, now)
 	}
 	s.m[key] = e
+	t.count(e, 1)
 	s.mu.Unlock()
 }
 
@@ -170,8 +192,65 @@ func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
 func (t *sessionTable) remove(key uint64) {
 	s := t.shard(key)
 	s.mu.Lock()
-	delete(s.m, key)
+	if e, ok := s.m[key]; ok {
+		t.deleteLocked(s, key, e)
+	}
 	s.mu.Unlock()
+}
+
+// retire makes key's entry expire at until at the latest: a session id
+// the app replaced stays usable a moment longer, for requests already on
+// their way with it, then goes. A request that still uses it slides it
+// again.
+func (t *sessionTable) retire(key uint64, until uint32) {
+	s := t.shard(key)
+	s.mu.Lock()
+	if e, ok := s.m[key]; ok && e.expires > until {
+		e.expires = until
+		s.m[key] = e
+	}
+	s.mu.Unlock()
+}
+
+// deleteLocked deletes key, whose entry is e, from s, which is locked.
+func (t *sessionTable) deleteLocked(s *tableShard, key uint64, e tableEntry) {
+	delete(s.m, key)
+	t.count(e, -1)
+}
+
+// count adds d to the live count of e's upstream if e is a main entry.
+// Called with e's shard locked, so the counts follow the map exactly.
+func (t *sessionTable) count(e tableEntry, d int64) {
+	if e.alias() {
+		return
+	}
+	id := e.upstream()
+	n := id / livePageSize
+	if n >= livePages {
+		return
+	}
+	pg := t.live[n].Load()
+	if pg == nil {
+		pg = new(livePage)
+		if !t.live[n].CompareAndSwap(nil, pg) {
+			pg = t.live[n].Load()
+		}
+	}
+	pg[id%livePageSize].Add(d)
+}
+
+// liveCount returns the number of main entries (sessions) naming upstream
+// id. It is exact at every moment, except that entries expired but not
+// yet swept still count, for at most a sweep interval.
+func (t *sessionTable) liveCount(id uint32) int64 {
+	n := id / livePageSize
+	if n >= livePages {
+		return 0
+	}
+	if pg := t.live[n].Load(); pg != nil {
+		return pg[id%livePageSize].Load()
+	}
+	return 0
 }
 
 // evictLocked makes room for one entry in a full shard. Go's map
@@ -180,15 +259,15 @@ func (t *sessionTable) remove(key uint64) {
 func (t *sessionTable) evictLocked(s *tableShard, now uint32) {
 	for int64(len(s.m)) >= t.perShard.Load() {
 		var victim uint64
-		var victimExp uint32
+		var victimE tableEntry
 		n := 0
 		for k, e := range s.m {
 			if e.expires < now {
-				victim, n = k, 1
+				victim, victimE, n = k, e, 1
 				break
 			}
-			if n == 0 || e.expires < victimExp {
-				victim, victimExp = k, e.expires
+			if n == 0 || e.expires < victimE.expires {
+				victim, victimE = k, e
 			}
 			n++
 			if n == evictSample {
@@ -198,7 +277,7 @@ func (t *sessionTable) evictLocked(s *tableShard, now uint32) {
 		if n == 0 {
 			return
 		}
-		t.deleteLocked(s, victim, s.m[victim])
+		t.deleteLocked(s, victim, victimE)
 		t.evictions.Add(1)
 	}
 }
@@ -216,8 +295,8 @@ func (t *sessionTable) len() int {
 }
 
 // sweep deletes expired entries and returns the number of live sessions
-// (main entries) per upstream ID. It holds one shard's lock at a time, so requests on
-// other shards go on.
+// (main entries) per upstream ID. It holds one shard's lock at a time, so
+// requests on other shards go on.
 func (t *sessionTable) sweep(now uint32) map[uint32]int64 {
 	counts := make(map[uint32]int64)
 	for i := range t.shards {
@@ -225,10 +304,10 @@ func (t *sessionTable) sweep(now uint32) map[uint32]int64 {
 		s.mu.Lock()
 		for k, e := range s.m {
 			if e.expires < now {
-				delete(s.m, k)
+				t.deleteLocked(s, k, e)
 				continue
 			}
-			if e.up&aliasBit == 0 {
+			if !e.alias() {
 				counts[e.up]++
 			}
 		}

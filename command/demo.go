@@ -126,13 +126,46 @@ func (o demoOptions) caddyfile() ([]byte, error) {
 	data := struct {
 		Admin, Host, Cookie string
 		Port                int
-		Upstreams           []string
-	}{o.Admin, host, o.Cookie, port, o.workerAddrs()}
+		Upstreams, Origins  []string
+	}{o.Admin, host, o.Cookie, port, o.workerAddrs(), adminOrigins(o.Admin)}
 	var buf bytes.Buffer
 	if err := demoTemplate.Execute(&buf, data); err != nil {
 		return nil, err
 	}
 	return buf.Bytes(), nil
+}
+
+// adminOrigins returns the Host values (and origins) under which a
+// browser may reach the admin API at admin: the address itself and, for
+// a loopback or wildcard address, every loopback name of its port. An
+// explicit origins list replaces Caddy's default one, which has these.
+func adminOrigins(admin string) []string {
+	host, port, err := net.SplitHostPort(admin)
+	if err != nil {
+		return []string{admin}
+	}
+	origins := []string{admin}
+	ip := net.ParseIP(host)
+	if host == "" || host == "localhost" || (ip != nil && (ip.IsLoopback() || ip.IsUnspecified())) {
+		for _, h := range []string{"127.0.0.1", "localhost", "::1"} {
+			if o := net.JoinHostPort(h, port); o != admin {
+				origins = append(origins, o)
+			}
+		}
+	}
+	return origins
+}
+
+// statusURL returns the status page's URL on the admin listener.
+func statusURL(admin string) string {
+	host, port, err := net.SplitHostPort(admin)
+	if err != nil {
+		return "http://" + admin + "/affinity/"
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "localhost"
+	}
+	return "http://" + net.JoinHostPort(host, port) + "/affinity/"
 }
 
 // demoCommand builds `caddy affinity demo`.
@@ -249,7 +282,9 @@ func printDemo(o demoOptions, d *demo, control string) {
 	for _, w := range d.workers {
 		fmt.Fprintf(&b, "  worker %s    http://%s/\n", w.Name(), w.Addr())
 	}
-	fmt.Fprintf(&b, "  upstreams   http://%s/affinity/upstreams   (admin API)\n\n", o.Admin)
+	fmt.Fprintf(&b, "  status      %s   (open it: states, sessions, drain buttons)\n", statusURL(o.Admin))
+	fmt.Fprintf(&b, "              or: %s affinity status --address %s\n", os.Args[0], o.Admin)
+	fmt.Fprintf(&b, "  upstreams   http://%s/affinity/upstreams   (admin API, JSON)\n\n", o.Admin)
 	fmt.Fprintf(&b, "  workers     http://%s/__demo/\n", control)
 	for _, w := range d.workers {
 		fmt.Fprintf(&b, "  kill %s      http://%s/__demo/kill/%s    start again: http://%s/__demo/start/%s\n",

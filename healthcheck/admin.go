@@ -34,6 +34,11 @@ const maxStateBody = 64 << 10
 // dials the upstream, and is written to Caddy's storage, from which every
 // instance sharing that storage applies it within a few seconds (see
 // AcquireSyncer). Errors are JSON: {"error":"..."}.
+//
+// The status page (GET /affinity/) and the session lookup (GET
+// /affinity/lookup) sit next to these but are served by package affinity
+// (admin.api.affinity_status, admin.api.affinity_lookup): they need the
+// ring and the session table, and this package cannot import that one.
 type AdminAPI struct {
 	reg *registry // nil: the process-wide registry
 }

@@ -220,12 +220,26 @@ func (u *Upstream) CountRequest() { u.requests.Add(1) }
 // Requests returns the number of requests the affinity policy sent here.
 func (u *Upstream) Requests() uint64 { return u.requests.Load() }
 
-// Sessions returns the number of live sessions pinned to the upstream, as
-// last counted by the session table's sweep.
-func (u *Upstream) Sessions() int64 { return u.sessions.Load() }
+// Sessions returns the number of live sessions pinned to the upstream:
+// exact when a session counter is registered (the affinity policy's
+// session table), otherwise as last set by SetSessions.
+func (u *Upstream) Sessions() int64 {
+	if f := sessionCounter.Load(); f != nil {
+		return (*f)(u.ID)
+	}
+	return u.sessions.Load()
+}
 
-// SetSessions records the live session count (called by the session
-// table's sweep).
+// sessionCounter counts the live sessions of an upstream by ID.
+var sessionCounter atomic.Pointer[func(id uint32) int64]
+
+// SetSessionCounter registers the function Sessions asks, so that the
+// admin API, metrics and drained reflect the session table at the moment
+// they are read rather than at its last sweep.
+func SetSessionCounter(f func(id uint32) int64) { sessionCounter.Store(&f) }
+
+// SetSessions records the live session count (the session table's sweep
+// calls it; Sessions prefers a registered counter).
 func (u *Upstream) SetSessions(n int64) { u.sessions.Store(n) }
 
 // registry is a set of upstreams by dial address, with what is needed to

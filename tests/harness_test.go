@@ -252,6 +252,16 @@ type proxyConfig struct {
 	Storage string
 	// FailDuration is the passive health check window; default 10s.
 	FailDuration string
+	// Retries is the lb_retries value; default 2, "off" leaves the line
+	// out (then lb_try_duration alone bounds the retries).
+	Retries string
+	// TryDuration is the lb_try_duration value; default 3s.
+	TryDuration string
+	// HealthTimeout is the health_timeout value; default 1s.
+	HealthTimeout string
+	// ProxyExtra is added to the reverse_proxy block, one directive (or
+	// block) a line, e.g. a transport block.
+	ProxyExtra string
 }
 
 func indent(s, prefix string) string {
@@ -268,12 +278,37 @@ func indent(s, prefix string) string {
 	return b.String()
 }
 
+// indentBlock indents every non-empty line of s by prefix plus its own
+// leading tabs, so that nested blocks keep their shape.
+func indentBlock(s, prefix string) string {
+	var b strings.Builder
+	for _, line := range strings.Split(s, "\n") {
+		if strings.TrimSpace(line) == "" {
+			continue
+		}
+		b.WriteString(prefix)
+		b.WriteString(strings.TrimRight(line, " \t"))
+		b.WriteByte('\n')
+	}
+	return b.String()
+}
+
 // caddyfile renders cfg for a site on sitePort and the admin API on
 // adminPort.
 func (cfg proxyConfig) caddyfile(sitePort, adminPort int) string {
 	fail := cfg.FailDuration
 	if fail == "" {
 		fail = "10s"
+	}
+	orDefault := func(v, def string) string {
+		if v == "" {
+			return def
+		}
+		return v
+	}
+	retries := "lb_retries " + orDefault(cfg.Retries, "2") + "\n\t\t"
+	if cfg.Retries == "off" {
+		retries = ""
 	}
 	return fmt.Sprintf(`{
 	admin 127.0.0.1:%d
@@ -288,17 +323,18 @@ http://127.0.0.1:%d {
 	reverse_proxy %s {
 		lb_policy affinity {
 %s		}
-		lb_retries 2
-		lb_try_duration 3s
+		%slb_try_duration %s
 		health_uri /healthz
 		health_interval %s
-		health_timeout 1s
+		health_timeout %s
 		fail_duration %s
-	}
+%s	}
 }
 `, adminPort, cfg.Storage, indent(cfg.Global, "\t"), sitePort,
 		strings.Join(cfg.Upstreams, " "), indent(cfg.Policy, "\t\t\t"),
-		healthInterval, fail)
+		retries, orDefault(cfg.TryDuration, "3s"),
+		healthInterval, orDefault(cfg.HealthTimeout, "1s"), fail,
+		indentBlock(cfg.ProxyExtra, "\t\t"))
 }
 
 // syncBuffer is a goroutine-safe output sink.

@@ -1,0 +1,217 @@
+package affinity
+
+import (
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	caddy.RegisterModule(new(Learn))
+	httpcaddyfile.RegisterHandlerDirective("affinity_learn", parseLearnCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("affinity_learn", httpcaddyfile.Before, "reverse_proxy")
+}
+
+// Learn is the `affinity_learn` HTTP handler, the companion of the
+// affinity selection policy for apps whose session id is their own
+// cookie. A selection policy sees requests, never responses; this
+// handler sees the response of the upstream the policy chose, and when
+// that response issues a session id the policy keys on (a Set-Cookie of
+// a `key cookie` name, or a Location carrying a `key path_param` or
+// `key aspnet_cookieless` id), it records id -> upstream in the session
+// table at once. The session's next request, which carries the new id,
+// then goes to the worker that created the session, with or without the
+// pin cookie, and with any number of clients behind one address.
+//
+// When the app replaces a session id (ASP.NET Core, express-session's
+// regenerate, Tomcat's changeSessionId at login), the new id is
+// recorded and the old one is retired: it stays usable for a short grace
+// (for requests already on their way) and then expires. When the app
+// deletes its session cookie, the old id is forgotten.
+//
+// It must run before reverse_proxy in the same route, which the
+// Caddyfile directive order does by default. It does nothing for
+// requests that no affinity policy proxied.
+type Learn struct{}
+
+// CaddyModule returns the Caddy module information.
+func (Learn) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.affinity_learn",
+		New: func() caddy.Module { return new(Learn) },
+	}
+}
+
+// learnVar names the request var where the learner leaves its response
+// writer, for Select to tell it which policy and upstream served the
+// request. Select only reads the var: a request without the learner
+// costs it one map lookup.
+const learnVar = "affinity.learn"
+
+// retireGrace is how long, in table seconds, the entry of a session id
+// the app replaced stays after the response that replaced it.
+const retireGrace = 30
+
+// ServeHTTP wraps the response writer and passes the request on.
+func (Learn) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	lw := &learnWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}, r: r}
+	// The var stays after next returns: the request's vars must not be
+	// written then (a dial Caddy's transport started for the request may
+	// still read them).
+	caddyhttp.SetVar(r.Context(), learnVar, lw)
+	return next.ServeHTTP(lw, r)
+}
+
+// learnWriter is the response writer of one request through the
+// learner. Select fills in policy and up; the first final WriteHeader
+// learns from the response headers.
+type learnWriter struct {
+	*caddyhttp.ResponseWriterWrapper
+	r       *http.Request
+	policy  *Policy
+	up      uint32 // the chosen upstream's healthcheck ID
+	learned bool   // the final header was seen
+}
+
+// chose records that p sent the request to the upstream with ID id; the
+// last call (the attempt that answered) wins.
+func (lw *learnWriter) chose(p *Policy, id uint32) {
+	lw.policy, lw.up = p, id
+}
+
+// WriteHeader learns from the final response's headers, then writes
+// them. Informational (1xx) responses other than 101 are not final.
+func (lw *learnWriter) WriteHeader(status int) {
+	if !lw.learned && (status >= 200 || status == http.StatusSwitchingProtocols) {
+		lw.learned = true
+		if lw.policy != nil {
+			lw.policy.learn(lw.Header(), lw.r, lw.up)
+		}
+	}
+	lw.ResponseWriterWrapper.WriteHeader(status)
+}
+
+// Write writes the header first if nobody did, as net/http would.
+func (lw *learnWriter) Write(b []byte) (int, error) {
+	if !lw.learned {
+		lw.WriteHeader(http.StatusOK)
+	}
+	return lw.ResponseWriterWrapper.Write(b)
+}
+
+// ReadFrom writes the header first if nobody did: the wrapper's
+// ReadFrom goes straight to the underlying writer.
+func (lw *learnWriter) ReadFrom(src io.Reader) (int64, error) {
+	if !lw.learned {
+		lw.WriteHeader(http.StatusOK)
+	}
+	return lw.ResponseWriterWrapper.ReadFrom(src)
+}
+
+// FlushError writes the header first if nobody did, then flushes
+// (http.ResponseController prefers it to Unwrap).
+func (lw *learnWriter) FlushError() error {
+	if !lw.learned {
+		lw.WriteHeader(http.StatusOK)
+	}
+	return http.NewResponseController(lw.ResponseWriterWrapper.ResponseWriter).Flush()
+}
+
+// learn records the session ids a response of upstream id issues.
+func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
+	table := p.table
+	if table == nil {
+		return
+	}
+	now := clockNow()
+	for _, line := range h["Set-Cookie"] {
+		c, ok := parseSetCookie(line)
+		if !ok {
+			continue
+		}
+		for i := range p.Keys {
+			k := &p.Keys[i]
+			if !(k.kind == keyCookie && c.name == k.Name) && !(k.kind == keyPathParam && strings.EqualFold(c.name, k.Name)) {
+				continue
+			}
+			p.learnID(table, k, r, c.value, c.deleted, id, now)
+			break
+		}
+	}
+	if locs := h["Location"]; len(locs) > 0 {
+		path := locationPath(locs[0])
+		for i := range p.Keys {
+			k := &p.Keys[i]
+			var v string
+			var ok bool
+			switch k.kind {
+			case keyPathParam:
+				v, ok = pathParam(path, k.Name)
+			case keyCookieless:
+				v, ok = aspnetCookielessID(path)
+			}
+			if ok {
+				p.learnID(table, k, r, v, false, id, now)
+			}
+		}
+	}
+}
+
+// learnID records a session id that upstream id issued for key k, and
+// retires (or, when the app deleted it, forgets) the id the request came
+// with if it is another one.
+func (p *Policy) learnID(table *sharedTable, k *KeySource, r *http.Request, value string, deleted bool, id, now uint32) {
+	old, hadOld := k.sessionID(r)
+	if deleted {
+		if hadOld {
+			table.remove(sessionIDHash(old))
+		}
+		return
+	}
+	table.put(sessionIDHash(value), id, now, p.ttl)
+	if hadOld && old != value {
+		table.retire(sessionIDHash(old), now+retireGrace)
+	}
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	affinity_learn
+//
+// It takes no arguments. Put it in the site block (it is ordered before
+// reverse_proxy) or in a route before reverse_proxy:
+//
+//	route {
+//		affinity_learn
+//		reverse_proxy ...
+//	}
+func (l *Learn) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the directive name
+	if d.NextArg() {
+		return d.Errf("affinity_learn takes no arguments, got %q", d.Val())
+	}
+	if d.NextBlock(0) {
+		return d.Errf("affinity_learn takes no options, got %q", d.Val())
+	}
+	return nil
+}
+
+// parseLearnCaddyfile unmarshals the affinity_learn directive.
+func parseLearnCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	l := new(Learn)
+	err := l.UnmarshalCaddyfile(h.Dispenser)
+	return l, err
+}
+
+// Interface guards
+var (
+	_ caddyhttp.MiddlewareHandler = (*Learn)(nil)
+	_ caddyfile.Unmarshaler       = (*Learn)(nil)
+	_ http.ResponseWriter         = (*learnWriter)(nil)
+	_ io.ReaderFrom               = (*learnWriter)(nil)
+)

@@ -1,0 +1,285 @@
+package affinity
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
+
+func TestPathParam(t *testing.T) {
+	for _, tc := range []struct{ path, name, want string }{
+		{"/shop/cart;jsessionid=0A1B2C.node1", "jsessionid", "0A1B2C.node1"},
+		{"/a;jsessionid=X/b", "jsessionid", "X"},
+		{"/a;foo=1;jsessionid=Y", "jsessionid", "Y"},
+		{"/a;jsessionid=Y;foo=1", "jsessionid", "Y"},
+		{"/a;jsessionid=;jsessionid=Z", "jsessionid", "Z"},
+		{"/a;jsessionid=Q?x=1", "jsessionid", "Q"},
+		{"/a;jsessionid=Q#frag", "jsessionid", "Q"},
+		{"/a;jsessionid=", "jsessionid", ""},
+		{"/a;JSESSIONID=X", "jsessionid", ""},
+		{"/a;jsessionidx=1", "jsessionid", ""},
+		{"/a;xjsessionid=1", "jsessionid", ""},
+		{"/a/jsessionid=1", "jsessionid", ""},
+		{"/a%3Bjsessionid=1", "jsessionid", ""},
+		{"", "jsessionid", ""},
+		{"/a;=1", "", ""},
+		{";sid=v", "sid", "v"},
+	} {
+		got, ok := pathParam(tc.path, tc.name)
+		if got != tc.want || ok != (tc.want != "") {
+			t.Errorf("pathParam(%q, %q) = %q, %v; want %q", tc.path, tc.name, got, ok, tc.want)
+		}
+	}
+}
+
+func TestAspnetCookielessID(t *testing.T) {
+	for _, tc := range []struct{ path, want string }{
+		{"/(S(lit3py55t21z5v55vlm25s55))/default.aspx", "lit3py55t21z5v55vlm25s55"},
+		{"/app/(S(abc))/x.aspx", "abc"},
+		{"/(A(anon-1)S(sid1)F(ticket))/x", "sid1"},
+		{"/(S(abc))", "abc"},
+		{"/app/sub/(X(1)S(z))/a/b", "z"},
+		{"/(X(1))/x", ""},
+		{"/(S())/x", ""},
+		{"/(S(abc)/x", ""},
+		{"/(S(a(b)))/x", ""},
+		{"/x(S(abc))/y", ""},
+		{"/(s(abc))/y", ""},
+		{"/(S(abc))x/y", ""},
+		{"/(S(abc)junk)/y", ""},
+		{"/%28S%28abc%29%29/y", ""},
+		{"/()/y", ""},
+		{"", ""},
+		{"/(S(first))/(S(second))/", "first"},
+		{"/(bad)/(S(next))/", "next"},
+	} {
+		got, ok := aspnetCookielessID(tc.path)
+		if got != tc.want || ok != (tc.want != "") {
+			t.Errorf("aspnetCookielessID(%q) = %q, %v; want %q", tc.path, got, ok, tc.want)
+		}
+	}
+}
+
+func TestRouteSuffix(t *testing.T) {
+	for _, tc := range []struct{ id, want string }{
+		{"0A1B2C3D.node1", "node1"},
+		{"ABC.a.b", "a.b"},
+		{".r", "r"},
+		{"ABC", ""},
+		{"ABC.", ""},
+		{"", ""},
+	} {
+		got, ok := routeSuffix(tc.id)
+		if got != tc.want || ok != (tc.want != "") {
+			t.Errorf("routeSuffix(%q) = %q, %v; want %q", tc.id, got, ok, tc.want)
+		}
+	}
+}
+
+func TestLocationPath(t *testing.T) {
+	for _, tc := range []struct{ loc, want string }{
+		{"https://example.com/app/(S(x))/a.aspx?q=1#f", "/app/(S(x))/a.aspx"},
+		{"http://example.com:8080/a;jsessionid=1", "/a;jsessionid=1"},
+		{"//example.com/a;jsessionid=2?x", "/a;jsessionid=2"},
+		{"/a?x", "/a"},
+		{"relative/page;jsessionid=3", "relative/page;jsessionid=3"},
+		{"https://example.com", ""},
+		{"https://example.com?x=/a", ""},
+		{"/redirect?to=https://other/a;jsessionid=9", "/redirect"},
+		{"", ""},
+	} {
+		if got := locationPath(tc.loc); got != tc.want {
+			t.Errorf("locationPath(%q) = %q, want %q", tc.loc, got, tc.want)
+		}
+	}
+}
+
+func TestParseSetCookie(t *testing.T) {
+	for _, tc := range []struct {
+		line, name, value string
+		deleted, ok       bool
+	}{
+		{"sid=abc; Path=/; HttpOnly", "sid", "abc", false, true},
+		{"sid=abc", "sid", "abc", false, true},
+		{` sid = "quoted" ; Secure`, "sid", "quoted", false, true},
+		{"sid=; Path=/", "sid", "", true, true},
+		{"sid=x; Max-Age=0", "sid", "x", true, true},
+		{"sid=x; max-age=-1", "sid", "x", true, true},
+		{"sid=x; Max-Age=00", "sid", "x", true, true},
+		{"sid=x;Max-Age=3600", "sid", "x", false, true},
+		{"PHPSESSID=deleted; expires=Thu, 01-Jan-1970 00:00:01 GMT; Max-Age=0; path=/", "PHPSESSID", "deleted", true, true},
+		{"sid=x; Expires=Thu, 01 Jan 1970 00:00:00 GMT", "sid", "x", true, true},
+		{"sid=x; Expires=Wed, 21 Oct 2099 07:28:00 GMT; Path=/", "sid", "x", false, true},
+		{"sid=x; Expires=garbage", "sid", "x", false, true},
+		{"sid=a=b; Path=/", "sid", "a=b", false, true},
+		{"=x", "", "", false, false},
+		{"novalue", "", "", false, false},
+		{"", "", "", false, false},
+	} {
+		c, ok := parseSetCookie(tc.line)
+		if ok != tc.ok || (ok && (c.name != tc.name || c.value != tc.value || c.deleted != tc.deleted)) {
+			t.Errorf("parseSetCookie(%q) = %+v, %v; want %q %q deleted=%v ok=%v", tc.line, c, ok, tc.name, tc.value, tc.deleted, tc.ok)
+		}
+	}
+}
+
+func TestSessionIDKeys(t *testing.T) {
+	keys := []KeySource{
+		{From: "cookie", Name: "JSESSIONID"},
+		{From: "path_param", Name: "jsessionid"},
+		{From: "aspnet_cookieless"},
+	}
+	for i := range keys {
+		if err := keys[i].provision(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	byCookie := newRequest("JSESSIONID=0A1B.node1")
+	byPath := httptest.NewRequest(http.MethodGet, "http://example.com/shop;jsessionid=0A1B.node1?x=1", nil)
+	cookieless := httptest.NewRequest(http.MethodGet, "http://example.com/app/(S(0A1B.node1))/page.aspx", nil)
+	hc, ok1 := keys[0].hash(byCookie)
+	hp, ok2 := keys[1].hash(byPath)
+	ha, ok3 := keys[2].hash(cookieless)
+	if !ok1 || !ok2 || !ok3 {
+		t.Fatalf("keys not found: %v %v %v", ok1, ok2, ok3)
+	}
+	// One session id is one key wherever the request carries it.
+	if hc != hp || hc != ha || hc != sessionIDHash("0A1B.node1") {
+		t.Fatalf("the same session id hashed differently: cookie %x, path %x, cookieless %x", hc, hp, ha)
+	}
+	if _, ok := keys[1].hash(byCookie); ok {
+		t.Error("path_param key found in a request without the parameter")
+	}
+	for _, bad := range []KeySource{{From: "path_param"}, {From: "path_param", Name: "a/b"}, {From: "aspnet_cookieless", Name: "x"}} {
+		if err := bad.provision(); err == nil {
+			t.Errorf("%+v provisioned", bad)
+		}
+	}
+}
+
+func TestSessionIDParsersDoNotAllocate(t *testing.T) {
+	path := "/app/(A(anon)S(lit3py55t21z5v55vlm25s55))/x;jsessionid=0A1B.node1"
+	allocs := testing.AllocsPerRun(100, func() {
+		if _, ok := pathParam(path, "jsessionid"); !ok {
+			t.Fatal("no path param")
+		}
+		if _, ok := aspnetCookielessID(path); !ok {
+			t.Fatal("no cookieless id")
+		}
+		if _, ok := routeSuffix("0A1B.node1"); !ok {
+			t.Fatal("no route")
+		}
+		if _, ok := parseSetCookie("sid=x; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/"); !ok {
+			t.Fatal("no cookie")
+		}
+		_ = locationPath("https://example.com" + "/a;jsessionid=1")
+	})
+	if allocs != 0 {
+		t.Fatalf("parsers allocated %.1f times", allocs)
+	}
+}
+
+// FuzzPathParam: never panics; a found value is non-empty, free of
+// delimiters and really follows `;name=` in the path; a parameter put in a
+// path is found.
+func FuzzPathParam(f *testing.F) {
+	for _, s := range [][3]string{
+		{"/shop/cart", "jsessionid", "0A1B2C.node1"},
+		{"/a;x=1", "jsessionid", "v"},
+		{"", "sid", "1"},
+		{"/a;jsessionid=/b", "jsessionid", "z"},
+	} {
+		f.Add(s[0], s[1], s[2])
+	}
+	f.Fuzz(func(t *testing.T, path, name, id string) {
+		if v, ok := pathParam(path, name); ok {
+			if v == "" || strings.ContainsAny(v, ";/?#") || !strings.Contains(path, ";"+name+"="+v) {
+				t.Fatalf("pathParam(%q, %q) = %q", path, name, v)
+			}
+		}
+		if name == "" || id == "" || strings.ContainsAny(id, ";/?#") || strings.ContainsAny(name, ";/?#=") || strings.Contains(path, ";") {
+			return
+		}
+		if v, ok := pathParam(path+";"+name+"="+id+"/rest", name); !ok || v != id {
+			t.Fatalf("pathParam of %q with %s=%q appended: %q, %v", path, name, id, v, ok)
+		}
+	})
+}
+
+// FuzzAspnetCookielessID: never panics; a found id is a non-empty S value
+// of the path; an id put in a cookieless segment is found.
+func FuzzAspnetCookielessID(f *testing.F) {
+	for _, s := range [][2]string{
+		{"/app/(S(lit3py55t21z5v55vlm25s55))/default.aspx", "abc"},
+		{"/(A(x)S(y)F(z))/", "q"},
+		{"/(S(", "id"},
+		{"/((()))", ")"},
+	} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, path, id string) {
+		if v, ok := aspnetCookielessID(path); ok {
+			if v == "" || strings.ContainsAny(v, "()/") || !strings.Contains(path, "S("+v+")") {
+				t.Fatalf("aspnetCookielessID(%q) = %q", path, v)
+			}
+		}
+		if id == "" || strings.ContainsAny(id, "()/") {
+			return
+		}
+		if v, ok := aspnetCookielessID("/app/(A(anon)S(" + id + "))/" + strings.ReplaceAll(path, "(", "")); !ok || v != id {
+			t.Fatalf("cookieless id %q not found: %q, %v", id, v, ok)
+		}
+	})
+}
+
+// FuzzRouteSuffix: a route is the non-empty rest after the first dot.
+func FuzzRouteSuffix(f *testing.F) {
+	for _, s := range []string{"0A1B.node1", "x", ".", "a.b.c", ""} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, id string) {
+		route, ok := routeSuffix(id)
+		i := strings.IndexByte(id, '.')
+		if ok != (i >= 0 && i < len(id)-1) || (ok && route != id[i+1:]) {
+			t.Fatalf("routeSuffix(%q) = %q, %v", id, route, ok)
+		}
+	})
+}
+
+// FuzzParseSetCookie: never panics; what it returns comes from the line,
+// and a cookie it writes itself is read back.
+func FuzzParseSetCookie(f *testing.F) {
+	for _, s := range []string{
+		"sid=abc; Path=/; HttpOnly",
+		"PHPSESSID=deleted; expires=Thu, 01-Jan-1970 00:00:01 GMT; Max-Age=0",
+		`a="b"; Max-Age=-5`,
+		"x=; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+		";;=;",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, line string) {
+		c, ok := parseSetCookie(line)
+		if !ok {
+			return
+		}
+		if c.name == "" || strings.Contains(c.name, ";") || strings.Contains(c.value, ";") ||
+			!strings.Contains(line, c.name) || !strings.Contains(line, c.value) {
+			t.Fatalf("parseSetCookie(%q) = %+v", line, c)
+		}
+		if c.value == "" && !c.deleted {
+			t.Fatalf("parseSetCookie(%q): empty value not taken for a deletion", line)
+		}
+		if !validCookieName(c.name) || strings.ContainsAny(c.value, " \t\";\\,") || c.value == "" {
+			return
+		}
+		back := (&http.Cookie{Name: c.name, Value: c.value, Path: "/", HttpOnly: true}).String()
+		if !strings.HasPrefix(back, c.name+"="+c.value+";") {
+			return // net/http would not send that value as it is
+		}
+		if b, ok := parseSetCookie(back); !ok || b.name != c.name || b.value != c.value || b.deleted {
+			t.Fatalf("round trip of %q: %+v, %v", back, b, ok)
+		}
+	})
+}

@@ -1,0 +1,372 @@
+package command
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+)
+
+// The operator commands: `caddy affinity status|drain|maintenance|up`.
+// They talk to a running Caddy's admin API (GET /affinity/upstreams,
+// POST /affinity/upstreams/state) the way `caddy stop` and `caddy reload`
+// do: the address comes from --address, else from the admin block of
+// --config, else Caddy's default (localhost:2019).
+
+// upstreamStatus is one upstream as GET /affinity/upstreams lists it
+// (healthcheck.UpstreamStatus, decoded loosely so that this command keeps
+// working against a server with more fields).
+type upstreamStatus struct {
+	Upstream string  `json:"upstream"`
+	State    string  `json:"state"`
+	SetBy    string  `json:"set_by"`
+	Healthy  bool    `json:"healthy"`
+	Sessions int64   `json:"sessions"`
+	Requests uint64  `json:"requests"`
+	Drained  bool    `json:"drained"`
+	Since    *string `json:"since"`
+}
+
+// statusCommand builds `caddy affinity status`.
+func statusCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "status [--address <admin>] [--config <file>] [--json]",
+		Short: "Lists the upstreams of a running Caddy with their state and sessions",
+		Long: `
+Lists every upstream the affinity policies of a running Caddy know, as a
+table:
+
+  UPSTREAM        STATE     HEALTHY  SESSIONS  REQUESTS  DRAINED  SINCE
+  127.0.0.1:9001  up        yes      12        340       -        -
+  127.0.0.1:9002  draining  yes      3         120       no       2026-05-01 10:02:11 (4m12s ago)
+
+STATE is the lifecycle state (up, draining, maintenance); HEALTHY is
+Caddy's health check verdict; SESSIONS the live sessions pinned to it;
+REQUESTS the requests the policy sent it since Caddy started; DRAINED
+says whether a draining upstream has no session left (it can be stopped
+without cutting one); SINCE when its state last changed.
+
+The admin API address is --address, else the one in --config's admin
+block, else localhost:2019. The same data, with ring shares and recent
+failovers, is on the status page: http://<admin>/affinity/
+`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			addr, err := adminAddress(cmd)
+			if err != nil {
+				return err
+			}
+			ups, err := listUpstreams(cmd.Context(), addr)
+			if err != nil {
+				return err
+			}
+			if asJSON, _ := cmd.Flags().GetBool("json"); asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(ups)
+			}
+			if len(ups) == 0 {
+				fmt.Fprintln(cmd.OutOrStdout(), "no upstreams: no reverse_proxy with lb_policy affinity in the running config")
+				return nil
+			}
+			return printTable(cmd.OutOrStdout(), ups, time.Now())
+		},
+	}
+	addAdminFlags(cmd)
+	cmd.Flags().Bool("json", false, "Print the admin API's JSON instead of a table")
+	return cmd
+}
+
+// stateCommand builds `caddy affinity drain|maintenance|up <upstream>`.
+func stateCommand(verb, state, short, long string) func() *cobra.Command {
+	return func() *cobra.Command {
+		cmd := &cobra.Command{
+			Use:   verb + " [--address <admin>] [--config <file>] <upstream>",
+			Short: short,
+			Long: long + `
+<upstream> is the dial address as listed by 'caddy affinity status'
+(127.0.0.1:9001); a unique suffix of it, such as :9001 or 9001, will do.
+The state applies to every affinity proxy of that Caddy dialing the
+upstream, and to the instances sharing its storage, and survives
+reloads. The command prints the upstream's new status.
+
+The admin API address is --address, else the one in --config's admin
+block, else localhost:2019.
+`,
+			Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				addr, err := adminAddress(cmd)
+				if err != nil {
+					return err
+				}
+				wait, _ := cmd.Flags().GetDuration("wait")
+				return setState(cmd.Context(), cmd.OutOrStdout(), addr, args[0], state, wait)
+			},
+		}
+		addAdminFlags(cmd)
+		if state == "draining" {
+			cmd.Flags().Duration("wait", 0, "Wait up to this long (e.g. 10m) for the upstream to be drained; fail if it is not")
+		}
+		return cmd
+	}
+}
+
+var (
+	drainCommand = stateCommand("drain", "draining",
+		"Drains an upstream: it keeps its sessions and takes no new ones",
+		`
+Puts an upstream in the draining state: the sessions pinned to it stay
+there, new sessions go to the other upstreams, and once its last session
+has ended (session_ttl after its last request) it is drained: it can be
+stopped or deployed without cutting a session. With --wait, the command
+waits for that and fails if it does not happen in time, so that a deploy
+script can go on with 'drain --wait 30m <upstream> && stop the worker'.
+`)
+	maintenanceCommand = stateCommand("maintenance", "maintenance",
+		"Takes an upstream out of service now: its sessions fail over",
+		`
+Puts an upstream in maintenance: it takes no request at all. Its
+sessions fail over on their next request, once, and stay where they
+land, also when the upstream comes back.
+`)
+	upCommand = stateCommand("up", "up",
+		"Puts an upstream back in service",
+		`
+Puts an upstream back in the up state: it takes new sessions again
+(ramped under slow_start) and serves the sessions still pinned to it.
+Sessions that failed over away from it stay where they are.
+`)
+)
+
+// addAdminFlags adds the flags that find the admin API, as `caddy stop`
+// has them.
+func addAdminFlags(cmd *cobra.Command) {
+	cmd.Flags().String("address", "", "The address of the admin API (default: from --config, else localhost:2019)")
+	cmd.Flags().StringP("config", "c", "", "Configuration file whose admin address to use, if --address is not given")
+	cmd.Flags().StringP("adapter", "a", "", "Name of the config adapter for --config")
+}
+
+// adminAddress determines the admin API address like `caddy stop`.
+func adminAddress(cmd *cobra.Command) (string, error) {
+	address, _ := cmd.Flags().GetString("address")
+	config, _ := cmd.Flags().GetString("config")
+	adapter, _ := cmd.Flags().GetString("adapter")
+	addr, err := caddycmd.DetermineAdminAPIAddress(address, nil, config, adapter)
+	if err != nil {
+		return "", fmt.Errorf("finding the admin API address: %v", err)
+	}
+	return addr, nil
+}
+
+// listUpstreams returns GET /affinity/upstreams.
+func listUpstreams(ctx context.Context, addr string) ([]upstreamStatus, error) {
+	var ups []upstreamStatus
+	if err := adminCall(ctx, addr, http.MethodGet, "/affinity/upstreams", nil, &ups); err != nil {
+		return nil, err
+	}
+	return ups, nil
+}
+
+// setState resolves the upstream, sets its state and prints the result;
+// for a drain with wait > 0 it then waits until the upstream is drained.
+func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait time.Duration) error {
+	ups, err := listUpstreams(ctx, addr)
+	if err != nil {
+		return err
+	}
+	dial := resolveUpstream(ups, arg)
+	body, _ := json.Marshal(map[string]string{"upstream": dial, "state": state})
+	var u upstreamStatus
+	if err := adminCall(ctx, addr, http.MethodPost, "/affinity/upstreams/state", body, &u); err != nil {
+		return err
+	}
+	fmt.Fprintln(out, describeChange(u))
+	if err := printTable(out, []upstreamStatus{u}, time.Now()); err != nil {
+		return err
+	}
+	if state != "draining" || wait <= 0 || u.Drained {
+		return nil
+	}
+	// The session counts are refreshed every 2 s by the session table's
+	// sweep; polling faster would show nothing new.
+	deadline := time.Now().Add(wait)
+	tick := time.NewTicker(2 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+		ups, err := listUpstreams(ctx, addr)
+		if err != nil {
+			return err
+		}
+		for _, v := range ups {
+			if v.Upstream != dial {
+				continue
+			}
+			if v.State != "draining" {
+				return fmt.Errorf("%s is %s now, no longer draining: someone changed its state", dial, v.State)
+			}
+			if v.Drained {
+				fmt.Fprintf(out, "%s is drained: no session left\n", dial)
+				return nil
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s still holds %d live sessions after %s", dial, v.Sessions, wait)
+			}
+		}
+	}
+}
+
+// resolveUpstream returns the dial address arg names: itself when listed
+// (or when nothing matches, so that the API says what is wrong), else
+// the only listed address ending in ":"+arg or arg.
+func resolveUpstream(ups []upstreamStatus, arg string) string {
+	var match []string
+	for _, u := range ups {
+		if u.Upstream == arg {
+			return arg
+		}
+		if strings.HasSuffix(u.Upstream, ":"+strings.TrimPrefix(arg, ":")) || (strings.Contains(arg, ":") && strings.HasSuffix(u.Upstream, arg)) {
+			match = append(match, u.Upstream)
+		}
+	}
+	if len(match) == 1 {
+		return match[0]
+	}
+	return arg
+}
+
+// describeChange says what the new state means, in a line.
+func describeChange(u upstreamStatus) string {
+	switch u.State {
+	case "draining":
+		if u.Drained {
+			return fmt.Sprintf("%s is now draining, and drained: it holds no session", u.Upstream)
+		}
+		return fmt.Sprintf("%s is now draining: it keeps its %d live sessions and takes no new ones", u.Upstream, u.Sessions)
+	case "maintenance":
+		return fmt.Sprintf("%s is now in maintenance: its sessions fail over on their next request", u.Upstream)
+	}
+	return fmt.Sprintf("%s is now %s", u.Upstream, u.State)
+}
+
+// printTable writes the upstreams as an aligned table.
+func printTable(out io.Writer, ups []upstreamStatus, now time.Time) error {
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "UPSTREAM\tSTATE\tHEALTHY\tSESSIONS\tREQUESTS\tDRAINED\tSINCE")
+	for _, u := range ups {
+		healthy := "yes"
+		if !u.Healthy {
+			healthy = "NO"
+		}
+		drained := "-"
+		if u.State == "draining" {
+			drained = "no"
+			if u.Drained {
+				drained = "yes"
+			}
+		}
+		state := u.State
+		if u.SetBy != "" {
+			state += " (" + u.SetBy + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\n", u.Upstream, state, healthy, u.Sessions, u.Requests, drained, since(u.Since, now))
+	}
+	return tw.Flush()
+}
+
+// since formats a state change time as local time and age.
+func since(s *string, now time.Time) string {
+	if s == nil {
+		return "-"
+	}
+	t, err := time.Parse(time.RFC3339, *s)
+	if err != nil {
+		return *s
+	}
+	return fmt.Sprintf("%s (%s ago)", t.Local().Format("2006-01-02 15:04:05"), now.Sub(t).Round(time.Second))
+}
+
+// adminCall sends a request to the admin API and decodes a 2xx JSON
+// answer into out. It is caddycmd.AdminAPIRequest's way of reaching the
+// admin API (unix sockets included, the Origin header Caddy checks), but
+// it returns the API's own error message on 4xx and 5xx.
+func adminCall(ctx context.Context, addr, method, uri string, body []byte, out any) error {
+	parsed, err := caddy.ParseNetworkAddress(addr)
+	if err != nil || parsed.PortRangeSize() > 1 {
+		return fmt.Errorf("invalid admin address %s: %v", addr, err)
+	}
+	origin := "http://" + parsed.JoinHostPort(0)
+	dial := parsed.JoinHostPort(0)
+	if parsed.IsUnixNetwork() || parsed.IsFdNetwork() {
+		// Any host will do over a socket; Caddy checks neither Host nor
+		// Origin there.
+		origin = "http://127.0.0.1"
+		dial = parsed.Host
+		if i := strings.LastIndexByte(dial, '|'); i >= 0 {
+			dial = dial[:i] // unix socket permission bits, not part of the path
+		}
+	}
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, origin+uri, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	if !parsed.IsUnixNetwork() && !parsed.IsFdNetwork() {
+		req.Header.Set("Origin", origin)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	client := http.Client{Transport: &http.Transport{
+		Proxy: nil, // the admin API is local: never through an HTTP proxy
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, parsed.Network, dial)
+		},
+	}}
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("reaching Caddy's admin API at %s: %v (is Caddy running? see --address)", addr, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return fmt.Errorf("reading the admin API's answer: %v", err)
+	}
+	if resp.StatusCode >= 400 {
+		var apiErr struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal(data, &apiErr) == nil && apiErr.Error != "" {
+			return errors.New(apiErr.Error)
+		}
+		if resp.StatusCode == http.StatusNotFound {
+			return fmt.Errorf("%s %s: 404: this Caddy has no caddy-affinity admin API (a build without the module?)", method, uri)
+		}
+		return fmt.Errorf("%s %s: %s: %s", method, uri, resp.Status, strings.TrimSpace(string(data)))
+	}
+	if err := json.Unmarshal(data, out); err != nil {
+		return fmt.Errorf("decoding the admin API's answer to %s %s: %v", method, uri, err)
+	}
+	return nil
+}

@@ -1,0 +1,126 @@
+package command
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+)
+
+func TestResolveUpstream(t *testing.T) {
+	ups := []upstreamStatus{{Upstream: "127.0.0.1:9001"}, {Upstream: "127.0.0.1:9002"}, {Upstream: "10.0.0.1:19002"}}
+	for arg, want := range map[string]string{
+		"127.0.0.1:9001": "127.0.0.1:9001",
+		"9001":           "127.0.0.1:9001",
+		":9001":          "127.0.0.1:9001",
+		"0.0.1:9001":     "127.0.0.1:9001",
+		"9002":           "127.0.0.1:9002", // not 19002: a port suffix is whole
+		"19002":          "10.0.0.1:19002",
+		"9003":           "9003", // unknown: passed on, the API says so
+	} {
+		if got := resolveUpstream(ups, arg); got != want {
+			t.Errorf("%q resolved to %q, want %q", arg, got, want)
+		}
+	}
+}
+
+func TestPrintTable(t *testing.T) {
+	since := "2030-01-01T00:00:00Z"
+	var b bytes.Buffer
+	now, _ := time.Parse(time.RFC3339, "2030-01-01T00:04:12Z")
+	err := printTable(&b, []upstreamStatus{
+		{Upstream: "127.0.0.1:9001", State: "up", Healthy: true, Sessions: 12, Requests: 340},
+		{Upstream: "127.0.0.1:9002", State: "draining", SetBy: "operator", Healthy: false, Sessions: 0, Drained: true, Since: &since},
+	}, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimRight(b.String(), "\n"), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "UPSTREAM        STATE") {
+		t.Fatalf("table:\n%s", b.String())
+	}
+	for _, want := range []string{"HEALTHY", "SESSIONS", "REQUESTS", "DRAINED", "SINCE"} {
+		if !strings.Contains(lines[0], want) {
+			t.Errorf("header lacks %s: %s", want, lines[0])
+		}
+	}
+	if f := strings.Fields(lines[1]); len(f) != 7 || f[1] != "up" || f[2] != "yes" || f[3] != "12" || f[4] != "340" || f[5] != "-" {
+		t.Errorf("row 1: %q", lines[1])
+	}
+	if f := strings.Fields(lines[2]); f[1] != "draining" || f[2] != "(operator)" || f[3] != "NO" || f[6] != "yes" || !strings.Contains(lines[2], "(4m12s ago)") {
+		t.Errorf("row 2: %q", lines[2])
+	}
+}
+
+// TestAdminCallErrors checks that the API's own message comes through
+// and that the Origin header Caddy checks is sent.
+func TestAdminCallErrors(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Origin") != "http://"+r.Host {
+			http.Error(w, `{"error":"bad origin `+r.Header.Get("Origin")+`"}`, http.StatusForbidden)
+			return
+		}
+		switch r.URL.Path {
+		case "/affinity/upstreams":
+			_, _ = io.WriteString(w, `[{"upstream":"127.0.0.1:9001","state":"up","healthy":true}]`)
+		case "/affinity/upstreams/state":
+			var req map[string]string
+			_ = json.NewDecoder(r.Body).Decode(&req)
+			w.WriteHeader(http.StatusNotFound)
+			_, _ = io.WriteString(w, `{"error":"unknown upstream \"`+req["upstream"]+`\""}`)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	addr := strings.TrimPrefix(srv.URL, "http://")
+	var out bytes.Buffer
+	err := setState(context.Background(), &out, addr, "9009", "draining", 0)
+	if err == nil || err.Error() != `unknown upstream "9009"` {
+		t.Fatalf("unknown upstream: %v", err)
+	}
+	var v any
+	if err := adminCall(context.Background(), addr, http.MethodGet, "/nope", nil, &v); err == nil || !strings.Contains(err.Error(), "no caddy-affinity admin API") {
+		t.Fatalf("404 without JSON: %v", err)
+	}
+	if err := adminCall(context.Background(), "127.0.0.1:1", http.MethodGet, "/affinity/upstreams", nil, &v); err == nil || !strings.Contains(err.Error(), "is Caddy running") {
+		t.Fatalf("nothing listening: %v", err)
+	}
+}
+
+func TestDemoConfigLetsBrowsersIn(t *testing.T) {
+	o := defaultDemoOptions()
+	cfg, err := o.caddyfile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	adapter := caddyfile.Adapter{ServerType: httpcaddyfile.ServerType{}}
+	out, _, err := adapter.Adapt(cfg, map[string]any{"filename": "demo.Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c struct {
+		Admin struct {
+			Listen  string   `json:"listen"`
+			Origins []string `json:"origins"`
+		} `json:"admin"`
+	}
+	if err := json.Unmarshal(out, &c); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"127.0.0.1:2019", "localhost:2019", "[::1]:2019", ""}
+	if c.Admin.Listen != "127.0.0.1:2019" || strings.Join(c.Admin.Origins, ",") != strings.Join(want, ",") {
+		t.Fatalf("admin: %+v, want origins %q", c.Admin, want)
+	}
+	if got := statusURL("0.0.0.0:2019"); got != "http://localhost:2019/affinity/" {
+		t.Errorf("status URL for a wildcard admin: %s", got)
+	}
+}
