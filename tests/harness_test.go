@@ -169,10 +169,17 @@ type backend struct {
 // are killed on cleanup.
 func startBackends(t *testing.T, n int) []*backend {
 	t.Helper()
+	return startCookieBackends(t, n, appCookie)
+}
+
+// startCookieBackends is startBackends with the app's session cookie
+// called cookie.
+func startCookieBackends(t *testing.T, n int, cookie string) []*backend {
+	t.Helper()
 	bs := make([]*backend, n)
 	for i := range bs {
 		name := string(rune('A' + i))
-		w := demoapp.NewWorker(name, appCookie)
+		w := demoapp.NewWorker(name, cookie)
 		if err := w.Start("127.0.0.1:0"); err != nil {
 			t.Fatalf("starting worker %s: %v", name, err)
 		}

@@ -11,8 +11,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/caddy-affinity/caddy-affinity/demoapp"
 )
 
 // Learning the app's own session cookie (affinity_learn) and bounded
@@ -24,23 +22,6 @@ import (
 
 // expressCookie is the session cookie name of express-session.
 const expressCookie = "connect.sid"
-
-// startCookieBackends is startBackends with the app's cookie called name.
-func startCookieBackends(t *testing.T, n int, name string) []*backend {
-	t.Helper()
-	bs := make([]*backend, n)
-	for i := range bs {
-		wname := string(rune('A' + i))
-		w := demoapp.NewWorker(wname, name)
-		if err := w.Start("127.0.0.1:0"); err != nil {
-			t.Fatalf("starting worker %s: %v", wname, err)
-		}
-		b := &backend{name: wname, addr: w.Addr(), w: w, up: true}
-		bs[i] = b
-		t.Cleanup(b.kill)
-	}
-	return bs
-}
 
 // learnSite renders a Caddyfile whose site block has the given lines
 // (e.g. affinity_learn) next to a reverse_proxy with the affinity policy

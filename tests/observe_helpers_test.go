@@ -71,24 +71,12 @@ func obsGetJSON(t *testing.T, url string, out any) {
 	}
 }
 
-// obsUpstream is one entry of GET /affinity/upstreams.
-type obsUpstream struct {
-	Upstream string  `json:"upstream"`
-	State    string  `json:"state"`
-	SetBy    string  `json:"set_by"`
-	Healthy  bool    `json:"healthy"`
-	Sessions int64   `json:"sessions"`
-	Requests uint64  `json:"requests"`
-	Drained  bool    `json:"drained"`
-	Since    *string `json:"since"`
-}
-
 // obsUpstreams returns GET /affinity/upstreams by dial address.
-func obsUpstreams(t *testing.T, p *caddyProc) map[string]obsUpstream {
+func obsUpstreams(t *testing.T, p *caddyProc) map[string]affinityUpstream {
 	t.Helper()
-	var list []obsUpstream
+	var list []affinityUpstream
 	obsGetJSON(t, p.Admin+"/affinity/upstreams", &list)
-	m := make(map[string]obsUpstream, len(list))
+	m := make(map[string]affinityUpstream, len(list))
 	for _, u := range list {
 		m[u.Upstream] = u
 	}

@@ -173,7 +173,7 @@ func TestLookup(t *testing.T) {
 // obsStatus is GET /affinity/'s JSON.
 type obsStatus struct {
 	Upstreams []struct {
-		obsUpstream
+		affinityUpstream
 		Share      *float64 `json:"share"`
 		Configured bool     `json:"configured"`
 	} `json:"upstreams"`
