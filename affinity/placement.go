@@ -1,0 +1,178 @@
+package affinity
+
+import (
+	"math"
+	"net/http"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-affinity/caddy-affinity/hashring"
+)
+
+// keep decides about a session pinned to upstream i: serve it there
+// (decided, upstream), make it wait for i under `hold` (decided, nil), or
+// let it fail over (not decided).
+func (p *Policy) keep(ps *poolState, i, failed int, r *http.Request, w http.ResponseWriter, issuePin, retry bool) (*reverseproxy.Upstream, bool) {
+	if i != failed && ps.pinnable(i) {
+		metrics.pinned.Inc()
+		return p.chosen(ps, i, r, w, issuePin, retry), true
+	}
+	rec := ps.recs[i]
+	if p.Hold <= 0 || !rec.State().AcceptsPinned() {
+		return nil, false // maintenance is an order to leave: no hold
+	}
+	// Reports of trouble closer than this belong to one incident; the
+	// farm watcher also reports unhealthy upstreams every second.
+	hold := time.Duration(p.Hold)
+	if rec.NoteTrouble(time.Now(), 2*hold+troubleGap) >= hold {
+		return nil, false
+	}
+	metrics.held.Inc()
+	if !ps.ups[i].Full() {
+		// Within the hold, try the upstream itself (Caddy waits
+		// lb_try_interval between attempts) whatever the health checks
+		// say: they lag a restart both ways, and passive checks keep a
+		// recovered upstream down for their whole fail_duration.
+		return p.chosen(ps, i, r, w, issuePin, retry), true
+	}
+	return nil, true
+}
+
+// place walks the ring from key to the first upstream that may take a new
+// session. Under balance_factor, an upstream at its bound of live sessions
+// declines; under slow_start, an upstream that came back recently accepts
+// only its ramped share of the keys that reach it. If every candidate
+// declined, the first that declined by ramp, else by load, takes the
+// session anyway (the load bound always leaves room on some candidate, so
+// the latter needs loads that changed during the walk).
+func (p *Policy) place(ps *poolState, key uint64, failed int) int {
+	choice, ramped, loaded, skippedState, skippedLoad := -1, -1, -1, false, false
+	var now time.Time
+	if p.SlowStart > 0 {
+		now = time.Now()
+	}
+	bound := loadBound{total: -1}
+	if p.BalanceFactor > 0 {
+		bound = p.loadBound(ps, failed)
+	}
+	ps.ring.Walk(key, func(i int) bool {
+		if i == failed || !ps.ups[i].Available() {
+			return true
+		}
+		if !ps.recs[i].State().AcceptsNew() {
+			skippedState = true
+			return true
+		}
+		if bound.total >= 0 && p.overloaded(ps, i, bound) {
+			if loaded < 0 {
+				loaded = i
+			}
+			skippedLoad = true
+			return true
+		}
+		if p.SlowStart > 0 && !rampAccepts(ps.recs[i].BackFor(now), time.Duration(p.SlowStart), key, i) {
+			if ramped < 0 {
+				ramped = i
+			}
+			return true
+		}
+		choice = i
+		return false
+	})
+	if skippedState {
+		metrics.drainSkip.Inc()
+	}
+	if skippedLoad && choice >= 0 {
+		metrics.overloadSkip.Inc()
+	}
+	if choice < 0 {
+		choice = ramped
+	}
+	if choice < 0 {
+		choice = loaded
+	}
+	return choice
+}
+
+// loadBound is what balance_factor needs to know of a pool for one
+// placement: the live sessions and the weight of the upstreams that may
+// take new sessions. total is -1 when loads are not bounded.
+type loadBound struct {
+	total  int64
+	weight int64
+}
+
+// loadBound sums the live sessions and weights of the upstreams that may
+// take a new session now (all but failed).
+func (p *Policy) loadBound(ps *poolState, failed int) loadBound {
+	b := loadBound{}
+	for i := range ps.ups {
+		w := ps.weights[i]
+		if i == failed || w <= 0 || !ps.ups[i].Available() || !ps.recs[i].State().AcceptsNew() {
+			continue
+		}
+		b.total += max(0, p.table.liveCount(ps.recs[i].ID))
+		b.weight += int64(w)
+	}
+	if b.weight == 0 {
+		b.total = -1
+	}
+	return b
+}
+
+// overloaded reports whether upstream i holds its bound already, so
+// that it may not take one more session: ceil(c × (total+1) × w/W) live
+// sessions, where total and W are the candidates' live sessions and
+// weights, and the session being placed is counted in. A placement thus
+// never leaves an upstream with more than ceil(c × average) sessions (by
+// weight), and some candidate always has room: the bounds add up to at
+// least c × (total+1), more than the total.
+func (p *Policy) overloaded(ps *poolState, i int, b loadBound) bool {
+	w := ps.weights[i]
+	if w <= 0 {
+		return false // not a candidate; the ring gives it no keys
+	}
+	limit := math.Ceil(p.BalanceFactor * float64(b.total+1) * float64(w) / float64(b.weight))
+	return float64(p.table.liveCount(ps.recs[i].ID)) >= limit
+}
+
+// routeIndex returns the upstream a request's Tomcat route names, or -1:
+// the first session id among the cookie and path_param keys that ends in
+// a configured route.
+func (p *Policy) routeIndex(ps *poolState, r *http.Request) int {
+	for i := range p.Keys {
+		k := &p.Keys[i]
+		if k.kind != keyCookie && k.kind != keyPathParam {
+			continue
+		}
+		id, ok := k.sessionID(r)
+		if !ok {
+			continue
+		}
+		route, ok := routeSuffix(id)
+		if !ok {
+			continue
+		}
+		for _, rt := range ps.routes {
+			if rt.route == route {
+				return rt.index
+			}
+		}
+	}
+	return -1
+}
+
+// rampAccepts reports whether an upstream that came back `back` ago takes
+// a key under a ramp of length ramp. The draw is derived from the key and
+// the upstream, so every instance decides alike for the same key.
+func rampAccepts(back, ramp time.Duration, key uint64, i int) bool {
+	if back >= ramp {
+		return true
+	}
+	if back <= 0 {
+		return false
+	}
+	draw := hashring.HashSeed(nil, key^uint64(i)*0x9E3779B97F4A7C15) >> 11 // 53 bits
+	return float64(draw)/(1<<53) < float64(back)/float64(ramp)
+}

@@ -1,0 +1,204 @@
+package affinity
+
+import (
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+
+	"github.com/caddy-affinity/caddy-affinity/hashring"
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+)
+
+// poolState is what the policy derives from one upstream pool: the ring,
+// the pin tokens and the lifecycle records, index-aligned with the pool.
+type poolState struct {
+	// first is the address of the first element of the pool this state
+	// was derived from: Caddy passes the same slice on every request for
+	// static upstreams, so one comparison recognises it.
+	first **reverseproxy.Upstream
+	ups   []*reverseproxy.Upstream
+	recs  []*healthcheck.Upstream
+	pins  []pinToken
+	ring  *hashring.Ring
+	// weights are the upstreams' weights, index-aligned (for
+	// balance_factor); routes the tomcat_route lines whose upstream is in
+	// the pool.
+	weights []int
+	routes  []poolRoute
+}
+
+// poolRoute is a tomcat_route whose upstream is at index in the pool.
+type poolRoute struct {
+	route string
+	index int
+}
+
+// poolState returns the derived state for pool, rebuilding it only when
+// the pool's addresses changed.
+func (p *Policy) poolState(pool reverseproxy.UpstreamPool) *poolState {
+	if len(pool) == 0 {
+		return nil
+	}
+	ps := p.pools.Load()
+	if ps != nil && ps.first == &pool[0] && len(pool) == len(ps.ups) {
+		return ps
+	}
+	if ps != nil && ps.samePointers(pool) {
+		return ps
+	}
+	if ps != nil && ps.sameDials(pool) {
+		// Dynamic upstreams come as new values for the same addresses:
+		// the ring and pins depend on addresses only, so keep them.
+		cp := *ps
+		cp.ups = append([]*reverseproxy.Upstream(nil), pool...)
+		cp.first = &pool[0]
+		p.pools.Store(&cp)
+		return &cp
+	}
+	ps, err := p.buildPoolState(pool)
+	if err != nil {
+		p.logger.Error("cannot build the upstream ring", zap.Error(err))
+		return nil
+	}
+	p.pools.Store(ps)
+	return ps
+}
+
+func (ps *poolState) samePointers(pool reverseproxy.UpstreamPool) bool {
+	if len(pool) != len(ps.ups) {
+		return false
+	}
+	for i, u := range pool {
+		if u != ps.ups[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func (ps *poolState) sameDials(pool reverseproxy.UpstreamPool) bool {
+	if len(pool) != len(ps.ups) {
+		return false
+	}
+	for i, u := range pool {
+		if u.Dial != ps.ups[i].Dial {
+			return false
+		}
+	}
+	return true
+}
+
+func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, error) {
+	ps := &poolState{
+		first: &pool[0],
+		ups:   append([]*reverseproxy.Upstream(nil), pool...),
+		recs:  make([]*healthcheck.Upstream, len(pool)),
+		pins:  make([]pinToken, len(pool)),
+
+		weights: make([]int, len(pool)),
+	}
+	members := make([]hashring.Member, len(pool))
+	defer noteNewUpstreams(pool)
+	for i, u := range pool {
+		ps.recs[i] = healthcheck.Get(u.Dial)
+		weight := 1
+		if i < len(p.Weights) {
+			weight = p.Weights[i]
+		}
+		members[i] = hashring.Member{Name: u.Dial, Weight: weight}
+		ps.weights[i] = weight
+		if p.secret != nil {
+			ps.pins[i] = newPinToken(p.secret, u.Dial, p.PinCookie)
+		}
+	}
+	if len(p.Weights) > 0 && len(p.Weights) != len(pool) {
+		// The Caddyfile parser never sees the upstream list, so this is
+		// the first place a mismatch can be told.
+		p.logger.Warn("weights do not match the upstreams: missing weights count as 1, extra ones are ignored",
+			zap.Int("weights", len(p.Weights)), zap.Int("upstreams", len(pool)))
+	}
+	for route, dial := range p.TomcatRoutes {
+		found := false
+		for i, u := range pool {
+			if u.Dial == dial {
+				ps.routes = append(ps.routes, poolRoute{route: route, index: i})
+				found = true
+				break
+			}
+		}
+		if !found {
+			p.logger.Warn("tomcat_route names an upstream that is not in the list; the route is ignored",
+				zap.String("route", route), zap.String("upstream", dial))
+		}
+	}
+	ring, err := hashring.New(members)
+	if err != nil {
+		return nil, err
+	}
+	ps.ring = ring
+	return ps, nil
+}
+
+// index returns the position of up in the pool, or -1.
+func (ps *poolState) index(up *reverseproxy.Upstream) int {
+	for i, u := range ps.ups {
+		if u == up {
+			return i
+		}
+	}
+	if up != nil {
+		for i, u := range ps.ups {
+			if u.Dial == up.Dial {
+				return i
+			}
+		}
+	}
+	return -1
+}
+
+// indexByID returns the position of the upstream with the given
+// healthcheck ID, or -1.
+func (ps *poolState) indexByID(id uint32) int {
+	for i, rec := range ps.recs {
+		if rec.ID == id {
+			return i
+		}
+	}
+	return -1
+}
+
+// pinIndex returns the position of the upstream a pin cookie value names,
+// or -1 if the value is not a valid pin for this pool.
+func (ps *poolState) pinIndex(value string) int {
+	id, mac, ok := decodePin(value)
+	if !ok {
+		return -1
+	}
+	for i := range ps.pins {
+		if ps.pins[i].match(id, &mac) {
+			return i
+		}
+	}
+	return -1
+}
+
+// pinnable reports whether upstream i may go on serving a session already
+// pinned to it: Caddy says it is available (health checks, max_requests)
+// and its lifecycle state keeps pinned sessions.
+func (ps *poolState) pinnable(i int) bool {
+	return ps.ups[i].Available() && ps.recs[i].State().AcceptsPinned()
+}
+
+// unavailableReason says why a session left upstream i, for the log.
+func (ps *poolState) unavailableReason(i, failed int) string {
+	switch {
+	case i == failed:
+		return "request to upstream failed"
+	case !ps.ups[i].Healthy():
+		return "upstream unhealthy"
+	case ps.ups[i].Full():
+		return "upstream at max_requests"
+	case !ps.recs[i].State().AcceptsPinned():
+		return "upstream in " + ps.recs[i].State().String()
+	}
+	return "upstream not selectable"
+}
