@@ -21,11 +21,11 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	weakrand "math/rand/v2"
 	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
-	weakrand "math/rand/v2"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
