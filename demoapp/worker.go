@@ -21,6 +21,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/alexedwards/scs/v2"
@@ -190,6 +191,12 @@ func (w *Worker) Start(addr string) error {
 		return fmt.Errorf("worker %s: already running on %s", w.name, w.addr)
 	}
 	ln, err := net.Listen("tcp", addr)
+	for try := 0; err != nil && errors.Is(err, syscall.EADDRINUSE) && try < 40; try++ {
+		// Restarting in place right after Kill: the old listener's
+		// close can take a moment to release the port on a busy host.
+		time.Sleep(50 * time.Millisecond)
+		ln, err = net.Listen("tcp", addr)
+	}
 	if err != nil {
 		return fmt.Errorf("worker %s: %w", w.name, err)
 	}
