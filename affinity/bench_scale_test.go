@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
-	"net/http/httptest"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -27,29 +26,9 @@ func BenchmarkSelectScale(b *testing.B) {
 		pool := testPool(b, n)
 
 		aff := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
-		rec := httptest.NewRecorder()
-		aff.Select(pool, benchRequest("sid=0123456789abcdef0123456789abcdef"), rec)
-		pin := ""
-		for _, c := range rec.Result().Cookies() {
-			if c.Name == DefaultPinCookie {
-				pin = c.Name + "=" + c.Value
-			}
-		}
-		if pin == "" {
-			b.Fatal("no pin issued")
-		}
+		pin := issuedCookie(b, aff, pool, benchRequest("sid=0123456789abcdef0123456789abcdef"), DefaultPinCookie)
 		cookie := provisioned(b, &reverseproxy.CookieHashSelection{Name: "lb", Secret: "bench"})
-		rec = httptest.NewRecorder()
-		cookie.Select(pool, benchRequest(""), rec)
-		lb := ""
-		for _, c := range rec.Result().Cookies() {
-			if c.Name == "lb" {
-				lb = c.Name + "=" + c.Value
-			}
-		}
-		if lb == "" {
-			b.Fatal("no lb cookie issued")
-		}
+		lb := issuedCookie(b, cookie, pool, benchRequest(""), "lb")
 
 		b.Run(fmt.Sprintf("affinity/pinned/N=%d", n), func(b *testing.B) {
 			benchSelect(b, aff, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pin))

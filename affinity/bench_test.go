@@ -68,32 +68,30 @@ func provisioned[T caddy.Module](b *testing.B, m T) T {
 	return m
 }
 
+// issuedCookie runs one selection of a new session and returns the
+// "name=value" of the cookie called name that it set.
+func issuedCookie(b *testing.B, sel reverseproxy.Selector, pool reverseproxy.UpstreamPool, r *http.Request, name string) string {
+	b.Helper()
+	rec := httptest.NewRecorder()
+	sel.Select(pool, r, rec)
+	for _, c := range rec.Result().Cookies() {
+		if c.Name == name {
+			return c.Name + "=" + c.Value
+		}
+	}
+	b.Fatalf("no %s cookie issued", name)
+	return ""
+}
+
 func BenchmarkSelect(b *testing.B) {
 	for _, n := range benchSizes {
 		pool := testPool(b, n)
 
 		aff := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
 		// A returning session: the app's cookie plus our pin.
-		rec := httptest.NewRecorder()
-		aff.Select(pool, benchRequest("sid=0123456789abcdef0123456789abcdef"), rec)
-		pin := ""
-		for _, c := range rec.Result().Cookies() {
-			if c.Name == DefaultPinCookie {
-				pin = c.Name + "=" + c.Value
-			}
-		}
-		if pin == "" {
-			b.Fatal("no pin issued")
-		}
+		pin := issuedCookie(b, aff, pool, benchRequest("sid=0123456789abcdef0123456789abcdef"), DefaultPinCookie)
 		cookie := provisioned(b, &reverseproxy.CookieHashSelection{Name: "lb", Secret: "bench"})
-		rec = httptest.NewRecorder()
-		cookie.Select(pool, benchRequest(""), rec)
-		lb := ""
-		for _, c := range rec.Result().Cookies() {
-			if c.Name == "lb" {
-				lb = c.Name + "=" + c.Value
-			}
-		}
+		lb := issuedCookie(b, cookie, pool, benchRequest(""), "lb")
 
 		b.Run(fmt.Sprintf("affinity/pinned/N=%d", n), func(b *testing.B) {
 			benchSelect(b, aff, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pin))
