@@ -443,21 +443,28 @@ func launchCaddy(t *testing.T, name string, cfg proxyConfig) *caddyProc {
 		out:  new(syncBuffer),
 	}
 	p.spawn(t)
-	t.Cleanup(func() {
-		p.stop()
-		out := p.out.String()
-		if strings.Contains(out, "WARNING: DATA RACE") {
-			t.Errorf("caddy %s reported a data race", name)
-		}
-		if t.Failed() {
-			t.Logf("---- caddy %s (%s) Caddyfile:\n%s", name, p.URL, p.Config)
-			t.Logf("---- caddy %s output (last 150 lines):\n%s", name, tailLines(out, 150))
-		}
-	})
+	p.stopOnCleanup(t)
 	return p
 }
 
 // spawn picks ports, writes the Caddyfile and starts the process.
+// stopOnCleanup stops the process when the test ends, fails the test if
+// Caddy reported a data race, and logs its Caddyfile and output if the
+// test failed.
+func (p *caddyProc) stopOnCleanup(t *testing.T) {
+	t.Cleanup(func() {
+		p.stop()
+		out := p.out.String()
+		if strings.Contains(out, "WARNING: DATA RACE") {
+			t.Errorf("caddy %s reported a data race", p.name)
+		}
+		if t.Failed() {
+			t.Logf("---- caddy %s (%s) Caddyfile:\n%s", p.name, p.URL, p.Config)
+			t.Logf("---- caddy %s output (last 150 lines):\n%s", p.name, tailLines(out, 150))
+		}
+	})
+}
+
 func (p *caddyProc) spawn(t *testing.T) {
 	t.Helper()
 	p.attempts++

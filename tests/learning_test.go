@@ -63,17 +63,7 @@ func startCaddySite(t *testing.T, name string, render func(sitePort, adminPort i
 	needCaddy(t)
 	dir := t.TempDir()
 	p := &caddyProc{name: name, File: filepath.Join(dir, "Caddyfile"), dir: dir, out: new(syncBuffer)}
-	t.Cleanup(func() {
-		p.stop()
-		out := p.out.String()
-		if strings.Contains(out, "WARNING: DATA RACE") {
-			t.Errorf("caddy %s reported a data race", name)
-		}
-		if t.Failed() {
-			t.Logf("---- caddy %s (%s) Caddyfile:\n%s", name, p.URL, p.Config)
-			t.Logf("---- caddy %s output (last 150 lines):\n%s", name, tailLines(out, 150))
-		}
-	})
+	p.stopOnCleanup(t)
 	hc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	for attempt := 1; ; attempt++ {
 		sitePort, adminPort := freePort(t), freePort(t)
