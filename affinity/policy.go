@@ -31,6 +31,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
@@ -273,21 +274,9 @@ func (p *Policy) Cleanup() error {
 	return nil
 }
 
-// validCookieName reports whether s is a cookie name (an RFC 6265 token).
-func validCookieName(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c <= ' ' || c >= 0x7f || c == '=' || c == ';' || c == ',' || c == '"' || c == '\\' ||
-			c == '(' || c == ')' || c == '<' || c == '>' || c == '@' || c == ':' || c == '/' ||
-			c == '[' || c == ']' || c == '?' || c == '{' || c == '}' {
-			return false
-		}
-	}
-	return true
-}
+// validCookieName reports whether s is a cookie name: an RFC 6265
+// cookie-name is an RFC 7230 token, the same rule as a header field name.
+func validCookieName(s string) bool { return httpguts.ValidHeaderFieldName(s) }
 
 // triedVar names the request var where Select leaves the upstream it
 // chose. Caddy calls Select again with the same request only when that

@@ -18,6 +18,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
 )
 
 // Probe defaults.
@@ -165,7 +166,7 @@ func (p *Probe) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			p.DrainStatus = n
 		case "drain_header":
-			if !validHeaderName(v) {
+			if !httpguts.ValidHeaderFieldName(v) {
 				return d.Errf("probe: drain_header: %q is not a valid header name", v)
 			}
 			p.DrainHeader = v
@@ -199,7 +200,7 @@ func (p *Probe) Validate() error {
 		return fmt.Errorf("probe: fails must be >= 1, got %d", p.Fails)
 	case p.DrainStatus != 0 && p.DrainStatus != -1 && (p.DrainStatus < 100 || p.DrainStatus > 599):
 		return fmt.Errorf("probe: drain_status %d is not an HTTP status code (100-599), or -1 for off", p.DrainStatus)
-	case p.DrainHeader != "" && !validHeaderName(p.DrainHeader):
+	case p.DrainHeader != "" && !httpguts.ValidHeaderFieldName(p.DrainHeader):
 		return fmt.Errorf("probe: drain_header %q is not a valid header name", p.DrainHeader)
 	case p.DrainStatus == -1 && p.DrainHeader == "":
 		return errors.New("probe: with drain_status off (-1), drain_header is needed: nothing could signal a drain")
@@ -217,19 +218,6 @@ func checkProbePath(s string) error {
 		return fmt.Errorf("path %q must not contain spaces or #", s)
 	}
 	return nil
-}
-
-func validHeaderName(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c <= ' ' || c >= 0x7f || strings.IndexByte(`()<>@,;:\"/[]?={}`, c) >= 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // withDefaults returns p with defaults filled in.
