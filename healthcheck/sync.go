@@ -10,6 +10,7 @@ import (
 	"os"
 	"path"
 	"reflect"
+	"slices"
 	"sync"
 	"time"
 
@@ -172,11 +173,8 @@ func (s *Syncer) hold(h *heldStorage) {
 func (s *Syncer) unhold(h *heldStorage) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for i, x := range s.holds {
-		if x == h {
-			s.holds = append(s.holds[:i], s.holds[i+1:]...)
-			return
-		}
+	if i := slices.Index(s.holds, h); i >= 0 {
+		s.holds = slices.Delete(s.holds, i, i+1)
 	}
 }
 
@@ -342,11 +340,8 @@ func (r *registry) addSyncer(s *Syncer) {
 func (r *registry) removeSyncer(s *Syncer) {
 	r.syncMu.Lock()
 	defer r.syncMu.Unlock()
-	for i, x := range r.syncers {
-		if x == s {
-			r.syncers = append(r.syncers[:i], r.syncers[i+1:]...)
-			return
-		}
+	if i := slices.Index(r.syncers, s); i >= 0 {
+		r.syncers = slices.Delete(r.syncers, i, i+1)
 	}
 }
 
