@@ -437,59 +437,41 @@ func decide(p *Policy, ps *poolState, stuck []int, from int, why string, choice 
 	}
 }
 
-// explainWalk walks the ring from key as Policy.place does and records
-// why it passed over each upstream before the one it chose. It returns
-// the choice, or -1. lookup_test.go checks it against place.
+// explainWalk walks the ring from key as Policy.place does (through the
+// same walkPlacement) and records why it passed over each upstream before
+// the one it chose. It returns the choice, or -1.
 func explainWalk(p *Policy, ps *poolState, key uint64, now time.Time, out *policyLookup) int {
-	choice, ramped, loaded := -1, -1, -1
-	rampedStep, loadedStep := -1, -1
-	bound := loadBound{total: -1}
-	if p.BalanceFactor > 0 {
-		bound = p.loadBound(ps, -1)
-	}
 	var steps []walkStep
-	ps.ring.Walk(key, func(i int) bool {
+	at := map[int]int{} // upstream -> its step
+	choice, fallback := p.walkPlacement(ps, key, -1, now, func(i int, d decline) {
 		step := walkStep{Upstream: ps.ups[i].Dial}
-		st := ps.recs[i].State()
-		switch {
-		case !ps.ups[i].Available():
+		switch d {
+		case declineDown:
 			step.Skipped = cannotServe(ps, i)
-		case !st.AcceptsNew():
-			step.Skipped = st.String()
-		case bound.total >= 0 && p.overloaded(ps, i, bound):
+		case declineState:
+			step.Skipped = ps.recs[i].State().String()
+		case declineLoad:
 			step.Skipped = fmt.Sprintf("balance_factor: holds %d live sessions, at its bound", p.table.liveCount(ps.recs[i].ID))
-			if loaded < 0 {
-				loaded, loadedStep = i, len(steps)
-			}
-		case p.SlowStart > 0 && !rampAccepts(ps.recs[i].BackFor(now), time.Duration(p.SlowStart), key, i):
+		case declineRamp:
 			back, ramp := max(ps.recs[i].BackFor(now), 0), time.Duration(p.SlowStart)
 			step.Skipped = fmt.Sprintf("slow start: back for %s of %s, takes %d%% of its new sessions, not this one",
 				back.Round(time.Second), ramp, 100*back/ramp)
-			if ramped < 0 {
-				ramped, rampedStep = i, len(steps)
-			}
 		default:
 			step.Chosen = true
-			choice = i
 		}
+		at[i] = len(steps)
 		steps = append(steps, step)
-		return !step.Chosen
 	})
 	// Every candidate declined only by its ramp or its load: the first
-	// that declined by ramp, else by load, takes the session anyway, as
-	// in place.
-	pick := func(i, at int, why string) {
-		steps[at].Skipped = ""
-		steps[at].Chosen = true
-		steps[at].Note = why
-		choice = i
-	}
-	switch {
-	case choice >= 0:
-	case ramped >= 0:
-		pick(ramped, rampedStep, "every candidate declined: the first in slow start takes it")
-	case loaded >= 0:
-		pick(loaded, loadedStep, "every candidate declined: the first at its balance_factor bound takes it")
+	// that declined by ramp, else by load, takes the session anyway.
+	if fallback != accepts && choice >= 0 {
+		st := &steps[at[choice]]
+		st.Skipped, st.Chosen = "", true
+		if fallback == declineRamp {
+			st.Note = "every candidate declined: the first in slow start takes it"
+		} else {
+			st.Note = "every candidate declined: the first at its balance_factor bound takes it"
+		}
 	}
 	out.Walk = steps
 	return choice

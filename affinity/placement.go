@@ -40,45 +40,20 @@ func (p *Policy) keep(ps *poolState, i, failed int, r *http.Request, w http.Resp
 }
 
 // place walks the ring from key to the first upstream that may take a new
-// session. Under balance_factor, an upstream at its bound of live sessions
-// declines; under slow_start, an upstream that came back recently accepts
-// only its ramped share of the keys that reach it. If every candidate
-// declined, the first that declined by ramp, else by load, takes the
-// session anyway (the load bound always leaves room on some candidate, so
-// the latter needs loads that changed during the walk).
+// session (see walkPlacement) and counts what it walked past.
 func (p *Policy) place(ps *poolState, key uint64, failed int) int {
-	choice, ramped, loaded, skippedState, skippedLoad := -1, -1, -1, false, false
 	var now time.Time
 	if p.SlowStart > 0 {
 		now = time.Now()
 	}
-	bound := loadBound{total: -1}
-	if p.BalanceFactor > 0 {
-		bound = p.loadBound(ps, failed)
-	}
-	ps.ring.Walk(key, func(i int) bool {
-		if i == failed || !ps.ups[i].Available() {
-			return true
-		}
-		if !ps.recs[i].State().AcceptsNew() {
+	skippedState, skippedLoad := false, false
+	choice, _ := p.walkPlacement(ps, key, failed, now, func(_ int, d decline) {
+		switch d {
+		case declineState:
 			skippedState = true
-			return true
-		}
-		if bound.total >= 0 && p.overloaded(ps, i, bound) {
-			if loaded < 0 {
-				loaded = i
-			}
+		case declineLoad:
 			skippedLoad = true
-			return true
 		}
-		if p.SlowStart > 0 && !rampAccepts(ps.recs[i].BackFor(now), time.Duration(p.SlowStart), key, i) {
-			if ramped < 0 {
-				ramped = i
-			}
-			return true
-		}
-		choice = i
-		return false
 	})
 	if skippedState {
 		metrics.drainSkip.Inc()
@@ -86,13 +61,68 @@ func (p *Policy) place(ps *poolState, key uint64, failed int) int {
 	if skippedLoad && choice >= 0 {
 		metrics.overloadSkip.Inc()
 	}
-	if choice < 0 {
-		choice = ramped
-	}
-	if choice < 0 {
-		choice = loaded
-	}
 	return choice
+}
+
+// decline says why a placement walk passes over an upstream.
+type decline uint8
+
+const (
+	accepts      decline = iota // takes the session
+	declineDown                 // failed this request, or Caddy says unavailable
+	declineState                // draining or maintenance
+	declineLoad                 // at its balance_factor bound
+	declineRamp                 // in slow start, and this key is not in its share
+)
+
+// walkPlacement walks the ring from key to the first upstream that may
+// take a new session, calling step for every upstream it visits with why
+// it passed over it (or accepts). Under balance_factor, an upstream at its
+// bound of live sessions declines; under slow_start, an upstream that came
+// back recently accepts only its ramped share of the keys that reach it.
+// If every candidate declined, the first that declined by ramp, else by
+// load, takes the session anyway (the load bound always leaves room on
+// some candidate, so the latter needs loads that changed during the walk);
+// fallback then says which. now matters only under slow_start. Both
+// Select and the lookup endpoint place through here, so they agree.
+func (p *Policy) walkPlacement(ps *poolState, key uint64, failed int, now time.Time, step func(i int, d decline)) (choice int, fallback decline) {
+	choice, ramped, loaded := -1, -1, -1
+	bound := loadBound{total: -1}
+	if p.BalanceFactor > 0 {
+		bound = p.loadBound(ps, failed)
+	}
+	ps.ring.Walk(key, func(i int) bool {
+		d := accepts
+		switch {
+		case i == failed || !ps.ups[i].Available():
+			d = declineDown
+		case !ps.recs[i].State().AcceptsNew():
+			d = declineState
+		case bound.total >= 0 && p.overloaded(ps, i, bound):
+			d = declineLoad
+			if loaded < 0 {
+				loaded = i
+			}
+		case p.SlowStart > 0 && !rampAccepts(ps.recs[i].BackFor(now), time.Duration(p.SlowStart), key, i):
+			d = declineRamp
+			if ramped < 0 {
+				ramped = i
+			}
+		default:
+			choice = i
+		}
+		step(i, d)
+		return d != accepts
+	})
+	switch {
+	case choice >= 0:
+		return choice, accepts
+	case ramped >= 0:
+		return ramped, declineRamp
+	case loaded >= 0:
+		return loaded, declineLoad
+	}
+	return -1, accepts
 }
 
 // loadBound is what balance_factor needs to know of a pool for one
