@@ -1,6 +1,6 @@
 // Package caddyaffinity registers the caddy-affinity modules with Caddy:
-// the `affinity` load-balancing selection policy for reverse_proxy and
-// the admin API that drives upstream lifecycle states.
+// the `affinity` load-balancing selection policy for reverse_proxy, its
+// learner, the admin API and status page, and the `caddy affinity` command.
 //
 // Import it for its side effects, as cmd/caddy does:
 //
@@ -8,8 +8,11 @@
 package caddyaffinity
 
 import (
-	// The selection policy http.reverse_proxy.selection_policies.affinity.
+	// The selection policy http.reverse_proxy.selection_policies.affinity
+	// and the handler http.handlers.affinity_learn.
 	_ "github.com/caddy-affinity/caddy-affinity/affinity"
+	// The admin API and status page, admin.api.affinity.
+	_ "github.com/caddy-affinity/caddy-affinity/adminapi"
 	// The `caddy affinity` command and its subcommands.
 	_ "github.com/caddy-affinity/caddy-affinity/command"
 )

@@ -156,7 +156,7 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			p.TomcatRoutes[route] = dial
 			if needIDKey == nil {
-				needIDKey = d.Err("tomcat_route needs a `key cookie` or `key path_param` line: the route is read from that session id")
+				needIDKey = d.Err(errTomcatRouteKey)
 			}
 
 		case "probe":
@@ -185,54 +185,33 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if needKey != nil && len(p.Keys) == 0 {
 		return needKey
 	}
-	if needIDKey != nil {
-		for _, k := range p.Keys {
-			if k.From == "cookie" || k.From == "path_param" {
-				return nil
-			}
-		}
+	if needIDKey != nil && !p.readsTomcatRoutes() {
 		return needIDKey
 	}
 	return nil
 }
 
-// parseKey parses the arguments of one `key` line.
+// parseKey parses the arguments of one `key` line: the source, then what
+// its kind takes (keyKinds).
 func parseKey(d *caddyfile.Dispenser) (KeySource, error) {
 	args := d.RemainingArgs()
 	if len(args) == 0 {
-		return KeySource{}, d.Err("key: need a source: cookie <name>, header <name>, query <name>, client_ip, path_param <name> or aspnet_cookieless")
+		return KeySource{}, d.Errf("key: need a source: %s", kindList())
 	}
 	k := KeySource{From: args[0]}
-	switch args[0] {
-	case "cookie", "header", "query", "path_param":
-		if len(args) != 2 {
-			return k, d.Errf("key %s: need exactly one name, got %d arguments", args[0], len(args)-1)
-		}
-		k.Name = args[1]
-	case "client_ip":
-		if len(args) > 3 {
-			return k, d.Errf("key client_ip: at most two prefix lengths (IPv4, IPv6), got %d", len(args)-1)
-		}
-		bits := []*int{&k.IPv4Bits, &k.IPv6Bits}
-		limits := []int{32, 128}
-		for i, a := range args[1:] {
-			n, err := strconv.Atoi(a)
-			if err != nil || n < 1 || n > limits[i] {
-				return k, d.Errf("key client_ip: prefix length %q is not in 1..%d", a, limits[i])
-			}
-			*bits[i] = n
-		}
-	case "aspnet_cookieless":
-		if len(args) != 1 {
-			return k, d.Errf("key aspnet_cookieless takes no arguments, got %d", len(args)-1)
-		}
-	default:
-		return k, d.Errf("key: unknown source %q: want cookie, header, query, client_ip, path_param or aspnet_cookieless", args[0])
+	kk := kindNamed(k.From)
+	if kk == nil {
+		return k, d.Errf("key: %v", unknownSource(k.From))
+	}
+	k.kind = kk
+	if err := k.setArgs(args[1:]); err != nil {
+		return k, d.Err(err.Error())
 	}
 	probe := k
 	if err := probe.provision(); err != nil {
 		return k, d.Err(err.Error())
 	}
+	k.kind = nil // set again at provision time
 	return k, nil
 }
 

@@ -21,9 +21,9 @@ const (
 	failoverCoalesce = 10 * time.Second
 )
 
-// failoverEvent is one or more failovers with the same from, to and
+// FailoverEvent is one or more failovers with the same from, to and
 // reason, close together in time.
-type failoverEvent struct {
+type FailoverEvent struct {
 	// From and To are the dial addresses of the upstream the sessions
 	// left and the one they were given.
 	From string `json:"from"`
@@ -40,7 +40,7 @@ type failoverEvent struct {
 // failoverLog is a ring buffer of recent failover events.
 type failoverLog struct {
 	mu     sync.Mutex
-	events [failoverLogSize]failoverEvent
+	events [failoverLogSize]FailoverEvent
 	next   int    // where the next new event goes
 	n      int    // events held, up to failoverLogSize
 	total  uint64 // failovers recorded since the process started
@@ -70,7 +70,7 @@ func (l *failoverLog) recordAt(from, to, reason string, now time.Time) {
 			return
 		}
 	}
-	l.events[l.next] = failoverEvent{From: from, To: to, Reason: reason, Count: 1, First: now, Last: now}
+	l.events[l.next] = FailoverEvent{From: from, To: to, Reason: reason, Count: 1, First: now, Last: now}
 	l.next = (l.next + 1) % failoverLogSize
 	if l.n < failoverLogSize {
 		l.n++
@@ -79,9 +79,9 @@ func (l *failoverLog) recordAt(from, to, reason string, now time.Time) {
 
 // snapshot returns the events, the most recently active first, and the
 // total number of failovers recorded.
-func (l *failoverLog) snapshot() ([]failoverEvent, uint64) {
+func (l *failoverLog) snapshot() ([]FailoverEvent, uint64) {
 	l.mu.Lock()
-	out := make([]failoverEvent, 0, l.n)
+	out := make([]FailoverEvent, 0, l.n)
 	for k := 1; k <= l.n; k++ {
 		out = append(out, l.events[(l.next-k+failoverLogSize)%failoverLogSize])
 	}
@@ -96,7 +96,7 @@ func (l *failoverLog) snapshot() ([]failoverEvent, uint64) {
 // sortEventsByLast sorts events by Last, newest first, keeping the
 // creation order of ties (insertion sort: at most 50 nearly sorted
 // events).
-func sortEventsByLast(es []failoverEvent) {
+func sortEventsByLast(es []FailoverEvent) {
 	for i := 1; i < len(es); i++ {
 		for j := i; j > 0 && es[j].Last.After(es[j-1].Last); j-- {
 			es[j], es[j-1] = es[j-1], es[j]

@@ -1,245 +1,248 @@
 package affinity
 
 import (
-	"sort"
-	"strconv"
-	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
-// The farm watcher looks at the running config about once a second (from
-// the session table's goroutine, and on demand from the admin API) and
-// finds every reverse_proxy that uses this policy with its upstreams. The
-// selection policy itself only ever sees its upstreams inside Select; the
-// watcher is how the rest of the module learns them without a request:
+// farm is what every affinity policy of the process shares, and the one
+// owner of the module's background work:
 //
-//   - every upstream is registered with healthcheck, so the admin API
-//     lists it and accepts a drain before the first request;
-//   - Caddy's health verdict (Upstream.Healthy) is copied to healthcheck,
-//     which the admin API, the status page and metrics read;
-//   - an upstream that comes back (recovers, returns to up, or is added by
-//     a reload) is marked, which starts its slow_start ramp;
-//   - drain probes follow the current set of upstreams.
+//   - the session table (a reload hands it to the new config: no session
+//     is forgotten) and the bound on it that the live policies ask for;
+//   - a loop that keeps the table clock, looks at the running config
+//     every second (Sites: every reverse_proxy that uses the policy, with
+//     its upstreams) so that healthcheck knows the upstreams and their
+//     health before any request, starts and follows each policy's drain
+//     probe, and sweeps expired sessions every two seconds.
+//
+// It lives in a caddy.UsagePool: the first policy provisioned starts it,
+// the last one cleaned up stops it, with everything it started. A reload
+// provisions the new config before it cleans up the old one, so the farm
+// goes on across reloads.
+type farm struct {
+	table *sessionTable
 
-func init() {
-	healthcheck.RegisterDiscoverer(watchFarm)
-	healthcheck.SetSessionCounter(func(id uint32) int64 {
-		if st := currentTable(); st != nil {
-			return st.liveCount(id)
+	mu     sync.Mutex
+	wants  map[*Policy]int          // max_sessions asked by each live policy
+	probes map[*Policy]*policyProbe // the running probe of each policy
+
+	stop, done chan struct{}
+}
+
+// policyProbe is one policy's drain probe and the dials it probes.
+type policyProbe struct {
+	dials []string
+	stop  func()
+}
+
+var (
+	farms = caddy.NewUsagePool()
+	// liveFarm is the farm in the pool, for the admin API and metrics
+	// scrapes, which have no policy at hand.
+	liveFarm atomic.Pointer[farm]
+)
+
+const farmKey = "farm"
+
+// Intervals of the farm's loop.
+const (
+	clockInterval = 250 * time.Millisecond
+	lookInterval  = time.Second
+	sweepInterval = 2 * time.Second
+)
+
+// acquireFarm joins (or starts) the farm for policy p.
+func acquireFarm(p *Policy) (*farm, error) {
+	val, _, err := farms.LoadOrNew(farmKey, func() (caddy.Destructor, error) {
+		f := &farm{
+			table:  newSessionTable(p.MaxSessions),
+			wants:  make(map[*Policy]int),
+			probes: make(map[*Policy]*policyProbe),
+			stop:   make(chan struct{}),
+			done:   make(chan struct{}),
 		}
-		return 0
+		clock.Store(tableNow(time.Now()))
+		go f.loop()
+		liveFarm.Store(f)
+		return f, nil
 	})
+	if err != nil {
+		return nil, err
+	}
+	f := val.(*farm)
+	f.want(p, p.MaxSessions)
+	return f, nil
 }
 
-// troubleGap is the longest quiet time between two reports of trouble of
-// one incident (see healthcheck.Upstream.NoteTrouble); the watcher looks
-// every second.
-const troubleGap = 3 * time.Second
+// release lets go of the farm for policy p: its probe stops, its bound
+// no longer counts, and the last release stops the farm.
+func (f *farm) release(p *Policy) {
+	f.mu.Lock()
+	pr := f.probes[p]
+	delete(f.probes, p)
+	f.mu.Unlock()
+	if pr != nil {
+		pr.stop()
+	}
+	f.want(p, 0)
+	_, _ = farms.Delete(farmKey)
+}
 
-// farm holds what the watcher saw last, per dial address.
-var farm = struct {
-	sync.Mutex
-	// placeable is whether each known upstream could take new sessions
-	// at the last look.
-	placeable map[string]bool
-	// looked is false until the first look, so that the upstreams of the
-	// config the process starts with are not taken for new ones.
-	looked bool
-}{placeable: make(map[string]bool)}
-
-// watchFarm looks at the running config once.
-func watchFarm() {
-	now := time.Now()
-	farm.Lock()
-	defer farm.Unlock()
-	if eachPolicy(func(s policySite) { s.Policy.observe(s.Handler.Upstreams, now) }) {
-		farm.looked = true
+// want records the bound a policy asks for (0 removes it) and applies the
+// largest one.
+func (f *farm) want(p *Policy, maxSessions int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if maxSessions > 0 {
+		f.wants[p] = maxSessions
+	} else {
+		delete(f.wants, p)
+	}
+	largest := 0
+	for _, n := range f.wants {
+		largest = max(largest, n)
+	}
+	if largest > 0 {
+		f.table.setMax(largest)
 	}
 }
 
-// policySite is one reverse_proxy handler of the running config whose
-// selection policy is affinity, and where it sits in the config: what the
-// admin endpoints (lookup, status page) need to name it to an operator.
-type policySite struct {
-	// Server is the HTTP server's name in the config ("srv0" for the
-	// first Caddyfile server), Listen its listener addresses.
-	Server string
-	Listen []string
-	// Hosts are the host matchers of the routes that lead to the
-	// handler (the Caddyfile's site addresses), if any.
-	Hosts []string
-	// Path is the handler's place in the config as the admin API's
-	// /config/ endpoint spells it, which tells apart several proxies of
-	// one site.
-	Path    string
-	Handler *reverseproxy.Handler
-	Policy  *Policy
+func (f *farm) loop() {
+	defer close(f.done)
+	tick := time.NewTicker(clockInterval)
+	defer tick.Stop()
+	for n := 1; ; n++ {
+		select {
+		case <-f.stop:
+			return
+		case now := <-tick.C:
+			clock.Store(tableNow(now))
+			if n%int(lookInterval/clockInterval) == 0 {
+				f.look(now)
+			}
+			if n%int(sweepInterval/clockInterval) == 0 {
+				f.table.sweep(tableNow(now))
+			}
+		}
+	}
 }
 
-// eachPolicy calls fn for every reverse_proxy handler of the running
-// config that uses this policy, servers in name order and routes in
-// config order, so that answers are stable. It reports whether there is
-// a running http app at all. It only reads the provisioned config, so it
-// needs no lock of its own.
-func eachPolicy(fn func(policySite)) bool {
-	app, err := caddy.ActiveContext().AppIfConfigured("http")
-	if err != nil || app == nil {
+// look looks at the running config once and returns its sites: every
+// upstream is observed by healthcheck (registered, its health tracked,
+// its slow-start and hold clocks kept), and every policy's probe follows
+// the policy's upstreams.
+func (f *farm) look(now time.Time) []Site {
+	sites, running := runningSites()
+	if !running {
+		// Nothing to observe; the upstreams of the config the process
+		// starts with must not be taken for added ones.
+		return nil
+	}
+	var ups []*reverseproxy.Upstream
+	for _, s := range sites {
+		ups = append(ups, s.Handler.Upstreams...)
+	}
+	healthcheck.Observe(ups, now)
+	for _, s := range sites {
+		f.followProbe(s.Policy, s.Handler.Upstreams)
+	}
+	return sites
+}
+
+// followProbe (re)starts a policy's drain probe when its set of
+// upstreams changed.
+func (f *farm) followProbe(p *Policy, ups reverseproxy.UpstreamPool) {
+	if p.Probe == nil {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, live := f.wants[p]; !live || f.probes == nil {
+		return // cleaned up: a config on its way out, or the farm stopped
+	}
+	old := f.probes[p]
+	if old != nil && sameDials(old.dials, ups) {
+		return
+	}
+	dials := make([]string, len(ups))
+	for i, u := range ups {
+		dials[i] = u.Dial
+	}
+	f.probes[p] = &policyProbe{dials: dials, stop: p.Probe.Start(p.ctx, dials, p.logger)}
+	if old != nil {
+		old.stop()
+	}
+}
+
+func sameDials(dials []string, ups reverseproxy.UpstreamPool) bool {
+	if len(dials) != len(ups) {
 		return false
 	}
-	httpApp, ok := app.(*caddyhttp.App)
-	if !ok {
-		return false
-	}
-	names := make([]string, 0, len(httpApp.Servers))
-	for name := range httpApp.Servers {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		srv := httpApp.Servers[name]
-		w := routeWalker{server: name, listen: srv.Listen, fn: fn}
-		base := "/config/apps/http/servers/" + name
-		w.walk(srv.Routes, base+"/routes", nil)
-		if srv.Errors != nil {
-			w.walk(srv.Errors.Routes, base+"/errors/routes", nil)
+	for i, u := range ups {
+		if dials[i] != u.Dial {
+			return false
 		}
 	}
 	return true
 }
 
-// routeWalker walks one server's routes and subroutes.
-type routeWalker struct {
-	server string
-	listen []string
-	fn     func(policySite)
+// Destruct stops the loop and every probe when the last policy lets go.
+func (f *farm) Destruct() error {
+	liveFarm.CompareAndSwap(f, nil)
+	close(f.stop)
+	<-f.done
+	f.mu.Lock()
+	probes := f.probes
+	f.probes = nil
+	f.mu.Unlock()
+	for _, pr := range probes {
+		pr.stop()
+	}
+	clock.Store(0)
+	return nil
 }
 
-func (w routeWalker) walk(routes caddyhttp.RouteList, path string, hosts []string) {
-	for ri, route := range routes {
-		routeHosts := appendHosts(hosts, route.MatcherSets)
-		for hi, h := range route.Handlers {
-			switch h := h.(type) {
-			case *reverseproxy.Handler:
-				if h.LoadBalancing == nil {
-					continue
-				}
-				if p, ok := h.LoadBalancing.SelectionPolicy.(*Policy); ok {
-					w.fn(policySite{
-						Server:  w.server,
-						Listen:  w.listen,
-						Hosts:   routeHosts,
-						Path:    path + "/" + strconv.Itoa(ri) + "/handle/" + strconv.Itoa(hi),
-						Handler: h,
-						Policy:  p,
-					})
-				}
-			case *caddyhttp.Subroute:
-				sub := path + "/" + strconv.Itoa(ri) + "/handle/" + strconv.Itoa(hi)
-				w.walk(h.Routes, sub+"/routes", routeHosts)
-				if h.Errors != nil {
-					w.walk(h.Errors.Routes, sub+"/errors/routes", routeHosts)
-				}
-			}
-		}
+// Refresh looks at the running config now, as the farm does every
+// second, and returns its sites: the admin API calls it so that its
+// answers never wait for the next look.
+func Refresh() []Site {
+	if f := liveFarm.Load(); f != nil {
+		return f.look(time.Now())
 	}
+	return Sites()
 }
 
-// appendHosts returns hosts plus the hosts of the route's host matchers.
-// The result is a new slice when anything is added, so that sibling
-// routes do not share (and overwrite) one backing array.
-func appendHosts(hosts []string, sets caddyhttp.MatcherSets) []string {
-	var add []string
-	for _, set := range sets {
-		for _, m := range set {
-			switch m := m.(type) {
-			case caddyhttp.MatchHost:
-				add = append(add, m...)
-			case *caddyhttp.MatchHost:
-				add = append(add, *m...)
-			}
-		}
+// LiveSessions returns the live sessions pinned to the upstream with the
+// given healthcheck ID: session-table entries within their TTL, exact at
+// the moment of the call (a session known by several keys counts once).
+func LiveSessions(id uint32) int64 {
+	if f := liveFarm.Load(); f != nil {
+		return max(0, f.table.liveCount(id))
 	}
-	if len(add) == 0 {
-		return hosts
-	}
-	return append(append(make([]string, 0, len(hosts)+len(add)), hosts...), add...)
+	return 0
 }
 
-// observe records what one policy's static upstreams look like now.
-// Called with farm locked.
-func (p *Policy) observe(ups reverseproxy.UpstreamPool, now time.Time) {
-	dials := make([]string, 0, len(ups))
-	for _, u := range ups {
-		rec := healthcheck.Get(u.Dial)
-		healthy := u.Healthy()
-		rec.SetHealthy(healthy)
-		if !healthy {
-			rec.NoteTrouble(now, troubleGap)
-		}
-		placeable := healthy && rec.State().AcceptsNew()
-		was, known := farm.placeable[u.Dial]
-		if (known && !was && placeable) || (!known && farm.looked && placeable) {
-			rec.MarkBack(now)
-		}
-		farm.placeable[u.Dial] = placeable
-		dials = append(dials, u.Dial)
-	}
-	p.followProbe(dials)
+// TableStats is the session table's size.
+type TableStats struct {
+	Entries   int    `json:"entries"`
+	Evictions uint64 `json:"evictions"`
 }
 
-// noteNewUpstreams starts the slow-start ramp of upstreams that a reload
-// added, as soon as the new pool is first used, rather than at the
-// watcher's next look (up to a second of full share). The upstreams of
-// the config the process starts with are not new.
-func noteNewUpstreams(pool reverseproxy.UpstreamPool) {
-	now := time.Now()
-	farm.Lock()
-	defer farm.Unlock()
-	if !farm.looked {
-		return
+// Table returns the session table's size, or nil before any policy is
+// provisioned.
+func Table() *TableStats {
+	f := liveFarm.Load()
+	if f == nil {
+		return nil
 	}
-	for _, u := range pool {
-		if _, known := farm.placeable[u.Dial]; !known {
-			rec := healthcheck.Get(u.Dial)
-			rec.MarkBack(now)
-			farm.placeable[u.Dial] = rec.State().AcceptsNew()
-		}
-	}
+	return &TableStats{Entries: f.table.len(), Evictions: f.table.evictions.Load()}
 }
 
-// followProbe (re)starts the drain probe when the policy's set of
-// upstreams changed.
-func (p *Policy) followProbe(dials []string) {
-	if p.Probe == nil {
-		return
-	}
-	key := strings.Join(dials, " ")
-	p.probeMu.Lock()
-	defer p.probeMu.Unlock()
-	if p.probeClosed || key == p.probeDials {
-		return
-	}
-	stop := p.Probe.Start(p.ctx, dials, p.logger)
-	if p.probeStop != nil {
-		p.probeStop()
-	}
-	p.probeStop, p.probeDials = stop, key
-}
-
-// stopProbe stops the policy's probe for good.
-func (p *Policy) stopProbe() {
-	p.probeMu.Lock()
-	defer p.probeMu.Unlock()
-	p.probeClosed = true
-	if p.probeStop != nil {
-		p.probeStop()
-		p.probeStop = nil
-	}
-}
+var _ caddy.Destructor = (*farm)(nil)

@@ -1,10 +1,12 @@
 package affinity
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -38,122 +40,314 @@ type KeySource struct {
 	IPv4Bits int `json:"ipv4_bits,omitempty"`
 	IPv6Bits int `json:"ipv6_bits,omitempty"`
 
-	kind keyKind
+	kind *keyKind
 }
 
-type keyKind uint8
+// keyKind describes one kind of key source: everything the Caddyfile
+// parser, provisioning, Select, the learner and the lookup know of it.
+// Adding a kind of key is adding one entry to keyKinds.
+type keyKind struct {
+	// name is the source's name in the Caddyfile and in JSON (From).
+	name string
+	// named: the source needs a Name (a cookie, header... name).
+	named bool
+	// seed is the hash seed of the kind's values, so that equal strings
+	// from different sources are different keys. Every session-id kind
+	// shares seedSessionID, so that one id is one key wherever it is read.
+	seed uint64
+	// tomcatRoute: the value is a Java session id, from which a
+	// tomcat_route suffix is read.
+	tomcatRoute bool
+	// read returns the key's value in the request without allocating
+	// (nil for kinds that hash something else than a string).
+	read func(k *KeySource, r *http.Request) (string, bool)
+	// hash replaces hashing read's value (client_ip hashes an address).
+	hash func(k *KeySource, r *http.Request) (uint64, bool)
+	// learnCookie reports whether a Set-Cookie of that name issues this
+	// key (affinity_learn); nil: cookies never do.
+	learnCookie func(k *KeySource, name string) bool
+	// learnLocation reads the key from the path of a Location header
+	// (affinity_learn); nil: redirects never carry it.
+	learnLocation func(k *KeySource, path string) (string, bool)
+	// inject puts value where read finds it, in a request that carries
+	// nothing else: the lookup endpoint's request.
+	inject func(k *KeySource, r *http.Request, value string) error
+	// args takes the Caddyfile arguments after the source (nil: the one
+	// name of a named kind, or nothing).
+	args func(k *KeySource, args []string) error
+	// provision checks the source and fills in its defaults (nil: the
+	// name checks every named kind gets).
+	provision func(k *KeySource) error
+	// describe names the source as the Caddyfile writes it (nil: "from
+	// name").
+	describe func(k *KeySource) string
+}
 
+// Hash seeds: kept from the first release, so that a key's hash (and so
+// its ring owner) never changes between versions.
 const (
-	keyCookie keyKind = iota + 1
-	keyHeader
-	keyQuery
-	keyClientIP
-	keyPathParam
-	keyCookieless
+	seedSessionID = 1
+	seedHeader    = 2
+	seedQuery     = 3
+	seedClientIP  = 4
 )
+
+// keyKinds is every kind of key source, in the order error messages list
+// them.
+var keyKinds = []*keyKind{
+	{
+		name: "cookie", named: true, seed: seedSessionID, tomcatRoute: true,
+		read:        func(k *KeySource, r *http.Request) (string, bool) { return cookieValue(r.Header, k.Name) },
+		learnCookie: func(k *KeySource, name string) bool { return name == k.Name },
+		inject: func(k *KeySource, r *http.Request, v string) error {
+			if strings.ContainsAny(v, ";\r\n") {
+				return errors.New("a cookie value cannot contain ';' or a line break")
+			}
+			r.Header.Set("Cookie", k.Name+"="+v)
+			return nil
+		},
+	},
+	{
+		name: "header", named: true, seed: seedHeader,
+		read: func(k *KeySource, r *http.Request) (string, bool) {
+			if vs := r.Header[k.Name]; len(vs) > 0 && vs[0] != "" {
+				return vs[0], true
+			}
+			return "", false
+		},
+		inject: func(k *KeySource, r *http.Request, v string) error { r.Header.Set(k.Name, v); return nil },
+		provision: func(k *KeySource) error {
+			if k.Name == "" {
+				return fmt.Errorf("key %s needs a name", k.From)
+			}
+			k.Name = http.CanonicalHeaderKey(k.Name)
+			return nil
+		},
+	},
+	{
+		name: "query", named: true, seed: seedQuery,
+		read:   func(k *KeySource, r *http.Request) (string, bool) { return queryValue(r.URL.RawQuery, k.Name) },
+		inject: func(k *KeySource, r *http.Request, v string) error { r.URL.RawQuery = k.Name + "=" + v; return nil },
+	},
+	{
+		name: "client_ip", seed: seedClientIP,
+		hash: hashClientIP,
+		inject: func(k *KeySource, r *http.Request, v string) error {
+			ip, err := netip.ParseAddr(v)
+			if err != nil {
+				return fmt.Errorf("%q is not an IP address", v)
+			}
+			r.RemoteAddr = net.JoinHostPort(ip.String(), "0")
+			return nil
+		},
+		args:      clientIPArgs,
+		provision: provisionClientIP,
+		describe: func(k *KeySource) string {
+			return fmt.Sprintf("client_ip /%d /%d", k.IPv4Bits, k.IPv6Bits)
+		},
+	},
+	{
+		name: "path_param", named: true, seed: seedSessionID, tomcatRoute: true,
+		read: func(k *KeySource, r *http.Request) (string, bool) { return pathParam(rawPath(r), k.Name) },
+		// Servlet containers name the cookie JSESSIONID and the path
+		// parameter jsessionid.
+		learnCookie:   func(k *KeySource, name string) bool { return strings.EqualFold(name, k.Name) },
+		learnLocation: func(k *KeySource, path string) (string, bool) { return pathParam(path, k.Name) },
+		inject: func(k *KeySource, r *http.Request, v string) error {
+			if strings.ContainsAny(v, ";/?#") {
+				return errors.New("a path parameter value cannot contain ';', '/', '?' or '#'")
+			}
+			r.URL.Path = "/;" + k.Name + "=" + v
+			return nil
+		},
+		provision: func(k *KeySource) error {
+			if strings.ContainsAny(k.Name, "/?#") {
+				return fmt.Errorf("key path_param: name %q has a '/', '?' or '#'", k.Name)
+			}
+			return checkName(k)
+		},
+	},
+	{
+		name: "aspnet_cookieless", seed: seedSessionID,
+		read:          func(_ *KeySource, r *http.Request) (string, bool) { return aspnetCookielessID(rawPath(r)) },
+		learnLocation: func(_ *KeySource, path string) (string, bool) { return aspnetCookielessID(path) },
+		inject: func(_ *KeySource, r *http.Request, v string) error {
+			if strings.ContainsAny(v, "()/?#") {
+				return errors.New("a cookieless session id cannot contain '(', ')', '/', '?' or '#'")
+			}
+			r.URL.Path = "/(S(" + v + "))/"
+			return nil
+		},
+	},
+}
+
+// kindNamed returns the kind called name, or nil.
+func kindNamed(name string) *keyKind {
+	for _, kk := range keyKinds {
+		if kk.name == name {
+			return kk
+		}
+	}
+	return nil
+}
+
+// kindList lists the kinds for error messages: "a, b or c".
+func kindList() string {
+	names := make([]string, len(keyKinds))
+	for i, kk := range keyKinds {
+		names[i] = kk.name
+	}
+	return strings.Join(names[:len(names)-1], ", ") + " or " + names[len(names)-1]
+}
+
+// unknownSource is the error for a source that is not a kind.
+func unknownSource(from string) error {
+	return fmt.Errorf("unknown source %q: want %s", from, kindList())
+}
+
+// learnable reports whether affinity_learn records the kind's keys when
+// the app issues them.
+func (kk *keyKind) learnable() bool {
+	return kk != nil && (kk.learnCookie != nil || kk.learnLocation != nil)
+}
+
+// sessionID reports whether the kind's values are app session ids.
+func (kk *keyKind) sessionID() bool { return kk.seed == seedSessionID }
+
+// setArgs takes the Caddyfile arguments after the source's name.
+func (k *KeySource) setArgs(args []string) error {
+	if k.kind.args != nil {
+		return k.kind.args(k, args)
+	}
+	if !k.kind.named {
+		if len(args) != 0 {
+			return fmt.Errorf("key %s takes no arguments, got %d", k.From, len(args))
+		}
+		return nil
+	}
+	if len(args) != 1 {
+		return fmt.Errorf("key %s: need exactly one name, got %d arguments", k.From, len(args))
+	}
+	k.Name = args[0]
+	return nil
+}
 
 // provision checks the source and fills in its defaults.
 func (k *KeySource) provision() error {
-	switch k.From {
-	case "cookie":
-		k.kind = keyCookie
-	case "header":
-		k.kind = keyHeader
-		k.Name = http.CanonicalHeaderKey(k.Name)
-	case "query":
-		k.kind = keyQuery
-	case "path_param":
-		k.kind = keyPathParam
-		if strings.ContainsAny(k.Name, "/?#") {
-			return fmt.Errorf("key path_param: name %q has a '/', '?' or '#'", k.Name)
-		}
-	case "aspnet_cookieless":
-		k.kind = keyCookieless
-		if k.Name != "" {
-			return fmt.Errorf("key aspnet_cookieless takes no name")
-		}
-		return nil
-	case "client_ip":
-		k.kind = keyClientIP
-		if k.Name != "" {
-			return fmt.Errorf("key client_ip takes no name")
-		}
-		if k.IPv4Bits == 0 {
-			k.IPv4Bits = 32
-		}
-		if k.IPv6Bits == 0 {
-			k.IPv6Bits = 64
-		}
-		if k.IPv4Bits < 0 || k.IPv4Bits > 32 {
-			return fmt.Errorf("key client_ip: IPv4 prefix length %d is not in 1..32", k.IPv4Bits)
-		}
-		if k.IPv6Bits < 0 || k.IPv6Bits > 128 {
-			return fmt.Errorf("key client_ip: IPv6 prefix length %d is not in 1..128", k.IPv6Bits)
-		}
-		return nil
-	default:
-		return fmt.Errorf("unknown key source %q: want cookie, header, query, client_ip, path_param or aspnet_cookieless", k.From)
+	k.kind = kindNamed(k.From)
+	if k.kind == nil {
+		return unknownSource(k.From)
 	}
+	if !k.kind.named && k.Name != "" {
+		return fmt.Errorf("key %s takes no name", k.From)
+	}
+	if k.kind.provision != nil {
+		return k.kind.provision(k)
+	}
+	if k.kind.named {
+		return checkName(k)
+	}
+	return nil
+}
+
+// checkName checks the name of a cookie, query or path parameter key.
+func checkName(k *KeySource) error {
 	if k.Name == "" {
 		return fmt.Errorf("key %s needs a name", k.From)
 	}
-	if strings.ContainsAny(k.Name, " \t\r\n;=") && k.kind != keyHeader {
+	if strings.ContainsAny(k.Name, " \t\r\n;=") {
 		return fmt.Errorf("key %s: name %q has a space, ';' or '='", k.From, k.Name)
 	}
 	return nil
 }
 
+// String names the source as the Caddyfile writes it, e.g. "cookie sid".
+func (k *KeySource) String() string {
+	switch {
+	case k.kind != nil && k.kind.describe != nil:
+		return k.kind.describe(k)
+	case k.Name == "":
+		return k.From
+	}
+	return k.From + " " + k.Name
+}
+
 // hash returns the key's hash and whether the request carries the key.
-// Each kind hashes with its own seed so that equal strings from different
-// sources are different keys. It does not allocate.
+// It does not allocate.
 func (k *KeySource) hash(r *http.Request) (uint64, bool) {
-	switch k.kind {
-	case keyCookie, keyPathParam, keyCookieless:
-		if v, ok := k.sessionID(r); ok {
-			return sessionIDHash(v), true
-		}
-	case keyHeader:
-		if vs := r.Header[k.Name]; len(vs) > 0 && vs[0] != "" {
-			return hashring.HashStringSeed(vs[0], uint64(keyHeader)), true
-		}
-	case keyQuery:
-		if v, ok := queryValue(r.URL.RawQuery, k.Name); ok {
-			return hashring.HashStringSeed(v, uint64(keyQuery)), true
-		}
-	case keyClientIP:
-		if ip, ok := clientIP(r); ok {
-			bits := k.IPv6Bits
-			if ip.Is4() {
-				bits = k.IPv4Bits
-			}
-			if p, err := ip.Prefix(bits); err == nil {
-				b := p.Addr().As16()
-				return hashring.HashSeed(b[:], uint64(keyClientIP)), true
-			}
-		}
+	if k.kind.hash != nil {
+		return k.kind.hash(k, r)
+	}
+	if v, ok := k.kind.read(k, r); ok {
+		return hashring.HashStringSeed(v, k.kind.seed), true
 	}
 	return 0, false
 }
 
-// sessionID returns the value of a cookie, path_param or
-// aspnet_cookieless key in the request. It does not allocate.
-func (k *KeySource) sessionID(r *http.Request) (string, bool) {
-	switch k.kind {
-	case keyCookie:
-		return cookieValue(r.Header, k.Name)
-	case keyPathParam:
-		return pathParam(rawPath(r), k.Name)
-	case keyCookieless:
-		return aspnetCookielessID(rawPath(r))
+// value returns the key's value in the request (not for kinds that hash
+// something else). It does not allocate.
+func (k *KeySource) value(r *http.Request) (string, bool) {
+	if k.kind.read == nil {
+		return "", false
 	}
-	return "", false
+	return k.kind.read(k, r)
 }
 
 // sessionIDHash is the key hash of an app's session id, wherever it was
 // read (cookie, path parameter, cookieless URL) or learned (Set-Cookie,
 // Location).
 func sessionIDHash(v string) uint64 {
-	return hashring.HashStringSeed(v, uint64(keyCookie))
+	return hashring.HashStringSeed(v, seedSessionID)
+}
+
+func clientIPArgs(k *KeySource, args []string) error {
+	if len(args) > 2 {
+		return fmt.Errorf("key client_ip: at most two prefix lengths (IPv4, IPv6), got %d", len(args))
+	}
+	bits := []*int{&k.IPv4Bits, &k.IPv6Bits}
+	limits := []int{32, 128}
+	for i, a := range args {
+		n, err := strconv.Atoi(a)
+		if err != nil || n < 1 || n > limits[i] {
+			return fmt.Errorf("key client_ip: prefix length %q is not in 1..%d", a, limits[i])
+		}
+		*bits[i] = n
+	}
+	return nil
+}
+
+func provisionClientIP(k *KeySource) error {
+	if k.IPv4Bits == 0 {
+		k.IPv4Bits = 32
+	}
+	if k.IPv6Bits == 0 {
+		k.IPv6Bits = 64
+	}
+	if k.IPv4Bits < 0 || k.IPv4Bits > 32 {
+		return fmt.Errorf("key client_ip: IPv4 prefix length %d is not in 1..32", k.IPv4Bits)
+	}
+	if k.IPv6Bits < 0 || k.IPv6Bits > 128 {
+		return fmt.Errorf("key client_ip: IPv6 prefix length %d is not in 1..128", k.IPv6Bits)
+	}
+	return nil
+}
+
+// hashClientIP hashes the client's address, cut to the key's prefix.
+func hashClientIP(k *KeySource, r *http.Request) (uint64, bool) {
+	ip, ok := clientIP(r)
+	if !ok {
+		return 0, false
+	}
+	bits := k.IPv6Bits
+	if ip.Is4() {
+		bits = k.IPv4Bits
+	}
+	p, err := ip.Prefix(bits)
+	if err != nil {
+		return 0, false
+	}
+	b := p.Addr().As16()
+	return hashring.HashSeed(b[:], k.kind.seed), true
 }
 
 // cookieValue returns the value of the first cookie called name in the

@@ -99,7 +99,7 @@ func TestKeySourcesInOrder(t *testing.T) {
 	r := httptest.NewRequest(http.MethodGet, "/?s=q", nil)
 	r.Header.Set("X-Session", "q")
 	r.Header.Set("Cookie", "sid=q")
-	keys := p.keyHashes(r, &buf)
+	keys, _ := p.requestKeys(r, &buf)
 	if len(keys) != 3 {
 		t.Fatalf("found %d keys, want 3", len(keys))
 	}
@@ -108,11 +108,11 @@ func TestKeySourcesInOrder(t *testing.T) {
 	}
 	r.Header.Del("Cookie")
 	var buf2 [maxKeys]uint64
-	if k := p.keyHashes(r, &buf2); len(k) != 2 || k[0] != keys[1] {
+	if k, _ := p.requestKeys(r, &buf2); len(k) != 2 || k[0] != keys[1] {
 		t.Error("keys not in configured order")
 	}
 	r = httptest.NewRequest(http.MethodGet, "/", nil)
-	if k := p.keyHashes(r, &buf); len(k) != 0 {
+	if k, _ := p.requestKeys(r, &buf); len(k) != 0 {
 		t.Error("key found in a request without any")
 	}
 }
@@ -164,10 +164,10 @@ func FuzzKeyHash(f *testing.F) {
 		r = r.WithContext(t.Context())
 		for _, k := range keys {
 			_, ok := k.hash(r)
-			if k.kind == keyHeader && ok != (header != "") {
+			if k.From == "header" && ok != (header != "") {
 				t.Fatalf("header key found=%v for %q", ok, header)
 			}
-			if k.kind == keyCookie && ok && !strings.Contains(cookie, "sid=") {
+			if k.From == "cookie" && ok && !strings.Contains(cookie, "sid=") {
 				t.Fatalf("cookie key found in %q", cookie)
 			}
 		}

@@ -3,7 +3,6 @@ package affinity
 import (
 	"io"
 	"net/http"
-	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -122,7 +121,8 @@ func (lw *learnWriter) FlushError() error {
 	return http.NewResponseController(lw.ResponseWriterWrapper.ResponseWriter).Flush()
 }
 
-// learn records the session ids a response of upstream id issues.
+// learn records the session ids a response of upstream id issues: the
+// keys whose kind learns from Set-Cookie or Location (keyKinds).
 func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 	table := p.table
 	if table == nil {
@@ -136,26 +136,20 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 		}
 		for i := range p.Keys {
 			k := &p.Keys[i]
-			if !(k.kind == keyCookie && c.name == k.Name) && !(k.kind == keyPathParam && strings.EqualFold(c.name, k.Name)) {
-				continue
+			if k.kind.learnCookie != nil && k.kind.learnCookie(k, c.name) {
+				p.learnID(table, k, r, c.value, c.deleted, id, now)
+				break
 			}
-			p.learnID(table, k, r, c.value, c.deleted, id, now)
-			break
 		}
 	}
 	if locs := h["Location"]; len(locs) > 0 {
 		path := locationPath(locs[0])
 		for i := range p.Keys {
 			k := &p.Keys[i]
-			var v string
-			var ok bool
-			switch k.kind {
-			case keyPathParam:
-				v, ok = pathParam(path, k.Name)
-			case keyCookieless:
-				v, ok = aspnetCookielessID(path)
+			if k.kind.learnLocation == nil {
+				continue
 			}
-			if ok {
+			if v, ok := k.kind.learnLocation(k, path); ok {
 				p.learnID(table, k, r, v, false, id, now)
 			}
 		}
@@ -165,8 +159,8 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 // learnID records a session id that upstream id issued for key k, and
 // retires (or, when the app deleted it, forgets) the id the request came
 // with if it is another one.
-func (p *Policy) learnID(table *sharedTable, k *KeySource, r *http.Request, value string, deleted bool, id, now uint32) {
-	old, hadOld := k.sessionID(r)
+func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, value string, deleted bool, id, now uint32) {
+	old, hadOld := k.value(r)
 	if deleted {
 		if hadOld {
 			table.remove(sessionIDHash(old))

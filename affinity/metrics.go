@@ -105,11 +105,11 @@ func (upstreamCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (upstreamCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, u := range healthcheck.All() {
-		ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(u.Sessions()), u.Dial)
+		ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(LiveSessions(u.ID)), u.Dial)
 		ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, float64(u.State()), u.Dial)
 	}
-	if st := currentTable(); st != nil {
-		ch <- prometheus.MustNewConstMetric(descTableSize, prometheus.GaugeValue, float64(st.len()))
-		ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(st.evictions.Load()))
+	if st := Table(); st != nil {
+		ch <- prometheus.MustNewConstMetric(descTableSize, prometheus.GaugeValue, float64(st.Entries))
+		ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(st.Evictions))
 	}
 }

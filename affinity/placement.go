@@ -5,64 +5,9 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
-
 	"github.com/caddy-affinity/caddy-affinity/hashring"
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
-
-// keep decides about a session pinned to upstream i: serve it there
-// (decided, upstream), make it wait for i under `hold` (decided, nil), or
-// let it fail over (not decided).
-func (p *Policy) keep(ps *poolState, i, failed int, r *http.Request, w http.ResponseWriter, issuePin, retry bool) (*reverseproxy.Upstream, bool) {
-	if i != failed && ps.pinnable(i) {
-		metrics.pinned.Inc()
-		return p.chosen(ps, i, r, w, issuePin, retry), true
-	}
-	rec := ps.recs[i]
-	if p.Hold <= 0 || !rec.State().AcceptsPinned() {
-		return nil, false // maintenance is an order to leave: no hold
-	}
-	// Reports of trouble closer than this belong to one incident; the
-	// farm watcher also reports unhealthy upstreams every second.
-	hold := time.Duration(p.Hold)
-	if rec.NoteTrouble(time.Now(), 2*hold+troubleGap) >= hold {
-		return nil, false
-	}
-	metrics.held.Inc()
-	if !ps.ups[i].Full() {
-		// Within the hold, try the upstream itself (Caddy waits
-		// lb_try_interval between attempts) whatever the health checks
-		// say: they lag a restart both ways, and passive checks keep a
-		// recovered upstream down for their whole fail_duration.
-		return p.chosen(ps, i, r, w, issuePin, retry), true
-	}
-	return nil, true
-}
-
-// place walks the ring from key to the first upstream that may take a new
-// session (see walkPlacement) and counts what it walked past.
-func (p *Policy) place(ps *poolState, key uint64, failed int) int {
-	var now time.Time
-	if p.SlowStart > 0 {
-		now = time.Now()
-	}
-	skippedState, skippedLoad := false, false
-	choice, _ := p.walkPlacement(ps, key, failed, now, func(_ int, d decline) {
-		switch d {
-		case declineState:
-			skippedState = true
-		case declineLoad:
-			skippedLoad = true
-		}
-	})
-	if skippedState {
-		metrics.drainSkip.Inc()
-	}
-	if skippedLoad && choice >= 0 {
-		metrics.overloadSkip.Inc()
-	}
-	return choice
-}
 
 // decline says why a placement walk passes over an upstream.
 type decline uint8
@@ -93,10 +38,11 @@ func (p *Policy) walkPlacement(ps *poolState, key uint64, failed int, now time.T
 	}
 	ps.ring.Walk(key, func(i int) bool {
 		d := accepts
+		v := ps.recs[i].ForNew(ps.ups[i])
 		switch {
-		case i == failed || !ps.ups[i].Available():
+		case i == failed || v == healthcheck.Down || v == healthcheck.Full:
 			d = declineDown
-		case !ps.recs[i].State().AcceptsNew():
+		case v != healthcheck.Serves:
 			d = declineState
 		case bound.total >= 0 && p.overloaded(ps, i, bound):
 			d = declineLoad
@@ -139,7 +85,7 @@ func (p *Policy) loadBound(ps *poolState, failed int) loadBound {
 	b := loadBound{}
 	for i := range ps.ups {
 		w := ps.weights[i]
-		if i == failed || w <= 0 || !ps.ups[i].Available() || !ps.recs[i].State().AcceptsNew() {
+		if i == failed || w <= 0 || ps.recs[i].ForNew(ps.ups[i]) != healthcheck.Serves {
 			continue
 		}
 		b.total += max(0, p.table.liveCount(ps.recs[i].ID))
@@ -173,10 +119,10 @@ func (p *Policy) overloaded(ps *poolState, i int, b loadBound) bool {
 func (p *Policy) routeIndex(ps *poolState, r *http.Request) int {
 	for i := range p.Keys {
 		k := &p.Keys[i]
-		if k.kind != keyCookie && k.kind != keyPathParam {
+		if !k.kind.tomcatRoute {
 			continue
 		}
-		id, ok := k.sessionID(r)
+		id, ok := k.value(r)
 		if !ok {
 			continue
 		}

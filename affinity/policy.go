@@ -21,9 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	weakrand "math/rand/v2"
 	"net/http"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -136,11 +134,8 @@ type Policy struct {
 	ctx    caddy.Context
 
 	releaseSyncer func()
-	probeMu       sync.Mutex
-	probeStop     func()
-	probeDials    string
-	probeClosed   bool
-	table         *sharedTable
+	farm          *farm
+	table         *sessionTable
 	logger        *zap.Logger
 
 	// pools caches the ring and pin tokens of the last pool seen; Caddy
@@ -201,11 +196,11 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 		p.releaseSyncer = release
 	}
 
-	table, err := acquireTable(p)
+	f, err := acquireFarm(p)
 	if err != nil {
 		return fmt.Errorf("session table: %v", err)
 	}
-	p.table = table
+	p.farm, p.table = f, f.table
 	return nil
 }
 
@@ -243,12 +238,8 @@ func (p *Policy) Validate() error {
 		}
 	}
 	if len(p.TomcatRoutes) > 0 {
-		hasID := false
-		for _, k := range p.Keys {
-			hasID = hasID || k.From == "cookie" || k.From == "path_param"
-		}
-		if !hasID {
-			return errors.New("tomcat_route needs a `key cookie` or `key path_param` to read the session id from")
+		if !p.readsTomcatRoutes() {
+			return errors.New(errTomcatRouteKey)
 		}
 		for route, dial := range p.TomcatRoutes {
 			if route == "" || dial == "" {
@@ -264,14 +255,32 @@ func (p *Policy) Validate() error {
 	return nil
 }
 
-// Cleanup lets go of the shared session table.
+// Cleanup stops the policy's probe and lets go of the farm (the shared
+// session table) and the state syncer.
 func (p *Policy) Cleanup() error {
-	p.stopProbe()
 	if p.releaseSyncer != nil {
 		p.releaseSyncer()
 	}
-	p.releaseTable()
+	if p.farm != nil {
+		p.farm.release(p)
+		p.farm = nil
+	}
 	return nil
+}
+
+// errTomcatRouteKey is the error for tomcat_route lines without a key
+// that carries a Java session id.
+const errTomcatRouteKey = "tomcat_route needs a `key cookie` or `key path_param` line: the route is read from that session id"
+
+// readsTomcatRoutes reports whether a key of the policy carries a Java
+// session id, from which tomcat_route reads the route.
+func (p *Policy) readsTomcatRoutes() bool {
+	for i := range p.Keys {
+		if kk := kindNamed(p.Keys[i].From); kk != nil && kk.tomcatRoute {
+			return true
+		}
+	}
+	return false
 }
 
 // validCookieName reports whether s is a cookie name: an RFC 6265
@@ -290,135 +299,79 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	if ps == nil {
 		return nil
 	}
+	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 	// An upstream that failed this very request is not selectable on
 	// the retry, even if Caddy's health checks have not caught up.
-	failed := -1
-	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
+	in := decideInput{failed: -1, now: clockNow()}
 	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
 	if retry {
-		failed = ps.index(prev)
+		in.failed = ps.index(prev)
 	}
+	_, in.learning = vars[learnVar].(*learnWriter)
 	var keyBuf [maxKeys]uint64
-	keys, firstKind := p.requestKeys(r, &keyBuf)
-	now := clockNow()
+	in.keys, in.kind = p.requestKeys(r, &keyBuf)
 
-	// 1. The pin cookie (read first: the route step issues it when it
-	// names another upstream).
-	pinned := -1
-	if !p.DisablePinCookie {
-		if v, ok := cookieValue(r.Header, p.PinCookie); ok {
-			if pinned = ps.pinIndex(v); pinned < 0 {
-				metrics.rejectedPins.Inc()
-			}
-		}
-	}
-	// 0. The app's own pin comes before ours: a session id whose route
-	// suffix names a worker (tomcat_route) says where the session lives.
-	routed := -1
-	if len(ps.routes) > 0 {
-		if routed = p.routeIndex(ps, r); routed >= 0 {
-			if up, decided := p.keep(ps, routed, failed, r, w, pinned != routed && !p.DisablePinCookie, retry); decided {
-				if up != nil {
-					p.remember(keys, ps.recs[routed].ID, now)
-				}
-				return up
-			}
-		}
-	}
-	if pinned >= 0 {
-		if up, decided := p.keep(ps, pinned, failed, r, w, false, retry); decided {
-			if up != nil {
-				p.remember(keys, ps.recs[pinned].ID, now)
-			}
-			return up
-		}
-	}
-
-	// 2. The session table: the first key present that has a live entry.
-	// A session's keys change over its life (the first request has no
-	// app cookie yet and is known by its client IP; an app may rotate its
-	// session id), so every present key is tried, and what is chosen is
-	// recorded under all of them.
-	//
-	// An alias entry (recorded under a key that was not its request's
-	// first, such as the client IP next to an app cookie) is what carries
-	// a session over to the new id its app issues (on its first response,
-	// after a failover). Under affinity_learn the learner records those
-	// ids as they are issued, so an unknown app session id is not one of
-	// them: it is then placed on its own rather than sent after an alias,
-	// which many users behind one address (NAT) share.
-	_, learning := vars[learnVar].(*learnWriter)
-	laterAliases := !learning || !learnable(firstKind)
-	from := pinned
-	for j, key := range keys {
-		id, ok := p.table.follow(key, now, p.ttl, j == 0 || laterAliases)
-		if !ok {
-			continue
-		}
-		i := ps.indexByID(id)
-		if i < 0 {
-			continue // an upstream this pool does not have
-		}
-		if up, decided := p.keep(ps, i, failed, r, w, pinned != i && !p.DisablePinCookie, retry); decided {
-			if up != nil {
-				p.remember(keys, id, now)
-			}
-			return up
-		}
-		if from < 0 {
-			from = i
-		}
-		break
-	}
-
-	// 3. Place on the ring, by the first key present; a new session with
-	// no key yet is placed at random (uniformly over ring slots, so
-	// weights hold) and the throwaway key is not remembered.
-	key := weakrand.Uint64()
-	if len(keys) > 0 {
-		key = keys[0]
-	}
-	choice := p.place(ps, key, failed)
-	if choice < 0 {
-		metrics.noUpstream.Inc()
+	var d decision
+	p.decide(ps, r, &in, &d)
+	p.count(&d)
+	if d.chosen < 0 {
 		return nil
 	}
-	p.remember(keys, ps.recs[choice].ID, now)
-	if from < 0 {
-		from = routed
+	p.remember(in.keys, ps.recs[d.chosen].ID, in.now)
+	if d.by == fromRing && !d.held {
+		if from := d.from(); from >= 0 && from != d.chosen {
+			p.logFailover(ps, from, d.chosen, d.firstVerdict())
+		}
 	}
-	if from < 0 {
-		from = failed
+	issuePin := !p.DisablePinCookie && d.pinned != d.chosen
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry)
+}
+
+// count counts the decision in the metrics.
+func (p *Policy) count(d *decision) {
+	if d.pinRejected {
+		metrics.rejectedPins.Inc()
 	}
-	if from < 0 || from == choice {
-		metrics.placed.Inc()
-	} else {
+	if d.skippedState {
+		metrics.drainSkip.Inc()
+	}
+	if d.skippedLoad && d.chosen >= 0 {
+		metrics.overloadSkip.Inc()
+	}
+	switch {
+	case d.held:
+		metrics.held.Inc()
+	case d.chosen < 0:
+		metrics.noUpstream.Inc()
+	case d.by != fromRing:
+		metrics.pinned.Inc()
+	case d.from() >= 0 && d.from() != d.chosen:
 		metrics.failover.Inc()
-		p.logger.Info("session failed over",
-			zap.String("from", ps.ups[from].Dial),
-			zap.String("to", ps.ups[choice].Dial),
-			zap.String("reason", ps.unavailableReason(from, failed)))
-		failovers.record(ps.ups[from].Dial, ps.ups[choice].Dial, ps.unavailableReason(from, failed))
+	default:
+		metrics.placed.Inc()
 	}
-	return p.chosen(ps, choice, r, w, !p.DisablePinCookie, retry)
+}
+
+// logFailover logs a session's failover and records it for the status
+// page.
+func (p *Policy) logFailover(ps *poolState, from, to int, why healthcheck.Verdict) {
+	p.logger.Info("session failed over",
+		zap.String("from", ps.ups[from].Dial),
+		zap.String("to", ps.ups[to].Dial),
+		zap.String("reason", why.String()))
+	failovers.record(ps.ups[from].Dial, ps.ups[to].Dial, why.String())
 }
 
 // maxKeys bounds the number of key sources, so that a request's key
 // hashes fit in an array on the stack.
 const maxKeys = 8
 
-// keyHashes returns the hashes of the configured keys present in the
-// request, in configured order, in buf's storage.
-func (p *Policy) keyHashes(r *http.Request, buf *[maxKeys]uint64) []uint64 {
-	keys, _ := p.requestKeys(r, buf)
-	return keys
-}
-
-// requestKeys is keyHashes that also returns the kind of the first key
-// present (0 if none).
-func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64) ([]uint64, keyKind) {
+// requestKeys returns the hashes of the configured keys present in the
+// request, in configured order, in buf's storage, and the kind of the
+// first (nil if none).
+func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64) ([]uint64, *keyKind) {
 	keys := buf[:0]
-	var first keyKind
+	var first *keyKind
 	for i := range p.Keys {
 		if h, ok := p.Keys[i].hash(r); ok {
 			if len(keys) == 0 {
@@ -428,12 +381,6 @@ func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64) ([]uint64, k
 		}
 	}
 	return keys, first
-}
-
-// learnable reports whether affinity_learn records the keys of a kind
-// when the app issues them.
-func learnable(k keyKind) bool {
-	return k == keyCookie || k == keyPathParam || k == keyCookieless
 }
 
 // remember records (and slides) key -> upstream for every key present;

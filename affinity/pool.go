@@ -1,6 +1,8 @@
 package affinity
 
 import (
+	"time"
+
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
 
@@ -97,7 +99,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		weights: make([]int, len(pool)),
 	}
 	members := make([]hashring.Member, len(pool))
-	defer noteNewUpstreams(pool)
+	healthcheck.NoteAdded(pool, time.Now())
 	for i, u := range pool {
 		ps.recs[i] = healthcheck.Get(u.Dial)
 		weight := 1
@@ -179,26 +181,4 @@ func (ps *poolState) pinIndex(value string) int {
 		}
 	}
 	return -1
-}
-
-// pinnable reports whether upstream i may go on serving a session already
-// pinned to it: Caddy says it is available (health checks, max_requests)
-// and its lifecycle state keeps pinned sessions.
-func (ps *poolState) pinnable(i int) bool {
-	return ps.ups[i].Available() && ps.recs[i].State().AcceptsPinned()
-}
-
-// unavailableReason says why a session left upstream i, for the log.
-func (ps *poolState) unavailableReason(i, failed int) string {
-	switch {
-	case i == failed:
-		return "request to upstream failed"
-	case !ps.ups[i].Healthy():
-		return "upstream unhealthy"
-	case ps.ups[i].Full():
-		return "upstream at max_requests"
-	case !ps.recs[i].State().AcceptsPinned():
-		return "upstream in " + ps.recs[i].State().String()
-	}
-	return "upstream not selectable"
 }

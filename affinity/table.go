@@ -4,8 +4,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
 // sessionTable remembers which upstream each session key was given, so
@@ -86,29 +84,19 @@ var tableEpoch = time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC).Unix()
 // tableNow returns a time in table seconds.
 func tableNow(now time.Time) uint32 { return uint32(now.Unix() - tableEpoch) }
 
-// clock is the current time in table seconds, kept by a ticker so that
-// the request path does not read the system clock (which costs more than
-// the rest of a pinned selection on some virtual machines).
-var clock struct {
-	once sync.Once
-	now  atomic.Uint32
-}
+// clock is the current time in table seconds, kept by the farm's loop
+// so that the request path does not read the system clock (which costs
+// more than the rest of a pinned selection on some virtual machines).
+// Zero when no farm runs.
+var clock atomic.Uint32
 
 // clockNow returns the current time in table seconds, to within a
-// quarter of a second.
+// quarter of a second while the farm runs.
 func clockNow() uint32 {
-	if now := clock.now.Load(); now != 0 {
+	if now := clock.Load(); now != 0 {
 		return now
 	}
-	clock.once.Do(func() {
-		clock.now.Store(tableNow(time.Now()))
-		go func() {
-			for now := range time.Tick(250 * time.Millisecond) {
-				clock.now.Store(tableNow(now))
-			}
-		}()
-	})
-	return clock.now.Load()
+	return tableNow(time.Now())
 }
 
 func newSessionTable(maxSessions int) *sessionTable {
@@ -294,33 +282,29 @@ func (t *sessionTable) len() int {
 	return n
 }
 
-// sweep deletes expired entries and returns the number of live sessions
-// (main entries) per upstream ID. It holds one shard's lock at a time, so
-// requests on other shards go on.
-func (t *sessionTable) sweep(now uint32) map[uint32]int64 {
-	counts := make(map[uint32]int64)
+// sweep deletes expired entries and returns how many it deleted. It
+// holds one shard's lock at a time, so requests on other shards go on.
+func (t *sessionTable) sweep(now uint32) int {
+	removed := 0
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
 		for k, e := range s.m {
 			if e.expires < now {
 				t.deleteLocked(s, k, e)
-				continue
-			}
-			if !e.alias() {
-				counts[e.up]++
+				removed++
 			}
 		}
 		s.mu.Unlock()
 	}
-	return counts
+	return removed
 }
 
-// publishCounts writes the live-session counts of a sweep to the
-// upstream records the admin API and metrics read; upstreams with no
-// entry get zero.
-func publishCounts(counts map[uint32]int64) {
-	for _, u := range healthcheck.All() {
-		u.SetSessions(counts[u.ID])
-	}
+// peek returns key's entry if it is live at now, without sliding it.
+func (t *sessionTable) peek(key uint64, now uint32) (tableEntry, bool) {
+	s := t.shard(key)
+	s.mu.Lock()
+	e, ok := s.m[key]
+	s.mu.Unlock()
+	return e, ok && e.expires >= now
 }

@@ -52,10 +52,11 @@ func TestTableSweepCounts(t *testing.T) {
 	for k := uint64(0); k < 30; k++ {
 		tb.put(k, uint32(k%3), 0, uint32(10+k))
 	}
-	counts := tb.sweep(25) // keys with 10+k < 25 (k < 15) are expired
+	removed := tb.sweep(25) // keys with 10+k < 25 (k < 15) are expired
+	counts := [3]int64{tb.liveCount(0), tb.liveCount(1), tb.liveCount(2)}
 	total := counts[0] + counts[1] + counts[2]
-	if total != 15 || counts[0] != 5 {
-		t.Fatalf("sweep counts %v, want 15 live, 5 per upstream", counts)
+	if removed != 15 || total != 15 || counts[0] != 5 {
+		t.Fatalf("sweep removed %d, counts %v, want 15 removed, 15 live, 5 per upstream", removed, counts)
 	}
 	if tb.len() != 15 {
 		t.Fatalf("sweep left %d entries, want 15", tb.len())
@@ -65,7 +66,7 @@ func TestTableSweepCounts(t *testing.T) {
 	if up, ok := tb.get(100, 25, 0); !ok || up != 1 {
 		t.Fatalf("alias entry reads as %d, %v; want upstream 1", up, ok)
 	}
-	if counts := tb.sweep(25); counts[1] != 5 {
-		t.Fatalf("an alias entry was counted as a session: %v", counts)
+	if tb.sweep(25); tb.liveCount(1) != 5 {
+		t.Fatalf("an alias entry was counted as a session: %d", tb.liveCount(1))
 	}
 }

@@ -27,6 +27,8 @@ import (
 	// without the policy would only give a demo that fails to load.
 	_ "github.com/caddy-affinity/caddy-affinity/affinity"
 	"github.com/caddy-affinity/caddy-affinity/demoapp"
+
+	"github.com/caddy-affinity/caddy-affinity/adminapi"
 )
 
 //go:embed demo.Caddyfile
@@ -160,12 +162,12 @@ func adminOrigins(admin string) []string {
 func statusURL(admin string) string {
 	host, port, err := net.SplitHostPort(admin)
 	if err != nil {
-		return "http://" + admin + "/affinity/"
+		return "http://" + admin + adminapi.StatusPath
 	}
 	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
 		host = "localhost"
 	}
-	return "http://" + net.JoinHostPort(host, port) + "/affinity/"
+	return "http://" + net.JoinHostPort(host, port) + adminapi.StatusPath
 }
 
 // demoCommand builds `caddy affinity demo`.

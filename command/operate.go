@@ -17,6 +17,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	"github.com/caddy-affinity/caddy-affinity/adminapi"
 )
 
 // The operator commands: `caddy affinity status|drain|maintenance|up`.
@@ -173,7 +175,7 @@ func adminAddress(cmd *cobra.Command) (string, error) {
 // listUpstreams returns GET /affinity/upstreams.
 func listUpstreams(ctx context.Context, addr string) ([]upstreamStatus, error) {
 	var ups []upstreamStatus
-	if err := adminCall(ctx, addr, http.MethodGet, "/affinity/upstreams", nil, &ups); err != nil {
+	if err := adminCall(ctx, addr, http.MethodGet, adminapi.UpstreamsPath, nil, &ups); err != nil {
 		return nil, err
 	}
 	return ups, nil
@@ -189,7 +191,7 @@ func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait 
 	dial := resolveUpstream(ups, arg)
 	body, _ := json.Marshal(map[string]string{"upstream": dial, "state": state})
 	var u upstreamStatus
-	if err := adminCall(ctx, addr, http.MethodPost, "/affinity/upstreams/state", body, &u); err != nil {
+	if err := adminCall(ctx, addr, http.MethodPost, adminapi.StatePath, body, &u); err != nil {
 		return err
 	}
 	fmt.Fprintln(out, describeChange(u))

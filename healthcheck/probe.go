@@ -293,11 +293,11 @@ func (p *Probe) start(ctx context.Context, reg *registry, dials []string, logger
 	}
 }
 
-// probers holds the running probers by registry, dial and configuration.
-var probers = struct {
-	sync.Mutex
-	m map[proberKey]*prober
-}{m: make(map[proberKey]*prober)}
+// probers holds the running probers, one per registry, dial and
+// configuration. A dial probed alike by several policies, or by the old
+// and the new config during a reload, shares one prober (and its counts);
+// the last release stops it.
+var probers = caddy.NewUsagePool()
 
 type proberKey struct {
 	reg  *registry
@@ -314,7 +314,6 @@ type prober struct {
 	url    string
 	client *http.Client
 	logger atomic.Pointer[zap.Logger]
-	refs   int // guarded by probers
 
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -325,52 +324,45 @@ type prober struct {
 
 func acquireProber(reg *registry, cfg Probe, dial string, logger *zap.Logger) (*prober, error) {
 	k := proberKey{reg: reg, dial: dial, cfg: cfg.key()}
-	probers.Lock()
-	defer probers.Unlock()
-	if pr := probers.m[k]; pr != nil {
-		pr.refs++
+	v, _, err := probers.LoadOrNew(k, func() (caddy.Destructor, error) {
+		pr, err := newProber(reg, cfg, dial)
+		if err != nil {
+			return nil, err
+		}
+		pr.key = k
 		pr.logger.Store(logger)
+		ctx, cancel := context.WithCancel(context.Background())
+		pr.cancel = cancel
+		go pr.run(ctx)
 		return pr, nil
-	}
-	pr, err := newProber(reg, cfg, dial)
+	})
 	if err != nil {
 		return nil, err
 	}
-	pr.key = k
-	pr.refs = 1
+	pr := v.(*prober)
 	pr.logger.Store(logger)
-	probers.m[k] = pr
-	ctx, cancel := context.WithCancel(context.Background())
-	pr.cancel = cancel
-	go pr.run(ctx)
 	return pr, nil
 }
 
-// releaseProber drops one reference; the last one stops the prober, and
-// if no other prober watches the dial, undoes the probe's drain (nobody
-// would ever undo it otherwise).
-func releaseProber(pr *prober) {
-	probers.Lock()
-	pr.refs--
-	if pr.refs > 0 {
-		probers.Unlock()
-		return
-	}
-	delete(probers.m, pr.key)
-	others := false
-	for k := range probers.m {
-		if k.reg == pr.reg && k.dial == pr.key.dial {
-			others = true
-			break
-		}
-	}
-	probers.Unlock()
+// releaseProber drops one reference; the last one stops the prober.
+func releaseProber(pr *prober) { _, _ = probers.Delete(pr.key) }
+
+// Destruct stops the prober and, if no other prober watches the dial,
+// undoes the probe's drain (nobody would ever undo it otherwise).
+func (pr *prober) Destruct() error {
 	pr.cancel()
 	<-pr.done
 	pr.client.CloseIdleConnections()
+	others := false
+	probers.Range(func(key, _ any) bool {
+		k := key.(proberKey)
+		others = k.reg == pr.reg && k.dial == pr.key.dial
+		return !others
+	})
 	if !others {
 		pr.reg.probeUndrain(pr.up, reasonProbeStopped)
 	}
+	return nil
 }
 
 func newProber(reg *registry, cfg Probe, dial string) (*prober, error) {
@@ -507,4 +499,7 @@ func (pr *prober) check(ctx context.Context) (answer, string) {
 }
 
 // Interface guards
-var _ caddyfile.Unmarshaler = (*Probe)(nil)
+var (
+	_ caddyfile.Unmarshaler = (*Probe)(nil)
+	_ caddy.Destructor      = (*prober)(nil)
+)

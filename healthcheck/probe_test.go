@@ -66,15 +66,26 @@ func (in *testInstance) startProbe(t *testing.T, p *Probe, dials ...string) func
 	return stop
 }
 
-func findProber(reg *registry, dial string) *prober {
-	probers.Lock()
-	defer probers.Unlock()
-	for k, pr := range probers.m {
-		if k.reg == reg && k.dial == dial {
-			return pr
+func findProber(reg *registry, dial string) (found *prober) {
+	probers.Range(func(key, v any) bool {
+		if k := key.(proberKey); k.reg == reg && k.dial == dial {
+			found = v.(*prober)
 		}
-	}
-	return nil
+		return found == nil
+	})
+	return found
+}
+
+// countProbers returns how many probers run for reg.
+func countProbers(reg *registry) int {
+	n := 0
+	probers.Range(func(key, _ any) bool {
+		if key.(proberKey).reg == reg {
+			n++
+		}
+		return true
+	})
+	return n
 }
 
 // The probe drains an upstream after Passes consecutive drain answers,
@@ -198,9 +209,8 @@ func TestProbeFailuresKeepState(t *testing.T) {
 		t.Fatal(err)
 	}
 	dial := l.Addr().String()
-	l.Close() // connection refused from now on
-	u := in.reg.get(dial)
-	u.SetState(Up)
+	l.Close()             // connection refused from now on
+	u := in.reg.get(dial) // up, set by nobody
 	in.startProbe(t, fastProbe(), dial)
 	pr := findProber(in.reg, dial)
 	if pr == nil {
@@ -244,14 +254,8 @@ func TestProbeShared(t *testing.T) {
 	stop1 := in.startProbe(t, fastProbe(), srv.dial(), srv.dial())
 	stop2 := in.startProbe(t, fastProbe(), srv.dial())
 	pr := findProber(in.reg, srv.dial())
-	probers.Lock()
-	n, refs := 0, pr.refs
-	for k := range probers.m {
-		if k.reg == in.reg {
-			n++
-		}
-	}
-	probers.Unlock()
+	n := countProbers(in.reg)
+	refs, _ := probers.References(pr.key)
 	if n != 1 || refs != 2 {
 		t.Fatalf("%d probers with %d refs, want 1 with 2", n, refs)
 	}
@@ -283,15 +287,7 @@ func TestProbeShared(t *testing.T) {
 	other.Passes = 3
 	in.startProbe(t, fastProbe(), srv.dial())
 	in.startProbe(t, other, srv.dial())
-	probers.Lock()
-	n = 0
-	for k := range probers.m {
-		if k.reg == in.reg {
-			n++
-		}
-	}
-	probers.Unlock()
-	if n != 2 {
+	if n := countProbers(in.reg); n != 2 {
 		t.Errorf("%d probers for two configurations", n)
 	}
 }

@@ -1,16 +1,22 @@
-// Package healthcheck holds what caddy-affinity knows about each upstream
-// beyond Caddy's own health checks: its lifecycle state (up, draining,
-// maintenance), how many live sessions are pinned to it, and how many
-// requests it was given.
+// Package healthcheck owns whether an upstream may serve, in full: for
+// every dial address it keeps
 //
-// Upstreams are global and keyed by dial address, like Caddy's own hosts,
-// so a state set through the admin API applies to every reverse_proxy
-// that dials the address and survives config reloads.
+//   - Caddy's health verdict, read live from the Caddy upstream the
+//     config walker last saw for the address (Track): active and passive
+//     health checks, the circuit breaker and max_requests, never copied;
+//   - its lifecycle state (up, draining, maintenance), set by an operator
+//     (Operate) or by the upstream itself (the drain probe, Probe), and
+//     shared with every instance using the same Caddy storage (AcquireSyncer);
+//   - the clocks `hold` and `slow_start` read: how long it has been in
+//     trouble (NoteTrouble) and how long it has been back (Observe, BackFor).
 //
-// The package also serves the admin API module admin.api.affinity
-// (GET /affinity/upstreams, POST /affinity/upstreams/state), shares the
-// states operators set through Caddy's storage (AcquireSyncer), and runs
-// the backend-signalled drain probe (Probe).
+// Verdict combines the first two into one answer, with the words for
+// why an upstream cannot serve. Upstreams are global and keyed by dial
+// address, like Caddy's own hosts, so a state applies to every
+// reverse_proxy that dials the address and survives config reloads.
+//
+// The package knows nothing of sessions: counting them is the affinity
+// policy's job, and the admin API (package adminapi) puts both together.
 package healthcheck
 
 import (
@@ -22,6 +28,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
 )
 
@@ -97,15 +104,20 @@ type Upstream struct {
 	// address itself.
 	ID uint32
 
-	state     atomic.Uint32
-	since     atomic.Int64  // unix nanoseconds of the last state change
-	setBy     atomic.Uint32 // a setter: who put it in its current state
-	requests  atomic.Uint64
-	sessions  atomic.Int64
-	unhealthy atomic.Bool // inverted so that the zero value means healthy
+	state    atomic.Uint32
+	since    atomic.Int64  // unix nanoseconds of the last state change
+	setBy    atomic.Uint32 // a setter: who put it in its current state
+	requests atomic.Uint64
 
-	// hold and slow-start bookkeeping (availability.go), unix nanoseconds
+	// caddy is the Caddy upstream the config walker (or a request) last
+	// saw for this address; its Healthy and Full are the verdict.
+	caddy atomic.Pointer[reverseproxy.Upstream]
+
+	// hold and slow-start clocks (health.go), unix nanoseconds
 	troubleStart, troubleLast, backSince atomic.Int64
+	// placeable is whether the upstream could take new sessions at the
+	// last observation, observed whether there was one (health.go).
+	placeable, observed atomic.Bool
 
 	// operator is the last state an operator set for this upstream, here
 	// or on an instance sharing storage; nil if none ever was. Operator
@@ -122,7 +134,7 @@ type Upstream struct {
 type setter uint32
 
 const (
-	// setByNone: the initial state, or one set by code (SetState).
+	// setByNone: the initial state, or the probe's undrain.
 	setByNone setter = iota
 	// setByOperator: an operator, through the admin API of this instance
 	// or of one sharing its storage. The probe never overrides it.
@@ -172,17 +184,6 @@ func (u *Upstream) Since() time.Time {
 	return time.Unix(0, ns)
 }
 
-// SetState changes the lifecycle state and reports whether it changed.
-// It is meant for code and tests; it records no owner, so the drain
-// probe may later drain an upstream set Up this way (but never undoes a
-// Draining or Maintenance set this way). Operators use the admin API.
-func (u *Upstream) SetState(s State) bool {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	_, changed := u.setLocked(s, time.Now(), setByNone)
-	return changed
-}
-
 // setLocked changes the state and its owner; u.mu must be held.
 func (u *Upstream) setLocked(s State, at time.Time, by setter) (old State, changed bool) {
 	old = State(u.state.Load())
@@ -198,49 +199,15 @@ func (u *Upstream) setLocked(s State, at time.Time, by setter) (old State, chang
 // setter returns who put the upstream in its current state.
 func (u *Upstream) setter() setter { return setter(u.setBy.Load()) }
 
-// SetHealthy records Caddy's view of the upstream's health (its active
-// and passive health checks), which only the selection policy can see:
-// the policy calls it for the upstreams it looks at. It is one atomic
-// store, and a no-op store when unchanged is cheap enough for every
-// request.
-func (u *Upstream) SetHealthy(healthy bool) {
-	if u.unhealthy.Load() == !healthy {
-		return // avoid dirtying the cache line on the request path
-	}
-	u.unhealthy.Store(!healthy)
-}
-
-// Healthy returns the health last reported by SetHealthy; true until
-// the first report.
-func (u *Upstream) Healthy() bool { return !u.unhealthy.Load() }
+// SetBy says who put the upstream in its current state: "operator",
+// "probe", or "" (never changed).
+func (u *Upstream) SetBy() string { return u.setter().String() }
 
 // CountRequest records that a request was sent to this upstream.
 func (u *Upstream) CountRequest() { u.requests.Add(1) }
 
 // Requests returns the number of requests the affinity policy sent here.
 func (u *Upstream) Requests() uint64 { return u.requests.Load() }
-
-// Sessions returns the number of live sessions pinned to the upstream:
-// exact when a session counter is registered (the affinity policy's
-// session table), otherwise as last set by SetSessions.
-func (u *Upstream) Sessions() int64 {
-	if f := sessionCounter.Load(); f != nil {
-		return (*f)(u.ID)
-	}
-	return u.sessions.Load()
-}
-
-// sessionCounter counts the live sessions of an upstream by ID.
-var sessionCounter atomic.Pointer[func(id uint32) int64]
-
-// SetSessionCounter registers the function Sessions asks, so that the
-// admin API, metrics and drained reflect the session table at the moment
-// they are read rather than at its last sweep.
-func SetSessionCounter(f func(id uint32) int64) { sessionCounter.Store(&f) }
-
-// SetSessions records the live session count (the session table's sweep
-// calls it; Sessions prefers a registered counter).
-func (u *Upstream) SetSessions(n int64) { u.sessions.Store(n) }
 
 // registry is a set of upstreams by dial address, with what is needed to
 // change their states: the instance name written to storage, the logger
@@ -263,6 +230,10 @@ type registry struct {
 
 	syncMu  sync.Mutex
 	syncers []*Syncer // live syncers, the most recently started last
+
+	// looked is set by the first Observe: from then on an upstream seen
+	// for the first time was added to a running config (slow start).
+	looked atomic.Bool
 }
 
 func newRegistry(instance func() string, logger func() *zap.Logger) *registry {
@@ -397,7 +368,6 @@ func (r *registry) logChange(u *Upstream, old, s State, reason string, fields ..
 		zap.String("old_state", old.String()),
 		zap.String("new_state", s.String()),
 		zap.String("reason", reason),
-		zap.Int64("sessions", u.Sessions()),
 	}, fields...)
 	msg := "upstream state changed"
 	if old == s {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -61,12 +60,12 @@ func TestSyncTwoInstancesAgree(t *testing.T) {
 	a, b := newInstance(t, "a"), newInstance(t, "b")
 	const dial = "10.0.0.1:8080"
 	a.reg.get(dial)
-	b.reg.get(dial).SetSessions(4)
+	b.reg.get(dial)
 	a.acquire(t, &certmagic.FileStorage{Path: dir})
 	b.acquire(t, &certmagic.FileStorage{Path: dir})
 
-	if rec := a.post(t, `{"upstream":"`+dial+`","state":"maintenance"}`); rec.Code != http.StatusOK {
-		t.Fatalf("POST on a: %d %s", rec.Code, rec.Body)
+	if err := a.post(t, dial, Maintenance); err != nil {
+		t.Fatalf("operate on a: %v", err)
 	}
 	// Written right away, not at the next round.
 	st := &certmagic.FileStorage{Path: dir}
@@ -86,21 +85,21 @@ func TestSyncTwoInstancesAgree(t *testing.T) {
 	}
 	changes := b.stateChanges(dial)
 	if len(changes) != 1 || changes[0]["reason"] != "storage sync" || changes[0]["by"] != "a" ||
-		changes[0]["new_state"] != "maintenance" || changes[0]["sessions"] != int64(4) {
+		changes[0]["new_state"] != "maintenance" {
 		t.Errorf("b logged %v", changes)
 	}
 
 	// And back the other way.
-	if rec := b.post(t, `{"upstream":"`+dial+`","state":"up"}`); rec.Code != http.StatusOK {
-		t.Fatalf("POST on b: %d %s", rec.Code, rec.Body)
+	if err := b.post(t, dial, Up); err != nil {
+		t.Fatalf("operate on b: %v", err)
 	}
 	waitFor(t, 5*time.Second, "a applies b's up", func() bool { return a.reg.lookup(dial).State() == Up })
 
 	// An upstream a has never used still gets its state, ready for when
 	// a policy uses it.
 	b.reg.get("10.0.0.9:80")
-	if rec := b.post(t, `{"upstream":"10.0.0.9:80","state":"draining"}`); rec.Code != http.StatusOK {
-		t.Fatal(rec.Body)
+	if err := b.post(t, "10.0.0.9:80", Draining); err != nil {
+		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "a learns a new upstream's state", func() bool {
 		u := a.reg.lookup("10.0.0.9:80")
@@ -116,8 +115,8 @@ func TestSyncRestartLoadsStates(t *testing.T) {
 	a.reg.get("10.0.0.1:8080")
 	a.reg.get("10.0.0.2:8080")
 	release := a.acquire(t, &certmagic.FileStorage{Path: dir})
-	a.post(t, `{"upstream":"10.0.0.1:8080","state":"draining"}`)
-	a.post(t, `{"upstream":"10.0.0.2:8080","state":"maintenance"}`)
+	a.post(t, "10.0.0.1:8080", Draining)
+	a.post(t, "10.0.0.2:8080", Maintenance)
 	wantSince := a.reg.lookup("10.0.0.1:8080").Since()
 	release()
 
@@ -141,8 +140,8 @@ func TestSyncWritesStateSetBeforeStart(t *testing.T) {
 	st := &certmagic.FileStorage{Path: dir}
 	a := newInstance(t, "a")
 	a.reg.get("10.0.0.1:8080")
-	if rec := a.post(t, `{"upstream":"10.0.0.1:8080","state":"draining"}`); rec.Code != http.StatusOK {
-		t.Fatalf("POST without storage: %d %s", rec.Code, rec.Body)
+	if err := a.post(t, "10.0.0.1:8080", Draining); err != nil {
+		t.Fatalf("operate without storage: %v", err)
 	}
 	if _, ok := readRecord(t, st, "10.0.0.1:8080"); ok {
 		t.Fatal("written without a syncer?")
@@ -238,7 +237,7 @@ func (s *failingStorage) Store(ctx context.Context, key string, value []byte) er
 	return s.FileStorage.Store(ctx, key, value)
 }
 
-// A failed write is a 500 that says the state was applied here, and the
+// A failed write is an error that says the state was applied here, and the
 // syncer writes it once storage works again.
 func TestSyncWriteFailure(t *testing.T) {
 	t.Parallel()
@@ -247,11 +246,12 @@ func TestSyncWriteFailure(t *testing.T) {
 	a.reg.get("10.0.0.1:8080")
 	a.acquire(t, st)
 	st.broken.Store(true)
-	rec := a.post(t, `{"upstream":"10.0.0.1:8080","state":"maintenance"}`)
-	if rec.Code != http.StatusInternalServerError {
-		t.Fatalf("status %d, want 500", rec.Code)
+	err := a.post(t, "10.0.0.1:8080", Maintenance)
+	var se StorageError
+	if !errors.As(err, &se) {
+		t.Fatalf("error %v, want a StorageError (the admin API answers it with 500)", err)
 	}
-	msg := decodeError(t, rec)
+	msg := err.Error()
 	for _, want := range []string{"10.0.0.1:8080 is now maintenance on this instance", "writing it to storage failed", "disk on fire"} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("error %q does not say %q", msg, want)
@@ -300,7 +300,7 @@ func TestSyncerAcrossReload(t *testing.T) {
 	}
 	// Still syncing.
 	a.reg.get("10.0.0.1:8080")
-	a.post(t, `{"upstream":"10.0.0.1:8080","state":"draining"}`)
+	a.post(t, "10.0.0.1:8080", Draining)
 	if _, ok := readRecord(t, nu, "10.0.0.1:8080"); !ok {
 		t.Error("not written after the reload")
 	}

@@ -269,6 +269,9 @@ type proxyConfig struct {
 	// ProxyExtra is added to the reverse_proxy block, one directive (or
 	// block) a line, e.g. a transport block.
 	ProxyExtra string
+	// Extra is appended to the Caddyfile as it is: more sites, named
+	// routes.
+	Extra string
 }
 
 func indent(s, prefix string) string {
@@ -337,11 +340,11 @@ http://127.0.0.1:%d {
 		fail_duration %s
 %s	}
 }
-`, adminPort, cfg.Storage, indent(cfg.Global, "\t"), sitePort,
+%s`, adminPort, cfg.Storage, indent(cfg.Global, "\t"), sitePort,
 		strings.Join(cfg.Upstreams, " "), indent(cfg.Policy, "\t\t\t"),
 		retries, orDefault(cfg.TryDuration, "3s"),
 		healthInterval, orDefault(cfg.HealthTimeout, "1s"), fail,
-		indentBlock(cfg.ProxyExtra, "\t\t"))
+		indentBlock(cfg.ProxyExtra, "\t\t"), cfg.Extra)
 }
 
 // syncBuffer is a goroutine-safe output sink.

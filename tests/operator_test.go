@@ -245,7 +245,7 @@ func TestStatusPageAPI(t *testing.T) {
 	obsGetJSON(t, p.Admin+"/affinity/", &st)
 	moved := 0
 	for _, f := range st.Failovers {
-		if f.From != vb.addr || f.Reason != "upstream in maintenance" {
+		if f.From != vb.addr || f.Reason != "maintenance" {
 			t.Errorf("failover event %+v", f)
 		}
 		moved += f.Count
@@ -266,7 +266,7 @@ func TestStatusPageAPI(t *testing.T) {
 			t.Errorf("page has no row for %s", b.addr)
 		}
 	}
-	if strings.Count(page, `data-action="draining"`) != 3 || !strings.Contains(page, "upstream in maintenance") {
+	if strings.Count(page, `data-action="draining"`) != 3 || !strings.Contains(page, "maintenance") {
 		t.Errorf("page lacks the buttons or the failover")
 	}
 	if status, _, _ := obsDo(t, http.MethodGet, p.Admin+"/affinity/nope", nil); status != http.StatusNotFound {

@@ -1,9 +1,7 @@
 package affinity
 
 import (
-	"encoding/json"
 	"fmt"
-	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -16,8 +14,8 @@ import (
 )
 
 // siteOf wraps a policy and its pool as the farm walker would find them.
-func siteOf(p *Policy, pool reverseproxy.UpstreamPool) policySite {
-	return policySite{
+func siteOf(p *Policy, pool reverseproxy.UpstreamPool) Site {
+	return Site{
 		Server:  "srv0",
 		Path:    "/config/apps/http/servers/srv0/routes/0/handle/0",
 		Handler: &reverseproxy.Handler{Upstreams: pool},
@@ -36,7 +34,7 @@ func TestLookupAgreesWithSelect(t *testing.T) {
 
 	check := func(step, sid, wantDecision string) string {
 		t.Helper()
-		got := lookup(site, "cookie", "sid", sid, time.Now())
+		got := Explain(site, "cookie", "sid", sid, time.Now())
 		if got.Error != "" {
 			t.Fatalf("%s: lookup error: %s", step, got.Error)
 		}
@@ -47,31 +45,31 @@ func TestLookupAgreesWithSelect(t *testing.T) {
 		if got.Upstream == nil || up == nil || *got.Upstream != up.Dial {
 			t.Fatalf("%s: lookup says %v, Select chose %v (%s)", step, got.Upstream, up, got.Reason)
 		}
-		if got.RingOwner == "" || len(got.Walk) == 0 && got.Decision == decidedRing {
+		if got.RingOwner == "" || len(got.Walk) == 0 && got.Decision == DecidedRing {
 			t.Fatalf("%s: no ring owner or walk: %+v", step, got)
 		}
 		return up.Dial
 	}
 
-	home := check("new session", "abc", decidedRing)
-	if got := check("returning session", "abc", decidedTable); got != home {
+	home := check("new session", "abc", DecidedRing)
+	if got := check("returning session", "abc", DecidedTable); got != home {
 		t.Fatalf("returning session moved from %s to %s", home, got)
 	}
 	setState(t, home, healthcheck.Draining)
-	check("draining keeps it", "abc", decidedTable)
+	check("draining keeps it", "abc", DecidedTable)
 	for i := range 20 {
 		// New sessions walk past the draining upstream.
 		sid := fmt.Sprintf("new-%d", i)
-		res := lookup(site, "cookie", "sid", sid, time.Now())
+		res := Explain(site, "cookie", "sid", sid, time.Now())
 		if *res.Upstream == home {
 			t.Fatalf("new session %s placed on draining %s", sid, home)
 		}
-		check("new while draining", sid, decidedRing)
+		check("new while draining", sid, DecidedRing)
 	}
-	healthcheck.Get(home).SetState(healthcheck.Maintenance)
-	moved := check("maintenance moves it", "abc", decidedFailover)
-	healthcheck.Get(home).SetState(healthcheck.Up)
-	if got := check("stays after recovery", "abc", decidedTable); got != moved {
+	operate(t, home, healthcheck.Maintenance)
+	moved := check("maintenance moves it", "abc", DecidedFailover)
+	operate(t, home, healthcheck.Up)
+	if got := check("stays after recovery", "abc", DecidedTable); got != moved {
 		t.Fatalf("session went back to %s after recovery, want it on %s", got, moved)
 	}
 }
@@ -82,12 +80,12 @@ func TestLookupWalkExplainsSkips(t *testing.T) {
 	pool := testPool(t, 3)
 	site := siteOf(p, pool)
 	// Find a key whose owner we then take out of service.
-	res := lookup(site, "header", "x-session", "k1", time.Now())
-	if res.Decision != decidedRing || res.RingOwner == "" {
+	res := Explain(site, "header", "x-session", "k1", time.Now())
+	if res.Decision != DecidedRing || res.RingOwner == "" {
 		t.Fatalf("fresh key: %+v", res)
 	}
 	setState(t, res.RingOwner, healthcheck.Maintenance)
-	res2 := lookup(site, "", "", "k1", time.Now())
+	res2 := Explain(site, "", "", "k1", time.Now())
 	if res2.Key != "header X-Session" {
 		t.Fatalf("default key is %q", res2.Key)
 	}
@@ -97,6 +95,15 @@ func TestLookupWalkExplainsSkips(t *testing.T) {
 	if res2.Upstream == nil || *res2.Upstream == res.RingOwner {
 		t.Fatalf("placed on the owner in maintenance: %+v", res2)
 	}
+}
+
+// explainedWalk walks the ring from key as a placement does, and returns
+// the choice the explanation of that walk shows next to the walk's own.
+func explainedWalk(p *Policy, ps *poolState, key uint64, now time.Time) (explained, placed int, out Explanation) {
+	var walk walkRecorder
+	placed, _ = p.walkPlacement(ps, key, -1, now, walk.step)
+	explained = p.explainWalk(ps, &walk, now, &out)
+	return explained, placed, out
 }
 
 // TestExplainWalkMatchesPlace compares the lookup's walk with the
@@ -118,9 +125,7 @@ func TestExplainWalkMatchesPlace(t *testing.T) {
 	reasons := map[string]int{}
 	for k := range uint64(2000) {
 		key := k * 0x9E3779B97F4A7C15
-		var out policyLookup
-		got := explainWalk(p, ps, key, now, &out)
-		want := p.place(ps, key, -1)
+		got, want, out := explainedWalk(p, ps, key, now)
 		if got != want {
 			t.Fatalf("key %x: explainWalk chose %d, place %d; walk %+v", key, got, want, out.Walk)
 		}
@@ -155,9 +160,8 @@ func TestExplainWalkMatchesPlaceUnderLoadBound(t *testing.T) {
 	now := time.Now()
 	for k := range uint64(2000) {
 		key := k*0x9E3779B97F4A7C15 + 7
-		var out policyLookup
-		got := explainWalk(p, ps, key, now, &out)
-		if want := p.place(ps, key, -1); got != want {
+		got, want, out := explainedWalk(p, ps, key, now)
+		if got != want {
 			t.Fatalf("key %x: explainWalk chose %d, place %d; walk %+v", key, got, want, out.Walk)
 		}
 		if len(out.Walk) > 0 && strings.HasPrefix(out.Walk[0].Skipped, "balance_factor") {
@@ -177,59 +181,38 @@ func TestLookupPin(t *testing.T) {
 	w := httptest.NewRecorder()
 	up := p.Select(pool, newRequest(), w)
 	pin := strings.TrimPrefix(pinFrom(t, w, DefaultPinCookie), DefaultPinCookie+"=")
-	res := lookup(site, "pin", "", pin, time.Now())
-	if res.Decision != decidedPin || res.Upstream == nil || *res.Upstream != up.Dial {
+	res := Explain(site, "pin", "", pin, time.Now())
+	if res.Decision != DecidedPin || res.Upstream == nil || *res.Upstream != up.Dial {
 		t.Fatalf("pin lookup: %+v, want %s", res, up.Dial)
 	}
-	res = lookup(site, "pin", "", "forged"+pin[6:], time.Now())
-	if res.Decision != decidedRandom || res.Upstream != nil {
+	res = Explain(site, "pin", "", "forged"+pin[6:], time.Now())
+	if res.Decision != DecidedRandom || res.Upstream != nil {
 		t.Fatalf("forged pin lookup: %+v", res)
 	}
 	setState(t, up.Dial, healthcheck.Maintenance)
-	res = lookup(site, "pin", "", pin, time.Now())
-	if res.Decision != decidedFailover || !strings.Contains(res.Reason, "maintenance") {
+	res = Explain(site, "pin", "", pin, time.Now())
+	if res.Decision != DecidedFailover || !strings.Contains(res.Reason, "maintenance") {
 		t.Fatalf("pin to maintenance: %+v", res)
 	}
 	// No key to look up by.
-	if res := lookup(site, "cookie", "", "x", time.Now()); !strings.Contains(res.Error, "no session key") {
+	if res := Explain(site, "cookie", "", "x", time.Now()); !strings.Contains(res.Error, "no session key") {
 		t.Fatalf("keyless policy, cookie lookup: %+v", res)
 	}
 }
 
-// TestLookupErrors covers the per-policy errors and the handler's.
+// TestLookupErrors covers the per-policy errors.
 func TestLookupErrors(t *testing.T) {
 	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip"}}})
 	site := siteOf(p, testPool(t, 2))
-	res := lookup(site, "query", "q", "x", time.Now())
+	res := Explain(site, "query", "q", "x", time.Now())
 	if !strings.Contains(res.Error, "cookie sid, client_ip /32 /64") {
 		t.Fatalf("unknown key: %q", res.Error)
 	}
-	if res := lookup(site, "client_ip", "", "not-an-ip", time.Now()); !strings.Contains(res.Error, "not an IP address") {
+	if res := Explain(site, "client_ip", "", "not-an-ip", time.Now()); !strings.Contains(res.Error, "not an IP address") {
 		t.Fatalf("bad IP: %q", res.Error)
 	}
-	if res := lookup(site, "client_ip", "", "2001:db8::1", time.Now()); res.Error != "" || res.Decision != decidedRing {
+	if res := Explain(site, "client_ip", "", "2001:db8::1", time.Now()); res.Error != "" || res.Decision != DecidedRing {
 		t.Fatalf("IPv6 client: %+v", res)
 	}
 
-	for _, tc := range []struct {
-		method, url string
-		status      int
-		body        string
-	}{
-		{http.MethodGet, "/affinity/lookup", http.StatusBadRequest, "missing key"},
-		{http.MethodGet, "/affinity/lookup?key=x&source=pin&name=y", http.StatusBadRequest, "takes no name"},
-		{http.MethodPost, "/affinity/lookup?key=x", http.StatusMethodNotAllowed, "use GET"},
-		// No running config in a unit test.
-		{http.MethodGet, "/affinity/lookup?key=x", http.StatusNotFound, "no reverse_proxy"},
-	} {
-		err := handleLookup(httptest.NewRecorder(), httptest.NewRequest(tc.method, tc.url, nil))
-		var apiErr caddy.APIError
-		b, _ := json.Marshal(err)
-		if e, ok := err.(caddy.APIError); ok {
-			apiErr = e
-		}
-		if apiErr.HTTPStatus != tc.status || !strings.Contains(fmt.Sprint(apiErr.Err), tc.body) {
-			t.Errorf("%s %s: %v %s, want %d %q", tc.method, tc.url, err, b, tc.status, tc.body)
-		}
-	}
 }

@@ -1,11 +1,13 @@
-package healthcheck
+package adminapi
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +16,8 @@ import (
 	"github.com/caddyserver/certmagic"
 
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
 // The admin module registered with Caddy serves its routes through a real
@@ -35,14 +39,14 @@ func TestAdminThroughCaddy(t *testing.T) {
 		_ = caddy.Load([]byte(`{"admin":{"disabled":true}}`), true)
 		_ = caddy.Stop()
 	})
-	release, err := AcquireSyncer(caddy.ActiveContext())
+	release, err := healthcheck.AcquireSyncer(caddy.ActiveContext())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer release()
 
 	const dial = "e2e-upstream.test:8080"
-	Get(dial).SetSessions(2)
+	healthcheck.Get(dial)
 	client := &http.Client{Timeout: 5 * time.Second}
 	do := func(method, path, body string) (int, string) {
 		t.Helper()
@@ -60,19 +64,20 @@ func TestAdminThroughCaddy(t *testing.T) {
 		return resp.StatusCode, string(b)
 	}
 
-	code, body := do("POST", statePath, `{"upstream":"`+dial+`","state":"draining"}`)
+	code, body := do("POST", StatePath, `{"upstream":"`+dial+`","state":"draining"}`)
 	if code != 200 {
 		t.Fatalf("POST: %d %s", code, body)
 	}
 	var st UpstreamStatus
-	if err := json.Unmarshal([]byte(body), &st); err != nil || st.State != Draining || st.Sessions != 2 || st.Drained {
+	if err := json.Unmarshal([]byte(body), &st); err != nil || st.State != healthcheck.Draining || st.Sessions != 0 || !st.Drained {
 		t.Fatalf("POST answered %s (%v)", body, err)
 	}
-	if rec, ok := readRecord(t, &certmagic.FileStorage{Path: dir}, dial); !ok || rec.State != Draining {
-		t.Errorf("not written to the config's storage: %+v %v", rec, ok)
+	stored, err := (&certmagic.FileStorage{Path: dir}).Load(context.Background(), "caddy-affinity/states/"+url.QueryEscape(dial))
+	if err != nil || !strings.Contains(string(stored), `"state":"draining"`) {
+		t.Errorf("not written to the config's storage: %s %v", stored, err)
 	}
 
-	code, body = do("GET", upstreamsPath, "")
+	code, body = do("GET", UpstreamsPath, "")
 	if code != 200 || !strings.Contains(body, `"upstream":"`+dial+`","state":"draining"`) {
 		t.Errorf("GET: %d %s", code, body)
 	}
@@ -82,14 +87,14 @@ func TestAdminThroughCaddy(t *testing.T) {
 		code               int
 		want               string
 	}{
-		{"POST", statePath, `{"upstream":"` + dial + `","state":"sleeping"}`, 400, `{"error":"unknown state \"sleeping\": want one of up, draining, maintenance"}`},
-		{"POST", statePath, `{"upstream":"nowhere:1","state":"up"}`, 404, `{"error":"unknown upstream \"nowhere:1\"`},
-		{"GET", statePath, ``, 405, `{"error":"method GET not allowed on /affinity/upstreams/state: use POST"}`},
+		{"POST", StatePath, `{"upstream":"` + dial + `","state":"sleeping"}`, 400, `{"error":"unknown state \"sleeping\": want one of up, draining, maintenance"}`},
+		{"POST", StatePath, `{"upstream":"nowhere:1","state":"up"}`, 404, `{"error":"unknown upstream \"nowhere:1\"`},
+		{"GET", StatePath, ``, 405, `{"error":"method GET not allowed on /affinity/upstreams/state: use POST"}`},
 	} {
 		code, body := do(tc.method, tc.path, tc.body)
 		if code != tc.code || !strings.HasPrefix(strings.TrimSpace(body), tc.want) {
 			t.Errorf("%s %s %s: %d %s, want %d %s", tc.method, tc.path, tc.body, code, body, tc.code, tc.want)
 		}
 	}
-	Get(dial).SetState(Up)
+	_, _ = healthcheck.Operate(context.Background(), dial, healthcheck.Up)
 }

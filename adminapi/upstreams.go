@@ -1,0 +1,130 @@
+package adminapi
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity"
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+)
+
+// maxStateBody bounds the body of a state change request.
+const maxStateBody = 64 << 10
+
+// UpstreamStatus is one upstream as GET /affinity/upstreams lists it.
+type UpstreamStatus struct {
+	// Upstream is the dial address.
+	Upstream string `json:"upstream"`
+	// State is the lifecycle state: up, draining or maintenance.
+	State healthcheck.State `json:"state"`
+	// SetBy says who put the upstream in its state: "operator" (the
+	// admin API, here or on an instance sharing storage), "probe" (the
+	// drain probe), or empty (never changed).
+	SetBy string `json:"set_by,omitempty"`
+	// Healthy is Caddy's health verdict (active and passive checks), read
+	// when the answer is made.
+	Healthy bool `json:"healthy"`
+	// Sessions is the number of live sessions pinned to the upstream,
+	// exact when the answer is made.
+	Sessions int64 `json:"sessions"`
+	// Requests is the number of requests the affinity policy sent to it
+	// since the process started.
+	Requests uint64 `json:"requests"`
+	// Drained is true when the upstream is draining and has no live
+	// session left: it can be taken down without cutting a session.
+	Drained bool `json:"drained"`
+	// Since is when the state last changed (RFC 3339, UTC), or null if
+	// it never did.
+	Since *string `json:"since"`
+}
+
+// statusOf returns the upstream as the admin API shows it.
+func statusOf(u *healthcheck.Upstream) UpstreamStatus {
+	st := u.State()
+	s := UpstreamStatus{
+		Upstream: u.Dial,
+		State:    st,
+		SetBy:    u.SetBy(),
+		Healthy:  u.Healthy(),
+		Sessions: affinity.LiveSessions(u.ID),
+		Requests: u.Requests(),
+	}
+	s.Drained = st == healthcheck.Draining && s.Sessions == 0
+	if t := u.Since(); !t.IsZero() {
+		v := t.UTC().Format(time.RFC3339)
+		s.Since = &v
+	}
+	return s
+}
+
+// handleUpstreams serves GET /affinity/upstreams.
+func handleUpstreams(w http.ResponseWriter, r *http.Request) error {
+	if err := allowOnly(w, r, http.MethodGet); err != nil {
+		return err
+	}
+	affinity.Refresh()
+	all := healthcheck.All()
+	out := make([]UpstreamStatus, 0, len(all))
+	for _, u := range all {
+		out = append(out, statusOf(u))
+	}
+	return writeJSON(w, http.StatusOK, out)
+}
+
+// stateRequest is the body of POST /affinity/upstreams/state.
+type stateRequest struct {
+	Upstream string `json:"upstream"`
+	State    string `json:"state"`
+}
+
+// handleState serves POST /affinity/upstreams/state.
+func handleState(w http.ResponseWriter, r *http.Request) error {
+	if err := allowOnly(w, r, http.MethodPost); err != nil {
+		return err
+	}
+	req, err := decodeStateRequest(w, r)
+	if err != nil {
+		return err
+	}
+	st, err := healthcheck.ParseState(req.State)
+	if err != nil {
+		return apiError(http.StatusBadRequest, "%v", err)
+	}
+	affinity.Refresh() // so that an upstream can be drained before its first request
+	u, err := healthcheck.Operate(r.Context(), req.Upstream, st)
+	switch {
+	case errors.Is(err, healthcheck.ErrUnknownUpstream):
+		return apiError(http.StatusNotFound, "%v (GET %s lists the known ones)", err, UpstreamsPath)
+	case err != nil:
+		return apiError(http.StatusInternalServerError, "%v", err)
+	}
+	return writeJSON(w, http.StatusOK, statusOf(u))
+}
+
+// decodeStateRequest reads and checks the body of a state change.
+func decodeStateRequest(w http.ResponseWriter, r *http.Request) (stateRequest, error) {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxStateBody))
+	dec.DisallowUnknownFields()
+	var req stateRequest
+	if err := dec.Decode(&req); err != nil {
+		if errors.Is(err, io.EOF) {
+			return req, apiError(http.StatusBadRequest, `empty body: want {"upstream":"<dial address>","state":"up|draining|maintenance"}`)
+		}
+		return req, apiError(http.StatusBadRequest, "invalid JSON body: %v", err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return req, apiError(http.StatusBadRequest, "invalid JSON body: unexpected data after the object")
+	}
+	switch {
+	case req.Upstream == "" && req.State == "":
+		return req, apiError(http.StatusBadRequest, `missing fields "upstream" and "state"`)
+	case req.Upstream == "":
+		return req, apiError(http.StatusBadRequest, `missing field "upstream": the dial address, as listed by GET %s`, UpstreamsPath)
+	case req.State == "":
+		return req, apiError(http.StatusBadRequest, `missing field "state": want up, draining or maintenance`)
+	}
+	return req, nil
+}
