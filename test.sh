@@ -16,5 +16,17 @@ if [ -z "${AFFINITY_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 && !
 	echo "!!! no Chromium: TestStatusPageInBrowser (tests/browser_test.go) will be SKIPPED." >&2
 	echo "!!! Install it to test the status page in a browser (Debian: apt-get install -y --no-install-recommends chromium)." >&2
 fi
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+	echo "!!! no node/npm: TestSocketIOLongPolling (tests/socketio_test.go) will be SKIPPED." >&2
+	echo "!!! Install Node.js 18+ and npm to test the Socket.IO recipe (Debian: apt-get install -y nodejs npm)." >&2
+fi
+# The Prometheus alert rules (alerts/): syntax, then their unit tests.
+if command -v promtool >/dev/null 2>&1; then
+	promtool check rules alerts/*.rules.yml
+	promtool test rules alerts/*.test.yml
+else
+	echo "!!! no promtool: the alert rules in alerts/ are NOT checked or tested." >&2
+	echo "!!! Install it to check them (Debian: apt-get install -y --no-install-recommends prometheus; .ci/run does)." >&2
+fi
 go test -race -count=1 -timeout 15m ./...
 ./caddy-build.sh
