@@ -233,7 +233,26 @@ func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 			in.walk(i, dc)
 		}
 	})
+	// A retry goes back to the upstream that failed when nothing else
+	// may take the request and Caddy still calls it available (a single
+	// backend, or the others draining mid rolling deploy), as Caddy's own
+	// policies would: within lb_try_duration it may answer.
+	if choice < 0 && in.failed >= 0 && p.mayRetry(ps, d, in.failed) {
+		choice = in.failed
+	}
 	d.chosen = choice
+}
+
+// mayRetry reports whether the upstream whose attempt failed may take the
+// request again: as a pinned session's upstream if a source named it,
+// else as a new session's.
+func (p *Policy) mayRetry(ps *poolState, d *decision, failed int) bool {
+	for _, a := range d.asked[:d.nasked] {
+		if a.upstream == failed {
+			return ps.recs[failed].ForPinned(ps.ups[failed]) == healthcheck.Serves
+		}
+	}
+	return ps.recs[failed].ForNew(ps.ups[failed]) == healthcheck.Serves
 }
 
 // wallNow returns the wall clock, read once per decision at most.

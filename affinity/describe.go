@@ -57,8 +57,8 @@ func Describe(s Site) PolicyInfo {
 		info.Error = err.Error()
 		return info
 	}
-	for i, u := range ps.ups {
-		info.Upstreams = append(info.Upstreams, PolicyUpstream{Upstream: u.Dial, Weight: ps.weights[i], Share: ps.ring.Share(i)})
+	for m, i := range ps.member { // a repeated address once, with its total weight
+		info.Upstreams = append(info.Upstreams, PolicyUpstream{Upstream: ps.ups[i].Dial, Weight: ps.weights[i], Share: ps.ring.Share(m)})
 	}
 	return info
 }

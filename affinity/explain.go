@@ -115,7 +115,7 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 		in.keys, in.kind = []uint64{hash}, k.kind
 		out.Session = p.sessionEntry(hash, now)
 		if owner := ps.ring.Lookup(hash); owner >= 0 {
-			out.RingOwner = ps.ups[owner].Dial
+			out.RingOwner = ps.ups[ps.member[owner]].Dial
 		}
 	}
 	var d decision

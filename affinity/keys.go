@@ -58,6 +58,9 @@ type keyKind struct {
 	// tomcatRoute: the value is a Java session id, from which a
 	// tomcat_route suffix is read.
 	tomcatRoute bool
+	// shared: many users may send one value (an address behind NAT), so
+	// the key tells no app session apart.
+	shared bool
 	// read returns the key's value in the request without allocating
 	// (nil for kinds that hash something else than a string).
 	read func(k *KeySource, r *http.Request) (string, bool)
@@ -130,7 +133,7 @@ var keyKinds = []*keyKind{
 		inject: func(k *KeySource, r *http.Request, v string) error { r.URL.RawQuery = k.Name + "=" + v; return nil },
 	},
 	{
-		name: "client_ip", seed: seedClientIP,
+		name: "client_ip", seed: seedClientIP, shared: true,
 		hash: hashClientIP,
 		inject: func(k *KeySource, r *http.Request, v string) error {
 			ip, err := netip.ParseAddr(v)

@@ -99,7 +99,7 @@ func TestKeySourcesInOrder(t *testing.T) {
 	r := httptest.NewRequest(http.MethodGet, "/?s=q", nil)
 	r.Header.Set("X-Session", "q")
 	r.Header.Set("Cookie", "sid=q")
-	keys, _ := p.requestKeys(r, &buf)
+	keys, _ := p.requestKeys(r, &buf, false)
 	if len(keys) != 3 {
 		t.Fatalf("found %d keys, want 3", len(keys))
 	}
@@ -108,11 +108,11 @@ func TestKeySourcesInOrder(t *testing.T) {
 	}
 	r.Header.Del("Cookie")
 	var buf2 [maxKeys]uint64
-	if k, _ := p.requestKeys(r, &buf2); len(k) != 2 || k[0] != keys[1] {
+	if k, _ := p.requestKeys(r, &buf2, false); len(k) != 2 || k[0] != keys[1] {
 		t.Error("keys not in configured order")
 	}
 	r = httptest.NewRequest(http.MethodGet, "/", nil)
-	if k, _ := p.requestKeys(r, &buf); len(k) != 0 {
+	if k, _ := p.requestKeys(r, &buf, false); len(k) != 0 {
 		t.Error("key found in a request without any")
 	}
 }

@@ -36,7 +36,8 @@ func (p *Policy) walkPlacement(ps *poolState, key uint64, failed int, now time.T
 	if p.BalanceFactor > 0 {
 		bound = p.loadBound(ps, failed)
 	}
-	ps.ring.Walk(key, func(i int) bool {
+	ps.ring.Walk(key, func(m int) bool {
+		i := ps.member[m]
 		d := accepts
 		v := ps.recs[i].ForNew(ps.ups[i])
 		switch {
@@ -83,7 +84,7 @@ type loadBound struct {
 // take a new session now (all but failed).
 func (p *Policy) loadBound(ps *poolState, failed int) loadBound {
 	b := loadBound{}
-	for i := range ps.ups {
+	for _, i := range ps.member {
 		w := ps.weights[i]
 		if i == failed || w <= 0 || ps.recs[i].ForNew(ps.ups[i]) != healthcheck.Serves {
 			continue

@@ -133,6 +133,9 @@ type Policy struct {
 	ttl    uint32
 	ctx    caddy.Context
 
+	// learns is set when a key's kind is one affinity_learn records.
+	learns bool
+
 	releaseSyncer func()
 	farm          *farm
 	table         *sessionTable
@@ -168,6 +171,7 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 		if err := p.Keys[i].provision(); err != nil {
 			return err
 		}
+		p.learns = p.learns || p.Keys[i].kind.learnable()
 	}
 	if err := p.Validate(); err != nil {
 		return err
@@ -309,7 +313,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	}
 	_, in.learning = vars[learnVar].(*learnWriter)
 	var keyBuf [maxKeys]uint64
-	in.keys, in.kind = p.requestKeys(r, &keyBuf)
+	in.keys, in.kind = p.requestKeys(r, &keyBuf, in.learning)
 
 	var d decision
 	p.decide(ps, r, &in, &d)
@@ -367,18 +371,41 @@ func (p *Policy) logFailover(ps *poolState, from, to int, why healthcheck.Verdic
 const maxKeys = 8
 
 // requestKeys returns the hashes of the configured keys present in the
-// request, in configured order, in buf's storage, and the kind of the
-// first (nil if none).
-func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64) ([]uint64, *keyKind) {
+// request, in configured order and each once, in buf's storage, and the
+// kind of the first (nil if none).
+//
+// One id under two keys (Tomcat's `JSESSIONID=X` and `;jsessionid=X` on
+// one request) is one key: recorded twice, its second record would turn
+// the session's entry into an alias, which counts as no session.
+//
+// Under affinity_learn, a client_ip key is left out when the policy has a
+// key the learner records: a request without the app's session id has
+// no app session to stick to yet, and the address, which many users may
+// share, must not pin it; such a request is placed like a new session,
+// under the load bound.
+func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64, learning bool) ([]uint64, *keyKind) {
 	keys := buf[:0]
 	var first *keyKind
+	skipAddress := learning && p.learns
+next:
 	for i := range p.Keys {
-		if h, ok := p.Keys[i].hash(r); ok {
-			if len(keys) == 0 {
-				first = p.Keys[i].kind
-			}
-			keys = append(keys, h)
+		k := &p.Keys[i]
+		if skipAddress && k.kind.shared {
+			continue
 		}
+		h, ok := k.hash(r)
+		if !ok {
+			continue
+		}
+		for _, seen := range keys {
+			if seen == h {
+				continue next
+			}
+		}
+		if len(keys) == 0 {
+			first = k.kind
+		}
+		keys = append(keys, h)
 	}
 	return keys, first
 }

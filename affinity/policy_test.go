@@ -483,3 +483,35 @@ func TestSessionFollowedAcrossKeysWithoutPin(t *testing.T) {
 		}
 	}
 }
+
+// An upstream listed twice (weighting by repetition, as Caddy's own
+// policies allow) is one ring member with twice the weight; before, the
+// ring refused the duplicate name and every request failed.
+func TestDuplicateUpstreamWeighsByRepetition(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	base := testPool(t, 2)
+	pool := reverseproxy.UpstreamPool{base[0], {Host: base[0].Host, Dial: base[0].Dial}, base[1]}
+	counts := map[string]int{}
+	for range 6000 {
+		up := p.Select(pool, newRequest(), nil)
+		if up == nil {
+			t.Fatal("no upstream for a pool with a repeated address")
+		}
+		counts[up.Dial]++
+	}
+	if share := float64(counts[base[0].Dial]) / 6000; share < 0.62 || share > 0.71 {
+		t.Fatalf("repeated address took %.3f of new sessions, want about 2/3 (%v)", share, counts)
+	}
+	ps := p.poolState(pool)
+	if len(ps.member) != 2 || ps.weights[0] != 2 || ps.weights[1] != 2 || ps.weights[2] != 1 {
+		t.Fatalf("members %v, weights %v", ps.member, ps.weights)
+	}
+	// A session pinned to the repeated address stays there.
+	w := httptest.NewRecorder()
+	home := p.Select(pool, newRequest(), w)
+	for range 20 {
+		if got := p.Select(pool, newRequest(pinFrom(t, w, DefaultPinCookie)), nil); got.Dial != home.Dial {
+			t.Fatalf("pinned session moved from %s to %s", home.Dial, got.Dial)
+		}
+	}
+}

@@ -21,11 +21,16 @@ type poolState struct {
 	recs  []*healthcheck.Upstream
 	pins  []pinToken
 	ring  *hashring.Ring
-	// weights are the upstreams' weights, index-aligned (for
-	// balance_factor); routes the tomcat_route lines whose upstream is in
-	// the pool.
+	// member is the pool position of each ring member. An address listed
+	// several times (weighting by repetition, DNS or SRV answers that
+	// repeat one) is one member, at its first position, whose weight is
+	// the sum of its repetitions' weights.
+	member []int
+	// weights are the ring members' weights, by pool position (for
+	// balance_factor): a repeated address's total at every position.
 	weights []int
-	routes  []poolRoute
+	// routes are the tomcat_route lines whose upstream is in the pool.
+	routes []poolRoute
 }
 
 // poolRoute is a tomcat_route whose upstream is at index in the pool.
@@ -98,19 +103,28 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 
 		weights: make([]int, len(pool)),
 	}
-	members := make([]hashring.Member, len(pool))
 	healthcheck.NoteAdded(pool, time.Now())
+	var members []hashring.Member
+	memberAt := make(map[string]int, len(pool)) // dial -> member
 	for i, u := range pool {
 		ps.recs[i] = healthcheck.Get(u.Dial)
 		weight := 1
 		if i < len(p.Weights) {
 			weight = p.Weights[i]
 		}
-		members[i] = hashring.Member{Name: u.Dial, Weight: weight}
-		ps.weights[i] = weight
+		if m, seen := memberAt[u.Dial]; seen {
+			members[m].Weight += weight
+		} else {
+			memberAt[u.Dial] = len(members)
+			members = append(members, hashring.Member{Name: u.Dial, Weight: weight})
+			ps.member = append(ps.member, i)
+		}
 		if p.secret != nil {
 			ps.pins[i] = newPinToken(p.secret, u.Dial, p.PinCookie)
 		}
+	}
+	for i, u := range pool {
+		ps.weights[i] = members[memberAt[u.Dial]].Weight
 	}
 	if len(p.Weights) > 0 && len(p.Weights) != len(pool) {
 		// The Caddyfile parser never sees the upstream list, so this is

@@ -1,0 +1,113 @@
+package affinity
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+)
+
+// One session id under two keys (JSESSIONID=X and ;jsessionid=X, routine
+// on Tomcat's first pages) is one session: counted once, its entry not
+// turned into an alias (which counted as no session at all).
+func TestOneIDUnderTwoKeysIsCounted(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "JSESSIONID"}, {From: "path_param", Name: "jsessionid"}}})
+	pool := testPool(t, 3)
+	r := newRequest("JSESSIONID=ABC123")
+	r.URL.Path = "/shop;jsessionid=ABC123"
+	up := p.Select(pool, r, nil)
+	id := healthcheck.Get(up.Dial).ID
+	if n := p.table.liveCount(id); n != 1 {
+		t.Fatalf("the session counts %d on its upstream, want 1", n)
+	}
+	if e, ok := p.table.peek(sessionIDHash("ABC123"), clockNow()); !ok || e.alias() {
+		t.Fatalf("the session's entry is %+v (found %v), want a main entry", e, ok)
+	}
+}
+
+// retryRequest is a request on its retry after an attempt on prev failed.
+func retryRequest(prev *reverseproxy.Upstream, cookies ...string) *http.Request {
+	r := newRequest(cookies...)
+	caddyhttp.SetVar(r.Context(), triedVar, prev)
+	return r
+}
+
+// A retry goes back to the upstream that failed when it is the only one
+// that may take the request, as Caddy's own policies do; it returned no
+// upstream at all before, a 502 instead of a retry within lb_try_duration.
+func TestRetryMayGoBackToTheOnlyUpstream(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	single := testPool(t, 1)
+	if got := p.Select(single, retryRequest(single[0]), nil); got != single[0] {
+		t.Fatalf("single upstream, retry: got %v, want it again", got)
+	}
+	// Mid rolling deploy: the others drain; a new session's retry goes
+	// back to the one that is up, and never to a draining one.
+	pool := testPool(t, 3)
+	setState(t, pool[1].Dial, healthcheck.Draining)
+	setState(t, pool[2].Dial, healthcheck.Draining)
+	if got := p.Select(pool, retryRequest(pool[0]), nil); got != pool[0] {
+		t.Fatalf("others draining, retry: got %v, want %s", got, pool[0].Dial)
+	}
+	// A session pinned to a draining upstream whose attempt failed may
+	// retry there: draining keeps its sessions.
+	w := httptest.NewRecorder()
+	setState(t, pool[0].Dial, healthcheck.Maintenance)
+	home := p.Select(pool, newRequest(), w)
+	if home != nil {
+		t.Fatalf("a new session was placed on %s with every upstream draining or in maintenance", home.Dial)
+	}
+	setState(t, pool[0].Dial, healthcheck.Up)
+	home = p.Select(pool, newRequest(), w)
+	setState(t, pool[0].Dial, healthcheck.Draining)
+	if got := p.Select(pool, retryRequest(home, pinFrom(t, w, DefaultPinCookie)), nil); got != home {
+		t.Fatalf("pinned to a draining upstream, retry: got %v, want %s", got, home.Dial)
+	}
+}
+
+// Behind one address, with the client IP as a fallback key next to the
+// app's cookie, affinity_learn and balance_factor, new sessions spread
+// under the load bound: the address does not pin a request that carries
+// no app session yet. Before, all of them landed on the address's ring
+// owner (max/mean 3.0).
+func TestClientIPFallbackDoesNotTrapOneAddress(t *testing.T) {
+	p := newTestPolicy(t, &Policy{
+		Keys:             []KeySource{{From: "cookie", Name: "connect.sid"}, {From: "client_ip"}},
+		BalanceFactor:    1.05,
+		DisablePinCookie: true,
+	})
+	pool := testPool(t, 3)
+	counts := map[string]int{}
+	const n = 3000
+	for i := range n {
+		r := httptest.NewRequest(http.MethodGet, "http://example.com/", nil)
+		r.RemoteAddr = "198.51.100.7:1234"
+		r = r.WithContext(context.WithValue(r.Context(), caddyhttp.VarsCtxKey, map[string]any{}))
+		lw := &learnWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: httptest.NewRecorder()}, r: r}
+		caddyhttp.SetVar(r.Context(), learnVar, lw)
+		up := p.Select(pool, r, nil)
+		if up == nil {
+			t.Fatal("no upstream")
+		}
+		counts[up.Dial]++
+		// The app answers with its new session cookie; the learner
+		// records it for the upstream that served it.
+		h := http.Header{"Set-Cookie": {fmt.Sprintf("connect.sid=s%d; Path=/; HttpOnly", i)}}
+		lw.policy.learn(h, r, lw.up)
+	}
+	most := 0
+	for _, c := range counts {
+		most = max(most, c)
+	}
+	if ratio := float64(most) / (n / 3.0); ratio > 1.06 || len(counts) != 3 {
+		t.Fatalf("new sessions behind one address: %v, max/mean %.3f, want <= 1.06", counts, ratio)
+	} else {
+		t.Logf("max/mean %.3f: %v", ratio, counts)
+	}
+}
