@@ -16,5 +16,9 @@ if [ -z "${AFFINITY_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 && !
 	echo "!!! no Chromium: TestStatusPageInBrowser (tests/browser_test.go) will be SKIPPED." >&2
 	echo "!!! Install it to test the status page in a browser (Debian: apt-get install -y --no-install-recommends chromium)." >&2
 fi
+if ! command -v mono >/dev/null 2>&1 || ! command -v mcs >/dev/null 2>&1; then
+	echo "!!! no Mono: TestMonoCookielessSessions (tests/mono_test.go) will be SKIPPED." >&2
+	echo "!!! Install it to test cookieless sessions against Mono's System.Web (Debian: apt-get install -y --no-install-recommends mono-runtime mono-mcs libmono-system-web4.0-cil)." >&2
+fi
 go test -race -count=1 -timeout 15m ./...
 ./caddy-build.sh
