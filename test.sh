@@ -28,5 +28,9 @@ else
 	echo "!!! no promtool: the alert rules in alerts/ are NOT checked or tested." >&2
 	echo "!!! Install it to check them (Debian: apt-get install -y --no-install-recommends prometheus; .ci/run does)." >&2
 fi
+if ! command -v mono >/dev/null 2>&1 || ! command -v mcs >/dev/null 2>&1; then
+	echo "!!! no Mono: TestMonoCookielessSessions (tests/mono_test.go) will be SKIPPED." >&2
+	echo "!!! Install it to test cookieless sessions against Mono's System.Web (Debian: apt-get install -y --no-install-recommends mono-runtime mono-mcs libmono-system-web4.0-cil)." >&2
+fi
 go test -race -count=1 -timeout 15m ./...
 ./caddy-build.sh

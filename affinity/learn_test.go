@@ -214,6 +214,39 @@ func TestLearnFromLocationAndJSESSIONID(t *testing.T) {
 	}
 }
 
+// Mono's System.Web (and ASP.NET 1.x) redirect a new cookieless session
+// to a URL whose whole segment is the id, `/(37F197D4325DAC58DC804F4A)/`,
+// in an absolute Location (Mono's Response.Redirect makes it absolute) or
+// a path. The learner records the id on the worker that issued it; the
+// session's next requests, with the id in the path or in the cookie
+// ASP.NET_SessionId, go to that worker. Without learning, about two
+// sessions in three would go to another of the three workers.
+func TestLearnCookielessOldFormFromLocation(t *testing.T) {
+	pool := testPool(t, 3)
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "aspnet_cookieless"}, {From: "cookie", Name: "ASP.NET_SessionId"}}, DisablePinCookie: true})
+	locations := []string{
+		"http://127.0.0.1:8080/(%s)/Default.aspx",
+		"https://example.com/app/(%s)/Default.aspx?x=1#f",
+		"/app/(%s)/Default.aspx",
+		"//example.com/(%s)/",
+	}
+	for i := 0; i < 60; i++ {
+		id := fmt.Sprintf("37F197D4325DAC58DC80%04X", i)
+		loc := fmt.Sprintf(locations[i%len(locations)], id)
+		first, _ := proxyThrough(t, p, pool, newRequest(), 1, func(up *reverseproxy.Upstream, w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Location", loc)
+			w.WriteHeader(http.StatusFound)
+		})
+		byPath := httptest.NewRequest(http.MethodGet, "http://example.com/app/("+id+")/Default.aspx", nil)
+		if got := p.Select(pool, byPath, nil); got != first {
+			t.Fatalf("session %d (Location %q) went to %s, created on %s", i, loc, got.Dial, first.Dial)
+		}
+		if got := p.Select(pool, newRequest("ASP.NET_SessionId="+id), nil); got != first {
+			t.Fatalf("session %d with the id in a cookie went to %s, created on %s", i, got.Dial, first.Dial)
+		}
+	}
+}
+
 func TestLearnWriterPassesThrough(t *testing.T) {
 	// The learner's writer keeps what Caddy's reverse_proxy needs of a
 	// writer: Flush and Hijack through http.ResponseController, and a

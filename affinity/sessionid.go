@@ -55,12 +55,15 @@ func pathParam(path, name string) (string, bool) {
 }
 
 // aspnetCookielessID returns the session id of an ASP.NET cookieless
-// URL. ASP.NET puts its cookieless values in one path segment after the
-// application path, each a capital letter and a value in parentheses, the
-// whole in parentheses: `/app/(S(lit3py55t21z5v55vlm25s55))/page.aspx`,
-// or with others beside it, `/(A(anon)S(lit3py55t21z5v55vlm25s55)F(t))/`.
-// The session id is the S value. Only a segment that is entirely of that
-// form counts.
+// URL. ASP.NET 2.0 and later put their cookieless values in one path
+// segment after the application path, each a capital letter and a value
+// in parentheses, the whole in parentheses:
+// `/app/(S(lit3py55t21z5v55vlm25s55))/page.aspx`, or with others beside
+// it, `/(A(anon)S(lit3py55t21z5v55vlm25s55)F(t))/`. The session id is the
+// S value. Mono's System.Web (and ASP.NET 1.x before it) write the bare
+// id as the segment instead, `/app/(37F197D4325DAC58DC804F4A)/page.aspx`
+// (see oldCookielessID). Only a segment that is entirely of one of those
+// forms counts; the first one in the path wins.
 func aspnetCookielessID(path string) (string, bool) {
 	for path != "" {
 		var seg string
@@ -68,12 +71,59 @@ func aspnetCookielessID(path string) (string, bool) {
 		if len(seg) < 2 || seg[0] != '(' || seg[len(seg)-1] != ')' {
 			continue
 		}
-		if id, ok := cookielessSegment(seg[1 : len(seg)-1]); ok {
+		inner := seg[1 : len(seg)-1]
+		if oldCookielessID(inner) {
+			return inner, true
+		}
+		if id, ok := cookielessSegment(inner); ok {
 			return id, true
 		}
 	}
 	return "", false
 }
+
+// oldCookielessIDLen is the length of a session id in the older
+// whole-segment form: Mono's SessionId.IdLength.
+const oldCookielessIDLen = 24
+
+// oldCookielessID reports whether the inside of a `(...)` path segment is
+// a session id in the older form, the whole segment being the id.
+//
+// Mono's System.Web (mcs/class/System.Web/System.Web.SessionState_2.0/
+// SessionId.cs) creates ids as 12 random bytes written by
+// MachineKeySectionUtils.GetHexString: 24 characters of upper-case hex,
+// 0-9 and A-F. UrlUtils.InsertSessionId puts them in the path as
+// `<app path>/(<id>)/<rest>` and UrlUtils.GetSessionId reads back exactly
+// a '(', 24 characters and a ')' (the same in the Mono 6.8 System.Web.dll
+// Debian ships, whose redirect is `Location: /(<id>)/Default.aspx`).
+// ASP.NET 1.x wrote its ids the same way, 24 characters of its own
+// alphabet a-z and 0-5 (15 random bytes in base 32, the alphabet of the
+// `(S(...))` ids of later versions).
+//
+// An id must be all of one alphabet and exactly 24 long, so that ordinary
+// paths with parentheses (`/wiki/Foo_(bar)`, `/(2024)/`) are not taken
+// for session ids.
+func oldCookielessID(s string) bool {
+	if len(s) != oldCookielessIDLen {
+		return false
+	}
+	return allBytes(s, isUpperHex) || allBytes(s, isBase32Lower)
+}
+
+func allBytes(s string, ok func(byte) bool) bool {
+	for i := 0; i < len(s); i++ {
+		if !ok(s[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// isUpperHex: Mono's session id alphabet.
+func isUpperHex(c byte) bool { return c >= '0' && c <= '9' || c >= 'A' && c <= 'F' }
+
+// isBase32Lower: ASP.NET's session id alphabet, a-z then 0-5.
+func isBase32Lower(c byte) bool { return c >= 'a' && c <= 'z' || c >= '0' && c <= '5' }
 
 // cookielessSegment parses the inside of a cookieless segment, a sequence
 // of `L(value)`, and returns the S value.

@@ -53,6 +53,39 @@ func TestAspnetCookielessID(t *testing.T) {
 		{"", ""},
 		{"/(S(first))/(S(second))/", "first"},
 		{"/(bad)/(S(next))/", "next"},
+
+		// The older whole-segment form of Mono's System.Web: 24 upper-case
+		// hex digits (Mono's SessionId), and of ASP.NET 1.x: 24 of a-z0-5.
+		{"/app/(37F197D4325DAC58DC804F4A)/Default.aspx", "37F197D4325DAC58DC804F4A"},
+		{"/(37F197D4325DAC58DC804F4A)/", "37F197D4325DAC58DC804F4A"},
+		{"/(37F197D4325DAC58DC804F4A)", "37F197D4325DAC58DC804F4A"},
+		{"(37F197D4325DAC58DC804F4A)/x", "37F197D4325DAC58DC804F4A"},
+		{"/a/b/(000000000000000000000000)/c", "000000000000000000000000"},
+		{"/(lit3py55t21z5v55vlm25s55)/orderform.aspx", "lit3py55t21z5v55vlm25s55"},
+		{"/wiki/Foo_(bar)/(37F197D4325DAC58DC804F4A)/x", "37F197D4325DAC58DC804F4A"},
+		{"/(37F197D4325DAC58DC804F4A)/(S(later))/", "37F197D4325DAC58DC804F4A"},
+		{"/(S(first))/(37F197D4325DAC58DC804F4A)/", "first"},
+		// Near misses: ordinary paths with parentheses, and ids one
+		// character off in length, alphabet or delimiters.
+		{"/wiki/Foo_(bar)", ""},
+		{"/wiki/Foo_(bar)/baz", ""},
+		{"/(2024)/report", ""},
+		{"/(37F197D4325DAC58DC804F4)/x", ""},   // 23
+		{"/(37F197D4325DAC58DC804F4AB)/x", ""}, // 25
+		{"/(37f197d4325dac58dc804f4a)/x", ""},  // lower-case hex: Mono writes upper case
+		{"/(37F197D4325DAC58DC804F4G)/x", ""},  // G is not hex
+		{"/(lit3py55t21z5v55vlm25s56)/x", ""},  // 6 is not in a-z0-5
+		{"/(37F197D4325DAC58dc804f4a)/x", ""},  // alphabets mixed
+		{"/(ABCDEFabcdefABCDEFabcdef)/x", ""},  // alphabets mixed
+		{"/( 37F197D4325DAC58DC804F4)/x", ""},
+		{"/x(37F197D4325DAC58DC804F4A)/y", ""},
+		{"/(37F197D4325DAC58DC804F4A)x/y", ""},
+		{"/((37F197D4325DAC58DC804F4A))/y", ""},
+		{"/(37F197D4325DAC58DC804F4A/y", ""},
+		{"/37F197D4325DAC58DC804F4A)/y", ""},
+		{"/%2837F197D4325DAC58DC804F4A%29/y", ""},
+		{"/(37F197D4325D/AC58DC804F4A)/y", ""},
+		{"/a;(37F197D4325DAC58DC804F4A)/y", ""},
 	} {
 		got, ok := aspnetCookielessID(tc.path)
 		if got != tc.want || ok != (tc.want != "") {
@@ -148,6 +181,17 @@ func TestSessionIDKeys(t *testing.T) {
 	if hc != hp || hc != ha || hc != sessionIDHash("0A1B.node1") {
 		t.Fatalf("the same session id hashed differently: cookie %x, path %x, cookieless %x", hc, hp, ha)
 	}
+	// The older whole-segment form too: `(X)` and ASP.NET_SessionId=X.
+	aspCookie := KeySource{From: "cookie", Name: "ASP.NET_SessionId"}
+	if err := aspCookie.provision(); err != nil {
+		t.Fatal(err)
+	}
+	const monoID = "37F197D4325DAC58DC804F4A"
+	hm, okm := keys[2].hash(httptest.NewRequest(http.MethodGet, "http://example.com/app/("+monoID+")/Default.aspx", nil))
+	hmc, okc := aspCookie.hash(newRequest("ASP.NET_SessionId=" + monoID))
+	if !okm || !okc || hm != hmc || hm != sessionIDHash(monoID) {
+		t.Fatalf("Mono's cookieless id and its cookie: %x %v, %x %v", hm, okm, hmc, okc)
+	}
 	if _, ok := keys[1].hash(byCookie); ok {
 		t.Error("path_param key found in a request without the parameter")
 	}
@@ -160,7 +204,11 @@ func TestSessionIDKeys(t *testing.T) {
 
 func TestSessionIDParsersDoNotAllocate(t *testing.T) {
 	path := "/app/(A(anon)S(lit3py55t21z5v55vlm25s55))/x;jsessionid=0A1B.node1"
+	mono := "/wiki/Foo_(bar)/(37F197D4325DAC58DC804F4A)/Default.aspx"
 	allocs := testing.AllocsPerRun(100, func() {
+		if _, ok := aspnetCookielessID(mono); !ok {
+			t.Fatal("no old-form cookieless id")
+		}
 		if _, ok := pathParam(path, "jsessionid"); !ok {
 			t.Fatal("no path param")
 		}
@@ -208,29 +256,49 @@ func FuzzPathParam(f *testing.F) {
 }
 
 // FuzzAspnetCookielessID: never panics; a found id is a non-empty S value
-// of the path; an id put in a cookieless segment is found.
+// of the path, or a whole `(<id>)` segment of 24 characters of one of the
+// older forms' alphabets; an id put in a cookieless segment of either
+// form is found.
 func FuzzAspnetCookielessID(f *testing.F) {
 	for _, s := range [][2]string{
 		{"/app/(S(lit3py55t21z5v55vlm25s55))/default.aspx", "abc"},
 		{"/(A(x)S(y)F(z))/", "q"},
 		{"/(S(", "id"},
 		{"/((()))", ")"},
+		{"/app/(37F197D4325DAC58DC804F4A)/Default.aspx", "37F197D4325DAC58DC804F4A"},
+		{"/wiki/Foo_(bar)", "lit3py55t21z5v55vlm25s55"},
+		{"/(37F197D4325DAC58DC804F4)/", "37f197d4325dac58dc804f4a"},
 	} {
 		f.Add(s[0], s[1])
 	}
 	f.Fuzz(func(t *testing.T, path, id string) {
 		if v, ok := aspnetCookielessID(path); ok {
-			if v == "" || strings.ContainsAny(v, "()/") || !strings.Contains(path, "S("+v+")") {
+			old := len(v) == oldCookielessIDLen && oldCookielessID(v) && segmentOf(path, "("+v+")")
+			if v == "" || strings.ContainsAny(v, "()/") || (!old && !strings.Contains(path, "S("+v+")")) {
 				t.Fatalf("aspnetCookielessID(%q) = %q", path, v)
 			}
 		}
 		if id == "" || strings.ContainsAny(id, "()/") {
 			return
 		}
-		if v, ok := aspnetCookielessID("/app/(A(anon)S(" + id + "))/" + strings.ReplaceAll(path, "(", "")); !ok || v != id {
+		rest := "/" + strings.ReplaceAll(path, "(", "")
+		if v, ok := aspnetCookielessID("/app/(A(anon)S(" + id + "))" + rest); !ok || v != id {
 			t.Fatalf("cookieless id %q not found: %q, %v", id, v, ok)
 		}
+		if v, ok := aspnetCookielessID("/app/(" + id + ")" + rest); ok != oldCookielessID(id) || (ok && v != id) {
+			t.Fatalf("old-form cookieless id %q: %q, %v", id, v, ok)
+		}
 	})
+}
+
+// segmentOf reports whether seg is a whole '/'-separated segment of path.
+func segmentOf(path, seg string) bool {
+	for _, s := range strings.Split(path, "/") {
+		if s == seg {
+			return true
+		}
+	}
+	return false
 }
 
 // FuzzRouteSuffix: a route is the non-empty rest after the first dot.
