@@ -305,15 +305,6 @@ func keyRequest(k *KeySource, value string) (*http.Request, error) {
 	return r, nil
 }
 
-// peek returns key's entry if it is live at now, without sliding it.
-func (t *sessionTable) peek(key uint64, now uint32) (tableEntry, bool) {
-	s := t.shard(key)
-	s.mu.Lock()
-	e, ok := s.m[key]
-	s.mu.Unlock()
-	return e, ok && e.expires >= now
-}
-
 // explainKey follows Select for a request r that carries one key, whose
 // hash is key, and no pin cookie: the Tomcat route, the session table,
 // then the ring.

@@ -110,6 +110,6 @@ func (upstreamCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if st := currentTable(); st != nil {
 		ch <- prometheus.MustNewConstMetric(descTableSize, prometheus.GaugeValue, float64(st.len()))
-		ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(st.evictions.Load()))
+		ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(st.evicted()))
 	}
 }

@@ -138,7 +138,7 @@ func collectStatus(now time.Time) statusResponse {
 	}
 	st.Failovers, st.FailoversTotal = failovers.snapshot()
 	if t := currentTable(); t != nil {
-		st.SessionTable = &tableStatus{Entries: t.len(), Evictions: t.evictions.Load()}
+		st.SessionTable = &tableStatus{Entries: t.len(), Evictions: t.evicted()}
 	}
 	return st
 }
