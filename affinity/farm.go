@@ -242,7 +242,7 @@ func Table() *TableStats {
 	if f == nil {
 		return nil
 	}
-	return &TableStats{Entries: f.table.len(), Evictions: f.table.evictions.Load()}
+	return &TableStats{Entries: f.table.len(), Evictions: f.table.evicted()}
 }
 
 var _ caddy.Destructor = (*farm)(nil)

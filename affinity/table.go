@@ -1,6 +1,9 @@
 package affinity
 
 import (
+	"crypto/rand"
+	"encoding/binary"
+	"math/bits"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -10,55 +13,84 @@ import (
 // that a session stays where it is even when the ring would place its key
 // elsewhere (after a failover, or when the client dropped the pin cookie).
 //
-// It is a fixed number of shards, each a Go map from the 64-bit key hash
-// to a 8-byte entry behind its own mutex. The table has a hard bound: a
-// shard that is full evicts before it inserts (expired entries first,
-// otherwise the entry closest to expiry among a small random sample, as
-// Redis does for its LRU), so a flood of random keys costs the oldest
-// sessions, never unbounded memory. Keys are hashes, never the cookie
-// values themselves, which keeps entries small and secrets out of memory
+// It is a fixed number of shards, each an open-addressing array of
+// 16-byte slots (linear probing, backward-shift deletion, so no
+// tombstones) behind its own mutex. Keys are hashes, never the cookie
+// values themselves, which keeps slots small and secrets out of memory
 // dumps.
+//
+// Placement (the shard and the home slot of a key) goes through a hash
+// keyed with a random seed per table: the key hashes are public (xxh3 of
+// what the client sends), so without the seed a client could aim keys at
+// one shard and evict its other sessions cheaply.
+//
+// The table has a hard bound in entries and in bytes: a shard's array
+// doubles as it fills, up to the size its share of max_sessions needs at
+// a load of 3/4, and never grows beyond it; a full shard evicts before it
+// inserts. Eviction protects established sessions (entries seen on two
+// requests or more) from floods of one-shot keys: looking from a slot
+// drawn by the seeded hash of the incoming key, it takes an expired entry
+// if it sees one, otherwise a probationary (seen once) entry, and only
+// when it finds none nearby the established entry closest to expiry
+// among those it looked at.
 type sessionTable struct {
 	shards [tableShards]tableShard
 
-	// perShard is the capacity of each shard (max sessions / shards).
-	perShard atomic.Int64
+	// seed keys placement (see place).
+	seed [3]uint64
 
-	evictions atomic.Uint64
+	// perShard is the bound on each shard's entries (max sessions /
+	// shards).
+	perShard atomic.Int64
 
 	// live counts the session entries (not aliases) per upstream ID, kept
 	// exact under the shard locks by every insert, change and delete, so
 	// that placement can bound loads between two sweeps (see liveCount).
-	live [livePages]atomic.Pointer[livePage]
+	live upstreamCounts
 }
-
-// livePage is one page of the table's per-upstream live counters; pages
-// are allocated on first use, so a process with a handful of upstreams
-// holds one.
-type livePage [livePageSize]atomic.Int64
-
-const (
-	livePageSize = 1024
-	livePages    = 64 // upstream IDs beyond livePages*livePageSize are not counted
-)
 
 const (
 	tableShards = 256
-	// evictSample is how many entries a full shard looks at to choose
-	// one to evict.
-	evictSample = 8
+
+	// minSlots is a shard's first array: a table that holds a few
+	// sessions does not allocate its bound up front.
+	minSlots = 16
+
+	// evictWindow is how many slots in a row eviction looks at from a
+	// drawn slot, and evictWindows how many windows at most it draws
+	// before it evicts an established entry. At a load of 3/4 a window
+	// holds 12 entries; with half of them established, all 8 windows
+	// miss every probationary entry once in 2^96 evictions.
+	evictWindow  = 16
+	evictWindows = 8
 )
 
+// tableShard is one shard: an open-addressing array whose empty slots
+// have key 0.
 type tableShard struct {
-	mu sync.Mutex
-	m  map[uint64]tableEntry
-	_  [40]byte // keep hot mutexes on separate cache lines
+	mu    sync.Mutex
+	slots []tableSlot
+	count int
+
+	// evictions and expired count live entries evicted for room and
+	// entries removed once past their TTL. They are only written under
+	// mu, on this shard's cache line, and read without it.
+	evictions atomic.Uint64
+	expired   atomic.Uint64
+
+	_ [8]byte // keep hot mutexes on separate cache lines (64-byte shards)
+}
+
+// tableSlot is one slot of a shard: the key hash (0 for an empty slot,
+// see slotKey) and its entry. Sixteen bytes.
+type tableSlot struct {
+	key uint64
+	tableEntry
 }
 
 // tableEntry is what the table keeps per session: the upstream (by its
-// process-wide healthcheck ID, with aliasBit set when the entry is one of
-// the session's other keys) and when the entry expires, in seconds since
-// tableEpoch. Eight bytes.
+// process-wide healthcheck ID, with aliasBit and establishedBit) and when
+// the entry expires, in seconds since tableEpoch. Eight bytes.
 type tableEntry struct {
 	up      uint32
 	expires uint32
@@ -70,12 +102,24 @@ type tableEntry struct {
 // every key it shows; only its main entry counts as a live session.
 const aliasBit = 1 << 31
 
+// establishedBit marks an entry seen on a second request (a hit, or a
+// second put of its key); entries without it are probationary and are
+// evicted first.
+const establishedBit = 1 << 30
+
+// upstreamMask keeps the upstream ID of an entry's up field: IDs are
+// below 1<<30, under the flag bits.
+const upstreamMask = establishedBit - 1
+
 // upstream returns the entry's upstream ID.
-func (e tableEntry) upstream() uint32 { return e.up &^ aliasBit }
+func (e tableEntry) upstream() uint32 { return e.up & upstreamMask }
 
 // alias reports whether the entry is an alias (not the session's main
 // entry).
 func (e tableEntry) alias() bool { return e.up&aliasBit != 0 }
+
+// established reports whether the entry was seen on two requests or more.
+func (e tableEntry) established() bool { return e.up&establishedBit != 0 }
 
 // tableEpoch is the zero of entry times; uint32 seconds from here last
 // beyond 2150.
@@ -101,8 +145,10 @@ func clockNow() uint32 {
 
 func newSessionTable(maxSessions int) *sessionTable {
 	t := new(sessionTable)
-	for i := range t.shards {
-		t.shards[i].m = make(map[uint64]tableEntry)
+	var b [24]byte
+	_, _ = rand.Read(b[:]) // never fails (it crashes the process instead)
+	for i := range t.seed {
+		t.seed[i] = binary.LittleEndian.Uint64(b[8*i:])
 	}
 	t.setMax(maxSessions)
 	return t
@@ -110,7 +156,7 @@ func newSessionTable(maxSessions int) *sessionTable {
 
 // setMax sets the bound on live entries. It applies to inserts from now
 // on; a table larger than a lowered bound shrinks as entries expire or
-// are evicted.
+// are evicted (its arrays keep their size).
 func (t *sessionTable) setMax(maxSessions int) {
 	per := int64(maxSessions / tableShards)
 	if per < 1 {
@@ -119,9 +165,80 @@ func (t *sessionTable) setMax(maxSessions int) {
 	t.perShard.Store(per)
 }
 
-func (t *sessionTable) shard(key uint64) *tableShard {
-	// The low bits of an xxh3 hash are as good as any; the map re-hashes.
-	return &t.shards[key&(tableShards-1)]
+// slotsFor returns the array size that holds per entries at a load of at
+// most 3/4. It need not be a power of two (see home), which keeps a
+// full table at 16/0.75 = 21.3 bytes per session whatever max_sessions
+// is.
+func slotsFor(per int64) int {
+	return int((per*4 + 2) / 3)
+}
+
+// zeroKey stands for key hash 0, since 0 marks an empty slot. The two
+// keys then share an entry, as any two keys with one hash do.
+const zeroKey = 0x9e3779b97f4a7c15
+
+// slotKey returns the key as slots store it.
+func slotKey(key uint64) uint64 {
+	if key == 0 {
+		return zeroKey
+	}
+	return key
+}
+
+// place returns the keyed hash that places key: its low byte picks the
+// shard, its high bits the home slot. It is the construction of Go's
+// runtime map hash where AES is not available (wyhash's multiply-and-fold,
+// keyed with three random words), whose output a client cannot predict
+// without the seed.
+func (t *sessionTable) place(key uint64) uint64 {
+	hi, lo := bits.Mul64(key^t.seed[0], bits.RotateLeft64(key, 32)^t.seed[1])
+	hi, lo = bits.Mul64(hi^lo^t.seed[2], 0x1d8e4e27c47d124f)
+	return hi ^ lo
+}
+
+func (t *sessionTable) shard(h uint64) *tableShard {
+	return &t.shards[h&(tableShards-1)]
+}
+
+// home returns the first slot of an array of n slots that h may be in:
+// h's high bits scaled to n (Lemire's multiply-shift), which spreads as
+// well as a mask without needing n to be a power of two.
+func home(h uint64, n int) int {
+	hi, _ := bits.Mul64(h, uint64(n))
+	return int(hi)
+}
+
+// find returns the slot of key (a slot key) in s, whose placement hash
+// is h, or -1.
+func (s *tableShard) find(key, h uint64) int {
+	n := len(s.slots)
+	if n == 0 {
+		return -1
+	}
+	for i := home(h, n); ; {
+		switch s.slots[i].key {
+		case key:
+			return i
+		case 0:
+			return -1
+		}
+		if i++; i == n {
+			i = 0
+		}
+	}
+}
+
+// insert puts a slot that is not in s into s, which has room for it.
+func (s *tableShard) insert(sl tableSlot, h uint64) {
+	n := len(s.slots)
+	i := home(h, n)
+	for s.slots[i].key != 0 {
+		if i++; i == n {
+			i = 0
+		}
+	}
+	s.slots[i] = sl
+	s.count++
 }
 
 // get returns the upstream recorded for key if the entry is live at now,
@@ -132,56 +249,127 @@ func (t *sessionTable) get(key uint64, now, ttl uint32) (uint32, bool) {
 
 // follow is get for one of a request's keys: an alias entry counts only
 // when aliases is true, and one that does not count is left untouched
-// (see Select for when aliases are followed).
+// (see Select for when aliases are followed). An entry that counts is
+// established from then on.
 func (t *sessionTable) follow(key uint64, now, ttl uint32, aliases bool) (uint32, bool) {
-	s := t.shard(key)
+	key = slotKey(key)
+	h := t.place(key)
+	s := t.shard(h)
 	s.mu.Lock()
-	e, ok := s.m[key]
-	if ok && e.expires < now {
-		t.deleteLocked(s, key, e)
-		ok = false
+	i := s.find(key, h)
+	if i < 0 {
+		s.mu.Unlock()
+		return 0, false
 	}
-	if ok && !aliases && e.alias() {
-		ok = false
+	sl := &s.slots[i]
+	e := sl.tableEntry
+	switch {
+	case e.expires < now:
+		s.expired.Add(1)
+		t.deleteLocked(s, i)
+		s.mu.Unlock()
+		return 0, false
+	case !aliases && e.alias():
+		s.mu.Unlock()
+		return 0, false
 	}
-	if ok && ttl > 0 && e.expires != now+ttl {
-		e.expires = now + ttl
-		s.m[key] = e
+	sl.up |= establishedBit
+	if ttl > 0 {
+		sl.expires = now + ttl
 	}
 	s.mu.Unlock()
-	return e.upstream(), ok
+	return e.upstream(), true
 }
 
-// put records key -> up, live until now+ttl. up may carry aliasBit.
-func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
-	s := t.shard(key)
-	e := tableEntry{up: up, expires: now + ttl}
+// peek returns key's entry if it is live at now, without sliding it or
+// establishing it.
+func (t *sessionTable) peek(key uint64, now uint32) (tableEntry, bool) {
+	key = slotKey(key)
+	h := t.place(key)
+	s := t.shard(h)
 	s.mu.Lock()
-	if old, ok := s.m[key]; ok {
-		if old != e {
-			s.m[key] = e
-			if old.up != e.up {
-				t.count(old, -1)
-				t.count(e, 1)
-			}
-		}
+	defer s.mu.Unlock()
+	if i := s.find(key, h); i >= 0 && s.slots[i].expires >= now {
+		return s.slots[i].tableEntry, true
+	}
+	return tableEntry{}, false
+}
+
+// put records key -> up, live until now+ttl. up may carry aliasBit. A
+// second put of a live key establishes its entry.
+func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
+	key = slotKey(key)
+	e := tableEntry{up: up &^ establishedBit, expires: now + ttl}
+	h := t.place(key)
+	s := t.shard(h)
+	s.mu.Lock()
+	if i := s.find(key, h); i >= 0 {
+		t.replaceLocked(s, i, e, now)
 		s.mu.Unlock()
 		return
 	}
-	if int64(len(s.m)) >= t.perShard.Load() {
-		t.evictLocked(s, now)
-	}
-	s.m[key] = e
-	t.count(e, 1)
+	t.makeRoomLocked(s, h, now)
+	s.insert(tableSlot{key: key, tableEntry: e}, h)
+	t.live.add(e, 1)
 	s.mu.Unlock()
+}
+
+// replaceLocked writes e over the entry in slot i of s, which is locked:
+// established if the old entry was live, a new probationary entry if it
+// had expired.
+func (t *sessionTable) replaceLocked(s *tableShard, i int, e tableEntry, now uint32) {
+	sl := &s.slots[i]
+	if sl.expires < now {
+		s.expired.Add(1)
+	} else {
+		e.up |= establishedBit
+	}
+	if sl.up&^establishedBit != e.up&^establishedBit {
+		t.live.add(sl.tableEntry, -1)
+		t.live.add(e, 1)
+	}
+	sl.tableEntry = e
+}
+
+// makeRoomLocked makes s, which is locked, ready for one more entry,
+// whose placement hash is h: it evicts while s is at its bound, otherwise
+// grows its array if the entry would load it beyond 3/4.
+func (t *sessionTable) makeRoomLocked(s *tableShard, h uint64, now uint32) {
+	per := t.perShard.Load()
+	for int64(s.count) >= per {
+		t.evictLocked(s, h, now)
+	}
+	n := len(s.slots)
+	if 4*(s.count+1) <= 3*n {
+		return
+	}
+	// The bound may have been lowered below what the array holds; it
+	// then keeps its size.
+	if limit := slotsFor(per); n < limit {
+		t.growLocked(s, min(max(2*n, minSlots), limit))
+	}
+}
+
+// growLocked moves the entries of s, which is locked, to an array of n
+// slots.
+func (t *sessionTable) growLocked(s *tableShard, n int) {
+	old := s.slots
+	s.slots, s.count = make([]tableSlot, n), 0
+	for _, sl := range old {
+		if sl.key != 0 {
+			s.insert(sl, t.place(sl.key))
+		}
+	}
 }
 
 // remove forgets key.
 func (t *sessionTable) remove(key uint64) {
-	s := t.shard(key)
+	key = slotKey(key)
+	h := t.place(key)
+	s := t.shard(h)
 	s.mu.Lock()
-	if e, ok := s.m[key]; ok {
-		t.deleteLocked(s, key, e)
+	if i := s.find(key, h); i >= 0 {
+		t.deleteLocked(s, i)
 	}
 	s.mu.Unlock()
 }
@@ -191,83 +379,116 @@ func (t *sessionTable) remove(key uint64) {
 // their way with it, then goes. A request that still uses it slides it
 // again.
 func (t *sessionTable) retire(key uint64, until uint32) {
-	s := t.shard(key)
+	key = slotKey(key)
+	h := t.place(key)
+	s := t.shard(h)
 	s.mu.Lock()
-	if e, ok := s.m[key]; ok && e.expires > until {
-		e.expires = until
-		s.m[key] = e
+	if i := s.find(key, h); i >= 0 && s.slots[i].expires > until {
+		s.slots[i].expires = until
 	}
 	s.mu.Unlock()
 }
 
-// deleteLocked deletes key, whose entry is e, from s, which is locked.
-func (t *sessionTable) deleteLocked(s *tableShard, key uint64, e tableEntry) {
-	delete(s.m, key)
-	t.count(e, -1)
-}
-
-// count adds d to the live count of e's upstream if e is a main entry.
-// Called with e's shard locked, so the counts follow the map exactly.
-func (t *sessionTable) count(e tableEntry, d int64) {
-	if e.alias() {
-		return
-	}
-	id := e.upstream()
-	n := id / livePageSize
-	if n >= livePages {
-		return
-	}
-	pg := t.live[n].Load()
-	if pg == nil {
-		pg = new(livePage)
-		if !t.live[n].CompareAndSwap(nil, pg) {
-			pg = t.live[n].Load()
+// deleteLocked empties slot i of s, which is locked, and moves back the
+// entries after it that their probe would otherwise no longer reach
+// (backward-shift deletion: the array never holds tombstones, so lookups
+// stay short however many deletions it has seen).
+func (t *sessionTable) deleteLocked(s *tableShard, i int) {
+	t.live.add(s.slots[i].tableEntry, -1)
+	s.count--
+	n := len(s.slots)
+	for j := i; ; {
+		if j++; j == n {
+			j = 0
+		}
+		sl := s.slots[j]
+		if sl.key == 0 {
+			break
+		}
+		// The entry at j may move to i if i lies on its probe path,
+		// from its home to j.
+		if dist(home(t.place(sl.key), n), j, n) >= dist(i, j, n) {
+			s.slots[i] = sl
+			i = j
 		}
 	}
-	pg[id%livePageSize].Add(d)
+	s.slots[i] = tableSlot{}
 }
 
-// liveCount returns the number of main entries (sessions) naming upstream
-// id. It is exact at every moment, except that entries expired but not
-// yet swept still count, for at most a sweep interval.
-func (t *sessionTable) liveCount(id uint32) int64 {
-	n := id / livePageSize
-	if n >= livePages {
-		return 0
+// dist returns how many steps forward slot to is from slot from, in an
+// array of n slots.
+func dist(from, to, n int) int {
+	if to >= from {
+		return to - from
 	}
-	if pg := t.live[n].Load(); pg != nil {
-		return pg[id%livePageSize].Load()
-	}
-	return 0
+	return to + n - from
 }
 
-// evictLocked makes room for one entry in a full shard. Go's map
-// iteration starts at a random place, which makes the first few entries a
-// fair random sample.
-func (t *sessionTable) evictLocked(s *tableShard, now uint32) {
-	for int64(len(s.m)) >= t.perShard.Load() {
-		var victim uint64
-		var victimE tableEntry
-		n := 0
-		for k, e := range s.m {
-			if e.expires < now {
-				victim, victimE, n = k, e, 1
-				break
-			}
-			if n == 0 || e.expires < victimE.expires {
-				victim, victimE = k, e
-			}
-			n++
-			if n == evictSample {
-				break
-			}
-		}
-		if n == 0 {
-			return
-		}
-		t.deleteLocked(s, victim, victimE)
-		t.evictions.Add(1)
+// evictLocked deletes one entry of s, which is locked and not empty, to
+// make room for an entry whose placement hash is h.
+func (t *sessionTable) evictLocked(s *tableShard, h uint64, now uint32) {
+	i := s.victim(bits.RotateLeft64(h, 32), now)
+	if s.slots[i].expires < now {
+		s.expired.Add(1)
+	} else {
+		s.evictions.Add(1)
 	}
+	t.deleteLocked(s, i)
+}
+
+// victim returns the slot to evict from s, which is locked and not
+// empty. It looks at windows of evictWindow slots in a row, each from a
+// slot drawn by r, and takes the first expired entry it sees; failing
+// that, the probationary entry closest to expiry of the first window
+// that has one; failing that, after evictWindows windows, the
+// established entry closest to expiry it saw.
+//
+// The windows are drawn rather than walked by a hand going round, which
+// would empty the slots behind it and pack those ahead of it, where
+// linear probing slows down sharply; and they are short, since the
+// first probationary entry after a long run of established ones would
+// otherwise be the one evicted most often, which merges the runs until
+// they hide every probationary entry from the search.
+func (s *tableShard) victim(r uint64, now uint32) int {
+	n := len(s.slots)
+	soonest := -1
+	for range evictWindows {
+		// r is the seeded hash of the entry to insert; a step of
+		// Knuth's MMIX generator draws the next window from it.
+		r = r*6364136223846793005 + 1442695040888963407
+		probation := -1
+		for i, end := home(r, n), 0; end < min(evictWindow, n); end++ {
+			if e := s.slots[i].tableEntry; s.slots[i].key != 0 {
+				switch {
+				case e.expires < now:
+					return i
+				case !e.established():
+					if probation < 0 || e.expires < s.slots[probation].expires {
+						probation = i
+					}
+				case soonest < 0 || e.expires < s.slots[soonest].expires:
+					soonest = i
+				}
+			}
+			if i++; i == n {
+				i = 0
+			}
+		}
+		if probation >= 0 {
+			return probation
+		}
+	}
+	if soonest >= 0 {
+		return soonest
+	}
+	// The windows met only empty slots: take the first entry there is.
+	i := home(r, n)
+	for s.slots[i].key == 0 {
+		if i++; i == n {
+			i = 0
+		}
+	}
+	return i
 }
 
 // len returns the number of entries, live or not yet swept.
@@ -276,8 +497,28 @@ func (t *sessionTable) len() int {
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
-		n += len(s.m)
+		n += s.count
 		s.mu.Unlock()
+	}
+	return n
+}
+
+// evicted returns how many live entries were evicted to make room.
+func (t *sessionTable) evicted() uint64 {
+	var n uint64
+	for i := range t.shards {
+		n += t.shards[i].evictions.Load()
+	}
+	return n
+}
+
+// expiredCount returns how many entries were removed because their TTL
+// had passed: by a sweep, by a lookup or put that found them expired, or
+// by an eviction that found them expired.
+func (t *sessionTable) expiredCount() uint64 {
+	var n uint64
+	for i := range t.shards {
+		n += t.shards[i].expired.Load()
 	}
 	return n
 }
@@ -289,22 +530,91 @@ func (t *sessionTable) sweep(now uint32) int {
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
-		for k, e := range s.m {
-			if e.expires < now {
-				t.deleteLocked(s, k, e)
-				removed++
-			}
-		}
+		n := t.sweepLocked(s, now)
+		s.expired.Add(uint64(n))
 		s.mu.Unlock()
+		removed += n
 	}
 	return removed
 }
 
-// peek returns key's entry if it is live at now, without sliding it.
-func (t *sessionTable) peek(key uint64, now uint32) (tableEntry, bool) {
-	s := t.shard(key)
-	s.mu.Lock()
-	e, ok := s.m[key]
-	s.mu.Unlock()
-	return e, ok && e.expires >= now
+// sweepLocked deletes the expired entries of s, which is locked.
+func (t *sessionTable) sweepLocked(s *tableShard, now uint32) int {
+	removed := 0
+	// A deletion moves the next entries back by one: slot j is looked
+	// at again until it holds a live entry or none. An entry that moves
+	// from slot 0 to the last slot is looked at twice, which is harmless.
+	for j := 0; j < len(s.slots); {
+		if sl := s.slots[j]; sl.key != 0 && sl.expires < now {
+			t.deleteLocked(s, j)
+			removed++
+			continue
+		}
+		j++
+	}
+	return removed
+}
+
+// upstreamCounts holds the number of main entries per upstream ID in pages
+// of counters allocated on first use, two levels deep so that every ID
+// below 1<<30 has one while a process with a handful of upstreams holds
+// one page. Reads take no lock.
+type upstreamCounts struct {
+	dirs [1 << liveBits]atomic.Pointer[liveDir]
+}
+
+const liveBits = 10 // per level: three levels of 1<<10 cover 30-bit IDs
+
+type (
+	liveDir  [1 << liveBits]atomic.Pointer[livePage]
+	livePage [1 << liveBits]atomic.Int64
+)
+
+// counter returns id's counter, allocating its page if create is set; nil
+// if it has none.
+func (c *upstreamCounts) counter(id uint32, create bool) *atomic.Int64 {
+	const mask = 1<<liveBits - 1
+	dir := loadOrNew(&c.dirs[id>>(2*liveBits)], create)
+	if dir == nil {
+		return nil
+	}
+	pg := loadOrNew(&dir[id>>liveBits&mask], create)
+	if pg == nil {
+		return nil
+	}
+	return &pg[id&mask]
+}
+
+// loadOrNew returns *p, first setting it to a new T if it is nil and
+// create is set.
+func loadOrNew[T any](p *atomic.Pointer[T], create bool) *T {
+	v := p.Load()
+	if v == nil && create {
+		v = new(T)
+		if !p.CompareAndSwap(nil, v) {
+			v = p.Load()
+		}
+	}
+	return v
+}
+
+// add adds d to the live count of e's upstream if e is a main entry.
+// Called with e's shard locked, so the counts follow the slots exactly.
+func (c *upstreamCounts) add(e tableEntry, d int64) {
+	if !e.alias() {
+		c.counter(e.upstream(), true).Add(d)
+	}
+}
+
+// liveCount returns the number of main entries (sessions) naming upstream
+// id. It is exact at every moment, except that entries expired but not
+// yet swept still count, for at most a sweep interval.
+func (t *sessionTable) liveCount(id uint32) int64 {
+	if id > upstreamMask {
+		return 0
+	}
+	if c := t.live.counter(id, false); c != nil {
+		return c.Load()
+	}
+	return 0
 }

@@ -2,6 +2,8 @@ package affinity
 
 import (
 	"math/rand/v2"
+	"runtime"
+	"sync"
 	"testing"
 )
 
@@ -39,7 +41,7 @@ func TestTableIsBoundedUnderRandomKeyFlood(t *testing.T) {
 	if n := tb.len(); n > bound {
 		t.Fatalf("table holds %d entries, bound %d", n, bound)
 	}
-	if tb.evictions.Load() == 0 {
+	if tb.evicted() == 0 {
 		t.Fatal("no eviction counted")
 	}
 	if up, ok := tb.get(42, 200, 0); !ok || up != 1 {
@@ -52,11 +54,13 @@ func TestTableSweepCounts(t *testing.T) {
 	for k := uint64(0); k < 30; k++ {
 		tb.put(k, uint32(k%3), 0, uint32(10+k))
 	}
-	removed := tb.sweep(25) // keys with 10+k < 25 (k < 15) are expired
-	counts := [3]int64{tb.liveCount(0), tb.liveCount(1), tb.liveCount(2)}
-	total := counts[0] + counts[1] + counts[2]
-	if removed != 15 || total != 15 || counts[0] != 5 {
-		t.Fatalf("sweep removed %d, counts %v, want 15 removed, 15 live, 5 per upstream", removed, counts)
+	if removed := tb.sweep(25); removed != 15 { // keys with 10+k < 25 (k < 15) are expired
+		t.Fatalf("sweep removed %d entries, want 15", removed)
+	}
+	total := tb.liveCount(0) + tb.liveCount(1) + tb.liveCount(2)
+	if total != 15 || tb.liveCount(0) != 5 {
+		t.Fatalf("live counts %d, %d, %d after a sweep, want 15 live, 5 per upstream",
+			tb.liveCount(0), tb.liveCount(1), tb.liveCount(2))
 	}
 	if tb.len() != 15 {
 		t.Fatalf("sweep left %d entries, want 15", tb.len())
@@ -67,6 +71,319 @@ func TestTableSweepCounts(t *testing.T) {
 		t.Fatalf("alias entry reads as %d, %v; want upstream 1", up, ok)
 	}
 	if tb.sweep(25); tb.liveCount(1) != 5 {
-		t.Fatalf("an alias entry was counted as a session: %d", tb.liveCount(1))
+		t.Fatalf("an alias entry was counted as a session: upstream 1 has %d", tb.liveCount(1))
+	}
+}
+
+func TestTableSeedsPlacement(t *testing.T) {
+	// Two tables place the same keys in different shards and slots, and
+	// neither by the key's own low byte, which anyone can compute.
+	a, b := newSessionTable(1000), newSessionTable(1000)
+	sameShard, lowByte := 0, 0
+	for k := uint64(1); k <= 1000; k++ {
+		ha, hb := a.place(k*0x9e3779b97f4a7c15), b.place(k*0x9e3779b97f4a7c15)
+		if ha == hb {
+			t.Fatalf("key %d: both tables hash it to %#x", k, ha)
+		}
+		if ha%tableShards == hb%tableShards {
+			sameShard++
+		}
+		if ha%tableShards == k*0x9e3779b97f4a7c15%tableShards {
+			lowByte++
+		}
+	}
+	// About 4 of 1000 of each by chance.
+	if sameShard > 30 || lowByte > 30 {
+		t.Fatalf("of 1000 keys, %d share their shard in two tables and %d are in the shard of their low byte", sameShard, lowByte)
+	}
+}
+
+func TestTableFloodSparesEstablishedSessions(t *testing.T) {
+	// Established sessions fill 40 % of the table; a flood of
+	// 10 × max_sessions one-shot keys, with TTLs longer than theirs (so
+	// that "closest to expiry" alone would pick them), evicts none.
+	const bound = tableShards * 390 // max_sessions 100k
+	tb := newSessionTable(bound)
+	rng := rand.New(rand.NewPCG(3, 4))
+	established := make([]uint64, bound*4/10)
+	for i := range established {
+		established[i] = rng.Uint64()
+		tb.put(established[i], uint32(i%7), 0, 600)
+		tb.put(established[i], uint32(i%7), 1, 600) // its second request
+	}
+	for i := 0; i < 10*bound; i++ {
+		tb.put(rng.Uint64(), 9, uint32(i/bound), 3600)
+	}
+	lost := 0
+	for i, k := range established {
+		if e, ok := tb.peek(k, 100); !ok || e.upstream() != uint32(i%7) {
+			lost++
+		}
+	}
+	if lost > 0 {
+		t.Fatalf("the flood evicted %d of %d established sessions", lost, len(established))
+	}
+	if n := tb.len(); n > bound {
+		t.Fatalf("table holds %d entries, bound %d", n, bound)
+	}
+	if ev := tb.evicted(); ev < uint64(9*bound) {
+		t.Fatalf("%d evictions counted, want at least %d", ev, 9*bound)
+	}
+	checkTable(t, tb)
+}
+
+func TestTableMemoryDoesNotGrowUnderChurn(t *testing.T) {
+	// A table at its bound, then 4 × max_sessions new keys, each evicting
+	// one: the heap does not grow and stays under 24 bytes per session.
+	const bound = tableShards * 1000
+	rng := rand.New(rand.NewPCG(5, 6))
+	before := heapAlloc()
+	tb := newSessionTable(bound)
+	for tb.len() < bound {
+		for range 1000 {
+			tb.put(rng.Uint64(), 1, 0, 600)
+		}
+	}
+	full := heapAlloc()
+	for i := 0; i < 4*bound; i++ {
+		tb.put(rng.Uint64(), 1, 1, 600)
+	}
+	after := heapAlloc()
+	for i := range tb.shards {
+		if n := len(tb.shards[i].slots); n != slotsFor(bound/tableShards) {
+			t.Fatalf("shard %d has %d slots, want %d", i, n, slotsFor(bound/tableShards))
+		}
+	}
+	if grew := int64(after) - int64(full); grew > 256<<10 {
+		t.Fatalf("the heap grew by %d bytes under churn (from %d to %d)", grew, full, after)
+	}
+	if per := float64(after-before) / bound; per > 24 {
+		t.Fatalf("%.1f bytes per session after churn, want at most 24", per)
+	}
+	runtime.KeepAlive(tb)
+}
+
+// heapAlloc returns the bytes of live heap objects after a collection.
+func heapAlloc() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
+}
+
+func TestTableDeletionMatchesAMap(t *testing.T) {
+	// Random operations on keys that share one shard, so that its
+	// probe runs are long and deletions shift entries, against a map.
+	rng := rand.New(rand.NewPCG(9, 10))
+	ops := make([]byte, 150_000)
+	for i := range ops {
+		ops[i] = byte(rng.Uint32())
+	}
+	runTableOps(t, ops)
+}
+
+func TestTableLiveCountsAnyID(t *testing.T) {
+	tb := newSessionTable(1000)
+	ids := []uint32{0, 1023, 65535, 65536, 70_000, 1 << 20, 1<<29 + 7, upstreamMask}
+	for i, id := range ids {
+		for k := 0; k <= i; k++ {
+			tb.put(uint64(i)<<32|uint64(k)+1, id, 0, 60)
+		}
+		tb.put(uint64(i)<<32|0xffff, id|aliasBit, 0, 60) // not a session
+	}
+	for i, id := range ids {
+		if got := tb.liveCount(id); got != int64(i+1) {
+			t.Fatalf("upstream %d: live count %d, want %d", id, got, i+1)
+		}
+	}
+	// An entry that moves to another upstream moves its count.
+	tb.put(uint64(4)<<32|1, 1<<20, 0, 60)
+	if tb.liveCount(70_000) != 4 || tb.liveCount(1<<20) != 7 {
+		t.Fatalf("after a move: %d and %d, want 4 and 7", tb.liveCount(70_000), tb.liveCount(1<<20))
+	}
+	tb.remove(uint64(7)<<32 | 1)
+	if got := tb.liveCount(upstreamMask); got != 7 {
+		t.Fatalf("after a removal: %d, want 7", got)
+	}
+	if tb.liveCount(upstreamMask+1) != 0 || tb.liveCount(aliasBit|65536) != 0 {
+		t.Fatal("an ID with flag bits has a count")
+	}
+}
+
+func TestTableLiveCountsUnderConcurrency(t *testing.T) {
+	// Goroutines put, follow, retire and remove shared keys on a table
+	// that evicts; afterwards the counters equal a recount.
+	tb := newSessionTable(tableShards * 4)
+	ids := []uint32{3, 65536, 70_000, 1 << 20}
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(g), 11))
+			for step := range 20_000 {
+				key := rng.Uint64N(2000)
+				up := ids[rng.IntN(len(ids))]
+				if rng.IntN(4) == 0 {
+					up |= aliasBit
+				}
+				now := uint32(step / 100)
+				switch rng.IntN(8) {
+				case 0, 1, 2:
+					tb.put(key, up, now, uint32(1+rng.IntN(20)))
+				case 3:
+					tb.remove(key)
+				case 4:
+					tb.retire(key, now)
+				case 5:
+					if step%1000 == 0 {
+						tb.sweep(now)
+					}
+				default:
+					tb.follow(key, now, 10, rng.IntN(2) == 0)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	want := recount(tb)
+	for _, id := range ids {
+		if got := tb.liveCount(id); got != want[id] {
+			t.Fatalf("upstream %d: live count %d, recount %d", id, got, want[id])
+		}
+	}
+	if tb.evicted() == 0 {
+		t.Fatal("the table never evicted: eviction is not exercised")
+	}
+	checkTable(t, tb)
+}
+
+func TestTableCountsEvictionsAndExpiries(t *testing.T) {
+	tb := newSessionTable(tableShards * 4) // 4 entries per shard
+	keys := keysInShard(tb, 0, 9)
+	for _, k := range keys[:4] {
+		tb.put(k, 1, 0, 10)
+	}
+	// At 20 the four are expired: new entries take their room, and that
+	// is no eviction.
+	for _, k := range keys[4:8] {
+		tb.put(k, 1, 20, 100)
+	}
+	if ev, ex := tb.evicted(), tb.expiredCount(); ev != 0 || ex != 4 {
+		t.Fatalf("replacing expired entries: %d evicted, %d expired; want 0 and 4", ev, ex)
+	}
+	// The shard holds four live entries: the next one evicts one.
+	tb.put(keys[8], 1, 20, 100)
+	if ev, ex := tb.evicted(), tb.expiredCount(); ev != 1 || ex != 4 {
+		t.Fatalf("evicting a live entry: %d evicted, %d expired; want 1 and 4", ev, ex)
+	}
+	// A lookup that finds an entry expired, and a sweep.
+	other := keysInShard(tb, 1, 3)
+	for _, k := range other {
+		tb.put(k, 2, 20, 5)
+	}
+	if _, ok := tb.get(other[0], 30, 0); ok {
+		t.Fatal("an expired entry was found")
+	}
+	if n := tb.sweep(30); n != 2 {
+		t.Fatalf("sweep removed %d, want 2", n)
+	}
+	if ev, ex := tb.evicted(), tb.expiredCount(); ev != 1 || ex != 7 {
+		t.Fatalf("after a lookup and a sweep: %d evicted, %d expired; want 1 and 7", ev, ex)
+	}
+	// Expired entries go first, even established ones next to a live
+	// probationary one.
+	third := keysInShard(tb, 2, 5)
+	for _, k := range third[:3] {
+		tb.put(k, 3, 0, 10)
+		tb.put(k, 3, 0, 10)
+	}
+	tb.put(third[3], 3, 0, 100)
+	tb.put(third[4], 3, 20, 100)
+	if _, ok := tb.peek(third[3], 20); !ok {
+		t.Fatal("a live probationary entry was evicted before expired ones")
+	}
+	if ev, ex := tb.evicted(), tb.expiredCount(); ev != 1 || ex != 8 {
+		t.Fatalf("evicting an expired established entry: %d evicted, %d expired; want 1 and 8", ev, ex)
+	}
+}
+
+func TestTableKeyZero(t *testing.T) {
+	tb := newSessionTable(1000)
+	tb.put(0, 5, 0, 60)
+	if up, ok := tb.get(0, 1, 0); !ok || up != 5 {
+		t.Fatalf("key 0 reads as %d, %v", up, ok)
+	}
+	tb.remove(0)
+	if _, ok := tb.get(0, 1, 0); ok || tb.len() != 0 {
+		t.Fatal("key 0 was not removed")
+	}
+}
+
+func TestTableEstablishesOnSecondSight(t *testing.T) {
+	tb := newSessionTable(1000)
+	tb.put(1, 1, 0, 60)
+	tb.put(2, 1, 0, 60)
+	tb.put(3, 1|aliasBit, 0, 60)
+	if e, _ := tb.peek(1, 0); e.established() {
+		t.Fatal("an entry seen once is established")
+	}
+	tb.put(1, 1, 1, 60)        // a second put
+	tb.follow(2, 1, 60, true)  // a hit
+	tb.follow(3, 1, 60, false) // an alias not followed: untouched
+	for k, want := range map[uint64]bool{1: true, 2: true, 3: false} {
+		if e, _ := tb.peek(k, 1); e.established() != want {
+			t.Fatalf("key %d: established %v, want %v", k, e.established(), want)
+		}
+	}
+	// A put over an expired entry starts a new, probationary one.
+	tb.put(1, 1, 100, 60)
+	if e, _ := tb.peek(1, 100); e.established() {
+		t.Fatal("a put over an expired entry kept it established")
+	}
+}
+
+// keysInShard returns n distinct keys that tb places in shard i.
+func keysInShard(tb *sessionTable, i, n int) []uint64 {
+	var keys []uint64
+	for k := uint64(1); len(keys) < n; k++ {
+		if tb.shard(tb.place(k)) == &tb.shards[i] {
+			keys = append(keys, k)
+		}
+	}
+	return keys
+}
+
+// checkTable checks that every shard's count matches its slots and that
+// every entry is reachable from its home slot without crossing an empty
+// one, which backward-shift deletion must keep true.
+func checkTable(t testing.TB, tb *sessionTable) {
+	t.Helper()
+	for i := range tb.shards {
+		checkShard(t, tb, i)
+	}
+}
+
+// checkShard is checkTable for shard i.
+func checkShard(t testing.TB, tb *sessionTable, i int) {
+	t.Helper()
+	s := &tb.shards[i]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n, occupied := len(s.slots), 0
+	for j, sl := range s.slots {
+		if sl.key == 0 {
+			continue
+		}
+		occupied++
+		for p := home(tb.place(sl.key), n); p != j; p = (p + 1) % n {
+			if s.slots[p].key == 0 {
+				t.Fatalf("shard %d: the entry in slot %d is cut off from its home by empty slot %d", i, j, p)
+			}
+		}
+		if s.find(sl.key, tb.place(sl.key)) != j {
+			t.Fatalf("shard %d: key %#x is in slot %d and found elsewhere", i, sl.key, j)
+		}
+	}
+	if occupied != s.count {
+		t.Fatalf("shard %d: %d slots occupied, count %d", i, occupied, s.count)
 	}
 }
