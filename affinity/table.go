@@ -174,8 +174,10 @@ func slotsFor(per int64) int {
 }
 
 // zeroKey stands for key hash 0, since 0 marks an empty slot. The two
-// keys then share an entry, as any two keys with one hash do.
-const zeroKey = 0x9e3779b97f4a7c15
+// keys then share an entry, as any two keys with one hash do. It is
+// drawn at random, not a well-known constant that tests or key
+// generators multiply by.
+const zeroKey = 0x9f120d31101ee50a
 
 // slotKey returns the key as slots store it.
 func slotKey(key uint64) uint64 {

@@ -120,6 +120,8 @@ func TestTableFloodSparesEstablishedSessions(t *testing.T) {
 			lost++
 		}
 	}
+	t.Logf("max_sessions %d, %d established sessions, %d one-shot keys: %d established evicted, %d evictions in all",
+		bound, len(established), 10*bound, lost, tb.evicted())
 	if lost > 0 {
 		t.Fatalf("the flood evicted %d of %d established sessions", lost, len(established))
 	}
