@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"os"
+	"runtime"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -17,7 +19,7 @@ import (
 // number of upstreams beyond BenchmarkSelect's 3, 16 and 64, and how the
 // session table's operations grow with the number of sessions it holds.
 //
-//	go test -run '^$' -bench 'SelectScale|SelectSessions|SelectPinnedEvery|TableScale|TableBytes' -benchmem ./affinity/
+//	go test -run '^$' -bench 'SelectScale|SelectSessions|SelectPinnedEvery|TableScale|TableBytes|TableChurn' -benchmem ./affinity/
 
 // BenchmarkSelectScale is BenchmarkSelect at N = 256 and 1000, for the
 // paths whose cost may depend on N.
@@ -147,6 +149,43 @@ func BenchmarkTableBytes(b *testing.B) {
 				}
 				b.ReportMetric(float64(after-before)/float64(live), "B/session")
 				b.ReportMetric(float64(live), "sessions")
+			}
+		})
+	}
+}
+
+// BenchmarkTableChurn reports the session table's heap at max_sessions
+// 1M (and 10M with AFFINITY_BENCH_10M=1, about a minute and 2 GiB of
+// heap before this table) once it is full of random keys and 3 ×
+// max_sessions more have gone through it, each evicting one, as under a
+// flood of one-shot cookies. B/session is the heap after the churn
+// divided by max_sessions.
+func BenchmarkTableChurn(b *testing.B) {
+	sizes := []int{1_000_000}
+	if os.Getenv("AFFINITY_BENCH_10M") != "" {
+		sizes = append(sizes, 10_000_000)
+	}
+	for _, n := range sizes {
+		b.Run(fmt.Sprintf("max_sessions=%d", n), func(b *testing.B) {
+			rng := rand.New(rand.NewPCG(uint64(n), 13))
+			for b.Loop() {
+				before := heapInUse()
+				tb := newSessionTable(n)
+				bound := int(tb.perShard.Load()) * tableShards
+				for tb.len() < bound*99/100 {
+					for range 1000 {
+						tb.put(rng.Uint64(), 1, 0, 1200)
+					}
+				}
+				full := heapInUse()
+				for range 3 * n {
+					tb.put(rng.Uint64(), 1, 1, 1200)
+				}
+				churned := heapInUse()
+				b.ReportMetric(float64(churned-before)/float64(n), "B/session")
+				b.ReportMetric(float64(full-before)/(1<<20), "MiB-full")
+				b.ReportMetric(float64(churned-before)/(1<<20), "MiB-churned")
+				runtime.KeepAlive(tb)
 			}
 		})
 	}
