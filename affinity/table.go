@@ -198,6 +198,7 @@ func (t *sessionTable) place(key uint64) uint64 {
 	return hi ^ lo
 }
 
+// shard returns the shard of placement hash h.
 func (t *sessionTable) shard(h uint64) *tableShard {
 	return &t.shards[h&(tableShards-1)]
 }

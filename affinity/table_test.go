@@ -96,6 +96,15 @@ func TestTableSeedsPlacement(t *testing.T) {
 	if sameShard > 30 || lowByte > 30 {
 		t.Fatalf("of 1000 keys, %d share their shard in two tables and %d are in the shard of their low byte", sameShard, lowByte)
 	}
+	// Keys aimed at one shard by their low byte, as they could be before
+	// the seed, land all over the table.
+	aimed := map[*tableShard]bool{}
+	for k := uint64(1); k <= 5000; k++ {
+		aimed[a.shard(a.place(k<<8))] = true
+	}
+	if len(aimed) < tableShards*9/10 {
+		t.Fatalf("5000 keys with one low byte land in %d shards of %d", len(aimed), tableShards)
+	}
 }
 
 func TestTableFloodSparesEstablishedSessions(t *testing.T) {
@@ -388,4 +397,27 @@ func checkShard(t testing.TB, tb *sessionTable, i int) {
 	if occupied != s.count {
 		t.Fatalf("shard %d: %d slots occupied, count %d", i, occupied, s.count)
 	}
+}
+
+func TestTableLoweredBound(t *testing.T) {
+	// A shard beyond a lowered bound evicts down to it on its next
+	// insert, and keeps its array.
+	tb := newSessionTable(tableShards * 100)
+	keys := keysInShard(tb, 0, 51)
+	for _, k := range keys[:50] {
+		tb.put(k, 1, 0, 60)
+	}
+	slots := len(tb.shards[0].slots)
+	tb.setMax(tableShards * 10)
+	tb.put(keys[50], 1, 0, 60)
+	if n := tb.len(); n != 10 {
+		t.Fatalf("the shard holds %d entries after an insert under a bound of 10", n)
+	}
+	if ev := tb.evicted(); ev != 41 {
+		t.Fatalf("%d evictions counted, want 41", ev)
+	}
+	if tb.liveCount(1) != 10 || len(tb.shards[0].slots) != slots {
+		t.Fatalf("live count %d, %d slots; want 10 and %d", tb.liveCount(1), len(tb.shards[0].slots), slots)
+	}
+	checkTable(t, tb)
 }
