@@ -320,14 +320,7 @@ func (cfg proxyConfig) caddyfile(sitePort, adminPort int) string {
 	if cfg.Retries == "off" {
 		retries = ""
 	}
-	return fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	auto_https off
-	storage file_system %s
-	persist_config off
-	grace_period 1s
-%s}
-
+	return globalOptions(adminPort, cfg.Storage, cfg.Global) + fmt.Sprintf(`
 http://127.0.0.1:%d {
 	bind 127.0.0.1
 	reverse_proxy %s {
@@ -340,11 +333,25 @@ http://127.0.0.1:%d {
 		fail_duration %s
 %s	}
 }
-%s`, adminPort, cfg.Storage, indent(cfg.Global, "\t"), sitePort,
+%s`, sitePort,
 		strings.Join(cfg.Upstreams, " "), indent(cfg.Policy, "\t\t\t"),
 		retries, orDefault(cfg.TryDuration, "3s"),
 		healthInterval, orDefault(cfg.HealthTimeout, "1s"), fail,
 		indentBlock(cfg.ProxyExtra, "\t\t"), cfg.Extra)
+}
+
+// globalOptions is the global options block of every test Caddyfile: the
+// admin API on adminPort, no automatic HTTPS, storage in the given
+// folder, and extra lines (one option a line).
+func globalOptions(adminPort int, storage, extra string) string {
+	return fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	auto_https off
+	storage file_system %s
+	persist_config off
+	grace_period 1s
+%s}
+`, adminPort, storage, indent(extra, "\t"))
 }
 
 // syncBuffer is a goroutine-safe output sink.
@@ -367,13 +374,15 @@ func (b *syncBuffer) String() string {
 
 // caddyProc is one running `caddy run`.
 type caddyProc struct {
-	name     string
-	URL      string // http://127.0.0.1:port
-	Admin    string // http://127.0.0.1:port
-	File     string // the Caddyfile
-	Config   string // its text
-	dir      string
-	cfg      proxyConfig
+	name   string
+	URL    string // http://127.0.0.1:port
+	Admin  string // http://127.0.0.1:port
+	File   string // the Caddyfile
+	Config string // its text
+	dir    string
+	cfg    proxyConfig
+	// render, if set, writes the Caddyfile instead of cfg.
+	render   func(sitePort, adminPort int) string
 	out      *syncBuffer
 	run      *caddyRun
 	attempts int
@@ -477,7 +486,11 @@ func (p *caddyProc) spawn(t *testing.T) {
 	}
 	p.URL = fmt.Sprintf("http://127.0.0.1:%d", sitePort)
 	p.Admin = fmt.Sprintf("http://127.0.0.1:%d", adminPort)
-	p.Config = p.cfg.caddyfile(sitePort, adminPort)
+	if p.render != nil {
+		p.Config = p.render(sitePort, adminPort)
+	} else {
+		p.Config = p.cfg.caddyfile(sitePort, adminPort)
+	}
 	if err := os.WriteFile(p.File, []byte(p.Config), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -28,14 +26,7 @@ const expressCookie = "connect.sid"
 // body policy, and the harness's health checks and retries.
 func learnSite(upstreams []string, siteLines, policy string) func(sitePort, adminPort int, storage string) string {
 	return func(sitePort, adminPort int, storage string) string {
-		return fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	auto_https off
-	storage file_system %s
-	persist_config off
-	grace_period 1s
-}
-
+		return globalOptions(adminPort, storage, "") + fmt.Sprintf(`
 http://127.0.0.1:%d {
 	bind 127.0.0.1
 %s	reverse_proxy %s {
@@ -49,7 +40,7 @@ http://127.0.0.1:%d {
 		fail_duration 10s
 	}
 }
-`, adminPort, storage, sitePort, indent(siteLines, "\t"), strings.Join(upstreams, " "),
+`, sitePort, indent(siteLines, "\t"), strings.Join(upstreams, " "),
 			indent(policy, "\t\t\t"), healthInterval)
 	}
 }
@@ -62,69 +53,13 @@ func startCaddySite(t *testing.T, name string, render func(sitePort, adminPort i
 	t.Helper()
 	needCaddy(t)
 	dir := t.TempDir()
-	p := &caddyProc{name: name, File: filepath.Join(dir, "Caddyfile"), dir: dir, out: new(syncBuffer)}
+	storage := filepath.Join(dir, "storage")
+	p := &caddyProc{name: name, File: filepath.Join(dir, "Caddyfile"), dir: dir, out: new(syncBuffer),
+		render: func(sitePort, adminPort int) string { return render(sitePort, adminPort, storage) }}
+	p.spawn(t)
 	p.stopOnCleanup(t)
-	hc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	for attempt := 1; ; attempt++ {
-		sitePort, adminPort := freePort(t), freePort(t)
-		for adminPort == sitePort {
-			adminPort = freePort(t)
-		}
-		p.URL = fmt.Sprintf("http://127.0.0.1:%d", sitePort)
-		p.Admin = fmt.Sprintf("http://127.0.0.1:%d", adminPort)
-		p.Config = render(sitePort, adminPort, filepath.Join(dir, "storage"))
-		if err := os.WriteFile(p.File, []byte(p.Config), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		run := &caddyRun{exited: make(chan struct{}), outFrom: len(p.out.String())}
-		run.cmd = exec.Command(caddyBin, "run", "--config", p.File, "--adapter", "caddyfile")
-		run.cmd.Dir = dir
-		run.cmd.Env = isolatedEnv(dir)
-		run.cmd.Stdout = p.out
-		run.cmd.Stderr = p.out
-		if err := run.cmd.Start(); err != nil {
-			t.Fatalf("starting caddy %s: %v", name, err)
-		}
-		go func() {
-			run.waitErr = run.cmd.Wait()
-			close(run.exited)
-		}()
-		p.run = run
-
-		if !portTaken(t, p, run, hc, attempt) {
-			return p
-		}
-	}
-}
-
-// portTaken waits until the Caddy run answers /healthz and returns false,
-// or returns true when it exited because a port was taken (so it may be
-// started again on other ports); it fails the test otherwise.
-func portTaken(t *testing.T, p *caddyProc, run *caddyRun, hc *http.Client, attempt int) bool {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		select {
-		case <-run.exited:
-			out := p.out.String()
-			if strings.Contains(out[run.outFrom:], "address already in use") && attempt < 4 {
-				return true
-			}
-			t.Fatalf("caddy %s exited before it was ready (%v); output:\n%s\nCaddyfile:\n%s", p.name, run.waitErr, tailLines(out, 80), p.Config)
-		default:
-		}
-		if resp, err := hc.Get(p.URL + "/healthz"); err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return false
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("caddy %s not ready after 30s; output:\n%s", p.name, tailLines(p.out.String(), 80))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	p.waitReady(t)
+	return p
 }
 
 // TestLearnedAppCookieKeepsSessions is the acceptance run of

@@ -226,14 +226,7 @@ func (w *monoWorker) firstSession() error {
 // harness's readiness probe, /healthz, is answered by Caddy itself.
 func monoSite(upstreams []string) func(sitePort, adminPort int, storage string) string {
 	return func(sitePort, adminPort int, storage string) string {
-		return fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	auto_https off
-	storage file_system %s
-	persist_config off
-	grace_period 1s
-}
-
+		return globalOptions(adminPort, storage, "") + fmt.Sprintf(`
 http://127.0.0.1:%d {
 	bind 127.0.0.1
 	respond /healthz 200
@@ -245,7 +238,7 @@ http://127.0.0.1:%d {
 		}
 	}
 }
-`, adminPort, storage, sitePort, strings.Join(upstreams, " "))
+`, sitePort, strings.Join(upstreams, " "))
 	}
 }
 

@@ -278,20 +278,13 @@ func runSocketIOClients(t *testing.T, dir, base string, clients, emits int, cook
 // recipe does not have.
 func socketIOSite(upstreams []string, lbPolicy string) func(sitePort, adminPort int, storage string) string {
 	return func(sitePort, adminPort int, storage string) string {
-		return fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	auto_https off
-	storage file_system %s
-	persist_config off
-	grace_period 1s
-}
-
+		return globalOptions(adminPort, storage, "") + fmt.Sprintf(`
 http://127.0.0.1:%d {
 	bind 127.0.0.1
 	reverse_proxy %s {
 		%s
 	}
 }
-`, adminPort, storage, sitePort, strings.Join(upstreams, " "), lbPolicy)
+`, sitePort, strings.Join(upstreams, " "), lbPolicy)
 	}
 }
