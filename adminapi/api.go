@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -82,11 +83,7 @@ func allowOnly(w http.ResponseWriter, r *http.Request, methods ...string) error 
 			return nil
 		}
 	}
-	allow := methods[0]
-	for _, m := range methods[1:] {
-		allow += ", " + m
-	}
-	w.Header().Set("Allow", allow)
+	w.Header().Set("Allow", strings.Join(methods, ", "))
 	return apiError(http.StatusMethodNotAllowed, "method %s not allowed on %s: use %s", r.Method, r.URL.Path, methods[0])
 }
 

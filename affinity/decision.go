@@ -83,26 +83,24 @@ type decideInput struct {
 	walk func(i int, d decline)
 }
 
-// from returns the upstream the session leaves: the first source asked
-// that named an upstream which could not serve it, else the upstream
-// that failed this request; -1 for a session that had none (a new one).
-func (d *decision) from() int {
+// left returns the upstream the session leaves and why: the first source
+// asked that named an upstream which could not serve it, else the
+// upstream that failed this request; -1 for a session that had none (a
+// new one).
+func (d *decision) left() (int, healthcheck.Verdict) {
 	for _, a := range d.asked[:d.nasked] {
 		if a.verdict != healthcheck.Serves {
-			return a.upstream
+			return a.upstream, a.verdict
 		}
 	}
-	return d.failed
+	return d.failed, healthcheck.Failed
 }
 
-// firstVerdict is the verdict on from(): why the session left it.
-func (d *decision) firstVerdict() healthcheck.Verdict {
-	for _, a := range d.asked[:d.nasked] {
-		if a.verdict != healthcheck.Serves {
-			return a.verdict
-		}
-	}
-	return healthcheck.Failed
+// failover reports whether the ring placed a session that had an upstream
+// on another one.
+func (d *decision) failover() bool {
+	from, _ := d.left()
+	return d.by == fromRing && !d.held && d.chosen >= 0 && from >= 0 && from != d.chosen
 }
 
 // decide computes the decision for request r, whose pool state is ps.

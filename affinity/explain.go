@@ -57,6 +57,8 @@ type SessionEntry struct {
 	// ExpiresIn is the idle time left before the entry is forgotten, in
 	// seconds; every request of the session slides it to session_ttl.
 	ExpiresIn int64 `json:"expires_in_seconds"`
+
+	id uint32 // the upstream's healthcheck ID
 }
 
 // WalkStep is one upstream on the ring walk.
@@ -139,7 +141,7 @@ func (p *Policy) sessionEntry(key uint64, now time.Time) *SessionEntry {
 	if !ok {
 		return nil
 	}
-	sess := &SessionEntry{ExpiresIn: int64(e.expires) - int64(tableNow(now))}
+	sess := &SessionEntry{ExpiresIn: int64(e.expires) - int64(tableNow(now)), id: e.upstream()}
 	if u := healthcheck.ByID(e.upstream()); u != nil {
 		sess.Upstream = u.Dial
 	}
@@ -163,7 +165,7 @@ func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now tim
 	for _, a := range d.asked[:d.nasked] {
 		whys = append(whys, askedWhy(ps, a, out.Session))
 	}
-	if out.Session != nil && (d.nasked == 0 || d.asked[d.nasked-1].from != fromTable) && !ps.has(out.Session.Upstream) {
+	if out.Session != nil && (d.nasked == 0 || d.asked[d.nasked-1].from != fromTable) && ps.indexByID(out.Session.id) < 0 {
 		whys = append(whys, fmt.Sprintf("the session table names %s, which this proxy does not have", out.Session.Upstream))
 	}
 	if d.pinRejected {
@@ -195,7 +197,7 @@ func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now tim
 		out.Decision = DecidedHold
 		out.Reason = fmt.Sprintf("%s; under hold %s its requests wait for it to come back, and once the hold is over %s",
 			why, time.Duration(p.Hold), to)
-	case d.from() >= 0:
+	case hadUpstream(d):
 		out.Decision = DecidedFailover
 		out.Reason = fmt.Sprintf("%s: the session fails over, %s, and stays there", why, to)
 	default:
@@ -214,6 +216,12 @@ func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now tim
 	if choice < 0 {
 		out.Decision = DecidedNone
 	}
+}
+
+// hadUpstream reports whether the session had an upstream it leaves.
+func hadUpstream(d *decision) bool {
+	from, _ := d.left()
+	return from >= 0
 }
 
 // askedWhy words what one source named.
@@ -279,16 +287,6 @@ func (p *Policy) explainWalk(ps *poolState, walk *walkRecorder, now time.Time, o
 		}
 	}
 	return choice
-}
-
-// has reports whether the pool has the upstream dialled at dial.
-func (ps *poolState) has(dial string) bool {
-	for _, u := range ps.ups {
-		if u.Dial == dial {
-			return true
-		}
-	}
-	return false
 }
 
 // poolFor returns the pool state a request to the site's proxy would

@@ -36,10 +36,10 @@ type farm struct {
 	stop, done chan struct{}
 }
 
-// policyProbe is one policy's drain probe and the dials it probes.
+// policyProbe is one policy's drain probe and the upstreams it probes.
 type policyProbe struct {
-	dials []string
-	stop  func()
+	ups  reverseproxy.UpstreamPool
+	stop func()
 }
 
 var (
@@ -168,29 +168,17 @@ func (f *farm) followProbe(p *Policy, ups reverseproxy.UpstreamPool) {
 		return // cleaned up: a config on its way out, or the farm stopped
 	}
 	old := f.probes[p]
-	if old != nil && sameDials(old.dials, ups) {
+	if old != nil && sameDials(old.ups, ups) {
 		return
 	}
 	dials := make([]string, len(ups))
 	for i, u := range ups {
 		dials[i] = u.Dial
 	}
-	f.probes[p] = &policyProbe{dials: dials, stop: p.Probe.Start(p.ctx, dials, p.logger)}
+	f.probes[p] = &policyProbe{ups: ups, stop: p.Probe.Start(p.ctx, dials, p.logger)}
 	if old != nil {
 		old.stop()
 	}
-}
-
-func sameDials(dials []string, ups reverseproxy.UpstreamPool) bool {
-	if len(dials) != len(ups) {
-		return false
-	}
-	for i, u := range ups {
-		if dials[i] != u.Dial {
-			return false
-		}
-	}
-	return true
 }
 
 // Destruct stops the loop and every probe when the last policy lets go.

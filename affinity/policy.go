@@ -78,8 +78,10 @@ type Policy struct {
 	SessionTTL caddy.Duration `json:"session_ttl,omitempty"`
 
 	// MaxSessions bounds the session table, process-wide (the largest
-	// value among live configs applies). When full, the entries closest
-	// to expiry are evicted first. Default 1000000 (about 40 MB).
+	// value among live configs applies). When full, expired entries are
+	// evicted first, then sessions seen only once, and established
+	// sessions (seen on two requests or more) last. Default 1000000
+	// (about 23 MB; the table never grows past its bound).
 	MaxSessions int `json:"max_sessions,omitempty"`
 
 	// Weights gives each upstream, in the order they are listed, its
@@ -322,10 +324,9 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 		return nil
 	}
 	p.remember(in.keys, ps.recs[d.chosen].ID, in.now)
-	if d.by == fromRing && !d.held {
-		if from := d.from(); from >= 0 && from != d.chosen {
-			p.logFailover(ps, from, d.chosen, d.firstVerdict())
-		}
+	if d.failover() {
+		from, why := d.left()
+		p.logFailover(ps, from, d.chosen, why)
 	}
 	issuePin := !p.DisablePinCookie && d.pinned != d.chosen
 	return p.chosen(ps, d.chosen, r, w, issuePin, retry)
@@ -349,7 +350,7 @@ func (p *Policy) count(d *decision) {
 		metrics.noUpstream.Inc()
 	case d.by != fromRing:
 		metrics.pinned.Inc()
-	case d.from() >= 0 && d.from() != d.chosen:
+	case d.failover():
 		metrics.failover.Inc()
 	default:
 		metrics.placed.Inc()

@@ -52,7 +52,7 @@ func (p *Policy) poolState(pool reverseproxy.UpstreamPool) *poolState {
 	if ps != nil && ps.samePointers(pool) {
 		return ps
 	}
-	if ps != nil && ps.sameDials(pool) {
+	if ps != nil && sameDials(ps.ups, pool) {
 		// Dynamic upstreams come as new values for the same addresses:
 		// the ring and pins depend on addresses only, so keep them.
 		cp := *ps
@@ -82,12 +82,14 @@ func (ps *poolState) samePointers(pool reverseproxy.UpstreamPool) bool {
 	return true
 }
 
-func (ps *poolState) sameDials(pool reverseproxy.UpstreamPool) bool {
-	if len(pool) != len(ps.ups) {
+// sameDials reports whether two pools list the same addresses in the
+// same order.
+func sameDials(a, b reverseproxy.UpstreamPool) bool {
+	if len(a) != len(b) {
 		return false
 	}
-	for i, u := range pool {
-		if u.Dial != ps.ups[i].Dial {
+	for i, u := range a {
+		if u.Dial != b[i].Dial {
 			return false
 		}
 	}
