@@ -45,7 +45,7 @@ func TestCLI(t *testing.T) {
 	})
 	admin := strings.TrimPrefix(p.Admin, "http://")
 	expectClean(t, "visits", visitAll(newClients(t, 6), p.URL, 2, 6))
-	// Session counts are published by the table's sweep, every 2 s.
+	// Session counts are exact when read; polling tolerates a slow machine.
 	obsEventually(t, "sessions counted", 6*time.Second, func() (bool, string) {
 		n := int64(0)
 		for _, u := range obsUpstreams(t, p) {

@@ -64,8 +64,8 @@ func TestMetrics(t *testing.T) {
 		t.Errorf("no %s", evictions)
 	}
 
-	// The live session gauges are published by the table's sweep, every
-	// 2 s: they add up to the sessions, on the workers that hold them.
+	// The live session gauges are read from the table at the scrape:
+	// they add up to the sessions, on the workers that hold them.
 	want := map[string]int{}
 	for _, c := range clients {
 		want[backendNamed(bs, c.worker).addr]++
