@@ -29,6 +29,7 @@ import (
 //		slow_start <duration>
 //		balance_factor <c>
 //		tomcat_route <route> <upstream dial address>
+//		scope <name>
 //		probe [<path>] {
 //			path <path>
 //			interval <duration>
@@ -86,6 +87,13 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			p.Secret = s
+
+		case "scope":
+			s, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			p.Scope = s
 
 		case "session_ttl":
 			s, err := oneArg(d)
@@ -179,7 +187,7 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		default:
-			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions, weights, hold, slow_start, balance_factor, tomcat_route or probe)", opt)
+			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions, weights, hold, slow_start, balance_factor, tomcat_route, scope or probe)", opt)
 		}
 	}
 	if needKey != nil && len(p.Keys) == 0 {

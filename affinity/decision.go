@@ -193,7 +193,7 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput) int {
 		ttl = p.ttl // slide the entry
 	}
 	for j, key := range in.keys {
-		id, ok := p.table.follow(key, in.now, ttl, j == 0 || laterAliases)
+		id, ok := p.followScoped(key, in, ttl, j == 0 || laterAliases)
 		if !ok {
 			continue
 		}
@@ -203,6 +203,26 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput) int {
 		// An upstream this pool does not have: try the next key.
 	}
 	return -1
+}
+
+// followScoped follows key in the policy's namespace. On a miss it also
+// looks in the shared one, where entries written before the scope was
+// resolved are (the moment of a reload), and moves what it finds into the
+// policy's namespace, so that the session counts once.
+func (p *Policy) followScoped(key uint64, in *decideInput, ttl uint32, aliases bool) (uint32, bool) {
+	id, ok := p.table.follow(p.tableKey(key), in.now, ttl, aliases)
+	if ok || p.scope.Load() == 0 {
+		return id, ok
+	}
+	e, ok := p.table.peek(key, in.now)
+	if !ok || (!aliases && e.alias()) {
+		return 0, false
+	}
+	if !in.dry {
+		p.table.remove(key)
+		p.table.put(p.tableKey(key), e.up, in.now, p.ttl)
+	}
+	return e.upstream(), true
 }
 
 // placeOnRing places the request on the ring by its first key; a new

@@ -137,7 +137,7 @@ func (p *Policy) sessionEntry(key uint64, now time.Time) *SessionEntry {
 	if p.table == nil {
 		return nil
 	}
-	e, ok := p.table.peek(key, tableNow(now))
+	e, ok := p.table.peek(p.tableKey(key), tableNow(now))
 	if !ok {
 		return nil
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
+	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
@@ -109,5 +110,76 @@ func TestClientIPFallbackDoesNotTrapOneAddress(t *testing.T) {
 		t.Fatalf("new sessions behind one address: %v, max/mean %.3f, want <= 1.06", counts, ratio)
 	} else {
 		t.Logf("max/mean %.3f: %v", ratio, counts)
+	}
+}
+
+// Policies keep their entries apart: a request to another proxy with the
+// same key (the same client address) does not overwrite a session; before,
+// the process-wide table was one namespace and it moved the session.
+// Proxies given the same scope share their entries.
+func TestScopesKeepProxiesApart(t *testing.T) {
+	keys := []KeySource{{From: "client_ip"}}
+	a := newTestPolicy(t, &Policy{Keys: keys, DisablePinCookie: true, Scope: "site-a"})
+	b := newTestPolicy(t, &Policy{Keys: keys, DisablePinCookie: true, Scope: "site-b"})
+	shared := newTestPolicy(t, &Policy{Keys: keys, DisablePinCookie: true, Scope: "site-a"})
+	poolA := testPool(t, 3)
+	var poolB reverseproxy.UpstreamPool
+	for i := range 3 {
+		poolB = append(poolB, &reverseproxy.Upstream{Host: new(reverseproxy.Host), Dial: fmt.Sprintf("%s-b%d:80", t.Name(), i)})
+	}
+	fromAddr := func(i int) *http.Request {
+		r := newRequest()
+		r.RemoteAddr = fmt.Sprintf("192.0.2.%d:1234", i)
+		return r
+	}
+	// Sessions that are not on their ring owner (placed while it was in
+	// maintenance): only their entries keep them where they are.
+	home := map[int]string{}
+	operate(t, poolA[0].Dial, healthcheck.Maintenance)
+	for i := range 100 {
+		home[i] = a.Select(poolA, fromAddr(i), nil).Dial
+	}
+	operate(t, poolA[0].Dial, healthcheck.Up)
+	for i := range 100 {
+		b.Select(poolB, fromAddr(i), nil)
+	}
+	for i := range 100 {
+		if got := a.Select(poolA, fromAddr(i), nil).Dial; got != home[i] {
+			t.Fatalf("client %d moved from %s to %s after a request to another proxy", i, home[i], got)
+		}
+	}
+	// The same scope is one namespace: the other proxy follows the
+	// entries.
+	for i := range 100 {
+		if got := shared.Select(poolA, fromAddr(i), nil).Dial; got != home[i] {
+			t.Fatalf("a proxy of the same scope sent client %d to %s, want %s", i, got, home[i])
+		}
+	}
+}
+
+// Entries written in the shared namespace, before a policy could resolve
+// its scope (the moment of a reload), are found and moved into its own,
+// counted once.
+func TestScopeFindsEntriesWrittenBeforeIt(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Sid"}}, DisablePinCookie: true})
+	pool := testPool(t, 3)
+	req := func() *http.Request {
+		r := newRequest()
+		r.Header.Set("X-Sid", "early")
+		return r
+	}
+	home := p.Select(pool, req(), nil) // unresolved: the shared namespace
+	p.scope.Store(scopeHash("scope", "late"))
+	id := healthcheck.Get(home.Dial).ID
+	for range 5 {
+		if got := p.Select(pool, req(), nil); got != home {
+			t.Fatalf("session went to %s, want %s", got.Dial, home.Dial)
+		}
+	}
+	if n := p.table.liveCount(id); n != 1 {
+		t.Fatalf("the session counts %d times, want 1", n)
+	}
+	if _, ok := p.table.peek(hashring.HashStringSeed("early", seedHeader), clockNow()); ok {
+		t.Fatal("the entry is still in the shared namespace too")
 	}
 }

@@ -163,13 +163,13 @@ func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, val
 	old, hadOld := k.value(r)
 	if deleted {
 		if hadOld {
-			table.remove(sessionIDHash(old))
+			table.remove(p.tableKey(sessionIDHash(old)))
 		}
 		return
 	}
-	table.put(sessionIDHash(value), id, now, p.ttl)
+	table.put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
 	if hadOld && old != value {
-		table.retire(sessionIDHash(old), now+retireGrace)
+		table.retire(p.tableKey(sessionIDHash(old)), now+retireGrace)
 	}
 }
 

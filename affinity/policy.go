@@ -131,12 +131,26 @@ type Policy struct {
 	// path_param key.
 	TomcatRoutes map[string]string `json:"tomcat_routes,omitempty"`
 
+	// Scope names the policy's namespace in the session table, which is
+	// process-wide. By default every proxy has its own, derived from where
+	// it sits in the config (its server's listeners, its site's hosts and
+	// its place among that site's affinity proxies), so that a reload or a
+	// change of upstreams keeps it and another site's requests cannot
+	// overwrite its sessions. Proxies given the same scope share their
+	// entries, e.g. two sites in front of one farm whose users cross.
+	Scope string `json:"scope,omitempty"`
+
 	secret []byte
 	ttl    uint32
 	ctx    caddy.Context
 
 	// learns is set when a key's kind is one affinity_learn records.
 	learns bool
+	// scope is the namespace of the policy's entries in the session
+	// table, XORed into every key it stores or looks up; zero until the
+	// first pool is built (resolveScope).
+	scope      atomic.Uint64
+	scopeTried atomic.Uint32 // the table clock at the last resolveScope
 
 	releaseSyncer func()
 	farm          *farm
@@ -309,6 +323,9 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// An upstream that failed this very request is not selectable on
 	// the retry, even if Caddy's health checks have not caught up.
 	in := decideInput{failed: -1, now: clockNow()}
+	if p.scope.Load() == 0 {
+		p.resolveScope(in.now)
+	}
 	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
 	if retry {
 		in.failed = ps.index(prev)
@@ -418,7 +435,7 @@ func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
 		if i > 0 {
 			id |= aliasBit
 		}
-		p.table.put(key, id, now, p.ttl)
+		p.table.put(p.tableKey(key), id, now, p.ttl)
 	}
 }
 

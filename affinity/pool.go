@@ -61,6 +61,7 @@ func (p *Policy) poolState(pool reverseproxy.UpstreamPool) *poolState {
 		p.pools.Store(&cp)
 		return &cp
 	}
+	p.resolveScope(clockNow())
 	ps, err := p.buildPoolState(pool)
 	if err != nil {
 		p.logger.Error("cannot build the upstream ring", zap.Error(err))
