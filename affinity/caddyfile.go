@@ -4,6 +4,7 @@ import (
 	"math"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -53,6 +54,9 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	// Options that need a key line, which may come later in the block,
 	// keep their error (naming their line) until the block is read.
 	var needKey, needIDKey error
+	// The cookie keys' names, with the error (naming the key's line) if
+	// one turns out to be the pin cookie's, which may be named later.
+	var pinKey map[string]error
 	for d.NextBlock(0) {
 		opt := d.Val()
 		if opt != "key" && opt != "tomcat_route" && seen[opt] {
@@ -66,6 +70,12 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			p.Keys = append(p.Keys, k)
+			if k.From == "cookie" && pinKey == nil {
+				pinKey = map[string]error{}
+			}
+			if k.From == "cookie" {
+				pinKey[k.Name] = d.Errf("key cookie %s: that is the pin cookie's name; key on the app's session cookie, or rename the pin with pin_cookie <name>", k.Name)
+			}
 
 		case "pin_cookie":
 			name, err := oneArg(d)
@@ -107,6 +117,9 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if dur < 1e9 {
 				return d.Errf("session_ttl: %q is too short, the least is 1s", s)
 			}
+			if dur > maxSessionTTL {
+				return d.Errf("session_ttl: %q is too long, the most is %s", s, maxSessionTTL)
+			}
 			p.SessionTTL = caddy.Duration(dur)
 
 		case "max_sessions":
@@ -118,6 +131,9 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil || n <= 0 {
 				return d.Errf("max_sessions: %q is not a positive whole number", s)
 			}
+			if n < minMaxSessions {
+				return d.Errf("max_sessions: %d is too small, the least is %d (the session table has %d shards)", n, minMaxSessions, tableShards)
+			}
 			p.MaxSessions = n
 
 		case "hold", "slow_start":
@@ -128,6 +144,9 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			dur, err := caddy.ParseDuration(s)
 			if err != nil || dur <= 0 {
 				return d.Errf("%s: %q is not a positive duration", opt, s)
+			}
+			if most := map[string]time.Duration{"hold": maxHold, "slow_start": maxSlowStart}[opt]; dur > most {
+				return d.Errf("%s: %q is too long, the most is %s", opt, s, most)
 			}
 			if opt == "hold" {
 				p.Hold = caddy.Duration(dur)
@@ -192,6 +211,13 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	if needKey != nil && len(p.Keys) == 0 {
 		return needKey
+	}
+	pin := p.PinCookie
+	if pin == "" {
+		pin = DefaultPinCookie
+	}
+	if err := pinKey[pin]; err != nil && !p.DisablePinCookie {
+		return err
 	}
 	if needIDKey != nil && !p.readsTomcatRoutes() {
 		return needIDKey

@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
@@ -181,5 +184,35 @@ func TestScopeFindsEntriesWrittenBeforeIt(t *testing.T) {
 	}
 	if _, ok := p.table.peek(hashring.HashStringSeed("early", seedHeader), clockNow()); ok {
 		t.Fatal("the entry is still in the shared namespace too")
+	}
+}
+
+// Configs that cannot work as written are refused with what to do: JSON
+// configs go through Validate (the Caddyfile parser names the line).
+func TestValidateRefusesUnworkableValues(t *testing.T) {
+	for _, tc := range []struct {
+		p    *Policy
+		want string
+	}{
+		{&Policy{MaxSessions: 100}, "max_sessions must be at least 256"},
+		{&Policy{SessionTTL: caddy.Duration(400 * 24 * time.Hour)}, "session_ttl must be between 1s and"},
+		{&Policy{Hold: caddy.Duration(2 * time.Hour)}, "hold must be at most 1h0m0s"},
+		{&Policy{SlowStart: caddy.Duration(48 * time.Hour)}, "slow_start at most 24h0m0s"},
+		{&Policy{Keys: []KeySource{{From: "cookie", Name: DefaultPinCookie}}}, "that is the pin cookie's name"},
+	} {
+		p := tc.p
+		if p.PinCookie == "" {
+			p.PinCookie = DefaultPinCookie
+		}
+		if p.SessionTTL == 0 {
+			p.SessionTTL = DefaultSessionTTL
+		}
+		if err := p.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v", tc.want, err)
+		}
+	}
+	ok := &Policy{PinCookie: "pin", SessionTTL: DefaultSessionTTL, MaxSessions: 256, Keys: []KeySource{{From: "cookie", Name: DefaultPinCookie}}}
+	if err := ok.Validate(); err != nil {
+		t.Errorf("a key named like the default pin, with the pin renamed: %v", err)
 	}
 }

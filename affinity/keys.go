@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/textproto"
 	"strconv"
 	"strings"
 
@@ -353,34 +354,42 @@ func hashClientIP(k *KeySource, r *http.Request) (uint64, bool) {
 	return hashring.HashSeed(b[:], k.kind.seed), true
 }
 
-// cookieValue returns the value of the first cookie called name in the
-// request's Cookie headers. Unlike r.Cookie it allocates nothing and does
-// not give up on a header that has one malformed cookie among good ones.
-// Surrounding double quotes are removed; an empty value counts as absent.
+// cookieValue returns the value of the cookie called name in the
+// request's Cookie headers as net/http's r.Cookie reads it (which is what
+// Go apps, scs among them, see): the first cookie of that name with a
+// valid value, its double quotes removed; an empty value counts as
+// absent, and so `sid=; sid=b` carries no sid, as for the app. Unlike
+// r.Cookie it allocates nothing.
 func cookieValue(h http.Header, name string) (string, bool) {
 	for _, line := range h["Cookie"] {
 		for line != "" {
 			var part string
 			part, line, _ = strings.Cut(line, ";")
-			for part != "" && (part[0] == ' ' || part[0] == '\t') {
-				part = part[1:]
-			}
-			if len(part) <= len(name) || part[len(name)] != '=' || part[:len(name)] != name {
+			n, v, _ := strings.Cut(textproto.TrimString(part), "=")
+			if textproto.TrimString(n) != name {
 				continue
 			}
-			v := part[len(name)+1:]
-			for v != "" && (v[len(v)-1] == ' ' || v[len(v)-1] == '\t') {
-				v = v[:len(v)-1]
-			}
-			if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+			if len(v) > 1 && v[0] == '"' && v[len(v)-1] == '"' {
 				v = v[1 : len(v)-1]
 			}
-			if v != "" {
-				return v, true
+			if !validCookieValue(v) {
+				continue // net/http skips it and reads on
 			}
+			return v, v != ""
 		}
 	}
 	return "", false
+}
+
+// validCookieValue applies net/http's rule for the bytes of a cookie
+// value.
+func validCookieValue(v string) bool {
+	for i := 0; i < len(v); i++ {
+		if b := v[i]; b < 0x20 || b >= 0x7f || b == '"' || b == ';' || b == '\\' {
+			return false
+		}
+	}
+	return true
 }
 
 // queryValue returns the raw (still percent-encoded) value of the first

@@ -200,6 +200,10 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 			return err
 		}
 		p.secret = secret
+		if len(secret) < minSecretLen {
+			p.logger.Warn("the pin secret is short: clients can forge pins signed with it by brute force; use at least 16 random bytes, such as the output of `openssl rand -base64 32`",
+				zap.Int("bytes", len(secret)))
+		}
 	}
 
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
@@ -235,11 +239,20 @@ func (p *Policy) Validate() error {
 	if !validCookieName(p.PinCookie) {
 		return fmt.Errorf("pin_cookie: %q is not a valid cookie name", p.PinCookie)
 	}
-	if time.Duration(p.SessionTTL) < time.Second {
-		return fmt.Errorf("session_ttl must be at least 1s, got %s", time.Duration(p.SessionTTL))
+	if time.Duration(p.SessionTTL) < time.Second || time.Duration(p.SessionTTL) > maxSessionTTL {
+		return fmt.Errorf("session_ttl must be between 1s and %s, got %s", maxSessionTTL, time.Duration(p.SessionTTL))
 	}
-	if p.MaxSessions < 0 {
-		return fmt.Errorf("max_sessions must not be negative, got %d", p.MaxSessions)
+	if p.MaxSessions < 0 || (p.MaxSessions > 0 && p.MaxSessions < minMaxSessions) {
+		return fmt.Errorf("max_sessions must be at least %d (the session table has %d shards), got %d", minMaxSessions, tableShards, p.MaxSessions)
+	}
+	if time.Duration(p.Hold) > maxHold || time.Duration(p.SlowStart) > maxSlowStart {
+		return fmt.Errorf("hold must be at most %s and slow_start at most %s, got %s and %s",
+			maxHold, maxSlowStart, time.Duration(p.Hold), time.Duration(p.SlowStart))
+	}
+	for i := range p.Keys {
+		if k := &p.Keys[i]; !p.DisablePinCookie && k.From == "cookie" && k.Name == p.PinCookie {
+			return fmt.Errorf("key cookie %s: that is the pin cookie's name; key on the app's session cookie, or rename the pin with pin_cookie <name>", k.Name)
+		}
 	}
 	for i, w := range p.Weights {
 		if w < 0 {
@@ -287,6 +300,20 @@ func (p *Policy) Cleanup() error {
 	}
 	return nil
 }
+
+// Bounds of durations and sizes. Times in the table are uint32 seconds,
+// and a hold's incident window is 2 × hold: the bounds keep both far from
+// overflowing, and no app keeps an idle session longer than a year.
+const (
+	maxSessionTTL  = 365 * 24 * time.Hour
+	maxHold        = time.Hour
+	maxSlowStart   = 24 * time.Hour
+	minMaxSessions = tableShards
+)
+
+// minSecretLen is the shortest secret that is not logged as weak: pins
+// are HMACs, which a short secret lets a client forge by brute force.
+const minSecretLen = 16
 
 // errTomcatRouteKey is the error for tomcat_route lines without a key
 // that carries a Java session id.

@@ -100,9 +100,13 @@ func TestDemoControl(t *testing.T) {
 	srv := httptest.NewServer(d.controlHandler())
 	defer srv.Close()
 
-	get := func(path string) int {
+	do := func(method, path string, headers ...string) int {
 		t.Helper()
-		resp, err := http.Get(srv.URL + path)
+		req, _ := http.NewRequest(method, srv.URL+path, nil)
+		for i := 0; i+1 < len(headers); i += 2 {
+			req.Header.Set(headers[i], headers[i+1])
+		}
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -110,16 +114,28 @@ func TestDemoControl(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	if c := get("/__demo/kill/a"); c != 200 || w.Running() {
+	get := func(path string) int { return do(http.MethodGet, path) }
+	post := func(path string) int { return do(http.MethodPost, path) }
+	// A link or a cross-site form on any web page must not reach the switch.
+	if c := get("/__demo/kill/A"); c != http.StatusMethodNotAllowed || !w.Running() {
+		t.Fatalf("kill by GET: %d, running %v", c, w.Running())
+	}
+	if c := do(http.MethodPost, "/__demo/kill/A", "Origin", "https://evil.example"); c != http.StatusForbidden || !w.Running() {
+		t.Fatalf("cross-site kill: %d, running %v", c, w.Running())
+	}
+	if c := do(http.MethodPost, "/__demo/kill/A", "Sec-Fetch-Site", "cross-site"); c != http.StatusForbidden || !w.Running() {
+		t.Fatalf("cross-site kill (Sec-Fetch-Site): %d, running %v", c, w.Running())
+	}
+	if c := post("/__demo/kill/a"); c != 200 || w.Running() {
 		t.Fatalf("kill: %d, running %v", c, w.Running())
 	}
-	if c := get("/__demo/kill/A"); c != http.StatusConflict {
+	if c := post("/__demo/kill/A"); c != http.StatusConflict {
 		t.Fatalf("second kill: %d", c)
 	}
-	if c := get("/__demo/start/A"); c != 200 || !w.Running() {
+	if c := post("/__demo/start/A"); c != 200 || !w.Running() {
 		t.Fatalf("start: %d, running %v", c, w.Running())
 	}
-	if c := get("/__demo/start/Z"); c != http.StatusNotFound {
+	if c := post("/__demo/start/Z"); c != http.StatusNotFound {
 		t.Fatalf("start of an unknown worker: %d", c)
 	}
 	if c := get("/__demo/"); c != 200 {

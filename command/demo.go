@@ -289,7 +289,7 @@ func printDemo(o demoOptions, d *demo, control string) {
 	fmt.Fprintf(&b, "  upstreams   http://%s/affinity/upstreams   (admin API, JSON)\n\n", o.Admin)
 	fmt.Fprintf(&b, "  workers     http://%s/__demo/\n", control)
 	for _, w := range d.workers {
-		fmt.Fprintf(&b, "  kill %s      http://%s/__demo/kill/%s    start again: http://%s/__demo/start/%s\n",
+		fmt.Fprintf(&b, "  kill %s      curl -X POST http://%s/__demo/kill/%s    start again: curl -X POST http://%s/__demo/start/%s\n",
 			w.Name(), control, w.Name(), control, w.Name())
 	}
 	b.WriteString("\nKill the worker that answers you and refresh: the session fails over\n" +
@@ -330,14 +330,28 @@ type workerStatus struct {
 	Requests int64  `json:"requests"`
 }
 
+// crossSite refuses, with 403, a request a browser made for another site's
+// page: it carries an Origin other than the switch's own, or
+// Sec-Fetch-Site cross-site. curl and scripts send neither.
+func crossSite(w http.ResponseWriter, r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if r.Header.Get("Sec-Fetch-Site") == "cross-site" || (origin != "" && origin != "http://"+r.Host) {
+		http.Error(w, "refused: a cross-site request; use curl -X POST", http.StatusForbidden)
+		return true
+	}
+	return false
+}
+
 // controlHandler serves the demo's switch:
 //
-//	GET /__demo/              the workers, running or not, with their counts
-//	GET /__demo/kill/<name>   kill the worker, as kill -9 would
-//	GET /__demo/start/<name>  start it again on its address, sessions empty
+//	GET  /__demo/              the workers, running or not, with their counts
+//	POST /__demo/kill/<name>   kill the worker, as kill -9 would
+//	POST /__demo/start/<name>  start it again on its address, sessions empty
 //
-// They are GETs, though they change things, so that a newcomer can click
-// them; the listener is on loopback and the demo holds nothing of value.
+// The switches are POSTs that refuse a browser's cross-site request (one
+// with an Origin or Sec-Fetch-Site of another site): a link or a form on
+// any web page could otherwise kill the demo's workers, since the
+// listener is on the visitor's own loopback.
 func (d *demo) controlHandler() http.Handler {
 	mux := http.NewServeMux()
 	list := func(w http.ResponseWriter, r *http.Request) {
@@ -352,7 +366,10 @@ func (d *demo) controlHandler() http.Handler {
 	}
 	mux.HandleFunc("GET /{$}", list)
 	mux.HandleFunc("GET /__demo/{$}", list)
-	mux.HandleFunc("GET /__demo/kill/{name}", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /__demo/kill/{name}", func(w http.ResponseWriter, r *http.Request) {
+		if crossSite(w, r) {
+			return
+		}
 		wk := d.worker(r.PathValue("name"))
 		if wk == nil {
 			http.Error(w, "no worker "+r.PathValue("name"), http.StatusNotFound)
@@ -365,7 +382,10 @@ func (d *demo) controlHandler() http.Handler {
 		wk.Kill()
 		fmt.Fprintf(w, "killed worker %s (%s): its sessions are gone, and its clients fail over on their next request\n", wk.Name(), wk.Addr())
 	})
-	mux.HandleFunc("GET /__demo/start/{name}", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /__demo/start/{name}", func(w http.ResponseWriter, r *http.Request) {
+		if crossSite(w, r) {
+			return
+		}
 		wk := d.worker(r.PathValue("name"))
 		if wk == nil {
 			http.Error(w, "no worker "+r.PathValue("name"), http.StatusNotFound)

@@ -201,10 +201,9 @@ func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait 
 	if state != "draining" || wait <= 0 || u.Drained {
 		return nil
 	}
-	// The session counts are refreshed every 2 s by the session table's
-	// sweep; polling faster would show nothing new.
+	// Session counts are exact when read; once a second is often enough.
 	deadline := time.Now().Add(wait)
-	tick := time.NewTicker(2 * time.Second)
+	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
 		select {
@@ -216,22 +215,29 @@ func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait 
 		if err != nil {
 			return err
 		}
-		for _, v := range ups {
-			if v.Upstream != dial {
-				continue
-			}
-			if v.State != "draining" {
-				return fmt.Errorf("%s is %s now, no longer draining: someone changed its state", dial, v.State)
-			}
-			if v.Drained {
-				fmt.Fprintf(out, "%s is drained: no session left\n", dial)
-				return nil
-			}
-			if time.Now().After(deadline) {
-				return fmt.Errorf("%s still holds %d live sessions after %s", dial, v.Sessions, wait)
-			}
+		v, listed := findUpstream(ups, dial)
+		switch {
+		case !listed:
+			return fmt.Errorf("%s is no longer listed by the admin API (removed from the config?): cannot wait for it to drain", dial)
+		case v.State != "draining":
+			return fmt.Errorf("%s is %s now, no longer draining: someone changed its state", dial, v.State)
+		case v.Drained:
+			fmt.Fprintf(out, "%s is drained: no session left\n", dial)
+			return nil
+		case time.Now().After(deadline):
+			return fmt.Errorf("%s still holds %d live sessions after %s", dial, v.Sessions, wait)
 		}
 	}
+}
+
+// findUpstream returns the listed upstream dialled at dial.
+func findUpstream(ups []upstreamStatus, dial string) (upstreamStatus, bool) {
+	for _, v := range ups {
+		if v.Upstream == dial {
+			return v, true
+		}
+	}
+	return upstreamStatus{}, false
 }
 
 // resolveUpstream returns the dial address arg names: itself when listed

@@ -124,3 +124,32 @@ func TestDemoConfigLetsBrowsersIn(t *testing.T) {
 		t.Errorf("status URL for a wildcard admin: %s", got)
 	}
 }
+
+// drain --wait gives up with a clear error when the upstream leaves the
+// list (removed from the config) instead of polling until Ctrl-C: before,
+// an unlisted upstream matched none of the loop's cases, not even the
+// deadline's.
+func TestDrainWaitStopsWhenTheUpstreamIsNoLongerListed(t *testing.T) {
+	var posted bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/affinity/upstreams":
+			if posted {
+				_, _ = io.WriteString(w, `[]`)
+				return
+			}
+			_, _ = io.WriteString(w, `[{"upstream":"127.0.0.1:9001","state":"up","healthy":true,"sessions":3}]`)
+		case "/affinity/upstreams/state":
+			posted = true
+			_, _ = io.WriteString(w, `{"upstream":"127.0.0.1:9001","state":"draining","set_by":"operator","healthy":true,"sessions":3}`)
+		}
+	}))
+	defer srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var out bytes.Buffer
+	err := setState(ctx, &out, strings.TrimPrefix(srv.URL, "http://"), "9001", "draining", time.Hour)
+	if err == nil || !strings.Contains(err.Error(), "no longer listed") {
+		t.Fatalf("got %v, want an error saying the upstream is no longer listed", err)
+	}
+}
