@@ -282,7 +282,7 @@ func (p *Policy) Validate() error {
 	}
 	if p.Probe != nil {
 		if err := p.Probe.Validate(); err != nil {
-			return fmt.Errorf("probe: %v", err)
+			return err // it says "probe: ..." itself
 		}
 	}
 	return nil

@@ -2,6 +2,8 @@ package healthcheck
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +11,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -40,15 +43,22 @@ const (
 	DefaultDrainStatus = http.StatusServiceUnavailable
 	// DrainHeaderValue is the value of DrainHeader that means "drain me".
 	DrainHeaderValue = "drain"
+	// minUndrainGrace is the least time a drain the probe set outlives the
+	// last prober of its upstream (see prober.Destruct): a reload stops
+	// the old config's probers before the farm's next look (up to a
+	// second later) starts the new config's, and the drain must not lapse
+	// in between.
+	minUndrainGrace = 5 * time.Second
 )
 
 // Probe is a backend-signalled drain check, like HAProxy's agent-check:
-// every Interval each upstream is asked GET http://<dial><Path>, and the
-// upstream itself says whether it wants to be drained. After Passes
-// consecutive "drain" answers an upstream in state up becomes draining
-// (it keeps its pinned sessions and takes no new ones); after Passes
-// consecutive normal (2xx) answers an upstream the probe drained is up
-// again.
+// every Interval each upstream is asked GET http://<dial><Path> (https
+// with TLS), and the upstream itself says whether it wants to be drained.
+// After Passes consecutive "drain" answers an upstream in state up
+// becomes draining (it keeps its pinned sessions and takes no new ones);
+// after Passes consecutive normal (2xx) answers an upstream the probe
+// drained is up again. The drain outlives the probe by a grace (see
+// prober.Destruct), so that a config reload does not lift it.
 //
 // The probe never overrides an operator: a state set through the admin
 // API (draining, maintenance) stays until an operator changes it, and
@@ -82,6 +92,27 @@ type Probe struct {
 	// DrainHeader names a response header whose value "drain" (any case)
 	// means "drain me", whatever the status code, e.g. X-Drain. Optional.
 	DrainHeader string `json:"drain_header,omitempty"`
+
+	// TLS probes over HTTPS, for upstreams that only speak TLS; the
+	// certificate is verified against the dial's host (or TLSServerName)
+	// and the system's roots (or TLSTrustedCACerts) unless
+	// TLSInsecureSkipVerify. A failed handshake is no answer, like a
+	// refused connection: it changes no state and is logged.
+	TLS bool `json:"tls,omitempty"`
+	// TLSInsecureSkipVerify accepts any certificate (self-signed ones).
+	// Needs TLS; not with TLSTrustedCACerts.
+	TLSInsecureSkipVerify bool `json:"tls_insecure_skip_verify,omitempty"`
+	// TLSServerName is the name sent in SNI and checked against the
+	// certificate instead of the dial's host (needed when upstreams are
+	// dialled by IP address). Needs TLS.
+	TLSServerName string `json:"tls_server_name,omitempty"`
+	// TLSTrustedCACerts are PEM files of the CAs that sign the upstreams'
+	// certificates, trusted instead of the system's roots (a private CA).
+	// Needs TLS; not with TLSInsecureSkipVerify.
+	TLSTrustedCACerts []string `json:"tls_trusted_ca_certs,omitempty"`
+
+	// undrainGrace replaces the grace of prober.Destruct; tests only.
+	undrainGrace time.Duration
 }
 
 // UnmarshalCaddyfile parses a probe from Caddyfile tokens; d is
@@ -95,11 +126,17 @@ type Probe struct {
 //		fails        <n>
 //		drain_status <code>|off
 //		drain_header <name>
+//		tls
+//		tls_insecure_skip_verify
+//		tls_server_name <name>
+//		tls_trusted_ca_certs <pem_file>...
 //	}
 //
 // The path may be given on the probe line or in the block, not both; the
-// block is optional when the path is on the line. Errors name the file
-// and line.
+// block is optional when the path is on the line. The tls_* options need
+// tls, and tls_insecure_skip_verify excludes tls_trusted_ca_certs.
+// Errors name the file and line (of the option at fault, for a bad
+// combination).
 func (p *Probe) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		p.Path = d.Val()
@@ -111,14 +148,35 @@ func (p *Probe) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	pathOnLine := p.Path != ""
-	seen := make(map[string]bool)
+	// seen holds the line of each option given, so that a bad
+	// combination found at the end of the block names the line at fault
+	// (the options may come in any order).
+	seen := make(map[string]int)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
-		if seen[opt] {
+		if seen[opt] != 0 {
 			return d.Errf("probe: %s specified more than once", opt)
 		}
-		seen[opt] = true
+		seen[opt] = d.Line()
 		args := d.RemainingArgs()
+		switch opt {
+		case "tls", "tls_insecure_skip_verify":
+			if len(args) != 0 {
+				return d.Errf("probe: %s takes no value, got %d", opt, len(args))
+			}
+			if opt == "tls" {
+				p.TLS = true
+			} else {
+				p.TLSInsecureSkipVerify = true
+			}
+			continue
+		case "tls_trusted_ca_certs":
+			if len(args) == 0 {
+				return d.Errf("probe: %s takes one or more PEM files, got none", opt)
+			}
+			p.TLSTrustedCACerts = args
+			continue
+		}
 		if len(args) != 1 {
 			return d.Errf("probe: %s takes exactly one value, got %d", opt, len(args))
 		}
@@ -170,9 +228,27 @@ func (p *Probe) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("probe: drain_header: %q is not a valid header name", v)
 			}
 			p.DrainHeader = v
+		case "tls_server_name":
+			if err := checkServerName(v); err != nil {
+				return d.Errf("probe: tls_server_name: %v", err)
+			}
+			p.TLSServerName = v
 		default:
-			return d.Errf("probe: unrecognized option %q (want path, interval, timeout, passes, fails, drain_status or drain_header)", opt)
+			return d.Errf("probe: unrecognized option %q (want path, interval, timeout, passes, fails, drain_status, drain_header, "+
+				"tls, tls_insecure_skip_verify, tls_server_name or tls_trusted_ca_certs)", opt)
 		}
+	}
+	atLine := func(opt, format string, args ...any) error {
+		return fmt.Errorf("probe: "+opt+": "+format+", at %s:%d", append(args, d.File(), seen[opt])...)
+	}
+	for _, opt := range []string{"tls_insecure_skip_verify", "tls_server_name", "tls_trusted_ca_certs"} {
+		if seen[opt] != 0 && !p.TLS {
+			return atLine(opt, "needs tls in the same probe block (without it the probe speaks plain HTTP)")
+		}
+	}
+	if seen["tls_insecure_skip_verify"] != 0 && seen["tls_trusted_ca_certs"] != 0 {
+		return atLine("tls_trusted_ca_certs", "cannot be used with tls_insecure_skip_verify (line %d), which trusts any certificate",
+			seen["tls_insecure_skip_verify"])
 	}
 	if p.Path == "" {
 		return d.Errf("probe: path is required (probe /drain-status, or path in the block)")
@@ -204,8 +280,51 @@ func (p *Probe) Validate() error {
 		return fmt.Errorf("probe: drain_header %q is not a valid header name", p.DrainHeader)
 	case p.DrainStatus == -1 && p.DrainHeader == "":
 		return errors.New("probe: with drain_status off (-1), drain_header is needed: nothing could signal a drain")
+	case !p.TLS && (p.TLSInsecureSkipVerify || p.TLSServerName != "" || len(p.TLSTrustedCACerts) > 0):
+		return errors.New("probe: tls_insecure_skip_verify, tls_server_name and tls_trusted_ca_certs need tls (without it the probe speaks plain HTTP)")
+	case p.TLSInsecureSkipVerify && len(p.TLSTrustedCACerts) > 0:
+		return errors.New("probe: tls_trusted_ca_certs cannot be used with tls_insecure_skip_verify, which trusts any certificate")
+	}
+	if p.TLSServerName != "" {
+		if err := checkServerName(p.TLSServerName); err != nil {
+			return fmt.Errorf("probe: tls_server_name: %v", err)
+		}
+	}
+	// The CA files are read here too, so that a missing or bad file fails
+	// the config load instead of every probe.
+	if _, err := p.rootCAs(); err != nil {
+		return fmt.Errorf("probe: %v", err)
 	}
 	return nil
+}
+
+func checkServerName(s string) error {
+	if net.ParseIP(s) != nil {
+		return nil // an IP address is checked against the certificate's IP SANs
+	}
+	if s == "" || strings.ContainsAny(s, " \t\r\n/:{}") {
+		return fmt.Errorf("%q is not a host name", s)
+	}
+	return nil
+}
+
+// rootCAs returns the pool of TLSTrustedCACerts, or nil (the system's
+// roots) when there are none.
+func (p *Probe) rootCAs() (*x509.CertPool, error) {
+	if len(p.TLSTrustedCACerts) == 0 {
+		return nil, nil
+	}
+	pool := x509.NewCertPool()
+	for _, file := range p.TLSTrustedCACerts {
+		pem, err := os.ReadFile(file)
+		if err != nil {
+			return nil, fmt.Errorf("tls_trusted_ca_certs: %v", err)
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("tls_trusted_ca_certs: no PEM certificate in %s", file)
+		}
+	}
+	return pool, nil
 }
 
 func checkProbePath(s string) error {
@@ -244,8 +363,19 @@ func (p Probe) withDefaults() Probe {
 }
 
 func (p Probe) key() string {
-	return fmt.Sprintf("%s|%d|%d|%d|%d|%d|%s", p.Path, p.Interval, p.Timeout,
-		p.Passes, p.Fails, p.DrainStatus, p.DrainHeader)
+	return fmt.Sprintf("%s|%d|%d|%d|%d|%d|%s|%t|%t|%s|%q", p.Path, p.Interval, p.Timeout,
+		p.Passes, p.Fails, p.DrainStatus, p.DrainHeader,
+		p.TLS, p.TLSInsecureSkipVerify, p.TLSServerName, p.TLSTrustedCACerts)
+}
+
+// grace is how long a drain the probe set outlives the last prober of
+// its upstream: a few intervals, and at least minUndrainGrace, so that a
+// reload's new prober takes over the drain before it lapses.
+func (p Probe) grace() time.Duration {
+	if p.undrainGrace > 0 {
+		return p.undrainGrace
+	}
+	return max(3*time.Duration(p.Interval), minUndrainGrace)
 }
 
 // Start probes every dial address until stop is called or ctx is done,
@@ -322,6 +452,72 @@ type prober struct {
 	answers, drains, failures atomic.Int64
 }
 
+// watchKey is one dial address of one registry.
+type watchKey struct {
+	reg  *registry
+	dial string
+}
+
+// watchers counts the live probers of each dial address (whatever their
+// configuration), and holds the pending undrain of a dial that has none
+// (see prober.Destruct). Its own lock, not a probers.Range: Range waits
+// for a prober being constructed, and the constructor takes this lock.
+var watchers struct {
+	mu      sync.Mutex
+	n       map[watchKey]int
+	pending map[watchKey]*time.Timer
+}
+
+func init() {
+	watchers.n = make(map[watchKey]int)
+	watchers.pending = make(map[watchKey]*time.Timer)
+}
+
+// watch counts a new prober of k and cancels the undrain pending for k:
+// the new prober takes over the drain the previous one set, and keeps it
+// until it gets Passes normal answers itself.
+func watch(k watchKey) {
+	watchers.mu.Lock()
+	defer watchers.mu.Unlock()
+	watchers.n[k]++
+	if t := watchers.pending[k]; t != nil {
+		t.Stop() // if it already fired, it finds itself no longer pending
+		delete(watchers.pending, k)
+	}
+}
+
+// unwatch uncounts a stopped prober of u; if it was the last one and the
+// probe had drained u, u is undrained after grace unless a prober for it
+// starts in the meantime. A timer, not a goroutine: nothing runs (or
+// counts as running) until it fires, and a new prober stops it.
+func unwatch(k watchKey, u *Upstream, grace time.Duration) {
+	watchers.mu.Lock()
+	defer watchers.mu.Unlock()
+	if watchers.n[k]--; watchers.n[k] > 0 {
+		return
+	}
+	delete(watchers.n, k)
+	if u.State() != Draining || u.setter() != setByProbe {
+		return // no drain of the probe's to undo (only a prober could set one)
+	}
+	if t := watchers.pending[k]; t != nil {
+		t.Stop()
+	}
+	var t *time.Timer
+	t = time.AfterFunc(grace, func() {
+		watchers.mu.Lock()
+		defer watchers.mu.Unlock()
+		if watchers.pending[k] != t {
+			return // a prober started (and maybe stopped again) since
+		}
+		delete(watchers.pending, k)
+		// Still under the lock, so that no prober starts between the
+		// check and the undrain; probeUndrain takes only u.mu.
+		k.reg.probeUndrain(u, reasonProbeStopped)
+	})
+	watchers.pending[k] = t
+}
+
 func acquireProber(reg *registry, cfg Probe, dial string, logger *zap.Logger) (*prober, error) {
 	k := proberKey{reg: reg, dial: dial, cfg: cfg.key()}
 	v, _, err := probers.LoadOrNew(k, func() (caddy.Destructor, error) {
@@ -329,6 +525,7 @@ func acquireProber(reg *registry, cfg Probe, dial string, logger *zap.Logger) (*
 		if err != nil {
 			return nil, err
 		}
+		watch(watchKey{reg, dial})
 		pr.key = k
 		pr.logger.Store(logger)
 		ctx, cancel := context.WithCancel(context.Background())
@@ -347,21 +544,18 @@ func acquireProber(reg *registry, cfg Probe, dial string, logger *zap.Logger) (*
 // releaseProber drops one reference; the last one stops the prober.
 func releaseProber(pr *prober) { _, _ = probers.Delete(pr.key) }
 
-// Destruct stops the prober and, if no other prober watches the dial,
-// undoes the probe's drain (nobody would ever undo it otherwise).
+// Destruct stops the prober. If no other prober watches the dial, the
+// probe's drain is undone (nobody would ever undo it otherwise), but only
+// after a grace of a few intervals (Probe.grace) and if no prober for the
+// dial started meanwhile: a reload stops the old config's probers before
+// the new config's start (at the farm's next look, up to a second
+// later), and undoing the drain at once would hand new sessions to an
+// upstream that asked for none until the new prober drained it again.
 func (pr *prober) Destruct() error {
 	pr.cancel()
 	<-pr.done
 	pr.client.CloseIdleConnections()
-	others := false
-	probers.Range(func(key, _ any) bool {
-		k := key.(proberKey)
-		others = k.reg == pr.reg && k.dial == pr.key.dial
-		return !others
-	})
-	if !others {
-		pr.reg.probeUndrain(pr.up, reasonProbeStopped)
-	}
+	unwatch(watchKey{pr.reg, pr.key.dial}, pr.up, pr.cfg.grace())
 	return nil
 }
 
@@ -395,14 +589,29 @@ func newProber(reg *registry, cfg Probe, dial string) (*prober, error) {
 	default:
 		host = na.JoinHostPort(0)
 	}
-	if _, err := url.Parse("http://" + host + cfg.Path); err != nil {
+	scheme := "http"
+	if cfg.TLS {
+		scheme = "https"
+		roots, err := cfg.rootCAs()
+		if err != nil {
+			return nil, err
+		}
+		tr.TLSClientConfig = &tls.Config{
+			ServerName:         cfg.TLSServerName, // "": the URL's host
+			RootCAs:            roots,
+			InsecureSkipVerify: cfg.TLSInsecureSkipVerify, //nolint:gosec // the operator asked for it
+			MinVersion:         tls.VersionTLS12,
+		}
+	}
+	probeURL := scheme + "://" + host + cfg.Path
+	if _, err := url.Parse(probeURL); err != nil {
 		return nil, fmt.Errorf("probe URL for %q: %v", dial, err)
 	}
 	return &prober{
 		reg: reg,
 		up:  reg.get(dial),
 		cfg: cfg,
-		url: "http://" + host + cfg.Path,
+		url: probeURL,
 		client: &http.Client{
 			Transport: tr,
 			Timeout:   time.Duration(cfg.Timeout),

@@ -2,9 +2,16 @@ package healthcheck
 
 import (
 	"context"
+	"encoding/pem"
+	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -56,8 +63,15 @@ func fastProbe() *Probe {
 		Interval: caddy.Duration(15 * time.Millisecond),
 		Timeout:  caddy.Duration(500 * time.Millisecond),
 		Passes:   2,
+		// The production grace (at least 5s) would make every test that
+		// stops a probe wait that long.
+		undrainGrace: testGrace,
 	}
 }
+
+// testGrace is fastProbe's undrain grace: a few intervals, short enough
+// to wait for, long enough to tell "undone after the grace" from "at once".
+const testGrace = 300 * time.Millisecond
 
 func (in *testInstance) startProbe(t *testing.T, p *Probe, dials ...string) func() {
 	t.Helper()
@@ -245,7 +259,7 @@ func TestProbeFailuresKeepState(t *testing.T) {
 
 // The same dial probed with the same configuration by two policies (or by
 // the old and new config during a reload) has one prober; the last stop
-// ends it and undoes the probe's drain.
+// ends it and undoes the probe's drain after the grace.
 func TestProbeShared(t *testing.T) {
 	t.Parallel()
 	in := newInstance(t, "a")
@@ -266,12 +280,14 @@ func TestProbeShared(t *testing.T) {
 	if findProber(in.reg, srv.dial()) != pr || u.State() != Draining {
 		t.Fatal("first stop ended the shared prober")
 	}
+	stopped := time.Now()
 	stop2()
 	if findProber(in.reg, srv.dial()) != nil {
 		t.Fatal("prober left after the last stop")
 	}
-	if u.State() != Up {
-		t.Errorf("probe's drain not undone when the probe went away: %s", u.State())
+	waitFor(t, 3*time.Second, "probe's drain undone after the probe went away", func() bool { return u.State() == Up })
+	if took := time.Since(stopped); took < testGrace {
+		t.Errorf("drain undone %s after the last stop, before the grace (%s)", took, testGrace)
 	}
 	if c := in.stateChanges(u.Dial); c[len(c)-1]["reason"] != "probe stopped" {
 		t.Errorf("logged %v", c[len(c)-1])
@@ -358,7 +374,7 @@ func TestProbeCaddyfile(t *testing.T) {
 	}
 	want := Probe{Path: "/drain-status", Interval: caddy.Duration(500 * time.Millisecond), Timeout: caddy.Duration(250 * time.Millisecond),
 		Passes: 3, Fails: 4, DrainStatus: 410, DrainHeader: "X-Drain"}
-	if *p != want {
+	if !reflect.DeepEqual(*p, want) {
 		t.Errorf("got %+v, want %+v", *p, want)
 	}
 	if err := p.Validate(); err != nil {
@@ -456,5 +472,322 @@ func TestProbeValidate(t *testing.T) {
 	}
 	if err := (&Probe{Path: "/x"}).Validate(); err != nil {
 		t.Error(err)
+	}
+}
+
+// A reload stops the old config's prober before the farm's next look
+// starts the new config's (up to a second later), and quick reloads may
+// do so again before the first grace is over. The drain the probe set
+// holds across every gap, never Up, whether the new prober has the same
+// configuration or not; it is undone only once no prober has watched
+// the dial for a whole grace.
+func TestProbeRestartWithinGraceKeepsDrain(t *testing.T) {
+	t.Parallel()
+	in := newInstance(t, "a")
+	srv := newDrainServer(t, "")
+	srv.drain.Store(true)
+	u := in.reg.get(srv.dial())
+	stop := in.startProbe(t, fastProbe(), srv.dial())
+	waitFor(t, 3*time.Second, "drained", func() bool { return u.State() == Draining })
+
+	// Sample the state every millisecond from here on.
+	var notDraining atomic.Int64
+	quit, sampled := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			select {
+			case <-quit:
+				return
+			default:
+			}
+			if u.State() != Draining {
+				notDraining.Add(1)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	endSampling := func() int64 {
+		close(quit)
+		<-sampled
+		return notDraining.Load()
+	}
+
+	// Stop at 0, restart at 2/3 grace, stop again at 5/6 grace, restart
+	// at 3/2 grace: the first stop's undrain (due at 1 grace) must not
+	// fire although no prober runs at that moment.
+	stop()
+	time.Sleep(testGrace * 2 / 3)
+	stop = in.startProbe(t, fastProbe(), srv.dial())
+	time.Sleep(testGrace / 6)
+	stop()
+	time.Sleep(testGrace * 2 / 3)
+	other := fastProbe()
+	other.Passes = 3 // a reload that changed the probe: another prober
+	stop = in.startProbe(t, other, srv.dial())
+	time.Sleep(2 * testGrace)
+	if n := endSampling(); n != 0 {
+		t.Fatalf("the upstream was not draining in %d samples (1 ms apart) across the restarts", n)
+	}
+	if c := in.stateChanges(u.Dial); len(c) != 1 || c[0]["new_state"] != "draining" {
+		t.Fatalf("state changes %v, want only the first drain", c)
+	}
+	if u.setter() != setByProbe {
+		t.Fatalf("set by %q", u.setter())
+	}
+
+	// The new prober took the drain over: normal answers undo it, as
+	// they would have with the first prober.
+	srv.drain.Store(false)
+	waitFor(t, 3*time.Second, "undrained by the new prober's normal answers", func() bool { return u.State() == Up })
+	if c := in.stateChanges(u.Dial); c[len(c)-1]["reason"] != "probe" {
+		t.Errorf("undrained with %v, want reason probe", c[len(c)-1])
+	}
+
+	// Stopped for good: the drain holds for the grace, then is undone.
+	srv.drain.Store(true)
+	waitFor(t, 3*time.Second, "drained again", func() bool { return u.State() == Draining })
+	stopped := time.Now()
+	stop()
+	time.Sleep(testGrace / 2)
+	if s := u.State(); s != Draining {
+		t.Fatalf("%s half a grace after the last stop, want still draining", s)
+	}
+	took := waitFor(t, 3*time.Second, "undrained after the grace", func() bool { return u.State() == Up })
+	if since := time.Since(stopped); since < testGrace || since > testGrace+took+200*time.Millisecond {
+		t.Errorf("undrained %s after the stop, grace %s", since, testGrace)
+	}
+	if c := in.stateChanges(u.Dial); c[len(c)-1]["reason"] != "probe stopped" {
+		t.Errorf("logged %v", c[len(c)-1])
+	}
+	watchers.mu.Lock()
+	n, pending := watchers.n[watchKey{in.reg, u.Dial}], watchers.pending[watchKey{in.reg, u.Dial}]
+	watchers.mu.Unlock()
+	if n != 0 || pending != nil {
+		t.Errorf("left behind: %d watchers, pending undrain %v", n, pending != nil)
+	}
+}
+
+// An upstream that was not drained by the probe leaves no timer behind
+// when its prober stops: nothing to undo.
+func TestProbeStopWithoutDrainLeavesNoTimer(t *testing.T) {
+	t.Parallel()
+	in := newInstance(t, "a")
+	srv := newDrainServer(t, "")
+	stop := in.startProbe(t, fastProbe(), srv.dial())
+	waitFor(t, 3*time.Second, "2 answers", func() bool { return srv.requests.Load() >= 2 })
+	stop()
+	k := watchKey{in.reg, srv.dial()}
+	watchers.mu.Lock()
+	n, pending := watchers.n[k], watchers.pending[k]
+	watchers.mu.Unlock()
+	if n != 0 || pending != nil {
+		t.Errorf("%d watchers, pending undrain %v", n, pending != nil)
+	}
+}
+
+func TestProbeGrace(t *testing.T) {
+	for _, tc := range []struct {
+		interval time.Duration
+		want     time.Duration
+	}{
+		{0, 6 * time.Second}, // default interval 2s
+		{time.Second, 5 * time.Second},
+		{250 * time.Millisecond, 5 * time.Second},
+		{10 * time.Second, 30 * time.Second},
+	} {
+		p := (&Probe{Path: "/x", Interval: caddy.Duration(tc.interval)}).withDefaults()
+		if got := p.grace(); got != tc.want {
+			t.Errorf("interval %s: grace %s, want %s", tc.interval, got, tc.want)
+		}
+	}
+}
+
+// tlsDrainServer is a TLS upstream whose probe path answers 503 while
+// drain is set; it records the SNI name of the last request.
+type tlsDrainServer struct {
+	*httptest.Server
+	drain    atomic.Bool
+	requests atomic.Int64
+	sni      atomic.Value
+	caFile   string // its certificate, as a PEM file
+}
+
+func newTLSDrainServer(t *testing.T) *tlsDrainServer {
+	t.Helper()
+	s := &tlsDrainServer{}
+	s.Server = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.requests.Add(1)
+		if r.TLS != nil {
+			s.sni.Store(r.TLS.ServerName)
+		}
+		if s.drain.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	// The failing cases' handshake errors are expected, not test output.
+	s.Config.ErrorLog = log.New(io.Discard, "", 0)
+	s.StartTLS()
+	t.Cleanup(s.Close)
+	s.caFile = filepath.Join(t.TempDir(), "upstream-ca.pem")
+	b := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: s.Certificate().Raw})
+	if err := os.WriteFile(s.caFile, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// The probe reaches TLS upstreams: with tls it speaks HTTPS, verifying
+// the certificate against the dial's host or tls_server_name (sent as
+// SNI) and the trusted CA files, or not at all with skip verify. A
+// handshake that fails is no answer: the state stays, the failure is
+// logged.
+func TestProbeTLS(t *testing.T) {
+	t.Parallel()
+	srv := newTLSDrainServer(t)
+	srv.drain.Store(true)
+	dial := srv.Listener.Addr().String() // 127.0.0.1:port, an IP SAN of the certificate
+
+	withTLS := func(f func(p *Probe)) *Probe {
+		p := fastProbe()
+		p.TLS = true
+		f(p)
+		if err := p.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	drains := []struct {
+		name, sni string
+		p         *Probe
+	}{
+		{"skip verify", "", withTLS(func(p *Probe) { p.TLSInsecureSkipVerify = true })},
+		{"trusted CA, dial's IP", "", withTLS(func(p *Probe) { p.TLSTrustedCACerts = []string{srv.caFile} })},
+		{"trusted CA, server name", "example.com", withTLS(func(p *Probe) {
+			p.TLSTrustedCACerts = []string{srv.caFile}
+			p.TLSServerName = "example.com" // the httptest certificate's DNS name
+		})},
+		{"skip verify, server name", "example.com", withTLS(func(p *Probe) {
+			p.TLSInsecureSkipVerify = true
+			p.TLSServerName = "example.com"
+		})},
+	}
+	for _, tc := range drains {
+		in := newInstance(t, tc.name) // a registry of its own: the same dial, probed anew
+		u := in.reg.get(dial)
+		stop := in.startProbe(t, tc.p, dial)
+		waitFor(t, 3*time.Second, tc.name+": drained over TLS", func() bool { return u.State() == Draining })
+		stop()
+		if got, _ := srv.sni.Load().(string); got != tc.sni {
+			t.Errorf("%s: SNI %q, want %q", tc.name, got, tc.sni)
+		}
+	}
+
+	fails := []struct {
+		name, want string
+		p          *Probe
+	}{
+		{"plain HTTP", "status 400", fastProbe()}, // Go's TLS server answers 400 to plain HTTP
+		{"system roots", "certificate", withTLS(func(*Probe) {})},
+		{"wrong server name", "not wrong.example", withTLS(func(p *Probe) {
+			p.TLSTrustedCACerts = []string{srv.caFile}
+			p.TLSServerName = "wrong.example"
+		})},
+	}
+	for _, tc := range fails {
+		in := newInstance(t, tc.name)
+		u := in.reg.get(dial)
+		in.startProbe(t, tc.p, dial)
+		pr := findProber(in.reg, dial)
+		if pr == nil {
+			t.Fatalf("%s: no prober", tc.name)
+		}
+		waitFor(t, 3*time.Second, tc.name+": 4 failures", func() bool { return pr.failures.Load() >= 4 })
+		if u.State() != Up || pr.answers.Load() != 0 {
+			t.Errorf("%s: state %s after %d answers, want up and none", tc.name, u.State(), pr.answers.Load())
+		}
+		warns := in.logs.FilterMessageSnippet("drain probe gets no usable answer").All()
+		if len(warns) != 1 || !strings.Contains(warns[0].ContextMap()["last"].(string), tc.want) {
+			t.Errorf("%s: warnings %v, want one with %q", tc.name, warns, tc.want)
+		}
+	}
+}
+
+func TestProbeTLSCaddyfile(t *testing.T) {
+	parse := func(input string) (*Probe, error) {
+		d := caddyfile.NewTestDispenser(input)
+		d.Next()
+		p := new(Probe)
+		return p, p.UnmarshalCaddyfile(d)
+	}
+	p, err := parse("probe /ready {\n tls_server_name app.internal\n tls_trusted_ca_certs /etc/ca1.pem /etc/ca2.pem\n tls\n}")
+	want := Probe{Path: "/ready", TLS: true, TLSServerName: "app.internal", TLSTrustedCACerts: []string{"/etc/ca1.pem", "/etc/ca2.pem"}}
+	if err != nil || !reflect.DeepEqual(*p, want) {
+		t.Errorf("got %+v %v, want %+v", p, err, want)
+	}
+	p, err = parse("probe /ready {\n tls\n tls_insecure_skip_verify\n tls_server_name 10.0.0.7\n}")
+	if err != nil || !p.TLS || !p.TLSInsecureSkipVerify || p.TLSServerName != "10.0.0.7" {
+		t.Errorf("got %+v %v", p, err)
+	}
+
+	for _, tc := range []struct {
+		input, want string
+		line        int
+	}{
+		{"probe /a {\n tls on\n}", "tls takes no value, got 1", 2},
+		{"probe /a {\n tls\n tls_insecure_skip_verify yes\n}", "tls_insecure_skip_verify takes no value", 3},
+		{"probe /a {\n tls\n tls_server_name\n}", "tls_server_name takes exactly one value, got 0", 3},
+		{"probe /a {\n tls\n tls_server_name a:443\n}", `tls_server_name: "a:443" is not a host name`, 3},
+		{"probe /a {\n tls\n tls_trusted_ca_certs\n}", "tls_trusted_ca_certs takes one or more PEM files", 3},
+		{"probe /a {\n tls\n tls\n}", "tls specified more than once", 3},
+		// Bad combinations name the option at fault, wherever the block ends.
+		{"probe /a {\n interval 1s\n tls_server_name x\n\n passes 3\n}", "tls_server_name: needs tls", 3},
+		{"probe /a {\n tls_insecure_skip_verify\n passes 3\n}", "tls_insecure_skip_verify: needs tls", 2},
+		{"probe /a {\n tls_trusted_ca_certs /ca.pem\n}", "tls_trusted_ca_certs: needs tls", 2},
+		{"probe /a {\n tls\n tls_insecure_skip_verify\n interval 1s\n tls_trusted_ca_certs /ca.pem\n}",
+			"tls_trusted_ca_certs: cannot be used with tls_insecure_skip_verify (line 3)", 5},
+	} {
+		_, err := parse(tc.input)
+		if err == nil {
+			t.Errorf("%q: no error, want %q", tc.input, tc.want)
+			continue
+		}
+		at := "Testfile:" + strconv.Itoa(tc.line)
+		if !strings.Contains(err.Error(), tc.want) || !strings.HasSuffix(err.Error(), at) {
+			t.Errorf("%q: error %q, want %q at %s", tc.input, err, tc.want, at)
+		}
+	}
+}
+
+func TestProbeTLSValidate(t *testing.T) {
+	dir := t.TempDir()
+	notPEM := filepath.Join(dir, "not.pem")
+	if err := os.WriteFile(notPEM, []byte("hello"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		p    Probe
+		want string
+	}{
+		{Probe{Path: "/x", TLSServerName: "a"}, "need tls"},
+		{Probe{Path: "/x", TLSInsecureSkipVerify: true}, "need tls"},
+		{Probe{Path: "/x", TLSTrustedCACerts: []string{notPEM}}, "need tls"},
+		{Probe{Path: "/x", TLS: true, TLSInsecureSkipVerify: true, TLSTrustedCACerts: []string{notPEM}}, "cannot be used with tls_insecure_skip_verify"},
+		{Probe{Path: "/x", TLS: true, TLSServerName: "a b"}, "not a host name"},
+		{Probe{Path: "/x", TLS: true, TLSTrustedCACerts: []string{filepath.Join(dir, "missing.pem")}}, "no such file"},
+		{Probe{Path: "/x", TLS: true, TLSTrustedCACerts: []string{notPEM}}, "no PEM certificate in " + notPEM},
+	} {
+		err := tc.p.Validate()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v: %v, want %q", tc.p, err, tc.want)
+		}
+	}
+	if err := (&Probe{Path: "/x", TLS: true, TLSServerName: "app.internal", TLSInsecureSkipVerify: true}).Validate(); err != nil {
+		t.Error(err)
+	}
+	// Different TLS settings are different probers.
+	a, b := Probe{Path: "/x"}, Probe{Path: "/x", TLS: true}
+	if a.key() == b.key() {
+		t.Error("tls not in the prober key")
 	}
 }
