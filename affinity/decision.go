@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
@@ -67,8 +68,13 @@ type decision struct {
 
 // decideInput is what decide reads besides the request.
 type decideInput struct {
-	keys []uint64 // the request's key hashes, in configured order
-	kind *keyKind // the kind of keys[0], nil if none
+	keys  []uint64   // the request's key hashes, in configured order
+	first *KeySource // the source of keys[0], nil if none
+	// conn identifies the request's connection (its remote address and
+	// port): a request with no key is placed by it, so that the parallel
+	// first requests of one connection (HTTP/2 streams, pipelining) land
+	// together. Empty: placed at random.
+	conn string
 	// failed is the upstream whose attempt of this request failed, or -1.
 	failed int
 	// learning is set when affinity_learn watches the response.
@@ -81,6 +87,44 @@ type decideInput struct {
 	dry bool
 	// walk, if not nil, is told every upstream the ring walk visits.
 	walk func(i int, d decline)
+}
+
+// outcome is what a decision did with its request, as the request vars
+// (affinity.decision), the metrics and the logs name it.
+type outcome uint8
+
+const (
+	outcomeNone     outcome = iota // no upstream may take it now
+	outcomeRoute                   // the app's Tomcat route
+	outcomePin                     // the pin cookie
+	outcomeTable                   // the session table
+	outcomePlaced                  // a new session, placed by the ring
+	outcomeFailover                // a session whose upstream could not serve it, placed anew
+	outcomeHeld                    // a session waiting for its upstream under hold
+)
+
+var outcomeNames = [...]string{"none", "route", "pin", "table", "placed", "failover", "held"}
+
+// String names the outcome: the value of {http.vars.affinity.decision}.
+func (o outcome) String() string { return outcomeNames[o] }
+
+// outcome returns what the decision does with its request.
+func (d *decision) outcome() outcome {
+	switch {
+	case d.held:
+		return outcomeHeld
+	case d.chosen < 0:
+		return outcomeNone
+	case d.by == fromRoute:
+		return outcomeRoute
+	case d.by == fromPin:
+		return outcomePin
+	case d.by == fromTable:
+		return outcomeTable
+	case d.failover():
+		return outcomeFailover
+	}
+	return outcomePlaced
 }
 
 // left returns the upstream the session leaves and why: the first source
@@ -187,7 +231,7 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput) int {
 	if p.table == nil {
 		return -1
 	}
-	laterAliases := !in.learning || !in.kind.learnable()
+	laterAliases := !in.learning || in.first == nil || !in.first.kind.learnable()
 	var ttl uint32
 	if !in.dry {
 		ttl = p.ttl // slide the entry
@@ -230,10 +274,13 @@ func (p *Policy) followScoped(key uint64, in *decideInput, ttl uint32, aliases b
 // slots, so weights hold), which is not remembered.
 func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 	d.by = fromRing
-	key := uint64(0)
-	if len(in.keys) > 0 {
+	var key uint64
+	switch {
+	case len(in.keys) > 0:
 		key = in.keys[0]
-	} else {
+	case in.conn != "":
+		key = hashring.HashStringSeed(in.conn, seedConnection)
+	default:
 		key, d.randomKey = weakrand.Uint64(), true
 	}
 	var now time.Time

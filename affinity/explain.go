@@ -114,7 +114,7 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 			out.Error = fmt.Sprintf("%q is not a value the key %s reads", value, out.Key)
 			return out
 		}
-		in.keys, in.kind = []uint64{hash}, k.kind
+		in.keys, in.first = []uint64{hash}, k
 		out.Session = p.sessionEntry(hash, now)
 		if owner := ps.ring.Lookup(hash); owner >= 0 {
 			out.RingOwner = ps.ups[ps.member[owner]].Dial

@@ -94,6 +94,9 @@ const (
 	seedHeader    = 2
 	seedQuery     = 3
 	seedClientIP  = 4
+	// seedConnection hashes a connection's address for the placement of
+	// a request that carries no key.
+	seedConnection = 6
 )
 
 // keyKinds is every kind of key source, in the order error messages list

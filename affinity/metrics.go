@@ -9,15 +9,15 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
-// Outcomes of Select, the values of the `outcome` label.
+// The values of the selections metric's `outcome` label.
 const (
-	outcomePinned       = "pinned"        // a valid pin or table entry was honoured
-	outcomePlaced       = "placed"        // a new session was placed on the ring
-	outcomeFailover     = "failover"      // a pinned session moved because its upstream could not serve it
-	outcomeDrainSkip    = "drain_skip"    // placement walked past a draining or maintenance upstream
-	outcomeNoUpstream   = "no_upstream"   // nothing could take the request
-	outcomeHeld         = "held"          // a pinned session waited for its upstream (hold)
-	outcomeOverloadSkip = "overload_skip" // placement walked past an upstream at its balance_factor bound
+	labelPinned       = "pinned"        // a valid pin or table entry was honoured
+	labelPlaced       = "placed"        // a new session was placed on the ring
+	labelFailover     = "failover"      // a pinned session moved because its upstream could not serve it
+	labelDrainSkip    = "drain_skip"    // placement walked past a draining or maintenance upstream
+	labelNoUpstream   = "no_upstream"   // nothing could take the request
+	labelHeld         = "held"          // a pinned session waited for its upstream (hold)
+	labelOverloadSkip = "overload_skip" // placement walked past an upstream at its balance_factor bound
 )
 
 // metrics are process-wide: the counters are registered into every new
@@ -48,13 +48,13 @@ func initMetrics() {
 		}, []string{"outcome"})
 		// Resolved once, so that counting on the request path is one
 		// atomic add and no label lookup.
-		metrics.pinned = metrics.selections.WithLabelValues(outcomePinned)
-		metrics.placed = metrics.selections.WithLabelValues(outcomePlaced)
-		metrics.failover = metrics.selections.WithLabelValues(outcomeFailover)
-		metrics.drainSkip = metrics.selections.WithLabelValues(outcomeDrainSkip)
-		metrics.noUpstream = metrics.selections.WithLabelValues(outcomeNoUpstream)
-		metrics.held = metrics.selections.WithLabelValues(outcomeHeld)
-		metrics.overloadSkip = metrics.selections.WithLabelValues(outcomeOverloadSkip)
+		metrics.pinned = metrics.selections.WithLabelValues(labelPinned)
+		metrics.placed = metrics.selections.WithLabelValues(labelPlaced)
+		metrics.failover = metrics.selections.WithLabelValues(labelFailover)
+		metrics.drainSkip = metrics.selections.WithLabelValues(labelDrainSkip)
+		metrics.noUpstream = metrics.selections.WithLabelValues(labelNoUpstream)
+		metrics.held = metrics.selections.WithLabelValues(labelHeld)
+		metrics.overloadSkip = metrics.selections.WithLabelValues(labelOverloadSkip)
 		metrics.rejectedPins = prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "affinity", Name: "rejected_pins_total",
 			Help: "Pin cookies that were present but not valid (forged, stale secret, unknown upstream).",

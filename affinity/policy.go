@@ -359,11 +359,17 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	}
 	_, in.learning = vars[learnVar].(*learnWriter)
 	var keyBuf [maxKeys]uint64
-	in.keys, in.kind = p.requestKeys(r, &keyBuf, in.learning)
+	// first is its own variable: it goes into the request vars, and
+	// passing in.first there would move all of in, and keyBuf with it, to
+	// the heap.
+	keys, first := p.requestKeys(r, &keyBuf, in.learning)
+	in.keys, in.first = keys, first
+	in.conn = r.RemoteAddr
 
 	var d decision
 	p.decide(ps, r, &in, &d)
 	p.count(&d)
+	p.tell(vars, ps, &d, first)
 	if d.chosen < 0 {
 		return nil
 	}
@@ -387,17 +393,48 @@ func (p *Policy) count(d *decision) {
 	if d.skippedLoad && d.chosen >= 0 {
 		metrics.overloadSkip.Inc()
 	}
-	switch {
-	case d.held:
+	switch d.outcome() {
+	case outcomeHeld:
 		metrics.held.Inc()
-	case d.chosen < 0:
+	case outcomeNone:
 		metrics.noUpstream.Inc()
-	case d.by != fromRing:
+	case outcomeRoute, outcomePin, outcomeTable:
 		metrics.pinned.Inc()
-	case d.failover():
+	case outcomeFailover:
 		metrics.failover.Inc()
 	default:
 		metrics.placed.Inc()
+	}
+}
+
+// The request vars Select leaves for placeholders, so that access logs,
+// log_append, header and header_down can show why a request went where it
+// went: {http.vars.affinity.decision} (an outcome), {http.vars.affinity.upstream}
+// (the dial address) and {http.vars.affinity.key} (the key source, such as
+// "cookie JSESSIONID", never its value). A retry overwrites them.
+const (
+	varDecision = "affinity.decision"
+	varUpstream = "affinity.upstream"
+	varKey      = "affinity.key"
+)
+
+// tell leaves the decision in the request vars. The values are a byte, a
+// pointer and a constant: storing them allocates nothing, and Caddy's
+// replacer formats them (String) only when a placeholder asks.
+func (p *Policy) tell(vars map[string]any, ps *poolState, d *decision, first *KeySource) {
+	if vars == nil {
+		return
+	}
+	vars[varDecision] = d.outcome()
+	if d.chosen >= 0 {
+		vars[varUpstream] = ps.ups[d.chosen]
+	} else {
+		vars[varUpstream] = ""
+	}
+	if first != nil {
+		vars[varKey] = first
+	} else {
+		vars[varKey] = ""
 	}
 }
 
@@ -417,7 +454,7 @@ const maxKeys = 8
 
 // requestKeys returns the hashes of the configured keys present in the
 // request, in configured order and each once, in buf's storage, and the
-// kind of the first (nil if none).
+// source of the first (nil if none).
 //
 // One id under two keys (Tomcat's `JSESSIONID=X` and `;jsessionid=X` on
 // one request) is one key: recorded twice, its second record would turn
@@ -428,9 +465,9 @@ const maxKeys = 8
 // no app session to stick to yet, and the address, which many users may
 // share, must not pin it; such a request is placed like a new session,
 // under the load bound.
-func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64, learning bool) ([]uint64, *keyKind) {
+func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64, learning bool) ([]uint64, *KeySource) {
 	keys := buf[:0]
-	var first *keyKind
+	var first *KeySource
 	skipAddress := learning && p.learns
 next:
 	for i := range p.Keys {
@@ -448,7 +485,7 @@ next:
 			}
 		}
 		if len(keys) == 0 {
-			first = k.kind
+			first = k
 		}
 		keys = append(keys, h)
 	}

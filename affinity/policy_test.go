@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,7 +22,7 @@ import (
 func newTestPolicy(t testing.TB, p *Policy) *Policy {
 	t.Helper()
 	if p.Secret == "" && !p.DisablePinCookie {
-		p.Secret = "test-secret"
+		p.Secret = "test-secret-0123456789"
 	}
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	t.Cleanup(cancel)
@@ -42,10 +43,18 @@ func testPool(t testing.TB, n int) reverseproxy.UpstreamPool {
 	return pool
 }
 
+// connSeq numbers test requests' connections.
+var connSeq atomic.Int64
+
 // newRequest returns a request as Caddy's server hands it on: with a vars
 // table in its context, so that Select can mark retries.
+//
+// Each request comes on a connection of its own (one client address, a
+// new port), as a browser's first requests do: keyless requests are
+// placed by their connection.
 func newRequest(cookies ...string) *http.Request {
 	r := httptest.NewRequest(http.MethodGet, "http://example.com/", nil)
+	r.RemoteAddr = fmt.Sprintf("192.0.2.1:%d", 1024+connSeq.Add(1)%60000)
 	if len(cookies) > 0 {
 		r.Header.Set("Cookie", strings.Join(cookies, "; "))
 	}
