@@ -328,8 +328,11 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 		from, why := d.left()
 		p.logFailover(ps, from, d.chosen, why)
 	}
-	issuePin := !p.DisablePinCookie && d.pinned != d.chosen
-	return p.chosen(ps, d.chosen, r, w, issuePin, retry)
+	// The pin is (re)issued when it is missing, names another upstream,
+	// or is due for a fresh time (a v1 pin, or older than the refresh
+	// interval): a live session's pin never gets old.
+	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh)
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now)
 }
 
 // count counts the decision in the metrics.
@@ -425,7 +428,7 @@ func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
 // chosen records the choice on the request (so that a retry knows it
 // failed) and, when asked, issues the pin cookie for it, replacing the
 // one an earlier attempt of this request issued.
-func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool) *reverseproxy.Upstream {
+func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, now uint32) *reverseproxy.Upstream {
 	up := ps.ups[i]
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		vars[triedVar] = up
@@ -434,13 +437,8 @@ func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWr
 		}
 	}
 	ps.recs[i].CountRequest()
-	if issuePin && w != nil {
-		t := &ps.pins[i]
-		v := t.setCookie
-		if secureRequest(r) {
-			v = t.setCookieSecure
-		}
-		setPinCookie(w.Header(), p.PinCookie, v, retry)
+	if issuePin && w != nil && ps.pins != nil {
+		setPinCookie(w.Header(), p.PinCookie, ps.pins.setCookie(i, now, secureRequest(r)), retry)
 	}
 	return up
 }
