@@ -116,7 +116,9 @@ const pinHeadLen = 32
 func decodePin(value string, p *decodedPin) (ok bool) {
 	*p = decodedPin{}
 	var src [pinHeadLen]byte
-	var raw [pinHeadLen / 4 * 3]byte
+	// raw has room to spare: base64 decodes 8 characters at a time only
+	// while 8 bytes of room are left, and byte by byte otherwise.
+	var raw [pinHeadLen]byte
 	switch len(value) {
 	case pinV1Len:
 		p.v1 = true

@@ -4,7 +4,9 @@
 // Per request, in order:
 //  0. a session id whose Tomcat route suffix names a selectable upstream
 //     (tomcat_route) wins;
-//  1. a valid pin cookie naming a selectable upstream wins;
+//  1. a valid pin cookie naming a selectable upstream wins (on an upstream
+//     that takes no new sessions freely, only a live session's pin: one
+//     younger than session_ttl plus its refresh interval);
 //  2. else a live session-table entry for the session key naming a
 //     selectable upstream wins;
 //  3. else the key (or, for a new session with no key, a random one) is
@@ -73,8 +75,9 @@ type Policy struct {
 	Secret string `json:"secret,omitempty"` //nolint:gosec // config field, like the cookie policy's
 
 	// SessionTTL is how long a session is remembered in the session
-	// table after its last request (sliding). Default 20m, ASP.NET's
-	// session timeout.
+	// table after its last request (sliding), and how long a pin counts
+	// as a live session's where that matters (an upstream that takes no
+	// new sessions freely). Default 20m, ASP.NET's session timeout.
 	SessionTTL caddy.Duration `json:"session_ttl,omitempty"`
 
 	// MaxSessions bounds the session table, process-wide (the largest
