@@ -11,6 +11,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
 // The benchmarks put affinity side by side with Caddy's own policies in
@@ -151,4 +153,22 @@ func heapInUse() uint64 {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return m.HeapInuse
+}
+
+// BenchmarkPinDraining is the pinned path where the pin's time is
+// checked (its upstream drains: one HMAC), and a stale pin there (placed
+// as a new session, a new pin issued).
+func BenchmarkPinDraining(b *testing.B) {
+	pool := testPool(b, 16)
+	aff := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	ps := aff.poolState(pool)
+	operate(b, pool[3].Dial, healthcheck.Draining)
+	b.Run("live/N=16", func(b *testing.B) {
+		pin := aff.PinCookie + "=" + ps.pins.value(3, clockNow())
+		benchSelect(b, aff, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pin))
+	})
+	b.Run("stale/N=16", func(b *testing.B) {
+		pin := aff.PinCookie + "=" + ps.pins.value(3, clockNow()-pinLifetime(aff.ttl)-5)
+		benchSelect(b, aff, pool, benchRequest("theme=dark; "+pin))
+	})
 }

@@ -33,7 +33,24 @@ type ask struct {
 	from     source
 	upstream int
 	verdict  healthcheck.Verdict
+	// stale is set for a pin cookie not honoured because its session has
+	// ended and the upstream takes no new sessions freely (gate says
+	// why): the request is a new session, not one that leaves.
+	stale bool
+	gate  gate
 }
+
+// gate says whether an upstream takes new sessions freely, and if not
+// why: only then must a pin prove that its session is live.
+type gate uint8
+
+const (
+	gateOpen   gate = iota // takes new sessions as the ring gives them
+	gateState              // its verdict for a new session is not Serves
+	gateWeight             // weight 0
+	gateRamp               // in slow start
+	gateFailed             // this request's attempt on it failed
+)
 
 // decision is what the policy decides for one request: the sources it
 // asked in order, what each named and why it was passed over, and what
@@ -52,9 +69,16 @@ type decision struct {
 	// `hold` (chosen is then that upstream, or -1 when it is full).
 	held bool
 	// pinned is the upstream a valid pin cookie names, or -1;
-	// pinRejected is set for a pin cookie that is present but not valid.
+	// pinRejected is set for a pin cookie that is present but not valid
+	// (or whose time was forged). pin is the pin cookie, decoded.
 	pinned      int
 	pinRejected bool
+	pin         decodedPin
+	// pinStale is set when the pin was not honoured because its session
+	// has ended (see settle); pinRefresh when the pin, though it names
+	// the upstream chosen, is to be issued again: a v1 pin, or one older
+	// than the refresh interval.
+	pinStale, pinRefresh bool
 	// failed is the upstream whose attempt of this very request failed
 	// (a retry), or -1.
 	failed int
@@ -133,7 +157,7 @@ func (d *decision) outcome() outcome {
 // new one).
 func (d *decision) left() (int, healthcheck.Verdict) {
 	for _, a := range d.asked[:d.nasked] {
-		if a.verdict != healthcheck.Serves {
+		if a.verdict != healthcheck.Serves && !a.stale {
 			return a.upstream, a.verdict
 		}
 	}
@@ -156,8 +180,9 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 	*d = decision{chosen: -1, pinned: -1, failed: in.failed}
 	if !p.DisablePinCookie {
 		if v, ok := cookieValue(r.Header, p.PinCookie); ok {
-			d.pinned = ps.pinIndex(v)
+			d.pinned = ps.pinIndex(v, &d.pin)
 			d.pinRejected = d.pinned < 0
+			d.pinRefresh = d.pin.v1 || d.pin.age(in.now) >= pinRefresh(p.ttl)
 		}
 	}
 	if len(ps.routes) > 0 {
@@ -178,7 +203,28 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 // reports whether that decides the request: i serves it, or the session
 // waits for i under `hold`.
 func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source, i int) bool {
-	v := ps.recs[i].ForPinned(ps.ups[i])
+	// A pin naming an upstream that takes no new sessions freely must be
+	// a live session's; one that does serves pinned sessions too, so the
+	// pinned path asks Caddy's verdict once, as before.
+	g, v := gateOpen, healthcheck.Serves
+	if from == fromPin {
+		g = p.gate(ps, in, i)
+	}
+	if from != fromPin || g != gateOpen {
+		v = ps.recs[i].ForPinned(ps.ups[i])
+	}
+	if g != gateOpen && !p.pinLive(ps, in, d, i) {
+		if d.pinRejected {
+			return false // a forged time: no pin at all
+		}
+		// The pin's session has ended: this request starts a new one,
+		// which an upstream that takes none freely must not get by an
+		// old pin. The table and the ring decide.
+		d.asked[d.nasked] = ask{from: from, upstream: i, verdict: v, stale: true, gate: g}
+		d.nasked++
+		d.pinStale = true
+		return false
+	}
 	if i == in.failed {
 		v = healthcheck.Failed
 	}
@@ -198,6 +244,43 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 	// upstream down for their whole fail_duration. Busy is not down.
 	if !ps.ups[i].Full() {
 		d.chosen = i
+	}
+	return true
+}
+
+// gate says whether upstream i takes new sessions freely now (gateOpen)
+// and if not, why. A pin naming an upstream that does is honoured on its
+// token alone: it can bring no session there that the ring could not.
+func (p *Policy) gate(ps *poolState, in *decideInput, i int) gate {
+	switch {
+	case i == in.failed:
+		return gateFailed
+	case ps.recs[i].ForNew(ps.ups[i]) != healthcheck.Serves:
+		return gateState
+	case ps.weights[i] <= 0:
+		return gateWeight
+	case p.SlowStart > 0 && ps.recs[i].BackFor(in.clockTime()) < time.Duration(p.SlowStart):
+		return gateRamp
+	}
+	return gateOpen
+}
+
+// pinLive reports whether the pin naming upstream i is a live session's:
+// younger than a live session's pin can be (pinLifetime), and with a tag
+// that proves its time (one HMAC, only here). A forged tag sets
+// d.pinRejected. A v1 pin, with no time, counts as live only while the
+// sessions of before the upgrade may still carry one.
+func (p *Policy) pinLive(ps *poolState, in *decideInput, d *decision, i int) bool {
+	life := pinLifetime(p.ttl)
+	if d.pin.v1 {
+		return in.now-processStart <= life
+	}
+	if d.pin.age(in.now) > life {
+		return false // no need to check the tag: an old time gains nothing
+	}
+	if !ps.pins.verify(i, &d.pin) {
+		d.pinned, d.pinRejected = -1, true
+		return false
 	}
 	return true
 }
@@ -313,11 +396,21 @@ func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 // else as a new session's.
 func (p *Policy) mayRetry(ps *poolState, d *decision, failed int) bool {
 	for _, a := range d.asked[:d.nasked] {
-		if a.upstream == failed {
+		if a.upstream == failed && !a.stale {
 			return ps.recs[failed].ForPinned(ps.ups[failed]) == healthcheck.Serves
 		}
 	}
 	return ps.recs[failed].ForNew(ps.ups[failed]) == healthcheck.Serves
+}
+
+// clockTime returns the wall clock if the caller gave it, else the table
+// clock as a time (to the second, and without a system call: the pinned
+// path must stay as cheap as it is).
+func (in *decideInput) clockTime() time.Time {
+	if !in.wall.IsZero() {
+		return in.wall
+	}
+	return time.Unix(tableEpoch+int64(in.now), 0)
 }
 
 // wallNow returns the wall clock, read once per decision at most.

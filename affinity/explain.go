@@ -163,13 +163,13 @@ func (w *walkRecorder) step(i int, d decline) {
 func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now time.Time, out *Explanation) {
 	var whys []string
 	for _, a := range d.asked[:d.nasked] {
-		whys = append(whys, askedWhy(ps, a, out.Session))
+		whys = append(whys, p.askedWhy(ps, d, a, out.Session, now))
 	}
 	if out.Session != nil && (d.nasked == 0 || d.asked[d.nasked-1].from != fromTable) && ps.indexByID(out.Session.id) < 0 {
 		whys = append(whys, fmt.Sprintf("the session table names %s, which this proxy does not have", out.Session.Upstream))
 	}
 	if d.pinRejected {
-		whys = append(whys, "not a valid pin for this proxy's upstreams (forged, signed with another secret, or naming an upstream it no longer has): it is counted as a rejected pin")
+		whys = append(whys, "not a valid pin for this proxy's upstreams (forged, its time forged, signed with another secret, or naming an upstream it no longer has): it is counted as a rejected pin")
 	}
 	why := strings.Join(whys, "; ")
 	if d.by != fromRing && !d.held {
@@ -225,8 +225,11 @@ func hadUpstream(d *decision) bool {
 }
 
 // askedWhy words what one source named.
-func askedWhy(ps *poolState, a ask, sess *SessionEntry) string {
+func (p *Policy) askedWhy(ps *poolState, d *decision, a ask, sess *SessionEntry, now time.Time) string {
 	dial := ps.ups[a.upstream].Dial
+	if a.stale {
+		return p.staleWhy(ps, d, a, tableNow(now))
+	}
 	var said string
 	switch a.from {
 	case fromRoute:
@@ -243,6 +246,33 @@ func askedWhy(ps *poolState, a ask, sess *SessionEntry) string {
 		return fmt.Sprintf("%s (forgotten after %ds more without a request)", said, sess.ExpiresIn)
 	}
 	return said + ", which may serve it"
+}
+
+// staleWhy words why a pin was not honoured: its session has ended, and
+// its upstream takes no new sessions freely.
+func (p *Policy) staleWhy(ps *poolState, d *decision, a ask, now uint32) string {
+	dial := ps.ups[a.upstream].Dial
+	var shut string
+	switch a.gate {
+	case gateState:
+		shut = ps.recs[a.upstream].ForNew(ps.ups[a.upstream]).String()
+	case gateWeight:
+		shut = "weight 0"
+	case gateRamp:
+		shut = "in slow start"
+	default:
+		shut = healthcheck.Failed.String()
+	}
+	life := fmt.Sprintf("session_ttl %s + refresh %s + %ds", time.Duration(p.ttl)*time.Second,
+		time.Duration(pinRefresh(p.ttl))*time.Second, pinSlack)
+	var age string
+	if d.pin.v1 {
+		age = fmt.Sprintf("a v1 pin (no time) more than %s after this proxy started", life)
+	} else {
+		age = fmt.Sprintf("issued %ds ago, older than a live session's pin can be (%s)", d.pin.age(now), life)
+	}
+	return fmt.Sprintf("a pin naming %s, %s: its session has ended, and %s takes no new sessions freely (%s), so the pin is not honoured",
+		dial, age, dial, shut)
 }
 
 // explainWalk turns the recorded ring walk into steps, with why it

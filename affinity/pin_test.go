@@ -1,46 +1,323 @@
 package affinity
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
 func TestPinTokenRoundTrip(t *testing.T) {
-	a := newPinToken([]byte("s"), "10.0.0.1:80", "pin")
-	b := newPinToken([]byte("s"), "10.0.0.2:80", "pin")
-	c := newPinToken([]byte("other"), "10.0.0.1:80", "pin")
-	if len(a.value) != pinValueLen {
-		t.Fatalf("pin value %q has length %d", a.value, len(a.value))
+	dials := []string{"10.0.0.1:80", "10.0.0.2:80"}
+	s := newPinSigner([]byte("s"), "pin", 1200, dials)
+	other := newPinSigner([]byte("other"), "pin", 1200, dials)
+	a, b, c := s.value(0, 1000), s.value(1, 1000), other.value(0, 1000)
+	if len(a) != pinValueLen || pinValueLen != 40 {
+		t.Fatalf("pin value %q has length %d", a, len(a))
 	}
-	if a.value == b.value || a.value == c.value {
+	if a == b || a == c {
 		t.Fatal("pins do not depend on upstream and secret")
 	}
-	if again := newPinToken([]byte("s"), "10.0.0.1:80", "pin"); again.value != a.value {
+	if again := newPinSigner([]byte("s"), "pin", 60, dials).value(0, 1000); again != a {
 		t.Fatal("pin is not deterministic: instances would disagree")
 	}
-	if strings.Contains(a.value, "10.0.0.1") {
+	if strings.Contains(a, "10.0.0.1") {
 		t.Fatal("pin names the address")
 	}
-	id, mac, ok := decodePin(a.value)
-	if !ok || !a.match(id, &mac) || b.match(id, &mac) || c.match(id, &mac) {
-		t.Fatal("pin does not verify against exactly its own token")
+	var pin decodedPin
+	ok := decodePin(a, &pin)
+	if !ok || pin.v1 || pin.at != 1000 || !s.tokens[0].match(&pin) || s.tokens[1].match(&pin) || other.tokens[0].match(&pin) {
+		t.Fatalf("pin %+v does not verify against exactly its own token", pin)
+	}
+	if !s.verify(0, &pin) || other.verify(0, &pin) {
+		t.Fatal("the pin's tag does not verify against exactly its own secret")
 	}
 }
 
-// FuzzDecodePin checks that no value but the exact token verifies, and
-// that decoding garbage never panics.
+// TestPinV2Format pins the wire format down: instances of other versions
+// that share the secret must read and write the same bytes.
+func TestPinV2Format(t *testing.T) {
+	secret, dial := []byte("format-secret"), "10.0.0.9:8080"
+	s := newPinSigner(secret, "pin", 1200, []string{dial})
+	raw, err := base64.RawURLEncoding.DecodeString(s.value(0, 0x01020304))
+	if err != nil || len(raw) != 30 {
+		t.Fatalf("value decodes to %d bytes (%v), want 30", len(raw), err)
+	}
+	m := hmac.New(sha256.New, secret)
+	m.Write([]byte("caddy-affinity/pin/v1\x00" + dial))
+	token := m.Sum(nil)[:18]
+	m = hmac.New(sha256.New, secret)
+	m.Write([]byte("caddy-affinity/pin/v2\x00"))
+	m.Write(token)
+	m.Write([]byte{1, 2, 3, 4})
+	tag := m.Sum(nil)[:8]
+	if string(raw[:18]) != string(token) || binary.BigEndian.Uint32(raw[18:22]) != 0x01020304 || string(raw[22:]) != string(tag) {
+		t.Fatalf("value bytes %x, want token %x, time 01020304, tag %x", raw, token, tag)
+	}
+	// A v1 pin is the token alone.
+	var pin decodedPin
+	ok := decodePin(base64.RawURLEncoding.EncodeToString(token), &pin)
+	if !ok || !pin.v1 || !s.tokens[0].match(&pin) {
+		t.Fatalf("v1 pin not read as v1: %+v %v", pin, ok)
+	}
+}
+
+// FuzzDecodePin checks that no value but an issued pin verifies (token
+// and tag), and that decoding garbage never panics.
 func FuzzDecodePin(f *testing.F) {
-	tok := newPinToken([]byte("fuzz-secret"), "127.0.0.1:9001", "pin")
-	f.Add(tok.value)
+	s := newPinSigner([]byte("fuzz-secret"), "pin", 1200, []string{"127.0.0.1:9001"})
+	good := s.value(0, 5000)
+	v1 := base64.RawURLEncoding.EncodeToString(s.tokens[0].token[:])
+	f.Add(good)
+	f.Add(v1)
 	f.Add("")
 	f.Add(strings.Repeat("A", pinValueLen))
 	f.Add(strings.Repeat("/", pinValueLen))
-	f.Add("\xff\xfe" + tok.value[2:])
+	f.Add("\xff\xfe" + good[2:])
 	f.Add(strings.Repeat("Z", 8192))
 	f.Fuzz(func(t *testing.T, v string) {
-		id, mac, ok := decodePin(v)
-		if ok && tok.match(id, &mac) && v != tok.value {
-			t.Fatalf("forged value %q verifies as %q", v, tok.value)
+		var pin decodedPin
+		ok := decodePin(v, &pin)
+		if !ok || !s.tokens[0].match(&pin) {
+			return
+		}
+		if pin.v1 && v != v1 {
+			t.Fatalf("forged v1 value %q verifies as %q", v, v1)
+		}
+		if !pin.v1 && s.verify(0, &pin) && v != s.value(0, pin.at) {
+			t.Fatalf("forged value %q verifies as %q", v, s.value(0, pin.at))
 		}
 	})
+}
+
+// pinAged returns the cookie of a v2 pin naming upstream i of pool,
+// issued age seconds ago.
+func pinAged(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32) string {
+	return p.PinCookie + "=" + p.poolState(pool).pins.value(i, clockNow()-age)
+}
+
+// pinV1 returns the cookie of a v1 pin naming upstream i of pool.
+func pinV1(p *Policy, pool reverseproxy.UpstreamPool, i int) string {
+	return p.PinCookie + "=" + base64.RawURLEncoding.EncodeToString(p.poolState(pool).pins.tokens[i].token[:])
+}
+
+func decoded(value string) (decodedPin, bool) {
+	var pin decodedPin
+	ok := decodePin(value, &pin)
+	return pin, ok
+}
+
+// staleAge is older than any live session's pin under p.
+func staleAge(p *Policy) uint32 { return pinLifetime(p.ttl) + 5 }
+
+// decideFor runs decide for a request as Select would, without acting.
+func decideFor(p *Policy, pool reverseproxy.UpstreamPool, cookies ...string) decision {
+	in := decideInput{failed: -1, now: clockNow()}
+	var d decision
+	p.decide(p.poolState(pool), newRequest(cookies...), &in, &d)
+	return d
+}
+
+// The acceptance test of the item at the unit level: a stale pin naming
+// an upstream that takes no new sessions freely is a new session there
+// (placed by the ring, counted as placed, issued a new pin); a live
+// session's pin keeps its upstream whatever its state allows.
+func TestStalePinStartsNoNewSession(t *testing.T) {
+	cases := []struct {
+		name   string
+		policy func() *Policy
+		shut   func(t *testing.T, pool reverseproxy.UpstreamPool)
+		gate   gate
+	}{
+		{"draining", func() *Policy { return &Policy{} }, func(t *testing.T, pool reverseproxy.UpstreamPool) {
+			setState(t, pool[0].Dial, healthcheck.Draining)
+		}, gateState},
+		{"weight 0", func() *Policy { return &Policy{Weights: []int{0, 1, 1}} }, func(*testing.T, reverseproxy.UpstreamPool) {}, gateWeight},
+		{"slow start", func() *Policy { return &Policy{SlowStart: caddy.Duration(time.Hour)} }, func(t *testing.T, pool reverseproxy.UpstreamPool) {
+			healthcheck.Get(pool[0].Dial).MarkBack(time.Now())
+		}, gateRamp},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newTestPolicy(t, tc.policy())
+			pool := testPool(t, 3)
+			p.poolState(pool)
+			for _, u := range pool[1:] {
+				healthcheck.Get(u.Dial).MarkBack(time.Now().Add(-24 * time.Hour))
+			}
+			tc.shut(t, pool)
+
+			stale := pinAged(p, pool, 0, staleAge(p))
+			for range 50 {
+				w := httptest.NewRecorder()
+				if got := p.Select(pool, newRequest(stale), w); got == nil || got == pool[0] {
+					t.Fatalf("a stale pin brought a new session to %v (%s)", got, tc.name)
+				}
+				issued := strings.TrimPrefix(pinFrom(t, w, DefaultPinCookie), DefaultPinCookie+"=")
+				if pin, ok := decoded(issued); !ok || p.poolState(pool).pins.tokens[0].match(&pin) {
+					t.Fatalf("the new session was issued pin %q, want one naming its new upstream", issued)
+				}
+			}
+			d := decideFor(p, pool, stale)
+			if !d.pinStale || d.failover() || d.by != fromRing || d.pinRejected || d.asked[0].gate != tc.gate {
+				t.Fatalf("stale pin: decision %+v, want a new session placed by the ring (not a failover) gated by %d", d, tc.gate)
+			}
+
+			// Live sessions keep their upstream: a pin just issued, one
+			// as old as a live session's can be, and a v1 pin of a
+			// session of before the upgrade.
+			for _, live := range []string{pinAged(p, pool, 0, 0), pinAged(p, pool, 0, pinLifetime(p.ttl)), pinV1(p, pool, 0)} {
+				if got := p.Select(pool, newRequest(live), nil); got != pool[0] {
+					t.Fatalf("a live session's pin %s went to %v, want %s", live, got, pool[0].Dial)
+				}
+			}
+		})
+	}
+}
+
+// Only an upstream that takes no new sessions freely asks the pin's
+// age: elsewhere an old pin is honoured (and refreshed) as before, since
+// it can bring no session there that the ring could not.
+func TestStalePinHonouredWhereNewSessionsAreWelcome(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 3)
+	w := httptest.NewRecorder()
+	if got := p.Select(pool, newRequest(pinAged(p, pool, 1, staleAge(p))), w); got != pool[1] {
+		t.Fatalf("old pin on an upstream that is up went to %v, want %s", got, pool[1].Dial)
+	}
+	if pinFrom(t, w, DefaultPinCookie) == "" {
+		t.Fatal("an old pin was not refreshed")
+	}
+}
+
+// A pin is re-issued, with the time of now, once older than the refresh
+// interval, and not before: a live session's pin never gets old, and a
+// pinned request with a fresh pin sets no cookie.
+func TestPinRefresh(t *testing.T) {
+	p := newTestPolicy(t, &Policy{SessionTTL: caddy.Duration(20 * time.Minute)})
+	pool := testPool(t, 3)
+	w := httptest.NewRecorder()
+	p.Select(pool, newRequest(pinAged(p, pool, 2, pinRefresh(p.ttl)-5)), w)
+	if v := pinFrom(t, w, DefaultPinCookie); v != "" {
+		t.Fatalf("a fresh pin was issued again: %s", v)
+	}
+	w = httptest.NewRecorder()
+	if got := p.Select(pool, newRequest(pinAged(p, pool, 2, pinRefresh(p.ttl))), w); got != pool[2] {
+		t.Fatalf("pinned to %v, want %s", got, pool[2].Dial)
+	}
+	issued := strings.TrimPrefix(pinFrom(t, w, DefaultPinCookie), DefaultPinCookie+"=")
+	pin, ok := decoded(issued)
+	if !ok || pin.v1 || !p.poolState(pool).pins.tokens[2].match(&pin) || pin.age(clockNow()) > p.poolState(pool).pins.quantum {
+		t.Fatalf("refreshed pin %q: %+v, want a v2 pin for the same upstream issued now", issued, pin)
+	}
+	if !p.poolState(pool).pins.verify(2, &pin) {
+		t.Fatal("the refreshed pin's tag does not verify")
+	}
+}
+
+// A time cannot be forged: a stale pin whose time is moved to now, with
+// its tag kept or changed, is rejected on an upstream that takes no new
+// sessions (counted as a rejected pin, placed as a new session).
+func TestPinForgedTimeFails(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 3)
+	setState(t, pool[0].Dial, healthcheck.Draining)
+	stale := strings.TrimPrefix(pinAged(p, pool, 0, staleAge(p)), p.PinCookie+"=")
+	raw, _ := base64.RawURLEncoding.DecodeString(stale)
+	binary.BigEndian.PutUint32(raw[18:22], clockNow())
+	forged := base64.RawURLEncoding.EncodeToString(raw)
+	raw[29] ^= 1
+	forgedTag := base64.RawURLEncoding.EncodeToString(raw)
+	for _, v := range []string{forged, forgedTag} {
+		d := decideFor(p, pool, p.PinCookie+"="+v)
+		if !d.pinRejected || d.pinned >= 0 || d.pinStale {
+			t.Fatalf("forged time %q: decision %+v, want a rejected pin", v, d)
+		}
+		w := httptest.NewRecorder()
+		if got := p.Select(pool, newRequest(p.PinCookie+"="+v), w); got == nil || got == pool[0] {
+			t.Fatalf("forged time brought a new session to %v", got)
+		}
+	}
+	// The genuine time of now passes.
+	if got := p.Select(pool, newRequest(pinAged(p, pool, 0, 0)), nil); got != pool[0] {
+		t.Fatalf("a genuine fresh pin went to %v", got)
+	}
+}
+
+// Old (v1) pins are accepted as before and upgraded to v2 on that
+// request; on an upstream that takes no new sessions freely, only while
+// the sessions of before the upgrade may still carry one.
+func TestPinV1AcceptedAndUpgraded(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 3)
+	v1 := pinV1(p, pool, 1)
+	w := httptest.NewRecorder()
+	if got := p.Select(pool, newRequest(v1), w); got != pool[1] {
+		t.Fatalf("v1 pin went to %v, want %s", got, pool[1].Dial)
+	}
+	issued := strings.TrimPrefix(pinFrom(t, w, DefaultPinCookie), DefaultPinCookie+"=")
+	if pin, ok := decoded(issued); !ok || pin.v1 || !p.poolState(pool).pins.tokens[1].match(&pin) {
+		t.Fatalf("v1 pin re-issued as %q, want a v2 pin naming the same upstream", issued)
+	}
+
+	setState(t, pool[1].Dial, healthcheck.Draining)
+	if got := p.Select(pool, newRequest(v1), nil); got != pool[1] {
+		t.Fatalf("v1 pin just after the upgrade, upstream draining: went to %v, want %s", got, pool[1].Dial)
+	}
+	saved := processStart
+	t.Cleanup(func() { processStart = saved })
+	processStart = clockNow() - pinLifetime(p.ttl) - 1
+	for range 20 {
+		if got := p.Select(pool, newRequest(v1), nil); got == nil || got == pool[1] {
+			t.Fatalf("v1 pin long after the upgrade brought a new session to draining %v", got)
+		}
+	}
+}
+
+// The pinned path stays free of allocations where a pin's time is
+// checked too (an upstream that takes no new sessions: one HMAC).
+func TestPinnedPathOnDrainingDoesNotAllocate(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	pool := testPool(t, 16)
+	setState(t, pool[3].Dial, healthcheck.Draining)
+	r := newRequest("a=1", "sid=zzz", pinAged(p, pool, 3, 0))
+	vars := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
+	w := httptest.NewRecorder()
+	allocs := testing.AllocsPerRun(200, func() {
+		delete(vars, triedVar)
+		if p.Select(pool, r, w) != pool[3] {
+			t.Fatal("not pinned")
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("pinned path on a draining upstream allocated %.1f times per request", allocs)
+	}
+}
+
+// The lookup says why a stale pin was not honoured, from decide itself.
+func TestExplainStalePin(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 3)
+	setState(t, pool[0].Dial, healthcheck.Draining)
+	site := siteOf(p, pool)
+	stale := strings.TrimPrefix(pinAged(p, pool, 0, staleAge(p)), p.PinCookie+"=")
+	got := Explain(site, "pin", "", stale, time.Now())
+	if got.Decision != DecidedRandom || !strings.Contains(got.Reason, "its session has ended") ||
+		!strings.Contains(got.Reason, "draining") || !strings.Contains(got.Reason, "not honoured") {
+		t.Fatalf("stale pin: %s: %s", got.Decision, got.Reason)
+	}
+	live := strings.TrimPrefix(pinAged(p, pool, 0, 0), p.PinCookie+"=")
+	if got := Explain(site, "pin", "", live, time.Now()); got.Decision != DecidedPin || got.Upstream == nil || *got.Upstream != pool[0].Dial {
+		t.Fatalf("live pin: %s %v: %s", got.Decision, got.Upstream, got.Reason)
+	}
 }

@@ -4,7 +4,9 @@
 // Per request, in order:
 //  0. a session id whose Tomcat route suffix names a selectable upstream
 //     (tomcat_route) wins;
-//  1. a valid pin cookie naming a selectable upstream wins;
+//  1. a valid pin cookie naming a selectable upstream wins (on an upstream
+//     that takes no new sessions freely, only a live session's pin: one
+//     younger than session_ttl plus its refresh interval);
 //  2. else a live session-table entry for the session key naming a
 //     selectable upstream wins;
 //  3. else the key (or, for a new session with no key, a random one) is
@@ -73,8 +75,9 @@ type Policy struct {
 	Secret string `json:"secret,omitempty"` //nolint:gosec // config field, like the cookie policy's
 
 	// SessionTTL is how long a session is remembered in the session
-	// table after its last request (sliding). Default 20m, ASP.NET's
-	// session timeout.
+	// table after its last request (sliding), and how long a pin counts
+	// as a live session's where that matters (an upstream that takes no
+	// new sessions freely). Default 20m, ASP.NET's session timeout.
 	SessionTTL caddy.Duration `json:"session_ttl,omitempty"`
 
 	// MaxSessions bounds the session table, process-wide (the largest
@@ -378,8 +381,11 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 		from, why := d.left()
 		p.logFailover(ps, from, d.chosen, why)
 	}
-	issuePin := !p.DisablePinCookie && d.pinned != d.chosen
-	return p.chosen(ps, d.chosen, r, w, issuePin, retry)
+	// The pin is (re)issued when it is missing, names another upstream,
+	// or is due for a fresh time (a v1 pin, or older than the refresh
+	// interval): a live session's pin never gets old.
+	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh)
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now)
 }
 
 // count counts the decision in the metrics.
@@ -506,7 +512,7 @@ func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
 // chosen records the choice on the request (so that a retry knows it
 // failed) and, when asked, issues the pin cookie for it, replacing the
 // one an earlier attempt of this request issued.
-func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool) *reverseproxy.Upstream {
+func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, now uint32) *reverseproxy.Upstream {
 	up := ps.ups[i]
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		vars[triedVar] = up
@@ -515,13 +521,8 @@ func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWr
 		}
 	}
 	ps.recs[i].CountRequest()
-	if issuePin && w != nil {
-		t := &ps.pins[i]
-		v := t.setCookie
-		if secureRequest(r) {
-			v = t.setCookieSecure
-		}
-		setPinCookie(w.Header(), p.PinCookie, v, retry)
+	if issuePin && w != nil && ps.pins != nil {
+		setPinCookie(w.Header(), p.PinCookie, ps.pins.setCookie(i, now, secureRequest(r)), retry)
 	}
 	return up
 }

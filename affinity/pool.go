@@ -19,8 +19,10 @@ type poolState struct {
 	first **reverseproxy.Upstream
 	ups   []*reverseproxy.Upstream
 	recs  []*healthcheck.Upstream
-	pins  []pinToken
-	ring  *hashring.Ring
+	// pins issues and checks the pool's pin cookies; nil with the pin
+	// cookie off.
+	pins *pinSigner
+	ring *hashring.Ring
 	// member is the pool position of each ring member. An address listed
 	// several times (weighting by repetition, DNS or SRV answers that
 	// repeat one) is one member, at its first position, whose weight is
@@ -102,7 +104,6 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		first: &pool[0],
 		ups:   append([]*reverseproxy.Upstream(nil), pool...),
 		recs:  make([]*healthcheck.Upstream, len(pool)),
-		pins:  make([]pinToken, len(pool)),
 
 		weights: make([]int, len(pool)),
 	}
@@ -122,9 +123,13 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 			members = append(members, hashring.Member{Name: u.Dial, Weight: weight})
 			ps.member = append(ps.member, i)
 		}
-		if p.secret != nil {
-			ps.pins[i] = newPinToken(p.secret, u.Dial, p.PinCookie)
+	}
+	if p.secret != nil {
+		dials := make([]string, len(pool))
+		for i, u := range pool {
+			dials[i] = u.Dial
 		}
+		ps.pins = newPinSigner(p.secret, p.PinCookie, p.ttl, dials)
 	}
 	for i, u := range pool {
 		ps.weights[i] = members[memberAt[u.Dial]].Weight
@@ -186,14 +191,16 @@ func (ps *poolState) indexByID(id uint32) int {
 }
 
 // pinIndex returns the position of the upstream a pin cookie value names,
-// or -1 if the value is not a valid pin for this pool.
-func (ps *poolState) pinIndex(value string) int {
-	id, mac, ok := decodePin(value)
-	if !ok {
+// or -1 if the value is not a valid pin for this pool, and decodes it
+// into pin. Its
+// time is not checked here: only an upstream that takes no new sessions
+// freely needs it (see settle).
+func (ps *poolState) pinIndex(value string, pin *decodedPin) int {
+	if !decodePin(value, pin) || ps.pins == nil {
 		return -1
 	}
-	for i := range ps.pins {
-		if ps.pins[i].match(id, &mac) {
+	for i := range ps.pins.tokens {
+		if ps.pins.tokens[i].match(pin) {
 			return i
 		}
 	}

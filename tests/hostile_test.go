@@ -81,8 +81,8 @@ func TestHostilePinCookies(t *testing.T) {
 
 	_, samplePin := establish(t)
 	t.Logf("a genuine pin: %q (%d chars)", samplePin, len(samplePin))
-	if len(samplePin) != 24 {
-		t.Fatalf("the pin %q is not the documented 24-character token", samplePin)
+	if len(samplePin) != 40 {
+		t.Fatalf("the pin %q is not the documented 40-character pin (token, time, tag)", samplePin)
 	}
 
 	// Each bad pin is made from the client's own genuine pin (own), so that
@@ -92,23 +92,28 @@ func TestHostilePinCookies(t *testing.T) {
 		name  string
 		value func(t *testing.T, own string) string
 	}{
-		{"random base64url, pin length", func(*testing.T, string) string { return randomBase64(18, base64.RawURLEncoding) }},
+		{"random base64url, pin length", func(*testing.T, string) string { return randomBase64(30, base64.RawURLEncoding) }},
+		{"random base64url, v1 pin length", func(*testing.T, string) string { return randomBase64(18, base64.RawURLEncoding) }},
 		{"random base64, long", func(*testing.T, string) string { return randomBase64(96, base64.StdEncoding) }},
 		// The README's token: 18 bytes, a 6-byte id then a 12-byte MAC.
 		{"wrong MAC", func(t *testing.T, own string) string { return flipByte(t, own, 17) }},
 		{"wrong id", func(t *testing.T, own string) string { return flipByte(t, own, 0) }},
+		// The time and tag after it (bytes 18..29) matter only on a
+		// worker that takes no new sessions; here the session goes on.
+		{"wrong time", func(t *testing.T, own string) string { return flipByte(t, own, 21) }},
+		{"wrong tag", func(t *testing.T, own string) string { return flipByte(t, own, 29) }},
 		{"another pin's id, own MAC", func(t *testing.T, own string) string { return samplePin[:8] + own[8:] }},
 		{"empty", func(*testing.T, string) string { return "" }},
 		{"8 KiB", func(*testing.T, string) string { return strings.Repeat("A", 8<<10) }},
 		{"8 KiB of base64url", func(*testing.T, string) string { return randomBase64(6<<10, base64.RawURLEncoding) }},
-		{"invalid UTF-8", func(*testing.T, string) string { return strings.Repeat("\xff\xfe", 12) }},
+		{"invalid UTF-8", func(*testing.T, string) string { return strings.Repeat("\xff\xfe", 20) }},
 		{"invalid UTF-8, mixed", func(_ *testing.T, own string) string { return own[:10] + "\xc3\x28\xa0\xa1" + own[14:] }},
 		{"quoted", func(_ *testing.T, own string) string { return `"` + own + `"` }},
 		{"padding", func(_ *testing.T, own string) string { return own + "==" }},
 		{"standard base64 alphabet", func(_ *testing.T, own string) string {
 			return strings.NewReplacer("-", "+", "_", "/").Replace(own) + "+/"
 		}},
-		{"percent-encoded", func(*testing.T, string) string { return strings.Repeat("%41", 24) }},
+		{"percent-encoded", func(*testing.T, string) string { return strings.Repeat("%41", 40) }},
 	}
 
 	for _, tc := range pins {
