@@ -21,8 +21,9 @@ import (
 type statusResponse struct {
 	// Time is when the status was taken.
 	Time time.Time `json:"time"`
-	// Upstreams is every upstream known to the process, sorted by dial
-	// address, as GET /affinity/upstreams lists them plus their share.
+	// Upstreams is every upstream known to the process, configured or
+	// not, sorted by dial address, as GET /affinity/upstreams?all=1 lists
+	// them plus their share.
 	Upstreams []upstreamRow `json:"upstreams"`
 	// Policies is every reverse_proxy using lb_policy affinity.
 	Policies []affinity.PolicyInfo `json:"policies"`
@@ -42,10 +43,6 @@ type upstreamRow struct {
 	// the upstream owns, in the first policy that lists it; null if no
 	// policy of the running config does.
 	Share *float64 `json:"share"`
-	// Configured is false for an upstream that a policy used before but
-	// none of the running config does (the registry keeps its state in
-	// case it comes back).
-	Configured bool `json:"configured"`
 }
 
 // collectStatus takes the status now.
@@ -64,7 +61,7 @@ func collectStatus(now time.Time) statusResponse {
 	for _, u := range healthcheck.All() {
 		row := upstreamRow{UpstreamStatus: statusOf(u)}
 		if share, ok := shares[u.Dial]; ok {
-			row.Share, row.Configured = &share, true
+			row.Share = &share
 		}
 		st.Upstreams = append(st.Upstreams, row)
 	}

@@ -18,7 +18,7 @@ func TestStatusPageRenders(t *testing.T) {
 	st := statusResponse{
 		Time: time.Now(),
 		Upstreams: []upstreamRow{
-			{UpstreamStatus: UpstreamStatus{Upstream: "10.0.0.1:80", State: healthcheck.Draining, SetBy: "operator", Healthy: true, Sessions: 3, Since: &since}, Share: &share, Configured: true},
+			{UpstreamStatus: UpstreamStatus{Upstream: "10.0.0.1:80", State: healthcheck.Draining, SetBy: "operator", Healthy: true, Sessions: 3, Since: &since, Configured: true}, Share: &share},
 			{UpstreamStatus: UpstreamStatus{Upstream: "10.0.0.2:80<script>", State: healthcheck.Up}},
 		},
 		Policies:       []affinity.PolicyInfo{{Site: affinity.Site{Server: "srv0", Path: "/config/x"}, Keys: []string{"cookie sid"}, PinCookie: "caddy_affinity", SessionTTL: "20m0s", Upstreams: []affinity.PolicyUpstream{{Upstream: "10.0.0.1:80", Weight: 1, Share: 0.5}}}},

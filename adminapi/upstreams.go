@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity"
@@ -39,6 +40,17 @@ type UpstreamStatus struct {
 	// Since is when the state last changed (RFC 3339, UTC), or null if
 	// it never did.
 	Since *string `json:"since"`
+	// Configured is false for an upstream no proxy of the running config
+	// uses (a reload dropped it, or a dynamic upstream the proxy no
+	// longer resolves to): it is still known, with its state and
+	// sessions, until it is forgotten (10 minutes after its last use, and
+	// not while it has live sessions). GET /affinity/upstreams lists them
+	// only with ?all=1.
+	Configured bool `json:"configured"`
+	// LastUsed is, for an upstream that is not configured, when a config
+	// last used it (RFC 3339, UTC); it is forgotten 10 minutes later
+	// unless it has live sessions.
+	LastUsed *string `json:"last_used,omitempty"`
 }
 
 // statusOf returns the upstream as the admin API shows it.
@@ -57,21 +69,47 @@ func statusOf(u *healthcheck.Upstream) UpstreamStatus {
 		v := t.UTC().Format(time.RFC3339)
 		s.Since = &v
 	}
+	s.Configured = u.Configured()
+	if !s.Configured {
+		v := u.LastUsed().UTC().Format(time.RFC3339)
+		s.LastUsed = &v
+	}
 	return s
 }
 
-// handleUpstreams serves GET /affinity/upstreams.
+// handleUpstreams serves GET /affinity/upstreams: the upstreams of the
+// running config, or with ?all=1 every upstream still known (those no
+// longer configured marked "configured": false).
 func handleUpstreams(w http.ResponseWriter, r *http.Request) error {
 	if err := allowOnly(w, r, http.MethodGet); err != nil {
 		return err
 	}
+	all, err := wantAll(r)
+	if err != nil {
+		return err
+	}
 	affinity.Refresh()
-	all := healthcheck.All()
-	out := make([]UpstreamStatus, 0, len(all))
-	for _, u := range all {
-		out = append(out, statusOf(u))
+	known := healthcheck.All()
+	out := make([]UpstreamStatus, 0, len(known))
+	for _, u := range known {
+		if s := statusOf(u); s.Configured || all {
+			out = append(out, s)
+		}
 	}
 	return writeJSON(w, http.StatusOK, out)
+}
+
+// wantAll reads the query parameter all: absent, 0/false or 1/true.
+func wantAll(r *http.Request) (bool, error) {
+	v := r.URL.Query().Get("all")
+	if v == "" {
+		return false, nil
+	}
+	all, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, apiError(http.StatusBadRequest, "all=%q: want 1 (every known upstream, configured or not) or 0", v)
+	}
+	return all, nil
 }
 
 // stateRequest is the body of POST /affinity/upstreams/state.

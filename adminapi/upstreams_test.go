@@ -199,3 +199,79 @@ func TestAdminErrors(t *testing.T) {
 		t.Error("a 404 request created the upstream")
 	}
 }
+
+// listAll returns GET /affinity/upstreams (with query q) by dial.
+func listAll(t *testing.T, q string) map[string]UpstreamStatus {
+	t.Helper()
+	rec := serveAdmin(t, http.MethodGet, UpstreamsPath+q, "")
+	if rec.Code != http.StatusOK {
+		t.Fatalf("GET %s%s: %d %s", UpstreamsPath, q, rec.Code, rec.Body)
+	}
+	var all []UpstreamStatus
+	if err := json.Unmarshal(rec.Body.Bytes(), &all); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]UpstreamStatus{}
+	for _, u := range all {
+		out[u.Upstream] = u
+	}
+	return out
+}
+
+// The list shows the running config's upstreams; ?all=1 adds those no
+// config uses any more, marked, until they are forgotten, after which
+// they are gone from both and cannot be operated on.
+func TestAdminListsConfiguredUpstreams(t *testing.T) {
+	kept, dropped := t.Name()+"-kept:80", t.Name()+"-dropped:80"
+	healthcheck.Get(dropped)
+	if got := listAll(t, ""); !got[dropped].Configured {
+		t.Fatalf("a pool's upstream before any look: %+v", got[dropped])
+	}
+	// Looks at a running config that has only kept (a reload dropped the
+	// other). Two: a pool's first use counts until the look after next,
+	// as the next may have begun before the pool existed.
+	for range 2 {
+		healthcheck.Observe([]*reverseproxy.Upstream{{Host: new(reverseproxy.Host), Dial: kept}}, time.Now())
+	}
+
+	got := listAll(t, "")
+	if _, ok := got[dropped]; ok {
+		t.Errorf("the default list shows an upstream no config uses: %+v", got[dropped])
+	}
+	if u, ok := got[kept]; !ok || !u.Configured || u.LastUsed != nil {
+		t.Errorf("the default list lacks the configured upstream: %+v", got)
+	}
+	for _, q := range []string{"?all=1", "?all=true"} {
+		got = listAll(t, q)
+		if u, ok := got[dropped]; !ok || u.Configured || u.LastUsed == nil {
+			t.Errorf("%s: the dropped upstream %+v (listed %v), want configured:false and last_used", q, u, ok)
+		}
+		if !got[kept].Configured {
+			t.Errorf("%s: kept %+v", q, got[kept])
+		}
+	}
+	if got := listAll(t, "?all=0"); len(got) == 0 || got[dropped].Upstream != "" {
+		t.Errorf("?all=0 lists %v", got)
+	}
+	rec := serveAdmin(t, http.MethodGet, UpstreamsPath+"?all=maybe", "")
+	if rec.Code != http.StatusBadRequest || !strings.Contains(decodeError(t, rec), `all="maybe"`) {
+		t.Errorf("?all=maybe: %d %s", rec.Code, rec.Body)
+	}
+
+	// Still known: an operator may still drain it (as before).
+	if rec := serveAdmin(t, http.MethodPost, StatePath, `{"upstream":"`+dropped+`","state":"draining"}`); rec.Code != http.StatusOK {
+		t.Fatalf("POST on a known upstream no config uses: %d %s", rec.Code, rec.Body)
+	}
+	// Forgotten after the grace (only this one: the others count as busy).
+	id := healthcheck.Lookup(dropped).ID
+	forgotten := healthcheck.Expire(time.Now().Add(time.Hour), func(other uint32) bool { return other != id })
+	if len(forgotten) != 1 || forgotten[0] != dropped {
+		t.Fatalf("Expire forgot %v, want [%s]", forgotten, dropped)
+	}
+	if _, ok := listAll(t, "?all=1")[dropped]; ok {
+		t.Error("?all=1 still lists a forgotten upstream")
+	}
+	if rec := serveAdmin(t, http.MethodPost, StatePath, `{"upstream":"`+dropped+`","state":"up"}`); rec.Code != http.StatusNotFound {
+		t.Errorf("POST on a forgotten upstream: %d %s, want 404", rec.Code, rec.Body)
+	}
+}

@@ -136,20 +136,15 @@ func (f *farm) loop() {
 
 // look looks at the running config once and returns its sites: every
 // upstream is observed by healthcheck (registered, its health tracked,
-// its slow-start and hold clocks kept), and every policy's probe follows
+// its slow-start and hold clocks kept, marked as configured), the
+// upstreams no config has used for a while are forgotten unless the
+// table holds live sessions for them, and every policy's probe follows
 // the policy's upstreams.
 func (f *farm) look(now time.Time) []Site {
-	sites, running := runningSites()
+	sites, running := observeRunning(now, func(id uint32) bool { return f.table.liveCount(id) > 0 })
 	if !running {
-		// Nothing to observe; the upstreams of the config the process
-		// starts with must not be taken for added ones.
 		return nil
 	}
-	var ups []*reverseproxy.Upstream
-	for _, s := range sites {
-		ups = append(ups, s.Handler.Upstreams...)
-	}
-	healthcheck.Observe(ups, now)
 	for _, s := range sites {
 		f.followProbe(s.Policy, s.Handler.Upstreams)
 	}
@@ -197,14 +192,43 @@ func (f *farm) Destruct() error {
 	return nil
 }
 
+// observeRunning hands the running config's upstreams to healthcheck
+// (Observe), then lets it forget those no config has used for its grace
+// and busy does not keep (Expire), and returns the config's sites. The
+// upstreams of a proxy with dynamic upstreams are those of the last pool
+// its policy used: the config walk cannot see them, and without this
+// they would count as unused while they serve.
+func observeRunning(now time.Time, busy func(id uint32) bool) ([]Site, bool) {
+	sites, running := runningSites()
+	if !running {
+		// Nothing to observe; the upstreams of the config the process
+		// starts with must not be taken for added ones.
+		return nil, false
+	}
+	var ups []*reverseproxy.Upstream
+	for _, s := range sites {
+		if len(s.Handler.Upstreams) > 0 {
+			ups = append(ups, s.Handler.Upstreams...)
+		} else if ps := s.Policy.pools.Load(); ps != nil {
+			ups = append(ups, ps.ups...)
+		}
+	}
+	healthcheck.Observe(ups, now)
+	healthcheck.Expire(now, busy)
+	return sites, true
+}
+
 // Refresh looks at the running config now, as the farm does every
 // second, and returns its sites: the admin API calls it so that its
-// answers never wait for the next look.
+// answers never wait for the next look. Without a farm (no affinity
+// policy in the running config) it still tells healthcheck that none of
+// the upstreams it knows is configured; there is no session table then.
 func Refresh() []Site {
 	if f := liveFarm.Load(); f != nil {
 		return f.look(time.Now())
 	}
-	return Sites()
+	sites, _ := observeRunning(time.Now(), nil)
+	return sites
 }
 
 // LiveSessions returns the live sessions pinned to the upstream with the

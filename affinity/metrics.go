@@ -23,9 +23,10 @@ const (
 // metrics are process-wide: the counters are registered into every new
 // config's registry (each config load gets a fresh one), so they appear on
 // Caddy's /metrics and keep counting across reloads. Per-upstream gauges
-// are read at scrape time from the healthcheck registry, so an upstream
-// removed from the config does not leave a stale series behind for long
-// and no request pays for them. No label is ever per session.
+// are read at scrape time from the healthcheck registry, so no request
+// pays for them, and the series of an upstream no config uses goes away
+// when the registry forgets it (healthcheck.Expire: 10 minutes after its
+// last use, once it has no live session). No label is ever per session.
 var metrics = struct {
 	once           sync.Once
 	selections     *prometheus.CounterVec

@@ -70,7 +70,7 @@ failovers, is on the status page: http://<admin>/affinity/
 			if err != nil {
 				return err
 			}
-			ups, err := listUpstreams(cmd.Context(), addr)
+			ups, err := listUpstreams(cmd.Context(), addr, false)
 			if err != nil {
 				return err
 			}
@@ -172,10 +172,16 @@ func adminAddress(cmd *cobra.Command) (string, error) {
 	return addr, nil
 }
 
-// listUpstreams returns GET /affinity/upstreams.
-func listUpstreams(ctx context.Context, addr string) ([]upstreamStatus, error) {
+// listUpstreams returns GET /affinity/upstreams: the running config's
+// upstreams, or with all every one still known (a state change may name
+// an upstream a reload removed, and a drain may be waited for after it).
+func listUpstreams(ctx context.Context, addr string, all bool) ([]upstreamStatus, error) {
+	uri := adminapi.UpstreamsPath
+	if all {
+		uri += "?all=1"
+	}
 	var ups []upstreamStatus
-	if err := adminCall(ctx, addr, http.MethodGet, adminapi.UpstreamsPath, nil, &ups); err != nil {
+	if err := adminCall(ctx, addr, http.MethodGet, uri, nil, &ups); err != nil {
 		return nil, err
 	}
 	return ups, nil
@@ -184,7 +190,7 @@ func listUpstreams(ctx context.Context, addr string) ([]upstreamStatus, error) {
 // setState resolves the upstream, sets its state and prints the result;
 // for a drain with wait > 0 it then waits until the upstream is drained.
 func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait time.Duration) error {
-	ups, err := listUpstreams(ctx, addr)
+	ups, err := listUpstreams(ctx, addr, true)
 	if err != nil {
 		return err
 	}
@@ -211,7 +217,7 @@ func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait 
 			return ctx.Err()
 		case <-tick.C:
 		}
-		ups, err := listUpstreams(ctx, addr)
+		ups, err := listUpstreams(ctx, addr, true)
 		if err != nil {
 			return err
 		}

@@ -163,13 +163,21 @@ func (u *Upstream) BackFor(now time.Time) time.Duration {
 // upstream, notes trouble of those that are down (for hold), and starts
 // the slow-start ramp of those that became able to take new sessions
 // since the last look. Upstreams of the config the process starts with
-// are not new.
+// are not new. What it sees is what Configured reports as the running
+// config's upstreams until the next Observe, and a use that keeps their
+// records from being forgotten (Expire).
 func Observe(ups []*reverseproxy.Upstream, now time.Time) { defaultRegistry.observe(ups, now) }
 
 func (r *registry) observe(ups []*reverseproxy.Upstream, now time.Time) {
+	// One at a time, and the new generation published only once every
+	// upstream seen carries it: a reader in between never finds an
+	// upstream of the running config "not configured".
+	r.observeMu.Lock()
+	defer r.observeMu.Unlock()
 	first := !r.looked.Load()
+	next := r.gen.Load() + 1
 	for _, cu := range ups {
-		u := r.get(cu.Dial)
+		u := r.getAt(cu.Dial, now, next)
 		u.Track(cu)
 		healthy := cu.Healthy()
 		if !healthy {
@@ -183,6 +191,7 @@ func (r *registry) observe(ups []*reverseproxy.Upstream, now time.Time) {
 		u.placeable.Store(placeable)
 		u.observed.Store(true)
 	}
+	r.gen.Store(next)
 	r.looked.Store(true)
 }
 

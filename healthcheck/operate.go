@@ -7,7 +7,8 @@ import (
 )
 
 // ErrUnknownUpstream is returned by Operate for an address no affinity
-// policy of this process has used.
+// policy of this process has used, or none has for the grace after which
+// its record is forgotten (see Expire).
 var ErrUnknownUpstream = errors.New("unknown upstream")
 
 // StorageError is returned by Operate when the state was applied here
@@ -43,7 +44,7 @@ func (r *registry) operateDial(ctx context.Context, dial string, s State) (*Upst
 	if sy := r.currentSyncer(); sy != nil {
 		ctx, cancel := context.WithTimeout(ctx, syncTimeout)
 		defer cancel()
-		if err := sy.write(ctx, u.Dial, rec); err != nil {
+		if err := sy.write(ctx, u.Dial, rec, u.seen.Load()); err != nil {
 			return u, StorageError{Dial: u.Dial, State: s, Err: err}
 		}
 	}

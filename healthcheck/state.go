@@ -119,6 +119,18 @@ type Upstream struct {
 	// last observation, observed whether there was one (health.go).
 	placeable, observed atomic.Bool
 
+	// seen is when a config last used the upstream (unix nanoseconds):
+	// every Observe of the running config and every pool's first use
+	// stamp it (get), never a request. A record not seen for
+	// forgetAfter, with no live session, is forgotten (Expire).
+	seen atomic.Int64
+	// seenGen is the Observe generation of that use: the upstream is in
+	// the running config while it is not older than the registry's
+	// (Configured).
+	seenGen atomic.Uint64
+	// reg is the registry holding the record, for its generation.
+	reg *registry
+
 	// operator is the last state an operator set for this upstream, here
 	// or on an instance sharing storage; nil if none ever was. Operator
 	// states are ordered among themselves by their Since (last writer
@@ -203,6 +215,30 @@ func (u *Upstream) setter() setter { return setter(u.setBy.Load()) }
 // "probe", or "" (never changed).
 func (u *Upstream) SetBy() string { return u.setter().String() }
 
+// Configured reports whether a config uses the upstream now: the last
+// Observe of the running config saw it (a static upstream, or a dynamic
+// one in the last pool its proxy used), or a pool started using it since.
+// An upstream that is no longer configured is still known (its state,
+// its sessions) until it is forgotten; see Expire.
+func (u *Upstream) Configured() bool {
+	return u.reg == nil || u.seenGen.Load() >= u.reg.gen.Load()
+}
+
+// LastUsed returns when a config last used the upstream (see Configured).
+func (u *Upstream) LastUsed() time.Time { return time.Unix(0, u.seen.Load()) }
+
+// use stamps a use by a config at ns, of Observe generation gen. Racing
+// stamps may leave the earlier one: they are a second apart at most,
+// against a grace of minutes.
+func (u *Upstream) use(ns int64, gen uint64) {
+	if u.seen.Load() < ns {
+		u.seen.Store(ns)
+	}
+	if u.seenGen.Load() < gen {
+		u.seenGen.Store(gen)
+	}
+}
+
 // CountRequest records that a request was sent to this upstream.
 func (u *Upstream) CountRequest() { u.requests.Add(1) }
 
@@ -215,18 +251,31 @@ func (u *Upstream) Requests() uint64 { return u.requests.Load() }
 // defaultRegistry, behind the package functions; tests make more to play
 // several Caddy instances in one process.
 //
-// A registry only grows: an entry is a few dozen bytes and keeping it
-// means a state set by an operator survives a reload that briefly drops
-// the upstream.
+// A record lives while a config uses its upstream and for forgetAfter
+// after the last use (so that a state set by an operator survives a
+// reload that briefly drops the upstream), and as long as the session
+// table holds live sessions for it (Expire). IDs are never reused: the
+// session table names upstreams by ID, so a forgotten record's ID must
+// never name another upstream; the address used again gets a new record
+// and a new ID. byID keeps a nil slot for a forgotten one (8 bytes per
+// address ever used; the record itself is freed).
 type registry struct {
 	mu     sync.RWMutex
 	byDial map[string]*Upstream
 	byID   []*Upstream
+	// pending are operator states in storage for addresses this process
+	// does not know now (read by the syncer, or kept from a forgotten
+	// record): a record created for one of them starts in that state, so
+	// that a restarted instance, or an upstream added back, never serves
+	// a request before its stored state applies.
+	pending map[string]storedRecord
 
 	// instance names this process in storage records ("by").
 	instance func() string
 	// logger returns the logger for state changes.
 	logger func() *zap.Logger
+	// clock is time.Now; tests set their own.
+	clock func() time.Time
 
 	syncMu  sync.Mutex
 	syncers []*Syncer // live syncers, the most recently started last
@@ -234,10 +283,20 @@ type registry struct {
 	// looked is set by the first Observe: from then on an upstream seen
 	// for the first time was added to a running config (slow start).
 	looked atomic.Bool
+	// gen is the generation of the last Observe (Configured); observeMu
+	// serializes Observes (the farm's and the admin API's).
+	gen       atomic.Uint64
+	observeMu sync.Mutex
 }
 
 func newRegistry(instance func() string, logger func() *zap.Logger) *registry {
-	return &registry{byDial: make(map[string]*Upstream), instance: instance, logger: logger}
+	return &registry{
+		byDial:   make(map[string]*Upstream),
+		pending:  make(map[string]storedRecord),
+		instance: instance,
+		logger:   logger,
+		clock:    time.Now,
+	}
 }
 
 // defaultRegistry is the process-wide registry.
@@ -245,34 +304,72 @@ var defaultRegistry = newRegistry(defaultInstance, func() *zap.Logger {
 	return caddy.Log().Named("affinity")
 })
 
-// Get returns the record for a dial address, creating it on first use.
+// Get returns the record for a dial address, creating it on first use,
+// and counts as a use by a config (see Configured): the selection policy
+// calls it for every upstream of a new pool.
 func Get(dial string) *Upstream { return defaultRegistry.get(dial) }
 
-// Lookup returns the record for a dial address, or nil if it has never
-// been configured in this process.
+// Lookup returns the record for a dial address, or nil if no config of
+// this process has used it within the grace (see Expire).
 func Lookup(dial string) *Upstream { return defaultRegistry.lookup(dial) }
 
-// ByID returns the record with the given ID, or nil.
+// ByID returns the record with the given ID, or nil (never known, or
+// forgotten).
 func ByID(id uint32) *Upstream { return defaultRegistry.byIDLookup(id) }
 
-// All returns every known upstream, sorted by dial address.
+// All returns every known upstream, configured or not, sorted by dial
+// address.
 func All() []*Upstream { return defaultRegistry.all() }
 
+// get returns the record for dial, creating it if needed, stamped as used
+// now until the Observe after the next one (a new pool is walked by the
+// farm's next look, which may have begun without it).
 func (r *registry) get(dial string) *Upstream {
+	return r.getAt(dial, r.clock(), r.gen.Load()+1)
+}
+
+// getAt returns the record for dial, creating it if needed, stamped as
+// used at now by Observe generation gen.
+func (r *registry) getAt(dial string, now time.Time, gen uint64) *Upstream {
+	ns := now.UnixNano()
 	r.mu.RLock()
 	u := r.byDial[dial]
+	if u != nil {
+		// Stamped under the lock: Expire holds it to drop a record, so a
+		// record handed out here is never one being forgotten.
+		u.use(ns, gen)
+	}
 	r.mu.RUnlock()
 	if u != nil {
 		return u
 	}
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if u = r.byDial[dial]; u != nil {
+		u.use(ns, gen)
+		r.mu.Unlock()
 		return u
 	}
-	u = &Upstream{Dial: dial, ID: uint32(len(r.byID))}
+	u = &Upstream{Dial: dial, ID: uint32(len(r.byID)), reg: r}
+	u.use(ns, gen)
+	rec, stored := r.pending[dial]
+	if stored {
+		delete(r.pending, dial)
+		stored = fresh(rec, now)
+	}
+	if stored {
+		// Nobody else has the record yet: no lock, no race.
+		op := rec.operatorRecord
+		u.operator.Store(&op)
+		u.state.Store(uint32(op.State))
+		u.since.Store(op.Since)
+		u.setBy.Store(uint32(setByOperator))
+	}
 	r.byDial[dial] = u
 	r.byID = append(r.byID, u)
+	r.mu.Unlock()
+	if stored && rec.State != Up {
+		r.logChange(u, Up, rec.State, reasonSync, zap.String("by", rec.By))
+	}
 	return u
 }
 
@@ -293,10 +390,71 @@ func (r *registry) byIDLookup(id uint32) *Upstream {
 
 func (r *registry) all() []*Upstream {
 	r.mu.RLock()
-	all := append([]*Upstream(nil), r.byID...)
+	all := make([]*Upstream, 0, len(r.byDial))
+	for _, u := range r.byDial {
+		all = append(all, u)
+	}
 	r.mu.RUnlock()
 	sort.Slice(all, func(i, j int) bool { return all[i].Dial < all[j].Dial })
 	return all
+}
+
+// Expire forgets the upstreams no config has used for forgetAfter (10
+// minutes) that hold no live session (busy reports whether the session
+// table holds live sessions for an ID; nil: none does): they leave All,
+// Lookup and ByID, so the admin API, the status page and the metrics stop
+// showing them. A forgotten upstream's operator state stays in storage
+// (see Syncer), and applies again if a config uses the address within
+// stateGrace. The farm calls it after every Observe.
+func Expire(now time.Time, busy func(id uint32) bool) []string {
+	return defaultRegistry.expire(now, busy)
+}
+
+func (r *registry) expire(now time.Time, busy func(id uint32) bool) []string {
+	cutoff := now.Add(-forgetAfter).UnixNano()
+	stale := func(u *Upstream) bool {
+		return u.seen.Load() < cutoff && (busy == nil || !busy(u.ID))
+	}
+	// Look under the read lock first: nearly every second nothing is due,
+	// and a request building a pool (get) is not held up.
+	r.mu.RLock()
+	due := false
+	for _, u := range r.byDial {
+		if stale(u) {
+			due = true
+			break
+		}
+	}
+	r.mu.RUnlock()
+	if !due {
+		return nil
+	}
+	var gone []*Upstream
+	r.mu.Lock()
+	for dial, u := range r.byDial {
+		if !stale(u) {
+			continue
+		}
+		delete(r.byDial, dial)
+		r.byID[u.ID] = nil
+		if op := u.operator.Load(); op != nil {
+			// So that the address used again before the syncer's next
+			// round starts in its state (the syncer replaces it by what
+			// storage holds).
+			r.pending[dial] = storedRecord{Upstream: dial, operatorRecord: *op, Seen: u.seen.Load()}
+		}
+		gone = append(gone, u)
+	}
+	r.mu.Unlock()
+	names := make([]string, len(gone))
+	for i, u := range gone {
+		names[i] = u.Dial
+		r.logger().Info("forgot upstream no config has used",
+			zap.String("upstream", u.Dial), zap.Time("last_used", u.LastUsed()),
+			zap.Duration("grace", forgetAfter), zap.String("state", u.State().String()))
+	}
+	sort.Strings(names)
+	return names
 }
 
 // operate applies a state an operator asked for through this instance's
@@ -305,7 +463,7 @@ func (r *registry) all() []*Upstream {
 // latest action wins even against a clock-skewed peer's.
 func (r *registry) operate(u *Upstream, s State) operatorRecord {
 	u.mu.Lock()
-	now := time.Now().UnixNano()
+	now := r.clock().UnixNano()
 	if prev := u.operator.Load(); prev != nil && now <= prev.Since {
 		now = prev.Since + 1
 	}

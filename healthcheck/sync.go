@@ -27,13 +27,22 @@ import (
 //
 // holding JSON such as
 //
-//	{"upstream":"10.0.0.5:8080","state":"draining","since":1767225600000000000,"by":"web-1/4c5b…"}
+//	{"upstream":"10.0.0.5:8080","state":"draining","since":1767225600000000000,"by":"web-1/4c5b…","seen":1767229200000000000}
 //
 // since is unix nanoseconds; among the records for one upstream the one
 // with the largest since wins (clocks of instances should be roughly in
 // step). Only states set through the admin API are stored; the drain
 // probe's decisions are local, since every instance runs its own probe.
-// A state is never deleted: setting "up" is stored like the others.
+// Setting "up" is stored like the others.
+//
+// seen is when an instance last used the upstream in its config (unix
+// nanoseconds): every instance that uses it writes it again once it is
+// seenRefresh (5 minutes) stale, so a record of a live upstream is never
+// much older. A record whose seen (or since, if later) is older than
+// stateGrace (24 hours) belongs to an address no instance sharing the
+// storage has used for that long: any instance's syncer deletes it, and
+// nobody applies it. An instance that does not use an upstream therefore
+// never deletes a state that another one relies on.
 const statesPrefix = "caddy-affinity/states"
 
 // SyncInterval is how often a Syncer reads the stored states.
@@ -51,6 +60,9 @@ type storedRecord struct {
 	// folder (a storage's temporary file) is not taken for a state.
 	Upstream string `json:"upstream"`
 	operatorRecord
+	// Seen is when an instance last used the upstream (unix
+	// nanoseconds); see statesPrefix.
+	Seen int64 `json:"seen,omitempty"`
 }
 
 // syncers holds one Syncer per storage, shared by every policy (and every
@@ -159,6 +171,12 @@ func newSyncer(reg *registry, h *heldStorage, interval time.Duration) *Syncer {
 // start reads the stored states once, makes the syncer the registry's
 // current one (where the admin API writes) and starts the loop.
 func (s *Syncer) start() {
+	for _, name := range []string{forgetAfterEnv, stateGraceEnv} {
+		if v := os.Getenv(name); v != "" {
+			s.logger().Warn("test-only setting in effect: upstream records and states expire sooner",
+				zap.String(name, v), zap.Duration("forget_after", forgetAfter), zap.Duration("state_grace", stateGrace))
+		}
+	}
 	s.round()
 	s.reg.addSyncer(s)
 	go s.loop()
@@ -225,18 +243,22 @@ func (s *Syncer) round() {
 // syncOnce applies every stored operator state newer than the one known
 // here, then writes every operator state known here that storage lacks or
 // has an older one of (a write that failed, a state set through the admin
-// API before any syncer ran, or a write lost to a concurrent one).
+// API before any syncer ran, or a write lost to a concurrent one), and
+// the seen stamp of the upstreams this instance uses. It deletes the
+// records no instance has used for stateGrace; states for addresses this
+// instance does not know are kept aside, for when a config uses them.
 func (s *Syncer) syncOnce(ctx context.Context) error {
 	st := s.storage()
 	if st == nil {
 		return nil // being released
 	}
+	now := s.reg.clock()
 	keys, err := st.List(ctx, statesPrefix, false)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("listing %s: %w", statesPrefix, err)
 	}
 	var errs []error
-	stored := make(map[string]int64, len(keys))
+	stored := make(map[string]storedRecord, len(keys))
 	for _, key := range keys {
 		rec, err := s.load(ctx, st, key)
 		if err != nil {
@@ -249,25 +271,67 @@ func (s *Syncer) syncOnce(ctx context.Context) error {
 		if rec == nil {
 			continue
 		}
-		stored[rec.Upstream] = rec.Since
-		s.reg.applyShared(s.reg.get(rec.Upstream), rec.operatorRecord)
+		if !fresh(*rec, now) {
+			// An instance using the upstream would have refreshed seen
+			// within seenRefresh; nobody has for stateGrace. A concurrent
+			// operator's write deleted here is written again by its
+			// instance's next round (its record is newer than storage's).
+			if err := st.Delete(ctx, key); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("deleting %s: %w", key, err))
+				continue
+			}
+			s.logger().Info("deleted the stored state of an upstream no instance has used",
+				zap.String("upstream", rec.Upstream), zap.String("state", rec.State.String()),
+				zap.Time("last_used", time.Unix(0, rec.lastUse())), zap.Duration("grace", stateGrace))
+			continue
+		}
+		stored[rec.Upstream] = *rec
+		if u := s.reg.lookup(rec.Upstream); u != nil {
+			s.reg.applyShared(u, rec.operatorRecord)
+		}
 	}
+	s.reg.setPending(stored)
 	for _, u := range s.reg.all() {
-		rec := u.operator.Load()
-		if rec == nil {
+		seen := u.seen.Load()
+		if now.UnixNano()-seen > int64(stateGrace) {
+			// Kept here for its live sessions alone: not a use to
+			// vouch for, nor a state to write back.
 			continue
 		}
-		if since, ok := stored[u.Dial]; ok && since >= rec.Since {
+		rec, ok := stored[u.Dial]
+		var write operatorRecord
+		switch op := u.operator.Load(); {
+		case op != nil && (!ok || rec.Since < op.Since):
+			write = *op
+		case ok && seen-rec.Seen >= int64(seenRefresh):
+			write = rec.operatorRecord // only seen is new
+		default:
 			continue
 		}
-		if err := writeRecord(ctx, st, u.Dial, *rec); err != nil {
+		if err := writeRecord(ctx, st, u.Dial, write, max(seen, rec.Seen)); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		s.logger().Debug("wrote operator state to storage",
-			zap.String("upstream", u.Dial), zap.String("state", rec.State.String()))
+			zap.String("upstream", u.Dial), zap.String("state", write.State.String()))
 	}
 	return errors.Join(errs...)
+}
+
+// setPending keeps aside the stored states (of a round) of the addresses
+// not known here, in place of the previous round's. Decided under the
+// registry's lock, so that a record forgotten during the round is among
+// them.
+func (r *registry) setPending(stored map[string]storedRecord) {
+	pending := make(map[string]storedRecord)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for dial, rec := range stored {
+		if r.byDial[dial] == nil {
+			pending[dial] = rec
+		}
+	}
+	r.pending = pending
 }
 
 // load reads one stored record. A key that is not a state record (a
@@ -302,16 +366,16 @@ func (s *Syncer) load(ctx context.Context, st certmagic.Storage, key string) (*s
 }
 
 // write stores an operator record (from the admin API) right away.
-func (s *Syncer) write(ctx context.Context, dial string, rec operatorRecord) error {
+func (s *Syncer) write(ctx context.Context, dial string, rec operatorRecord, seen int64) error {
 	st := s.storage()
 	if st == nil {
 		return errors.New("storage syncer is stopping")
 	}
-	return writeRecord(ctx, st, dial, rec)
+	return writeRecord(ctx, st, dial, rec, seen)
 }
 
-func writeRecord(ctx context.Context, st certmagic.Storage, dial string, rec operatorRecord) error {
-	b, err := json.Marshal(storedRecord{Upstream: dial, operatorRecord: rec})
+func writeRecord(ctx context.Context, st certmagic.Storage, dial string, rec operatorRecord, seen int64) error {
+	b, err := json.Marshal(storedRecord{Upstream: dial, operatorRecord: rec, Seen: seen})
 	if err != nil {
 		return err
 	}

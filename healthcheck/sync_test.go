@@ -95,16 +95,24 @@ func TestSyncTwoInstancesAgree(t *testing.T) {
 	}
 	waitFor(t, 5*time.Second, "a applies b's up", func() bool { return a.reg.lookup(dial).State() == Up })
 
-	// An upstream a has never used still gets its state, ready for when
-	// a policy uses it.
+	// An upstream a has never used gets its state as soon as a policy
+	// uses it, and is not listed before.
 	b.reg.get("10.0.0.9:80")
 	if err := b.post(t, "10.0.0.9:80", Draining); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "a learns a new upstream's state", func() bool {
-		u := a.reg.lookup("10.0.0.9:80")
-		return u != nil && u.State() == Draining
+	waitFor(t, 5*time.Second, "a keeps a new upstream's state aside", func() bool {
+		a.reg.mu.RLock()
+		defer a.reg.mu.RUnlock()
+		_, ok := a.reg.pending["10.0.0.9:80"]
+		return ok
 	})
+	if a.reg.lookup("10.0.0.9:80") != nil {
+		t.Error("a lists an upstream no config of its uses")
+	}
+	if u := a.reg.get("10.0.0.9:80"); u.State() != Draining || u.setter() != setByOperator {
+		t.Errorf("a's first use of the upstream: %s set by %q, want draining by operator", u.State(), u.setter())
+	}
 }
 
 // States survive a restart: a new instance on the same storage has them
@@ -122,10 +130,8 @@ func TestSyncRestartLoadsStates(t *testing.T) {
 
 	restarted := newInstance(t, "a")
 	restarted.acquire(t, &certmagic.FileStorage{Path: dir})
-	u1, u2 := restarted.reg.lookup("10.0.0.1:8080"), restarted.reg.lookup("10.0.0.2:8080")
-	if u1 == nil || u2 == nil {
-		t.Fatal("restarted instance does not know the stored upstreams")
-	}
+	// A policy's first use of each (get) finds its state.
+	u1, u2 := restarted.reg.get("10.0.0.1:8080"), restarted.reg.get("10.0.0.2:8080")
 	if u1.State() != Draining || u2.State() != Maintenance {
 		t.Errorf("after restart: %s %s, want draining maintenance", u1.State(), u2.State())
 	}
@@ -175,7 +181,7 @@ func TestSyncNewestWins(t *testing.T) {
 	// after b's): b writes its own back and nobody applies the older one.
 	older := *a.reg.lookup(dial).operator.Load()
 	older.State, older.Since = Up, older.Since-1000
-	if err := writeRecord(context.Background(), st, dial, older); err != nil {
+	if err := writeRecord(context.Background(), st, dial, older, time.Now().UnixNano()); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "the newer record is written back", func() bool {
@@ -212,6 +218,9 @@ func TestSyncIgnoresStrayFiles(t *testing.T) {
 	}
 	if n := len(a.reg.all()); n != 0 {
 		t.Errorf("stray files created %d upstreams", n)
+	}
+	if n := len(a.reg.pending); n != 0 {
+		t.Errorf("stray files kept %d states aside", n)
 	}
 	warns := a.logs.FilterMessage("ignoring malformed upstream state in storage").All()
 	if len(warns) != 2 {
