@@ -264,7 +264,7 @@ func TestWebSocketUpgradePinAndLearn(t *testing.T) {
 			if r.cookies[pinCookie] == "" || r.cookies[wsCookie] == "" {
 				t.Fatalf("the 101 of a new session sets %v, want the pin (%s) and the app's %s", r.cookies, pinCookie, wsCookie)
 			}
-			// The pin alone takes the session's next request (and its
+			// The cookies of the 101 take the session's next request (and its
 			// next socket) to the process that holds it.
 			got, err := wsPlainGet(p.URL, pinCookie+"="+r.cookies[pinCookie]+"; "+wsCookie+"="+r.cookies[wsCookie])
 			if err != nil || got != r.backend()+" true" {
