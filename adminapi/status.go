@@ -34,6 +34,10 @@ type statusResponse struct {
 	// SessionTable is the process-wide session table; null before any
 	// policy is provisioned.
 	SessionTable *affinity.TableStats `json:"session_table"`
+	// History is the last 15 minutes of live sessions per upstream and
+	// failovers, for the page's chart; null before any policy is
+	// provisioned.
+	History *affinity.HistorySnapshot `json:"history"`
 }
 
 // upstreamRow is one upstream on the status page.
@@ -67,6 +71,7 @@ func collectStatus(now time.Time) statusResponse {
 	}
 	st.Failovers, st.FailoversTotal = affinity.Failovers()
 	st.SessionTable = affinity.Table()
+	st.History = affinity.History()
 	return st
 }
 

@@ -33,6 +33,8 @@ type farm struct {
 	wants  map[*Policy]int          // max_sessions asked by each live policy
 	probes map[*Policy]*policyProbe // the running probe of each policy
 
+	history *history // the status page's chart, sampled by loop
+
 	stop, done chan struct{}
 }
 
@@ -68,6 +70,7 @@ func acquireFarm(p *Policy) (*farm, error) {
 			stop:   make(chan struct{}),
 			done:   make(chan struct{}),
 		}
+		f.history = newHistory()
 		clock.Store(tableNow(time.Now()))
 		go f.loop()
 		liveFarm.Store(f)
@@ -126,6 +129,7 @@ func (f *farm) loop() {
 			clock.Store(tableNow(now))
 			if n%int(lookInterval/clockInterval) == 0 {
 				f.look(now)
+				f.history.tick(now, f.table)
 			}
 			if n%int(sweepInterval/clockInterval) == 0 {
 				f.table.sweep(tableNow(now))

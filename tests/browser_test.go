@@ -229,6 +229,10 @@ func TestStatusPageInBrowser(t *testing.T) {
 		}
 	}
 
+	// The chart of the last 15 minutes, with the drain and the failovers
+	// in it.
+	checkStatusChart(t, bctx, p, bs, victim)
+
 	// Let one more refresh render, then keep a picture of the page.
 	time.Sleep(2200 * time.Millisecond)
 	shot, err := chromedp.Run(bctx, chromedp.FullScreenshot(100))
@@ -246,4 +250,93 @@ func TestStatusPageInBrowser(t *testing.T) {
 	for _, e := range pageErrors {
 		t.Errorf("page script error: %s", e)
 	}
+}
+
+// statusHistory is the history in the JSON of GET /affinity/.
+type statusHistory struct {
+	FailoversTotal uint64 `json:"failovers_total"`
+	History        *struct {
+		Times     []time.Time `json:"times"`
+		Upstreams []struct {
+			Upstream string   `json:"upstream"`
+			Sessions []*int64 `json:"sessions"`
+		} `json:"upstreams"`
+		Failovers []uint64 `json:"failovers"`
+	} `json:"history"`
+}
+
+// checkStatusChart checks the status page's chart after sessions on
+// every backend and a failover: the JSON carries the history, and the
+// page draws a line with points for each upstream (dashed for the
+// drained one) and a bar for the failovers. It waits for a second stored
+// sample (15 s after the first), so that the failovers are in a sample
+// and not only in the live point, and then keeps a picture of the chart.
+func checkStatusChart(t *testing.T, bctx context.Context, p *caddyProc, bs []*backend, drained *backend) {
+	t.Helper()
+	var st statusHistory
+	obsEventually(t, "two stored samples in the history", 25*time.Second, func() (bool, string) {
+		st = statusHistory{}
+		obsGetJSON(t, p.Admin+"/affinity/", &st)
+		if st.History == nil {
+			return false, "no history"
+		}
+		return len(st.History.Times) >= 3, fmt.Sprintf("%d points", len(st.History.Times))
+	})
+	h := st.History
+	var charted uint64
+	for _, f := range h.Failovers {
+		charted += f
+	}
+	if st.FailoversTotal == 0 || charted != st.FailoversTotal {
+		t.Errorf("the history charts %d failovers (%v), the process counts %d", charted, h.Failovers, st.FailoversTotal)
+	}
+	series := map[string]int{}
+	for _, u := range h.Upstreams {
+		if len(u.Sessions) != len(h.Times) {
+			t.Errorf("%s: %d values for %d points", u.Upstream, len(u.Sessions), len(h.Times))
+		}
+		for _, v := range u.Sessions {
+			if v != nil {
+				series[u.Upstream]++
+			}
+		}
+	}
+	for _, b := range bs {
+		if series[b.addr] < 2 {
+			t.Errorf("the history has %d values for %s, want a series", series[b.addr], b.addr)
+		}
+	}
+	t.Logf("history: %d points, failovers per point %v, values per upstream %v", len(h.Times), h.Failovers, series)
+
+	// The page draws it on its next refresh.
+	waitCtx, cancel := context.WithTimeout(bctx, 10*time.Second)
+	defer cancel()
+	drawn := fmt.Sprintf(`(() => {
+		const lines = [...document.querySelectorAll('#chart polyline.series')];
+		return lines.length === %d &&
+			lines.every(l => l.getAttribute('points').trim().split(/\s+/).length >= 3) &&
+			document.querySelectorAll('#chart rect.failover-bar').length >= 1 &&
+			document.querySelectorAll('#chart-legend li[data-upstream]').length === %d;
+	})()`, len(bs), len(bs))
+	if err := chromedp.Do(waitCtx, chromedp.Poll[chromedp.Void](drawn)); err != nil {
+		got, _ := chromedp.Run(bctx, chromedp.Evaluate[string](`document.querySelector('#chart').outerHTML`))
+		t.Fatalf("the chart does not show a line per upstream and a failover bar: %v\n%s", err, got)
+	}
+	dashed, err := chromedp.Run(bctx, chromedp.Evaluate[string](fmt.Sprintf(
+		`document.querySelector('#chart polyline[data-upstream=%q]').getAttribute('stroke-dasharray') || ''`, drained.addr)))
+	if err != nil || dashed == "" {
+		t.Errorf("the line of %s, draining, is not dashed (%q, %v)", drained.addr, dashed, err)
+	}
+	legend, _ := chromedp.Run(bctx, chromedp.Text(chromedp.CSS(`#chart-legend`)))
+	t.Logf("chart legend: %s", strings.Join(strings.Fields(legend), " "))
+
+	shot, err := chromedp.Run(bctx, chromedp.Screenshot(chromedp.CSS(`#history`)))
+	if err != nil {
+		t.Fatalf("screenshot of the chart: %v", err)
+	}
+	path := filepath.Join(screenshotDir(t), "status-chart.png")
+	if err := os.WriteFile(path, shot, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("screenshot of the chart: %s", path)
 }
