@@ -33,6 +33,10 @@ type farm struct {
 	wants  map[*Policy]int          // max_sessions asked by each live policy
 	probes map[*Policy]*policyProbe // the running probe of each policy
 
+	// persist writes the table to Caddy's storage for the policies with
+	// store local, and read it back when the first of them arrived.
+	persist *persister
+
 	stop, done chan struct{}
 }
 
@@ -61,12 +65,14 @@ const (
 // acquireFarm joins (or starts) the farm for policy p.
 func acquireFarm(p *Policy) (*farm, error) {
 	val, _, err := farms.LoadOrNew(farmKey, func() (caddy.Destructor, error) {
+		table := newSessionTable(p.MaxSessions)
 		f := &farm{
-			table:  newSessionTable(p.MaxSessions),
-			wants:  make(map[*Policy]int),
-			probes: make(map[*Policy]*policyProbe),
-			stop:   make(chan struct{}),
-			done:   make(chan struct{}),
+			table:   table,
+			persist: newPersister(table),
+			wants:   make(map[*Policy]int),
+			probes:  make(map[*Policy]*policyProbe),
+			stop:    make(chan struct{}),
+			done:    make(chan struct{}),
 		}
 		clock.Store(tableNow(time.Now()))
 		go f.loop()
@@ -78,6 +84,13 @@ func acquireFarm(p *Policy) (*farm, error) {
 	}
 	f := val.(*farm)
 	f.want(p, p.MaxSessions)
+	// The first policy with store local reads the snapshot back, here in
+	// Provision: before the config serves its first request.
+	if p.Store.persists() {
+		if storage := storageOf(p.ctx); storage != nil {
+			f.persist.want(p, storage, p.Store.interval())
+		}
+	}
 	return f, nil
 }
 
@@ -91,6 +104,8 @@ func (f *farm) release(p *Policy) {
 	if pr != nil {
 		pr.stop()
 	}
+	// The last policy with store local writes the table (shutdown).
+	f.persist.release(p)
 	f.want(p, 0)
 	_, _ = farms.Delete(farmKey)
 }
@@ -193,6 +208,7 @@ func (f *farm) Destruct() error {
 	for _, pr := range probes {
 		pr.stop()
 	}
+	f.persist.close()
 	clock.Store(0)
 	return nil
 }

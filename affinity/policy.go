@@ -140,6 +140,14 @@ type Policy struct {
 	// entries, e.g. two sites in front of one farm whose users cross.
 	Scope string `json:"scope,omitempty"`
 
+	// Store is where the policy's session memory lives besides the
+	// process: `local` (the default) writes the session table to Caddy's
+	// storage on shutdown and every interval while it changes, and reads
+	// it back at start, so that a restart forgets no session; `memory`
+	// keeps it in the process only. The table is process-wide: it is
+	// written while any live policy has store local. See StoreConfig.
+	Store *StoreConfig `json:"store,omitempty"`
+
 	secret []byte
 	ttl    uint32
 	ctx    caddy.Context
@@ -279,6 +287,9 @@ func (p *Policy) Validate() error {
 				return fmt.Errorf("tomcat_route: route %q and upstream %q must both be given", route, dial)
 			}
 		}
+	}
+	if err := p.Store.Validate(); err != nil {
+		return err
 	}
 	if p.Probe != nil {
 		if err := p.Probe.Validate(); err != nil {
