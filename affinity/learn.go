@@ -164,12 +164,25 @@ func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, val
 	if deleted {
 		if hadOld {
 			table.remove(p.tableKey(sessionIDHash(old)))
+			if p.remote != nil {
+				p.remote.remove(sessionIDHash(old))
+			}
 		}
 		return
 	}
 	table.put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
+	if p.remote != nil {
+		// Stored before the response that issues the id leaves, so
+		// that its next request finds it on any instance.
+		if dial, ok := registryDial(id); ok {
+			p.remote.record(sessionIDHash(value), dial, false, p.ttl, false)
+		}
+	}
 	if hadOld && old != value {
 		table.retire(p.tableKey(sessionIDHash(old)), now+retireGrace)
+		if p.remote != nil {
+			p.remote.retire(sessionIDHash(old), retireGrace)
+		}
 	}
 }
 

@@ -161,9 +161,12 @@ type Policy struct {
 	scopeTried atomic.Uint32 // the table clock at the last resolveScope
 
 	releaseSyncer func()
-	farm          *farm
-	table         *sessionTable
-	logger        *zap.Logger
+	// remote is the shared store (store redis), nil for store local and
+	// memory, whose memory is the table alone.
+	remote *redisStore
+	farm   *farm
+	table  *sessionTable
+	logger *zap.Logger
 
 	// pools caches the ring and pin tokens of the last pool seen; Caddy
 	// passes the same pool on every request unless upstreams are dynamic.
@@ -233,6 +236,16 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("session table: %v", err)
 	}
 	p.farm, p.table = f, f.table
+	if p.Store.kind() == storeRedis {
+		if err := registerStoreMetrics(ctx.GetMetricsRegistry()); err != nil {
+			return fmt.Errorf("registering metrics: %v", err)
+		}
+		remote, err := newRedisStore(p.Store, p.logger.Named("store"), p.applyRemote)
+		if err != nil {
+			return fmt.Errorf("store redis: %v", err)
+		}
+		p.remote = remote
+	}
 	return nil
 }
 
@@ -304,6 +317,9 @@ func (p *Policy) Validate() error {
 func (p *Policy) Cleanup() error {
 	if p.releaseSyncer != nil {
 		p.releaseSyncer()
+	}
+	if p.remote != nil {
+		p.remote.close()
 	}
 	if p.farm != nil {
 		p.farm.release(p)
@@ -469,6 +485,10 @@ next:
 // remember records (and slides) key -> upstream for every key present;
 // the first is the session's main entry, the others are aliases.
 func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
+	if p.remote != nil {
+		p.rememberRemote(keys, id, now)
+		return
+	}
 	for i, key := range keys {
 		if i > 0 {
 			id |= aliasBit

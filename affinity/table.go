@@ -682,3 +682,26 @@ func (t *sessionTable) changes() uint64 {
 	}
 	return n
 }
+
+// swap is put that also returns the entry key had, and whether it was
+// live at now: `store redis` writes an entry to Redis only when it is
+// new, moved, or its sliding expiry is due to be written back.
+func (t *sessionTable) swap(key uint64, up uint32, now, ttl uint32) (tableEntry, bool) {
+	key = slotKey(key)
+	e := tableEntry{up: up &^ establishedBit, expires: now + ttl}
+	h := t.place(key)
+	s := t.shard(h)
+	s.mu.Lock()
+	s.writes++
+	if i := s.find(key, h); i >= 0 {
+		old := s.slots[i].tableEntry
+		t.replaceLocked(s, i, e, now)
+		s.mu.Unlock()
+		return old, old.expires >= now
+	}
+	t.makeRoomLocked(s, h, now)
+	s.insert(tableSlot{key: key, tableEntry: e}, h)
+	t.live.add(e, 1)
+	s.mu.Unlock()
+	return tableEntry{}, false
+}

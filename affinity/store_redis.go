@@ -1,0 +1,398 @@
+package affinity
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+)
+
+// `store redis`: a Redis server shared by every instance that uses it,
+// behind the process's table, which stays the hot path:
+//
+//   - a key the local table knows costs no round trip;
+//   - a key it does not know costs one (MGET of the request's keys,
+//     bounded by the timeout), and what Redis names is kept locally;
+//   - new entries, moves (a session that failed over) and learned ids are
+//     written (SET with the session TTL plus a quarter) before the
+//     response leaves; a live entry's sliding expiry is written back only
+//     when it crosses a quarter of the TTL: at most about four writes per
+//     session per session_ttl;
+//   - moves, retired and deleted ids are also published, so that the
+//     instances that know the key locally follow at once (an instance
+//     that does not know it asks Redis when it sees it).
+//
+// Keys in Redis are the key hashes without the policy's scope (which
+// depends on the instance's listeners): instances share entries by
+// key_prefix. Upstreams are named by dial address, never by the
+// process-local IDs.
+//
+// When Redis fails or is slow, every operation gives up within the
+// timeout, the local table decides alone, and Redis is skipped for a
+// second (a circuit), so that a dead server costs one timeout per second,
+// not one per request. The outage is logged once and every error counted
+// in caddy_affinity_store_errors_total.
+
+// redisSkip is how long Redis is skipped after an error.
+const redisSkip = time.Second
+
+// redisStore is one policy's connection to Redis.
+type redisStore struct {
+	client  *redis.Client
+	prefix  string // of entry keys: <key_prefix>:s:
+	channel string // of published changes: <key_prefix>:changes
+	nonce   string // tells this instance's messages from others'
+	logger  *zap.Logger
+
+	skipUntil atomic.Int64 // unix nanoseconds: Redis is skipped until then
+	down      atomic.Bool  // the outage was logged
+
+	sub    *redis.PubSub
+	cancel context.CancelFunc
+	done   chan struct{}
+	once   sync.Once
+}
+
+// remoteEntry is what Redis holds for one key.
+type remoteEntry struct {
+	dial  string
+	alias bool
+	ok    bool
+}
+
+var storeErrors = struct {
+	once sync.Once
+	c    prometheus.Counter
+}{}
+
+// registerStoreMetrics registers caddy_affinity_store_errors_total into
+// a config's registry (each config load has a fresh one; the counter
+// goes on across reloads).
+func registerStoreMetrics(reg *prometheus.Registry) error {
+	storeErrors.once.Do(func() {
+		storeErrors.c = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "affinity", Name: "store_errors_total",
+			Help: "Operations of the shared session store (store redis) that failed or timed out; the local session table decided alone.",
+		})
+	})
+	if reg == nil {
+		return nil
+	}
+	if err := reg.Register(storeErrors.c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return err
+		}
+	}
+	return nil
+}
+
+// newRedisStore connects (lazily: nothing here waits for Redis, so that a
+// start or reload never hangs on it) and subscribes to the changes other
+// instances publish, which apply calls.
+func newRedisStore(c *StoreConfig, logger *zap.Logger, apply func(op byte, key uint64, e remoteEntry)) (*redisStore, error) {
+	repl := caddy.NewReplacer()
+	addr := repl.ReplaceKnown(c.Address, "")
+	timeout := time.Duration(c.Timeout)
+	if timeout == 0 {
+		timeout = time.Duration(DefaultRedisTimeout)
+	}
+	opts := &redis.Options{
+		Addr:     addr,
+		Username: repl.ReplaceKnown(c.Username, ""),
+		Password: repl.ReplaceKnown(c.Password, ""),
+		DB:       c.DB,
+		// Every wait is bounded by the timeout, and a failed command is
+		// not retried: the local table answers instead.
+		DialTimeout:  timeout,
+		ReadTimeout:  timeout,
+		WriteTimeout: timeout,
+		PoolTimeout:  timeout,
+		MaxRetries:   -1,
+		// No CLIENT SETINFO on every new connection. No MinIdleConns
+		// either: its background dials log every failure on stderr
+		// while Redis is down, past the one log line of an outage.
+		DisableIdentity: true,
+	}
+	if c.TLS {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			host = addr
+		}
+		opts.TLSConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
+	}
+	prefix := c.KeyPrefix
+	if prefix == "" {
+		prefix = DefaultRedisKeyPrefix
+	}
+	var nb [8]byte
+	_, _ = rand.Read(nb[:])
+	s := &redisStore{
+		client:  redis.NewClient(opts),
+		prefix:  prefix + ":s:",
+		channel: prefix + ":changes",
+		nonce:   hex.EncodeToString(nb[:]),
+		logger:  logger,
+		done:    make(chan struct{}),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
+	s.sub = s.client.Subscribe(ctx, s.channel)
+	go s.listen(apply)
+	return s, nil
+}
+
+// close stops the subscriber and the connections; it never waits for
+// Redis.
+func (s *redisStore) close() {
+	s.once.Do(func() {
+		s.cancel()
+		_ = s.sub.Close()
+		<-s.done
+		_ = s.client.Close()
+	})
+}
+
+// listen applies the changes other instances publish until close.
+func (s *redisStore) listen(apply func(op byte, key uint64, e remoteEntry)) {
+	defer close(s.done)
+	for msg := range s.sub.Channel() {
+		// "<op> <nonce> <key hex> [<a|s>|<dial>]"
+		f := strings.SplitN(msg.Payload, " ", 4)
+		if len(f) < 3 || len(f[0]) != 1 || f[1] == s.nonce {
+			continue
+		}
+		key, err := strconv.ParseUint(f[2], 16, 64)
+		if err != nil {
+			continue
+		}
+		var e remoteEntry
+		if len(f) == 4 {
+			if e, err = parseRemote(f[3]); err != nil {
+				continue
+			}
+		}
+		apply(f[0][0], key, e)
+	}
+}
+
+// usable reports whether Redis is asked now (the circuit is closed).
+func (s *redisStore) usable() bool {
+	return time.Now().UnixNano() >= s.skipUntil.Load()
+}
+
+// failed counts an error, skips Redis for a moment, and logs the first
+// error of an outage.
+func (s *redisStore) failed(op string, err error) {
+	storeErrors.c.Inc()
+	s.skipUntil.Store(time.Now().Add(redisSkip).UnixNano())
+	if s.down.CompareAndSwap(false, true) {
+		s.logger.Warn("the redis session store failed; the local session table decides alone, and redis is tried again every second (logged once per outage; counted in caddy_affinity_store_errors_total)",
+			zap.String("op", op), zap.Error(err))
+	}
+}
+
+// worked notes a success, ending a logged outage.
+func (s *redisStore) worked() {
+	if s.down.Load() && s.down.CompareAndSwap(true, false) {
+		s.logger.Info("the redis session store answers again")
+	}
+}
+
+func (s *redisStore) key(k uint64) string { return s.prefix + strconv.FormatUint(k, 16) }
+
+func remoteValue(dial string, alias bool) string {
+	if alias {
+		return "a|" + dial
+	}
+	return "s|" + dial
+}
+
+func parseRemote(v string) (remoteEntry, error) {
+	if len(v) < 3 || v[1] != '|' || (v[0] != 'a' && v[0] != 's') {
+		return remoteEntry{}, errors.New("malformed entry")
+	}
+	return remoteEntry{dial: v[2:], alias: v[0] == 'a', ok: true}, nil
+}
+
+// fetch returns what Redis holds for keys, in one round trip; nil when
+// Redis is skipped or failed.
+func (s *redisStore) fetch(keys []uint64) []remoteEntry {
+	if !s.usable() {
+		return nil
+	}
+	names := make([]string, len(keys))
+	for i, k := range keys {
+		names[i] = s.key(k)
+	}
+	vals, err := s.client.MGet(context.Background(), names...).Result()
+	if err != nil {
+		s.failed("get", err)
+		return nil
+	}
+	s.worked()
+	out := make([]remoteEntry, len(keys))
+	for i, v := range vals {
+		if str, ok := v.(string); ok {
+			out[i], _ = parseRemote(str)
+		}
+	}
+	return out
+}
+
+// remoteTTL is how long Redis keeps an entry written with a session TTL
+// of ttl seconds: a quarter more, since the sliding expiry is written
+// back only when it crosses a quarter (see Policy.rememberRemote).
+func remoteTTL(ttl uint32) time.Duration {
+	return time.Duration(ttl+writeBackQuantum(ttl)) * time.Second
+}
+
+// writeBackQuantum is the step of sliding expiries written to Redis.
+func writeBackQuantum(ttl uint32) uint32 { return max(ttl/4, 1) }
+
+// record writes key -> dial for ttl seconds, and publishes it when it is
+// a move, so that instances knowing the key follow.
+func (s *redisStore) record(key uint64, dial string, alias bool, ttl uint32, moved bool) {
+	if !s.usable() {
+		return
+	}
+	v := remoteValue(dial, alias)
+	var err error
+	if moved {
+		_, err = s.client.Pipelined(context.Background(), func(pipe redis.Pipeliner) error {
+			pipe.Set(context.Background(), s.key(key), v, remoteTTL(ttl))
+			pipe.Publish(context.Background(), s.channel, "m "+s.nonce+" "+strconv.FormatUint(key, 16)+" "+v)
+			return nil
+		})
+	} else {
+		err = s.client.Set(context.Background(), s.key(key), v, remoteTTL(ttl)).Err()
+	}
+	if err != nil {
+		s.failed("set", err)
+		return
+	}
+	s.worked()
+}
+
+// retire makes key expire within grace seconds at the latest, here and
+// on every instance.
+func (s *redisStore) retire(key uint64, grace uint32) {
+	s.change('r', key, func(pipe redis.Pipeliner) {
+		pipe.ExpireLT(context.Background(), s.key(key), time.Duration(grace)*time.Second)
+	})
+}
+
+// remove forgets key, here and on every instance.
+func (s *redisStore) remove(key uint64) {
+	s.change('d', key, func(pipe redis.Pipeliner) {
+		pipe.Del(context.Background(), s.key(key))
+	})
+}
+
+// change runs cmd and publishes op for key, in one round trip.
+func (s *redisStore) change(op byte, key uint64, cmd func(redis.Pipeliner)) {
+	if !s.usable() {
+		return
+	}
+	_, err := s.client.Pipelined(context.Background(), func(pipe redis.Pipeliner) error {
+		cmd(pipe)
+		pipe.Publish(context.Background(), s.channel, string(op)+" "+s.nonce+" "+strconv.FormatUint(key, 16))
+		return nil
+	})
+	if err != nil {
+		s.failed("change", err)
+		return
+	}
+	s.worked()
+}
+
+// fetchRemote is the miss path of tableEntry under store redis: one
+// round trip for the request's keys; the first that names an upstream of
+// this pool is kept in the local table and chosen.
+func (p *Policy) fetchRemote(ps *poolState, in *decideInput, laterAliases bool) int {
+	got := p.remote.fetch(in.keys)
+	for j, e := range got {
+		if !e.ok || (j > 0 && !laterAliases && e.alias) {
+			continue
+		}
+		rec := healthcheck.Lookup(e.dial)
+		if rec == nil {
+			continue
+		}
+		i := ps.indexByID(rec.ID)
+		if i < 0 {
+			continue
+		}
+		up := rec.ID
+		if e.alias {
+			up |= aliasBit
+		}
+		p.table.put(p.tableKey(in.keys[j]), up, in.now, p.ttl)
+		return i
+	}
+	return -1
+}
+
+// rememberRemote is remember under store redis: the local table as
+// always, and Redis for entries that are new, moved, or whose sliding
+// expiry crossed a quarter of the TTL since it was last written.
+func (p *Policy) rememberRemote(keys []uint64, id uint32, now uint32) {
+	q := writeBackQuantum(p.ttl)
+	for i, key := range keys {
+		up := id
+		if i > 0 {
+			up |= aliasBit
+		}
+		old, live := p.table.swap(p.tableKey(key), up, now, p.ttl)
+		moved := live && old.up&^establishedBit != up
+		if live && !moved && old.expires/q == (now+p.ttl)/q {
+			continue
+		}
+		if dial, ok := registryDial(id); ok {
+			p.remote.record(key, dial, i > 0, p.ttl, moved)
+		}
+	}
+}
+
+// applyRemote applies a change another instance published to the local
+// table, for keys it knows (others are asked for when they are seen).
+func (p *Policy) applyRemote(op byte, key uint64, e remoteEntry) {
+	table := p.table
+	if table == nil {
+		return
+	}
+	now := clockNow()
+	k := p.tableKey(key)
+	switch op {
+	case 'm':
+		old, ok := table.peek(k, now)
+		if !ok {
+			return
+		}
+		up := healthcheck.Get(e.dial).ID
+		if e.alias {
+			up |= aliasBit
+		}
+		if old.up&^establishedBit != up {
+			table.put(k, up, now, old.expires-now)
+		}
+	case 'r':
+		table.retire(k, now+retireGrace)
+	case 'd':
+		table.remove(k)
+	}
+}
