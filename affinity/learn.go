@@ -170,13 +170,12 @@ func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, val
 		}
 		return
 	}
-	table.put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
 	if p.remote != nil {
-		// Stored before the response that issues the id leaves, so
-		// that its next request finds it on any instance.
-		if dial, ok := registryDial(id); ok {
-			p.remote.record(sessionIDHash(value), dial, false, p.ttl, false)
-		}
+		// Stored in Redis before the response that issues the id
+		// leaves, so that its next request finds it on any instance.
+		p.putRemote(sessionIDHash(value), id, now)
+	} else {
+		table.put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
 	}
 	if hadOld && old != value {
 		table.retire(p.tableKey(sessionIDHash(old)), now+retireGrace)

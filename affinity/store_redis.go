@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net"
 	"strconv"
 	"strings"
@@ -47,8 +48,17 @@ import (
 // not one per request. The outage is logged once and every error counted
 // in caddy_affinity_store_errors_total.
 
-// redisSkip is how long Redis is skipped after an error.
-const redisSkip = time.Second
+// redisSkip is how long Redis is skipped after redisTrip errors with no
+// success for redisQuiet. Not after one error: a few slow answers in a
+// burst (fresh connections, a busy machine) while others succeed must
+// not cut a second of sessions off the store, which breaks every
+// session an instance meets for the first time meanwhile; a dead or hung
+// server fails three operations, then is skipped.
+const (
+	redisSkip  = time.Second
+	redisTrip  = 3
+	redisQuiet = 250 * time.Millisecond
+)
 
 // redisStore is one policy's connection to Redis.
 type redisStore struct {
@@ -59,12 +69,25 @@ type redisStore struct {
 	logger  *zap.Logger
 
 	skipUntil atomic.Int64 // unix nanoseconds: Redis is skipped until then
+	fails     atomic.Int32 // errors since the last success
+	lastOK    atomic.Int64 // unix nanoseconds of the last success
 	down      atomic.Bool  // the outage was logged
 
 	sub    *redis.PubSub
 	cancel context.CancelFunc
 	done   chan struct{}
 	once   sync.Once
+}
+
+var redisLogOnce sync.Once
+
+// redisLogger is go-redis's logger: Caddy's, at debug level.
+type redisLogger struct{ l *zap.Logger }
+
+func (r redisLogger) Printf(_ context.Context, format string, v ...any) {
+	if ce := r.l.Check(zap.DebugLevel, "go-redis"); ce != nil {
+		ce.Write(zap.String("message", fmt.Sprintf(format, v...)))
+	}
 }
 
 // remoteEntry is what Redis holds for one key.
@@ -123,10 +146,14 @@ func newRedisStore(c *StoreConfig, logger *zap.Logger, apply func(op byte, key u
 		WriteTimeout: timeout,
 		PoolTimeout:  timeout,
 		MaxRetries:   -1,
-		// No CLIENT SETINFO on every new connection. No MinIdleConns
-		// either: its background dials log every failure on stderr
-		// while Redis is down, past the one log line of an outage.
+		// One dial attempt: the client's default of five, 100ms apart,
+		// would hold a request far past the timeout while Redis is down.
+		DialerRetries: 1,
+		// No CLIENT SETINFO on every new connection.
 		DisableIdentity: true,
+		// Connections dialled ahead, in the background, so that a
+		// burst of requests seldom waits for a dial.
+		MinIdleConns: 8,
 	}
 	if c.TLS {
 		host, _, err := net.SplitHostPort(addr)
@@ -139,6 +166,10 @@ func newRedisStore(c *StoreConfig, logger *zap.Logger, apply func(op byte, key u
 	if prefix == "" {
 		prefix = DefaultRedisKeyPrefix
 	}
+	// go-redis logs through a process-wide logger to stderr, a line per
+	// failed dial: send it to Caddy's log at debug level, since the
+	// store logs an outage once itself.
+	redisLogOnce.Do(func() { redis.SetLogger(redisLogger{caddy.Log().Named("affinity.store.redis")}) })
 	var nb [8]byte
 	_, _ = rand.Read(nb[:])
 	s := &redisStore{
@@ -153,6 +184,9 @@ func newRedisStore(c *StoreConfig, logger *zap.Logger, apply func(op byte, key u
 	s.cancel = cancel
 	s.sub = s.client.Subscribe(ctx, s.channel)
 	go s.listen(apply)
+	// Open a connection ahead of the first request, without waiting
+	// for it (a start or reload never waits for Redis).
+	go func() { _ = s.client.Ping(ctx).Err() }()
 	return s, nil
 }
 
@@ -195,11 +229,15 @@ func (s *redisStore) usable() bool {
 	return time.Now().UnixNano() >= s.skipUntil.Load()
 }
 
-// failed counts an error, skips Redis for a moment, and logs the first
-// error of an outage.
+// failed counts an error; the redisTrip-th in a row skips Redis for a
+// moment and logs the outage, once.
 func (s *redisStore) failed(op string, err error) {
 	storeErrors.c.Inc()
-	s.skipUntil.Store(time.Now().Add(redisSkip).UnixNano())
+	now := time.Now()
+	if s.fails.Add(1) < redisTrip || now.UnixNano()-s.lastOK.Load() < int64(redisQuiet) {
+		return
+	}
+	s.skipUntil.Store(now.Add(redisSkip).UnixNano())
 	if s.down.CompareAndSwap(false, true) {
 		s.logger.Warn("the redis session store failed; the local session table decides alone, and redis is tried again every second (logged once per outage; counted in caddy_affinity_store_errors_total)",
 			zap.String("op", op), zap.Error(err))
@@ -208,6 +246,11 @@ func (s *redisStore) failed(op string, err error) {
 
 // worked notes a success, ending a logged outage.
 func (s *redisStore) worked() {
+	s.lastOK.Store(time.Now().UnixNano())
+	if s.fails.Load() != 0 {
+		s.fails.Store(0)
+		s.skipUntil.Store(0) // it answers: stop skipping it
+	}
 	if s.down.Load() && s.down.CompareAndSwap(true, false) {
 		s.logger.Info("the redis session store answers again")
 	}
@@ -264,21 +307,37 @@ func remoteTTL(ttl uint32) time.Duration {
 // writeBackQuantum is the step of sliding expiries written to Redis.
 func writeBackQuantum(ttl uint32) uint32 { return max(ttl/4, 1) }
 
-// record writes key -> dial for ttl seconds, and publishes it when it is
-// a move, so that instances knowing the key follow.
-func (s *redisStore) record(key uint64, dial string, alias bool, ttl uint32, moved bool) {
+// Ways record writes an entry.
+const (
+	// writeNew: a key this instance did not know; another instance may
+	// have recorded it while this one failed to read it, so an entry
+	// already in Redis is kept (SET NX).
+	writeNew = iota
+	// writeSlide: a live entry's expiry written back.
+	writeSlide
+	// writeMove: the session moved (failover): overwrite and publish.
+	writeMove
+)
+
+// record writes key -> dial for ttl seconds (how: writeNew, writeSlide
+// or writeMove); a move is published, so that instances knowing the key
+// follow.
+func (s *redisStore) record(key uint64, dial string, alias bool, ttl uint32, how int) {
 	if !s.usable() {
 		return
 	}
 	v := remoteValue(dial, alias)
 	var err error
-	if moved {
+	switch how {
+	case writeNew:
+		err = s.client.SetNX(context.Background(), s.key(key), v, remoteTTL(ttl)).Err()
+	case writeMove:
 		_, err = s.client.Pipelined(context.Background(), func(pipe redis.Pipeliner) error {
 			pipe.Set(context.Background(), s.key(key), v, remoteTTL(ttl))
 			pipe.Publish(context.Background(), s.channel, "m "+s.nonce+" "+strconv.FormatUint(key, 16)+" "+v)
 			return nil
 		})
-	} else {
+	default:
 		err = s.client.Set(context.Background(), s.key(key), v, remoteTTL(ttl)).Err()
 	}
 	if err != nil {
@@ -348,23 +407,38 @@ func (p *Policy) fetchRemote(ps *poolState, in *decideInput, laterAliases bool) 
 }
 
 // rememberRemote is remember under store redis: the local table as
-// always, and Redis for entries that are new, moved, or whose sliding
-// expiry crossed a quarter of the TTL since it was last written.
+// always, and Redis for the entries putRemote says are due.
 func (p *Policy) rememberRemote(keys []uint64, id uint32, now uint32) {
-	q := writeBackQuantum(p.ttl)
 	for i, key := range keys {
 		up := id
 		if i > 0 {
 			up |= aliasBit
 		}
-		old, live := p.table.swap(p.tableKey(key), up, now, p.ttl)
-		moved := live && old.up&^establishedBit != up
-		if live && !moved && old.expires/q == (now+p.ttl)/q {
-			continue
-		}
-		if dial, ok := registryDial(id); ok {
-			p.remote.record(key, dial, i > 0, p.ttl, moved)
-		}
+		p.putRemote(key, up, now)
+	}
+}
+
+// putRemote records key -> up (up may carry aliasBit) in the local table
+// and writes it to Redis when it is new here, moved, or its sliding
+// expiry crossed a quarter of the TTL since the last write: an app that
+// sends its cookie again on every response, and a session's every
+// request, cost Redis a write about four times per session_ttl.
+func (p *Policy) putRemote(key uint64, up uint32, now uint32) {
+	q := writeBackQuantum(p.ttl)
+	old, live := p.table.swap(p.tableKey(key), up, now, p.ttl)
+	moved := live && old.up&^establishedBit != up
+	if live && !moved && old.expires/q == (now+p.ttl)/q {
+		return
+	}
+	how := writeSlide
+	switch {
+	case !live:
+		how = writeNew
+	case moved:
+		how = writeMove
+	}
+	if dial, ok := registryDial(up & upstreamMask); ok {
+		p.remote.record(key, dial, up&aliasBit != 0, p.ttl, how)
 	}
 }
 
