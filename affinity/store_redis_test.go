@@ -215,3 +215,45 @@ func sessionCommands(c *redis.Client) (int64, error) {
 	}
 	return n, nil
 }
+
+// BenchmarkStoreSelect compares the table path (a session the process
+// knows, by its app cookie, pin cookie off) under store local and store
+// redis: the same, with no round trip and no allocation. "unknown" is a
+// key the process has not seen (each iteration a new one): one MGET, and
+// a SET NX for the new placement.
+func BenchmarkStoreSelect(b *testing.B) {
+	rd := startTestRedis(b)
+	pool := testPool(b, 3)
+	for _, kind := range []string{storeLocal, storeRedis} {
+		store := &StoreConfig{Kind: kind}
+		if kind == storeRedis {
+			store = &StoreConfig{Kind: kind, Address: rd.addr, KeyPrefix: "bench"}
+		}
+		p := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true,
+			Scope: "bench-" + kind, Store: store})
+		r := benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef")
+		if p.Select(pool, r, nil) == nil {
+			b.Fatal("no upstream")
+		}
+		b.Run("store="+kind+"/known", func(b *testing.B) {
+			benchSelect(b, p, pool, r)
+		})
+		if kind == storeRedis {
+			b.Run("store="+kind+"/unknown", func(b *testing.B) {
+				before := commandCount(b, rd)
+				vars := map[string]any{}
+				b.ReportAllocs()
+				b.ResetTimer()
+				for i := range b.N {
+					req := benchRequest(fmt.Sprintf("sid=unknown-%d-%d", b.N, i))
+					clear(vars)
+					if p.Select(pool, req, nil) == nil {
+						b.Fatal("no upstream")
+					}
+				}
+				b.StopTimer()
+				b.ReportMetric(float64(commandCount(b, rd)-before)/float64(b.N), "cmds/op")
+			})
+		}
+	}
+}
