@@ -167,6 +167,14 @@ func (f *farm) look(now time.Time) []Site {
 	healthcheck.Observe(ups, now)
 	for _, s := range sites {
 		f.followProbe(s.Policy, s.Handler.Upstreams)
+		if s.Policy.remote != nil {
+			// The cluster's session counts, read in the background.
+			dials := make([]string, len(s.Handler.Upstreams))
+			for i, u := range s.Handler.Upstreams {
+				dials[i] = u.Dial
+			}
+			s.Policy.remote.refreshCounts(dials)
+		}
 	}
 	return sites
 }
@@ -226,11 +234,22 @@ func Refresh() []Site {
 // LiveSessions returns the live sessions pinned to the upstream with the
 // given healthcheck ID: session-table entries within their TTL, exact at
 // the moment of the call (a session known by several keys counts once).
+// Under store redis it is the cluster's count when that is more (read
+// every second; a session counts until Redis lets it go, a quarter TTL
+// after it may have ended), so that `drained` means drained on every
+// instance.
 func LiveSessions(id uint32) int64 {
-	if f := liveFarm.Load(); f != nil {
-		return max(0, f.table.liveCount(id))
+	f := liveFarm.Load()
+	if f == nil {
+		return 0
 	}
-	return 0
+	n := max(0, f.table.liveCount(id))
+	if u := healthcheck.ByID(id); u != nil {
+		if c, ok := clusterSessions(u.Dial); ok {
+			n = max(n, c)
+		}
+	}
+	return n
 }
 
 // TableStats is the session table's size.

@@ -163,10 +163,10 @@ func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, val
 	old, hadOld := k.value(r)
 	if deleted {
 		if hadOld {
-			table.remove(p.tableKey(sessionIDHash(old)))
 			if p.remote != nil {
-				p.remote.remove(sessionIDHash(old))
+				p.remote.remove(sessionIDHash(old), p.entryDial(p.tableKey(sessionIDHash(old))))
 			}
+			table.remove(p.tableKey(sessionIDHash(old)))
 		}
 		return
 	}
@@ -178,10 +178,10 @@ func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, val
 		table.put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
 	}
 	if hadOld && old != value {
-		table.retire(p.tableKey(sessionIDHash(old)), now+retireGrace)
 		if p.remote != nil {
-			p.remote.retire(sessionIDHash(old), retireGrace)
+			p.remote.retire(sessionIDHash(old), p.entryDial(p.tableKey(sessionIDHash(old))), retireGrace)
 		}
+		table.retire(p.tableKey(sessionIDHash(old)), now+retireGrace)
 	}
 }
 

@@ -245,6 +245,7 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("store redis: %v", err)
 		}
 		p.remote = remote
+		liveRemotes.Store(remote, struct{}{})
 	}
 	return nil
 }
@@ -319,6 +320,7 @@ func (p *Policy) Cleanup() error {
 		p.releaseSyncer()
 	}
 	if p.remote != nil {
+		liveRemotes.Delete(p.remote)
 		p.remote.close()
 	}
 	if p.farm != nil {

@@ -73,6 +73,11 @@ type redisStore struct {
 	lastOK    atomic.Int64 // unix nanoseconds of the last success
 	down      atomic.Bool  // the outage was logged
 
+	// counts is the cluster's live sessions per dial, as the farm's
+	// loop last read them (refreshCounts).
+	counts   atomic.Pointer[map[string]int64]
+	counting atomic.Bool // a refresh is under way
+
 	sub    *redis.PubSub
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -320,26 +325,40 @@ const (
 )
 
 // record writes key -> dial for ttl seconds (how: writeNew, writeSlide
-// or writeMove); a move is published, so that instances knowing the key
-// follow.
-func (s *redisStore) record(key uint64, dial string, alias bool, ttl uint32, how int) {
+// or writeMove; from is the dial a move leaves); a move is published, so
+// that instances knowing the key follow. A session's main entry is also
+// counted in the dial's set of live sessions (see liveKey), in the same
+// round trip.
+func (s *redisStore) record(key uint64, dial, from string, alias bool, ttl uint32, how int) {
 	if !s.usable() {
 		return
 	}
 	v := remoteValue(dial, alias)
-	var err error
-	switch how {
-	case writeNew:
-		err = s.client.SetNX(context.Background(), s.key(key), v, remoteTTL(ttl)).Err()
-	case writeMove:
-		_, err = s.client.Pipelined(context.Background(), func(pipe redis.Pipeliner) error {
-			pipe.Set(context.Background(), s.key(key), v, remoteTTL(ttl))
-			pipe.Publish(context.Background(), s.channel, "m "+s.nonce+" "+strconv.FormatUint(key, 16)+" "+v)
-			return nil
-		})
-	default:
-		err = s.client.Set(context.Background(), s.key(key), v, remoteTTL(ttl)).Err()
-	}
+	ctx := context.Background()
+	k := s.key(key)
+	member := strconv.FormatUint(key, 16)
+	_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+		switch how {
+		case writeNew:
+			pipe.SetNX(ctx, k, v, remoteTTL(ttl))
+		default:
+			pipe.Set(ctx, k, v, remoteTTL(ttl))
+		}
+		if !alias {
+			// Scored by when Redis lets the entry go, which is never
+			// before the session's local expiry: the count errs on
+			// the side of more sessions, so `drained` is never early.
+			until := float64(time.Now().Add(remoteTTL(ttl)).Unix())
+			pipe.ZAdd(ctx, s.liveKey(dial), redis.Z{Score: until, Member: member})
+		}
+		if how == writeMove {
+			if from != "" && from != dial {
+				pipe.ZRem(ctx, s.liveKey(from), member)
+			}
+			pipe.Publish(ctx, s.channel, "m "+s.nonce+" "+member+" "+v)
+		}
+		return nil
+	})
 	if err != nil {
 		s.failed("set", err)
 		return
@@ -348,18 +367,74 @@ func (s *redisStore) record(key uint64, dial string, alias bool, ttl uint32, how
 }
 
 // retire makes key expire within grace seconds at the latest, here and
-// on every instance.
-func (s *redisStore) retire(key uint64, grace uint32) {
+// on every instance; dial, if known, is where it was counted.
+func (s *redisStore) retire(key uint64, dial string, grace uint32) {
 	s.change('r', key, func(pipe redis.Pipeliner) {
 		pipe.ExpireLT(context.Background(), s.key(key), time.Duration(grace)*time.Second)
+		if dial != "" {
+			until := float64(time.Now().Add(time.Duration(grace) * time.Second).Unix())
+			pipe.ZAddArgs(context.Background(), s.liveKey(dial), redis.ZAddArgs{XX: true, LT: true,
+				Members: []redis.Z{{Score: until, Member: strconv.FormatUint(key, 16)}}})
+		}
 	})
 }
 
-// remove forgets key, here and on every instance.
-func (s *redisStore) remove(key uint64) {
+// remove forgets key, here and on every instance; dial, if known, is
+// where it was counted.
+func (s *redisStore) remove(key uint64, dial string) {
 	s.change('d', key, func(pipe redis.Pipeliner) {
 		pipe.Del(context.Background(), s.key(key))
+		if dial != "" {
+			pipe.ZRem(context.Background(), s.liveKey(dial), strconv.FormatUint(key, 16))
+		}
 	})
+}
+
+// liveKey is the sorted set of the sessions counted on dial: members are
+// key hashes, scores the unix second Redis lets each go.
+func (s *redisStore) liveKey(dial string) string { return s.prefix[:len(s.prefix)-2] + "live:" + dial }
+
+// refreshCounts reads the cluster's live sessions on dials (dropping
+// the expired ones first), in one round trip, in the background: the
+// farm's loop calls it every second and never waits for Redis.
+func (s *redisStore) refreshCounts(dials []string) {
+	if !s.usable() || !s.counting.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer s.counting.Store(false)
+		ctx := context.Background()
+		now := strconv.FormatInt(time.Now().Unix(), 10)
+		cmds := make([]*redis.IntCmd, len(dials))
+		_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+			for i, d := range dials {
+				pipe.ZRemRangeByScore(ctx, s.liveKey(d), "-inf", "("+now)
+				cmds[i] = pipe.ZCount(ctx, s.liveKey(d), now, "+inf")
+			}
+			return nil
+		})
+		if err != nil {
+			s.failed("count", err)
+			return
+		}
+		s.worked()
+		m := make(map[string]int64, len(dials))
+		for i, d := range dials {
+			m[d] = cmds[i].Val()
+		}
+		s.counts.Store(&m)
+	}()
+}
+
+// clusterSessions returns the cluster's live sessions on dial as last
+// read, and whether there is a reading.
+func (s *redisStore) clusterSessions(dial string) (int64, bool) {
+	m := s.counts.Load()
+	if m == nil {
+		return 0, false
+	}
+	n, ok := (*m)[dial]
+	return n, ok
 }
 
 // change runs cmd and publishes op for key, in one round trip.
@@ -430,15 +505,16 @@ func (p *Policy) putRemote(key uint64, up uint32, now uint32) {
 	if live && !moved && old.expires/q == (now+p.ttl)/q {
 		return
 	}
-	how := writeSlide
+	how, from := writeSlide, ""
 	switch {
 	case !live:
 		how = writeNew
 	case moved:
 		how = writeMove
+		from, _ = registryDial(old.upstream())
 	}
 	if dial, ok := registryDial(up & upstreamMask); ok {
-		p.remote.record(key, dial, up&aliasBit != 0, p.ttl, how)
+		p.remote.record(key, dial, from, up&aliasBit != 0, p.ttl, how)
 	}
 }
 
@@ -469,4 +545,33 @@ func (p *Policy) applyRemote(op byte, key uint64, e remoteEntry) {
 	case 'd':
 		table.remove(k)
 	}
+}
+
+// liveRemotes are the redis stores of live policies, for LiveSessions.
+var liveRemotes sync.Map // *redisStore -> struct{}
+
+// clusterSessions returns the most live sessions on dial any live
+// redis store last read, and whether one has a reading.
+func clusterSessions(dial string) (int64, bool) {
+	var most int64
+	found := false
+	liveRemotes.Range(func(k, _ any) bool {
+		if n, ok := k.(*redisStore).clusterSessions(dial); ok {
+			most, found = max(most, n), true
+		}
+		return true
+	})
+	return most, found
+}
+
+// entryDial returns the dial of key's live local entry (a table key), or
+// "" for a key the table does not have or an alias, which is not
+// counted.
+func (p *Policy) entryDial(key uint64) string {
+	e, ok := p.table.peek(key, clockNow())
+	if !ok || e.alias() {
+		return ""
+	}
+	dial, _ := registryDial(e.upstream())
+	return dial
 }

@@ -104,6 +104,15 @@ func TestStoreRedisShares(t *testing.T) {
 			t.Fatalf("id learned on instance one for %s went to %v on instance two", pool[i].Dial, got)
 		}
 	}
+	// Instance two counts the sessions instance one learned, although
+	// it has seen only some of them itself.
+	dials := []string{pool[0].Dial, pool[1].Dial, pool[2].Dial}
+	waitFor(t, "the cluster's counts", func() bool {
+		p2.remote.refreshCounts(dials)
+		n, ok := p2.remote.clusterSessions(pool[1].Dial)
+		return ok && n == 1
+	})
+
 	// Known locally now: the next selections make no round trip.
 	before := commandCount(t, rd)
 	for range 50 {
@@ -130,6 +139,15 @@ func TestStoreRedisShares(t *testing.T) {
 	waitFor(t, "the removal to reach instance two", func() bool {
 		_, ok := p2.table.peek(p2.tableKey(sessionIDHash("learned-1")), clockNow())
 		return !ok
+	})
+	// The move and the removal show in the counts: upstream 0 lost its
+	// session to upstream 2, upstream 1 its own.
+	waitFor(t, "the counts after the move and the removal", func() bool {
+		p2.remote.refreshCounts(dials)
+		n0, _ := p2.remote.clusterSessions(pool[0].Dial)
+		n1, _ := p2.remote.clusterSessions(pool[1].Dial)
+		n2, _ := p2.remote.clusterSessions(pool[2].Dial)
+		return n0 == 0 && n1 == 0 && n2 == 2
 	})
 }
 
@@ -176,7 +194,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 // commandCount returns how many session commands (GET, MGET, SET,
-// EXPIRE, DEL, PUBLISH) the server has run, from INFO commandstats:
+// EXPIRE, DEL, PUBLISH, ZADD, ZREM) the server has run, from INFO commandstats:
 // connection set-up (HELLO) and health checks (PING) are not the store's
 // traffic per session.
 func commandCount(t testing.TB, rd *testRedis) int64 {
@@ -204,7 +222,7 @@ func sessionCommands(c *redis.Client) (int64, error) {
 			continue
 		}
 		switch strings.TrimPrefix(name, "cmdstat_") {
-		case "get", "mget", "set", "expire", "del", "publish":
+		case "get", "mget", "set", "expire", "del", "publish", "zadd", "zrem":
 			calls, _, _ := strings.Cut(rest, ",")
 			v, err := strconv.ParseInt(calls, 10, 64)
 			if err != nil {

@@ -75,7 +75,7 @@ func (r *redisServer) client() *redis.Client {
 }
 
 // commands returns how many session commands (GET, MGET, SET, EXPIRE,
-// DEL, PUBLISH) the server ran, from INFO commandstats.
+// DEL, PUBLISH, ZADD, ZREM) the server ran, from INFO commandstats.
 func (r *redisServer) commands(t *testing.T) int64 {
 	t.Helper()
 	c := r.client()
@@ -91,7 +91,7 @@ func (r *redisServer) commands(t *testing.T) int64 {
 			continue
 		}
 		switch strings.TrimPrefix(name, "cmdstat_") {
-		case "get", "mget", "set", "expire", "del", "publish":
+		case "get", "mget", "set", "expire", "del", "publish", "zadd", "zrem":
 			calls, _, _ := strings.Cut(rest, ",")
 			v, _ := strconv.ParseInt(calls, 10, 64)
 			n += v
@@ -203,4 +203,51 @@ func TestStoreRedisInstances(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestStoreRedisDrainSeenEverywhere: sessions created through one
+// instance are counted by another that never saw them, so a drain
+// watched from either says drained only once the sessions are gone.
+func TestStoreRedisDrainSeenEverywhere(t *testing.T) {
+	needCaddy(t)
+	rd := startRedis(t)
+	bs := startCookieBackends(t, 3, expressCookie)
+	policy := storePolicy("store redis "+rd.addr) + "\nsession_ttl 4s"
+	one := startCaddySite(t, "drain1", learnSite(addrsOf(bs), "affinity_learn", policy))
+	two := startCaddySite(t, "drain2", learnSite(addrsOf(bs), "affinity_learn", policy))
+
+	clients := newClients(t, 30)
+	s := visitAll(clients, one.URL, 2, 10)
+	expectClean(t, "30 sessions through instance one", s)
+	victim := backendNamed(bs, busiest(clients))
+	onVictim := sessionsByWorker(clients)[victim.name]
+
+	// Instance two has seen no request, yet counts them all.
+	waitUntil(t, "instance two to count the sessions of instance one", 10*time.Second, 100*time.Millisecond, func() (bool, string) {
+		total := int64(0)
+		m := two.affinity(t)
+		for _, b := range bs {
+			total += m[b.addr].Sessions
+		}
+		return total == 30 && m[victim.addr].Sessions == int64(onVictim), fmt.Sprint(m)
+	})
+	start := time.Now()
+	for _, p := range []*caddyProc{one, two} {
+		if u := p.setState(t, victim.addr, "draining"); u.Drained {
+			t.Fatalf("caddy %s says %s is drained while it holds %d sessions", p.name, victim.addr, onVictim)
+		}
+	}
+	// Drained on both once the sessions expired (TTL 4s, counted until
+	// Redis lets them go, a quarter later, read every second).
+	for _, p := range []*caddyProc{one, two} {
+		waitUntil(t, "caddy "+p.name+" to see the drain complete", 15*time.Second, 100*time.Millisecond, func() (bool, string) {
+			u := p.affinity(t)[victim.addr]
+			return u.Drained, u.String()
+		})
+	}
+	took := time.Since(start)
+	t.Logf("%s with %d sessions drained, as both instances see it, after %s (session_ttl 4s)", victim.name, onVictim, took.Round(100*time.Millisecond))
+	if took < 2*time.Second {
+		t.Errorf("drained after %s, before the sessions' TTL could pass", took)
+	}
 }
