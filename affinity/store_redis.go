@@ -201,7 +201,13 @@ func (s *redisStore) close() {
 	s.once.Do(func() {
 		s.cancel()
 		_ = s.sub.Close()
-		<-s.done
+		// The subscriber ends when its channel closes, at once; the
+		// bound only guards a stop or reload against a client bug.
+		select {
+		case <-s.done:
+		case <-time.After(time.Second):
+			s.logger.Warn("the redis store's subscriber did not stop within 1s; going on")
+		}
 		_ = s.client.Close()
 	})
 }
