@@ -32,5 +32,9 @@ if ! command -v mono >/dev/null 2>&1 || ! command -v mcs >/dev/null 2>&1; then
 	echo "!!! no Mono: TestMonoCookielessSessions (tests/mono_test.go) will be SKIPPED." >&2
 	echo "!!! Install it to test cookieless sessions against Mono's System.Web (Debian: apt-get install -y --no-install-recommends mono-runtime mono-mcs libmono-system-web4.0-cil)." >&2
 fi
+if ! command -v redis-server >/dev/null 2>&1; then
+	echo "!!! no redis-server: the store redis tests (affinity/store_redis_test.go, tests/store_redis_test.go) will be SKIPPED." >&2
+	echo "!!! Install it to test the shared session store (Debian: apt-get install -y --no-install-recommends redis-server; .ci/run does)." >&2
+fi
 go test -race -count=1 -timeout 15m ./...
 ./caddy-build.sh

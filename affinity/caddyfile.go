@@ -31,6 +31,7 @@ import (
 //		balance_factor <c>
 //		tomcat_route <route> <upstream dial address>
 //		scope <name>
+//		store local [{ interval <duration> }] | memory | redis <host:port> [{ ... }]
 //		probe [<path>] {
 //			path <path>
 //			interval <duration>
@@ -186,6 +187,13 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				needIDKey = d.Err(errTomcatRouteKey)
 			}
 
+		case "store":
+			c, err := parseStore(d)
+			if err != nil {
+				return err
+			}
+			p.Store = c
+
 		case "probe":
 			p.Probe = new(healthcheck.Probe)
 			if err := p.Probe.UnmarshalCaddyfile(d); err != nil {
@@ -206,7 +214,7 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		default:
-			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions, weights, hold, slow_start, balance_factor, tomcat_route, scope or probe)", opt)
+			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions, weights, hold, slow_start, balance_factor, tomcat_route, scope, store or probe)", opt)
 		}
 	}
 	if needKey != nil && len(p.Keys) == 0 {

@@ -329,6 +329,10 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput) int {
 		}
 		// An upstream this pool does not have: try the next key.
 	}
+	if p.remote != nil && !in.dry && len(in.keys) > 0 {
+		// Unknown here: another instance may know it (one round trip).
+		return p.fetchRemote(ps, in, laterAliases)
+	}
 	return -1
 }
 

@@ -34,6 +34,9 @@ type farm struct {
 	probes map[*Policy]*policyProbe // the running probe of each policy
 
 	history *history // the status page's chart, sampled by loop
+	// persist writes the table to Caddy's storage for the policies with
+	// store local, and read it back when the first of them arrived.
+	persist *persister
 
 	stop, done chan struct{}
 }
@@ -63,12 +66,14 @@ const (
 // acquireFarm joins (or starts) the farm for policy p.
 func acquireFarm(p *Policy) (*farm, error) {
 	val, _, err := farms.LoadOrNew(farmKey, func() (caddy.Destructor, error) {
+		table := newSessionTable(p.MaxSessions)
 		f := &farm{
-			table:  newSessionTable(p.MaxSessions),
-			wants:  make(map[*Policy]int),
-			probes: make(map[*Policy]*policyProbe),
-			stop:   make(chan struct{}),
-			done:   make(chan struct{}),
+			table:   table,
+			persist: newPersister(table),
+			wants:   make(map[*Policy]int),
+			probes:  make(map[*Policy]*policyProbe),
+			stop:    make(chan struct{}),
+			done:    make(chan struct{}),
 		}
 		f.history = newHistory()
 		clock.Store(tableNow(time.Now()))
@@ -81,6 +86,13 @@ func acquireFarm(p *Policy) (*farm, error) {
 	}
 	f := val.(*farm)
 	f.want(p, p.MaxSessions)
+	// The first policy with store local reads the snapshot back, here in
+	// Provision: before the config serves its first request.
+	if p.Store.persists() {
+		if storage := storageOf(p.ctx); storage != nil {
+			f.persist.want(p, storage, p.Store.interval())
+		}
+	}
 	return f, nil
 }
 
@@ -94,6 +106,8 @@ func (f *farm) release(p *Policy) {
 	if pr != nil {
 		pr.stop()
 	}
+	// The last policy with store local writes the table (shutdown).
+	f.persist.release(p)
 	f.want(p, 0)
 	_, _ = farms.Delete(farmKey)
 }
@@ -151,6 +165,14 @@ func (f *farm) look(now time.Time) []Site {
 	}
 	for _, s := range sites {
 		f.followProbe(s.Policy, s.Handler.Upstreams)
+		if s.Policy.remote != nil {
+			// The cluster's session counts, read in the background.
+			dials := make([]string, len(s.Handler.Upstreams))
+			for i, u := range s.Handler.Upstreams {
+				dials[i] = u.Dial
+			}
+			s.Policy.remote.refreshCounts(dials)
+		}
 	}
 	return sites
 }
@@ -192,6 +214,7 @@ func (f *farm) Destruct() error {
 	for _, pr := range probes {
 		pr.stop()
 	}
+	f.persist.close()
 	clock.Store(0)
 	return nil
 }
@@ -238,11 +261,22 @@ func Refresh() []Site {
 // LiveSessions returns the live sessions pinned to the upstream with the
 // given healthcheck ID: session-table entries within their TTL, exact at
 // the moment of the call (a session known by several keys counts once).
+// Under store redis it is the cluster's count when that is more (read
+// every second; a session counts until Redis lets it go, a quarter TTL
+// after it may have ended), so that `drained` means drained on every
+// instance.
 func LiveSessions(id uint32) int64 {
-	if f := liveFarm.Load(); f != nil {
-		return max(0, f.table.liveCount(id))
+	f := liveFarm.Load()
+	if f == nil {
+		return 0
 	}
-	return 0
+	n := max(0, f.table.liveCount(id))
+	if u := healthcheck.ByID(id); u != nil {
+		if c, ok := clusterSessions(u.Dial); ok {
+			n = max(n, c)
+		}
+	}
+	return n
 }
 
 // TableStats is the session table's size.

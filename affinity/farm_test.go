@@ -76,9 +76,9 @@ func TestBackgroundWorkAcrossReloads(t *testing.T) {
 	t.Cleanup(func() { _ = caddy.Stop() })
 	time.Sleep(1500 * time.Millisecond) // the farm's first look starts the probe
 	first := settledGoroutines()
-	// farm loop + storage syncer + one prober
-	if first != 3 {
-		t.Fatalf("%d module goroutines after the first load, want 3 (farm, syncer, prober)", first)
+	// farm loop + store local's writer + storage syncer + one prober
+	if first != 4 {
+		t.Fatalf("%d module goroutines after the first load, want 4 (farm, store writer, syncer, prober)", first)
 	}
 	for i := range 10 {
 		if err := caddy.Load(config(61+i), true); err != nil {

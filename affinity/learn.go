@@ -163,12 +163,24 @@ func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, val
 	old, hadOld := k.value(r)
 	if deleted {
 		if hadOld {
+			if p.remote != nil {
+				p.remote.remove(sessionIDHash(old), p.entryDial(p.tableKey(sessionIDHash(old))))
+			}
 			table.remove(p.tableKey(sessionIDHash(old)))
 		}
 		return
 	}
-	table.put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
+	if p.remote != nil {
+		// Stored in Redis before the response that issues the id
+		// leaves, so that its next request finds it on any instance.
+		p.putRemote(sessionIDHash(value), id, now)
+	} else {
+		table.put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
+	}
 	if hadOld && old != value {
+		if p.remote != nil {
+			p.remote.retire(sessionIDHash(old), p.entryDial(p.tableKey(sessionIDHash(old))), retireGrace)
+		}
 		table.retire(p.tableKey(sessionIDHash(old)), now+retireGrace)
 	}
 }

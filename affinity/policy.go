@@ -143,6 +143,14 @@ type Policy struct {
 	// entries, e.g. two sites in front of one farm whose users cross.
 	Scope string `json:"scope,omitempty"`
 
+	// Store is where the policy's session memory lives besides the
+	// process: `local` (the default) writes the session table to Caddy's
+	// storage on shutdown and every interval while it changes, and reads
+	// it back at start, so that a restart forgets no session; `memory`
+	// keeps it in the process only. The table is process-wide: it is
+	// written while any live policy has store local. See StoreConfig.
+	Store *StoreConfig `json:"store,omitempty"`
+
 	secret []byte
 	ttl    uint32
 	ctx    caddy.Context
@@ -156,9 +164,12 @@ type Policy struct {
 	scopeTried atomic.Uint32 // the table clock at the last resolveScope
 
 	releaseSyncer func()
-	farm          *farm
-	table         *sessionTable
-	logger        *zap.Logger
+	// remote is the shared store (store redis), nil for store local and
+	// memory, whose memory is the table alone.
+	remote *redisStore
+	farm   *farm
+	table  *sessionTable
+	logger *zap.Logger
 
 	// pools caches the ring and pin tokens of the last pool seen; Caddy
 	// passes the same pool on every request unless upstreams are dynamic.
@@ -228,6 +239,17 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("session table: %v", err)
 	}
 	p.farm, p.table = f, f.table
+	if p.Store.kind() == storeRedis {
+		if err := registerStoreMetrics(ctx.GetMetricsRegistry()); err != nil {
+			return fmt.Errorf("registering metrics: %v", err)
+		}
+		remote, err := newRedisStore(p.Store, p.logger.Named("store"), p.applyRemote)
+		if err != nil {
+			return fmt.Errorf("store redis: %v", err)
+		}
+		p.remote = remote
+		liveRemotes.Store(remote, struct{}{})
+	}
 	return nil
 }
 
@@ -283,6 +305,9 @@ func (p *Policy) Validate() error {
 			}
 		}
 	}
+	if err := p.Store.Validate(); err != nil {
+		return err
+	}
 	if p.Probe != nil {
 		if err := p.Probe.Validate(); err != nil {
 			return err // it says "probe: ..." itself
@@ -296,6 +321,10 @@ func (p *Policy) Validate() error {
 func (p *Policy) Cleanup() error {
 	if p.releaseSyncer != nil {
 		p.releaseSyncer()
+	}
+	if p.remote != nil {
+		liveRemotes.Delete(p.remote)
+		p.remote.close()
 	}
 	if p.farm != nil {
 		p.farm.release(p)
@@ -501,6 +530,10 @@ next:
 // remember records (and slides) key -> upstream for every key present;
 // the first is the session's main entry, the others are aliases.
 func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
+	if p.remote != nil {
+		p.rememberRemote(keys, id, now)
+		return
+	}
 	for i, key := range keys {
 		if i > 0 {
 			id |= aliasBit

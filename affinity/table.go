@@ -78,7 +78,11 @@ type tableShard struct {
 	evictions atomic.Uint64
 	expired   atomic.Uint64
 
-	_ [8]byte // keep hot mutexes on separate cache lines (64-byte shards)
+	// writes counts puts, removals and retirements, under mu, so that
+	// the snapshot of `store local` is written only when something
+	// changed (see changes). It fills what was padding: shards stay 64
+	// bytes, hot mutexes on separate cache lines.
+	writes uint64
 }
 
 // tableSlot is one slot of a shard: the key hash (0 for an empty slot,
@@ -306,6 +310,7 @@ func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()
+	s.writes++
 	if i := s.find(key, h); i >= 0 {
 		t.replaceLocked(s, i, e, now)
 		s.mu.Unlock()
@@ -373,6 +378,7 @@ func (t *sessionTable) remove(key uint64) {
 	s.mu.Lock()
 	if i := s.find(key, h); i >= 0 {
 		t.deleteLocked(s, i)
+		s.writes++
 	}
 	s.mu.Unlock()
 }
@@ -388,6 +394,7 @@ func (t *sessionTable) retire(key uint64, until uint32) {
 	s.mu.Lock()
 	if i := s.find(key, h); i >= 0 && s.slots[i].expires > until {
 		s.slots[i].expires = until
+		s.writes++
 	}
 	s.mu.Unlock()
 }
@@ -620,4 +627,81 @@ func (t *sessionTable) liveCount(id uint32) int64 {
 		return c.Load()
 	}
 	return 0
+}
+
+// export calls fn with every entry live at now (key as slots store it),
+// one shard at a time under its lock: fn must be quick and must not call
+// back into the table. Requests on other shards go on meanwhile.
+func (t *sessionTable) export(now uint32, fn func(key uint64, e tableEntry)) {
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		for _, sl := range s.slots {
+			if sl.key != 0 && sl.expires >= now {
+				fn(sl.key, sl.tableEntry)
+			}
+		}
+		s.mu.Unlock()
+	}
+}
+
+// restore records an entry read back from a snapshot: e keeps its flags
+// and its expiry. A key that already has a live entry keeps it (it was
+// written since, so it is newer); an entry expired at now is dropped. It
+// reports whether e was recorded. The table's bound applies as for put.
+func (t *sessionTable) restore(key uint64, e tableEntry, now uint32) bool {
+	if e.expires < now {
+		return false
+	}
+	key = slotKey(key)
+	h := t.place(key)
+	s := t.shard(h)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if i := s.find(key, h); i >= 0 {
+		if s.slots[i].expires >= now {
+			return false
+		}
+		t.deleteLocked(s, i)
+	}
+	t.makeRoomLocked(s, h, now)
+	s.insert(tableSlot{key: key, tableEntry: e}, h)
+	t.live.add(e, 1)
+	return true
+}
+
+// changes returns how many puts, removals and retirements the table has
+// seen: the snapshot is written again only when it moved.
+func (t *sessionTable) changes() uint64 {
+	var n uint64
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		n += s.writes
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// swap is put that also returns the entry key had, and whether it was
+// live at now: `store redis` writes an entry to Redis only when it is
+// new, moved, or its sliding expiry is due to be written back.
+func (t *sessionTable) swap(key uint64, up uint32, now, ttl uint32) (tableEntry, bool) {
+	key = slotKey(key)
+	e := tableEntry{up: up &^ establishedBit, expires: now + ttl}
+	h := t.place(key)
+	s := t.shard(h)
+	s.mu.Lock()
+	s.writes++
+	if i := s.find(key, h); i >= 0 {
+		old := s.slots[i].tableEntry
+		t.replaceLocked(s, i, e, now)
+		s.mu.Unlock()
+		return old, old.expires >= now
+	}
+	t.makeRoomLocked(s, h, now)
+	s.insert(tableSlot{key: key, tableEntry: e}, h)
+	t.live.add(e, 1)
+	s.mu.Unlock()
+	return tableEntry{}, false
 }

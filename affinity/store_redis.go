@@ -1,0 +1,583 @@
+package affinity
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+)
+
+// `store redis`: a Redis server shared by every instance that uses it,
+// behind the process's table, which stays the hot path:
+//
+//   - a key the local table knows costs no round trip;
+//   - a key it does not know costs one (MGET of the request's keys,
+//     bounded by the timeout), and what Redis names is kept locally;
+//   - new entries, moves (a session that failed over) and learned ids are
+//     written (SET with the session TTL plus a quarter) before the
+//     response leaves; a live entry's sliding expiry is written back only
+//     when it crosses a quarter of the TTL: at most about four writes per
+//     session per session_ttl;
+//   - moves, retired and deleted ids are also published, so that the
+//     instances that know the key locally follow at once (an instance
+//     that does not know it asks Redis when it sees it).
+//
+// Keys in Redis are the key hashes without the policy's scope (which
+// depends on the instance's listeners): instances share entries by
+// key_prefix. Upstreams are named by dial address, never by the
+// process-local IDs.
+//
+// When Redis fails or is slow, every operation gives up within the
+// timeout, the local table decides alone, and Redis is skipped for a
+// second (a circuit), so that a dead server costs one timeout per second,
+// not one per request. The outage is logged once and every error counted
+// in caddy_affinity_store_errors_total.
+
+// redisSkip is how long Redis is skipped after redisTrip errors with no
+// success for redisQuiet. Not after one error: a few slow answers in a
+// burst (fresh connections, a busy machine) while others succeed must
+// not cut a second of sessions off the store, which breaks every
+// session an instance meets for the first time meanwhile; a dead or hung
+// server fails three operations, then is skipped.
+const (
+	redisSkip  = time.Second
+	redisTrip  = 3
+	redisQuiet = 250 * time.Millisecond
+)
+
+// redisStore is one policy's connection to Redis.
+type redisStore struct {
+	client  *redis.Client
+	prefix  string // of entry keys: <key_prefix>:s:
+	channel string // of published changes: <key_prefix>:changes
+	nonce   string // tells this instance's messages from others'
+	logger  *zap.Logger
+
+	skipUntil atomic.Int64 // unix nanoseconds: Redis is skipped until then
+	fails     atomic.Int32 // errors since the last success
+	lastOK    atomic.Int64 // unix nanoseconds of the last success
+	down      atomic.Bool  // the outage was logged
+
+	// counts is the cluster's live sessions per dial, as the farm's
+	// loop last read them (refreshCounts).
+	counts   atomic.Pointer[map[string]int64]
+	counting atomic.Bool // a refresh is under way
+
+	sub    *redis.PubSub
+	cancel context.CancelFunc
+	done   chan struct{}
+	once   sync.Once
+}
+
+var redisLogOnce sync.Once
+
+// redisLogger is go-redis's logger: Caddy's, at debug level.
+type redisLogger struct{ l *zap.Logger }
+
+func (r redisLogger) Printf(_ context.Context, format string, v ...any) {
+	if ce := r.l.Check(zap.DebugLevel, "go-redis"); ce != nil {
+		ce.Write(zap.String("message", fmt.Sprintf(format, v...)))
+	}
+}
+
+// remoteEntry is what Redis holds for one key.
+type remoteEntry struct {
+	dial  string
+	alias bool
+	ok    bool
+}
+
+var storeErrors = struct {
+	once sync.Once
+	c    prometheus.Counter
+}{}
+
+// registerStoreMetrics registers caddy_affinity_store_errors_total into
+// a config's registry (each config load has a fresh one; the counter
+// goes on across reloads).
+func registerStoreMetrics(reg *prometheus.Registry) error {
+	storeErrors.once.Do(func() {
+		storeErrors.c = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "affinity", Name: "store_errors_total",
+			Help: "Operations of the shared session store (store redis) that failed or timed out; the local session table decided alone.",
+		})
+	})
+	if reg == nil {
+		return nil
+	}
+	if err := reg.Register(storeErrors.c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return err
+		}
+	}
+	return nil
+}
+
+// newRedisStore connects (lazily: nothing here waits for Redis, so that a
+// start or reload never hangs on it) and subscribes to the changes other
+// instances publish, which apply calls.
+func newRedisStore(c *StoreConfig, logger *zap.Logger, apply func(op byte, key uint64, e remoteEntry)) (*redisStore, error) {
+	repl := caddy.NewReplacer()
+	addr := repl.ReplaceKnown(c.Address, "")
+	timeout := time.Duration(c.Timeout)
+	if timeout == 0 {
+		timeout = time.Duration(DefaultRedisTimeout)
+	}
+	opts := &redis.Options{
+		Addr:     addr,
+		Username: repl.ReplaceKnown(c.Username, ""),
+		Password: repl.ReplaceKnown(c.Password, ""),
+		DB:       c.DB,
+		// Every wait is bounded by the timeout, and a failed command is
+		// not retried: the local table answers instead.
+		DialTimeout:  timeout,
+		ReadTimeout:  timeout,
+		WriteTimeout: timeout,
+		PoolTimeout:  timeout,
+		MaxRetries:   -1,
+		// One dial attempt: the client's default of five, 100ms apart,
+		// would hold a request far past the timeout while Redis is down.
+		DialerRetries: 1,
+		// No CLIENT SETINFO on every new connection.
+		DisableIdentity: true,
+		// Connections dialled ahead, in the background, so that a
+		// burst of requests seldom waits for a dial.
+		MinIdleConns: 8,
+	}
+	if c.TLS {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			host = addr
+		}
+		opts.TLSConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
+	}
+	prefix := c.KeyPrefix
+	if prefix == "" {
+		prefix = DefaultRedisKeyPrefix
+	}
+	// go-redis logs through a process-wide logger to stderr, a line per
+	// failed dial: send it to Caddy's log at debug level, since the
+	// store logs an outage once itself.
+	redisLogOnce.Do(func() { redis.SetLogger(redisLogger{caddy.Log().Named("affinity.store.redis")}) })
+	var nb [8]byte
+	_, _ = rand.Read(nb[:])
+	s := &redisStore{
+		client:  redis.NewClient(opts),
+		prefix:  prefix + ":s:",
+		channel: prefix + ":changes",
+		nonce:   hex.EncodeToString(nb[:]),
+		logger:  logger,
+		done:    make(chan struct{}),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
+	s.sub = s.client.Subscribe(ctx, s.channel)
+	go s.listen(apply)
+	// Open a connection ahead of the first request, without waiting
+	// for it (a start or reload never waits for Redis).
+	go func() { _ = s.client.Ping(ctx).Err() }()
+	return s, nil
+}
+
+// close stops the subscriber and the connections; it never waits for
+// Redis.
+func (s *redisStore) close() {
+	s.once.Do(func() {
+		s.cancel()
+		_ = s.sub.Close()
+		// The subscriber ends when its channel closes, at once; the
+		// bound only guards a stop or reload against a client bug.
+		select {
+		case <-s.done:
+		case <-time.After(time.Second):
+			s.logger.Warn("the redis store's subscriber did not stop within 1s; going on")
+		}
+		_ = s.client.Close()
+	})
+}
+
+// listen applies the changes other instances publish until close.
+func (s *redisStore) listen(apply func(op byte, key uint64, e remoteEntry)) {
+	defer close(s.done)
+	for msg := range s.sub.Channel() {
+		// "<op> <nonce> <key hex> [<a|s>|<dial>]"
+		f := strings.SplitN(msg.Payload, " ", 4)
+		if len(f) < 3 || len(f[0]) != 1 || f[1] == s.nonce {
+			continue
+		}
+		key, err := strconv.ParseUint(f[2], 16, 64)
+		if err != nil {
+			continue
+		}
+		var e remoteEntry
+		if len(f) == 4 {
+			if e, err = parseRemote(f[3]); err != nil {
+				continue
+			}
+		}
+		apply(f[0][0], key, e)
+	}
+}
+
+// usable reports whether Redis is asked now (the circuit is closed).
+func (s *redisStore) usable() bool {
+	return time.Now().UnixNano() >= s.skipUntil.Load()
+}
+
+// failed counts an error; the redisTrip-th in a row skips Redis for a
+// moment and logs the outage, once.
+func (s *redisStore) failed(op string, err error) {
+	storeErrors.c.Inc()
+	now := time.Now()
+	if s.fails.Add(1) < redisTrip || now.UnixNano()-s.lastOK.Load() < int64(redisQuiet) {
+		return
+	}
+	s.skipUntil.Store(now.Add(redisSkip).UnixNano())
+	if s.down.CompareAndSwap(false, true) {
+		s.logger.Warn("the redis session store failed; the local session table decides alone, and redis is tried again every second (logged once per outage; counted in caddy_affinity_store_errors_total)",
+			zap.String("op", op), zap.Error(err))
+	}
+}
+
+// worked notes a success, ending a logged outage.
+func (s *redisStore) worked() {
+	s.lastOK.Store(time.Now().UnixNano())
+	if s.fails.Load() != 0 {
+		s.fails.Store(0)
+		s.skipUntil.Store(0) // it answers: stop skipping it
+	}
+	if s.down.Load() && s.down.CompareAndSwap(true, false) {
+		s.logger.Info("the redis session store answers again")
+	}
+}
+
+func (s *redisStore) key(k uint64) string { return s.prefix + strconv.FormatUint(k, 16) }
+
+func remoteValue(dial string, alias bool) string {
+	if alias {
+		return "a|" + dial
+	}
+	return "s|" + dial
+}
+
+func parseRemote(v string) (remoteEntry, error) {
+	if len(v) < 3 || v[1] != '|' || (v[0] != 'a' && v[0] != 's') {
+		return remoteEntry{}, errors.New("malformed entry")
+	}
+	return remoteEntry{dial: v[2:], alias: v[0] == 'a', ok: true}, nil
+}
+
+// fetch returns what Redis holds for keys, in one round trip; nil when
+// Redis is skipped or failed.
+func (s *redisStore) fetch(keys []uint64) []remoteEntry {
+	if !s.usable() {
+		return nil
+	}
+	names := make([]string, len(keys))
+	for i, k := range keys {
+		names[i] = s.key(k)
+	}
+	vals, err := s.client.MGet(context.Background(), names...).Result()
+	if err != nil {
+		s.failed("get", err)
+		return nil
+	}
+	s.worked()
+	out := make([]remoteEntry, len(keys))
+	for i, v := range vals {
+		if str, ok := v.(string); ok {
+			out[i], _ = parseRemote(str)
+		}
+	}
+	return out
+}
+
+// remoteTTL is how long Redis keeps an entry written with a session TTL
+// of ttl seconds: a quarter more, since the sliding expiry is written
+// back only when it crosses a quarter (see Policy.rememberRemote).
+func remoteTTL(ttl uint32) time.Duration {
+	return time.Duration(ttl+writeBackQuantum(ttl)) * time.Second
+}
+
+// writeBackQuantum is the step of sliding expiries written to Redis.
+func writeBackQuantum(ttl uint32) uint32 { return max(ttl/4, 1) }
+
+// Ways record writes an entry.
+const (
+	// writeNew: a key this instance did not know; another instance may
+	// have recorded it while this one failed to read it, so an entry
+	// already in Redis is kept (SET NX).
+	writeNew = iota
+	// writeSlide: a live entry's expiry written back.
+	writeSlide
+	// writeMove: the session moved (failover): overwrite and publish.
+	writeMove
+)
+
+// record writes key -> dial for ttl seconds (how: writeNew, writeSlide
+// or writeMove; from is the dial a move leaves); a move is published, so
+// that instances knowing the key follow. A session's main entry is also
+// counted in the dial's set of live sessions (see liveKey), in the same
+// round trip.
+func (s *redisStore) record(key uint64, dial, from string, alias bool, ttl uint32, how int) {
+	if !s.usable() {
+		return
+	}
+	v := remoteValue(dial, alias)
+	ctx := context.Background()
+	k := s.key(key)
+	member := strconv.FormatUint(key, 16)
+	_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+		switch how {
+		case writeNew:
+			pipe.SetNX(ctx, k, v, remoteTTL(ttl))
+		default:
+			pipe.Set(ctx, k, v, remoteTTL(ttl))
+		}
+		if !alias {
+			// Scored by when Redis lets the entry go, which is never
+			// before the session's local expiry: the count errs on
+			// the side of more sessions, so `drained` is never early.
+			until := float64(time.Now().Add(remoteTTL(ttl)).Unix())
+			pipe.ZAdd(ctx, s.liveKey(dial), redis.Z{Score: until, Member: member})
+		}
+		if how == writeMove {
+			if from != "" && from != dial {
+				pipe.ZRem(ctx, s.liveKey(from), member)
+			}
+			pipe.Publish(ctx, s.channel, "m "+s.nonce+" "+member+" "+v)
+		}
+		return nil
+	})
+	if err != nil {
+		s.failed("set", err)
+		return
+	}
+	s.worked()
+}
+
+// retire makes key expire within grace seconds at the latest, here and
+// on every instance; dial, if known, is where it was counted.
+func (s *redisStore) retire(key uint64, dial string, grace uint32) {
+	s.change('r', key, func(pipe redis.Pipeliner) {
+		pipe.ExpireLT(context.Background(), s.key(key), time.Duration(grace)*time.Second)
+		if dial != "" {
+			until := float64(time.Now().Add(time.Duration(grace) * time.Second).Unix())
+			pipe.ZAddArgs(context.Background(), s.liveKey(dial), redis.ZAddArgs{XX: true, LT: true,
+				Members: []redis.Z{{Score: until, Member: strconv.FormatUint(key, 16)}}})
+		}
+	})
+}
+
+// remove forgets key, here and on every instance; dial, if known, is
+// where it was counted.
+func (s *redisStore) remove(key uint64, dial string) {
+	s.change('d', key, func(pipe redis.Pipeliner) {
+		pipe.Del(context.Background(), s.key(key))
+		if dial != "" {
+			pipe.ZRem(context.Background(), s.liveKey(dial), strconv.FormatUint(key, 16))
+		}
+	})
+}
+
+// liveKey is the sorted set of the sessions counted on dial: members are
+// key hashes, scores the unix second Redis lets each go.
+func (s *redisStore) liveKey(dial string) string { return s.prefix[:len(s.prefix)-2] + "live:" + dial }
+
+// refreshCounts reads the cluster's live sessions on dials (dropping
+// the expired ones first), in one round trip, in the background: the
+// farm's loop calls it every second and never waits for Redis.
+func (s *redisStore) refreshCounts(dials []string) {
+	if !s.usable() || !s.counting.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer s.counting.Store(false)
+		ctx := context.Background()
+		now := strconv.FormatInt(time.Now().Unix(), 10)
+		cmds := make([]*redis.IntCmd, len(dials))
+		_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+			for i, d := range dials {
+				pipe.ZRemRangeByScore(ctx, s.liveKey(d), "-inf", "("+now)
+				cmds[i] = pipe.ZCount(ctx, s.liveKey(d), now, "+inf")
+			}
+			return nil
+		})
+		if err != nil {
+			s.failed("count", err)
+			return
+		}
+		s.worked()
+		m := make(map[string]int64, len(dials))
+		for i, d := range dials {
+			m[d] = cmds[i].Val()
+		}
+		s.counts.Store(&m)
+	}()
+}
+
+// clusterSessions returns the cluster's live sessions on dial as last
+// read, and whether there is a reading.
+func (s *redisStore) clusterSessions(dial string) (int64, bool) {
+	m := s.counts.Load()
+	if m == nil {
+		return 0, false
+	}
+	n, ok := (*m)[dial]
+	return n, ok
+}
+
+// change runs cmd and publishes op for key, in one round trip.
+func (s *redisStore) change(op byte, key uint64, cmd func(redis.Pipeliner)) {
+	if !s.usable() {
+		return
+	}
+	_, err := s.client.Pipelined(context.Background(), func(pipe redis.Pipeliner) error {
+		cmd(pipe)
+		pipe.Publish(context.Background(), s.channel, string(op)+" "+s.nonce+" "+strconv.FormatUint(key, 16))
+		return nil
+	})
+	if err != nil {
+		s.failed("change", err)
+		return
+	}
+	s.worked()
+}
+
+// fetchRemote is the miss path of tableEntry under store redis: one
+// round trip for the request's keys; the first that names an upstream of
+// this pool is kept in the local table and chosen.
+func (p *Policy) fetchRemote(ps *poolState, in *decideInput, laterAliases bool) int {
+	got := p.remote.fetch(in.keys)
+	for j, e := range got {
+		if !e.ok || (j > 0 && !laterAliases && e.alias) {
+			continue
+		}
+		rec := healthcheck.Lookup(e.dial)
+		if rec == nil {
+			continue
+		}
+		i := ps.indexByID(rec.ID)
+		if i < 0 {
+			continue
+		}
+		up := rec.ID
+		if e.alias {
+			up |= aliasBit
+		}
+		p.table.put(p.tableKey(in.keys[j]), up, in.now, p.ttl)
+		return i
+	}
+	return -1
+}
+
+// rememberRemote is remember under store redis: the local table as
+// always, and Redis for the entries putRemote says are due.
+func (p *Policy) rememberRemote(keys []uint64, id uint32, now uint32) {
+	for i, key := range keys {
+		up := id
+		if i > 0 {
+			up |= aliasBit
+		}
+		p.putRemote(key, up, now)
+	}
+}
+
+// putRemote records key -> up (up may carry aliasBit) in the local table
+// and writes it to Redis when it is new here, moved, or its sliding
+// expiry crossed a quarter of the TTL since the last write: an app that
+// sends its cookie again on every response, and a session's every
+// request, cost Redis a write about four times per session_ttl.
+func (p *Policy) putRemote(key uint64, up uint32, now uint32) {
+	q := writeBackQuantum(p.ttl)
+	old, live := p.table.swap(p.tableKey(key), up, now, p.ttl)
+	moved := live && old.up&^establishedBit != up
+	if live && !moved && old.expires/q == (now+p.ttl)/q {
+		return
+	}
+	how, from := writeSlide, ""
+	switch {
+	case !live:
+		how = writeNew
+	case moved:
+		how = writeMove
+		from, _ = registryDial(old.upstream())
+	}
+	if dial, ok := registryDial(up & upstreamMask); ok {
+		p.remote.record(key, dial, from, up&aliasBit != 0, p.ttl, how)
+	}
+}
+
+// applyRemote applies a change another instance published to the local
+// table, for keys it knows (others are asked for when they are seen).
+func (p *Policy) applyRemote(op byte, key uint64, e remoteEntry) {
+	table := p.table
+	if table == nil {
+		return
+	}
+	now := clockNow()
+	k := p.tableKey(key)
+	switch op {
+	case 'm':
+		old, ok := table.peek(k, now)
+		if !ok {
+			return
+		}
+		up := healthcheck.Get(e.dial).ID
+		if e.alias {
+			up |= aliasBit
+		}
+		if old.up&^establishedBit != up {
+			table.put(k, up, now, old.expires-now)
+		}
+	case 'r':
+		table.retire(k, now+retireGrace)
+	case 'd':
+		table.remove(k)
+	}
+}
+
+// liveRemotes are the redis stores of live policies, for LiveSessions.
+var liveRemotes sync.Map // *redisStore -> struct{}
+
+// clusterSessions returns the most live sessions on dial any live
+// redis store last read, and whether one has a reading.
+func clusterSessions(dial string) (int64, bool) {
+	var most int64
+	found := false
+	liveRemotes.Range(func(k, _ any) bool {
+		if n, ok := k.(*redisStore).clusterSessions(dial); ok {
+			most, found = max(most, n), true
+		}
+		return true
+	})
+	return most, found
+}
+
+// entryDial returns the dial of key's live local entry (a table key), or
+// "" for a key the table does not have or an alias, which is not
+// counted.
+func (p *Policy) entryDial(key uint64) string {
+	e, ok := p.table.peek(key, clockNow())
+	if !ok || e.alias() {
+		return ""
+	}
+	dial, _ := registryDial(e.upstream())
+	return dial
+}

@@ -1,0 +1,277 @@
+package affinity
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// testRedis is a redis-server of the test's own on a free loopback port,
+// without persistence, stopped on cleanup.
+type testRedis struct {
+	addr string
+	port int
+	cmd  *exec.Cmd
+}
+
+// startTestRedis starts a redis-server, or skips the test (loudly) when
+// there is none: .ci/run installs Debian's redis-server package.
+func startTestRedis(t testing.TB) *testRedis {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Skip("!!! redis-server not found: the store redis tests are SKIPPED (apt-get install redis-server, as .ci/run does)")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	r := &testRedis{addr: "127.0.0.1:" + strconv.Itoa(port), port: port}
+	r.cmd = exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+	r.start(t)
+	t.Cleanup(r.stop)
+	return r
+}
+
+func (r *testRedis) start(t testing.TB) {
+	t.Helper()
+	if r.cmd.Process != nil {
+		r.cmd = exec.Command(r.cmd.Path, r.cmd.Args[1:]...)
+	}
+	if err := r.cmd.Start(); err != nil {
+		t.Fatalf("starting redis-server: %v", err)
+	}
+	c := redis.NewClient(&redis.Options{Addr: r.addr, DisableIdentity: true})
+	defer c.Close()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if c.Ping(context.Background()).Err() == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redis-server on %s did not answer within 10s", r.addr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// stop kills the server (its data goes with it: no persistence).
+func (r *testRedis) stop() {
+	if r.cmd.Process != nil && r.cmd.ProcessState == nil {
+		_ = r.cmd.Process.Kill()
+		_ = r.cmd.Wait()
+	}
+}
+
+// redisPolicy provisions a learn-mode policy on the given Redis with its
+// own table namespace, standing for one instance of several.
+func redisPolicy(t testing.TB, addr, instance string) *Policy {
+	return newTestPolicy(t, &Policy{
+		Keys:             []KeySource{{From: "cookie", Name: "sid"}},
+		DisablePinCookie: true,
+		Scope:            instance,
+		Store:            &StoreConfig{Kind: storeRedis, Address: addr, KeyPrefix: "test-" + t.Name()},
+	})
+}
+
+// TestStoreRedisShares: ids learned on one instance, moves and retired
+// ids are seen by another that shares the Redis; a known key costs no
+// round trip.
+func TestStoreRedisShares(t *testing.T) {
+	rd := startTestRedis(t)
+	p1 := redisPolicy(t, rd.addr, "one")
+	p2 := redisPolicy(t, rd.addr, "two")
+	pool := testPool(t, 3)
+	ps1, ps2 := p1.poolState(pool), p2.poolState(pool)
+
+	// Learned on instance one: each id on another upstream, whatever
+	// the ring says.
+	for i := range 3 {
+		h := http.Header{"Set-Cookie": {fmt.Sprintf("sid=learned-%d; Path=/", i)}}
+		p1.learn(h, newRequest(), ps1.recs[i].ID)
+	}
+	for i := range 3 {
+		if got := p2.Select(pool, newRequest(fmt.Sprintf("sid=learned-%d", i)), nil); got != pool[i] {
+			t.Fatalf("id learned on instance one for %s went to %v on instance two", pool[i].Dial, got)
+		}
+	}
+	// Instance two counts the sessions instance one learned, although
+	// it has seen only some of them itself.
+	dials := []string{pool[0].Dial, pool[1].Dial, pool[2].Dial}
+	waitFor(t, "the cluster's counts", func() bool {
+		p2.remote.refreshCounts(dials)
+		n, ok := p2.remote.clusterSessions(pool[1].Dial)
+		return ok && n == 1
+	})
+
+	// Known locally now: the next selections make no round trip.
+	before := commandCount(t, rd)
+	for range 50 {
+		p2.Select(pool, newRequest("sid=learned-1"), nil)
+	}
+	if n := commandCount(t, rd) - before; n != 0 {
+		t.Errorf("50 selections of a locally known key made %d Redis commands", n)
+	}
+
+	// A move on instance one (the session failed over to upstream 2)
+	// reaches instance two, which knows the key, through the channel.
+	p1.remember([]uint64{sessionIDHash("learned-0")}, ps1.recs[2].ID, clockNow())
+	waitFor(t, "the move to reach instance two", func() bool {
+		e, ok := p2.table.peek(p2.tableKey(sessionIDHash("learned-0")), clockNow())
+		return ok && e.upstream() == ps2.recs[2].ID
+	})
+	if got := p2.Select(pool, newRequest("sid=learned-0"), nil); got != pool[2] {
+		t.Fatalf("after the move instance two sent the session to %v, want %s", got, pool[2].Dial)
+	}
+
+	// Deleting the cookie on instance one forgets the id everywhere.
+	r := newRequest("sid=learned-1")
+	p1.learn(http.Header{"Set-Cookie": {"sid=; Max-Age=0"}}, r, ps1.recs[1].ID)
+	waitFor(t, "the removal to reach instance two", func() bool {
+		_, ok := p2.table.peek(p2.tableKey(sessionIDHash("learned-1")), clockNow())
+		return !ok
+	})
+	// The move and the removal show in the counts: upstream 0 lost its
+	// session to upstream 2, upstream 1 its own.
+	waitFor(t, "the counts after the move and the removal", func() bool {
+		p2.remote.refreshCounts(dials)
+		n0, _ := p2.remote.clusterSessions(pool[0].Dial)
+		n1, _ := p2.remote.clusterSessions(pool[1].Dial)
+		n2, _ := p2.remote.clusterSessions(pool[2].Dial)
+		return n0 == 0 && n1 == 0 && n2 == 2
+	})
+}
+
+// TestStoreRedisDown: with Redis gone, selections go on within the
+// timeout, the outage is counted, and Redis is skipped for a second.
+func TestStoreRedisDown(t *testing.T) {
+	rd := startTestRedis(t)
+	p := redisPolicy(t, rd.addr, "down")
+	pool := testPool(t, 3)
+	rd.stop()
+	errorsBefore := counterValue(storeErrors.c)
+	start := time.Now()
+	for i := range 20 {
+		if p.Select(pool, newRequest(fmt.Sprintf("sid=unknown-%d", i)), nil) == nil {
+			t.Fatal("no upstream with Redis down")
+		}
+	}
+	if took := time.Since(start); took > 500*time.Millisecond {
+		t.Errorf("20 selections took %s with Redis down (timeout 50ms, skipped after the first error)", took)
+	}
+	if n := counterValue(storeErrors.c) - errorsBefore; n < 1 || n > 3 {
+		t.Errorf("%v store errors counted, want 1-3 (Redis is skipped for a second after one)", n)
+	}
+	if !p.remote.down.Load() {
+		t.Error("the outage was not noted")
+	}
+	// Back: the next operation after the skip works again.
+	rd.start(t)
+	time.Sleep(redisSkip + 100*time.Millisecond)
+	waitFor(t, "Redis to be used again", func() bool {
+		p.Select(pool, newRequest("sid=after"), nil)
+		return !p.remote.down.Load()
+	})
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 5s for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// commandCount returns how many session commands (GET, MGET, SET,
+// EXPIRE, DEL, PUBLISH, ZADD, ZREM) the server has run, from INFO commandstats:
+// connection set-up (HELLO) and health checks (PING) are not the store's
+// traffic per session.
+func commandCount(t testing.TB, rd *testRedis) int64 {
+	t.Helper()
+	c := redis.NewClient(&redis.Options{Addr: rd.addr, DisableIdentity: true})
+	defer c.Close()
+	n, err := sessionCommands(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// sessionCommands sums the calls of the commands the store issues per
+// session, from INFO commandstats.
+func sessionCommands(c *redis.Client) (int64, error) {
+	info, err := c.Info(context.Background(), "commandstats").Result()
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, line := range strings.Split(info, "\n") {
+		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":calls=")
+		if !ok {
+			continue
+		}
+		switch strings.TrimPrefix(name, "cmdstat_") {
+		case "get", "mget", "set", "expire", "del", "publish", "zadd", "zrem":
+			calls, _, _ := strings.Cut(rest, ",")
+			v, err := strconv.ParseInt(calls, 10, 64)
+			if err != nil {
+				return 0, err
+			}
+			n += v
+		}
+	}
+	return n, nil
+}
+
+// BenchmarkStoreSelect compares the table path (a session the process
+// knows, by its app cookie, pin cookie off) under store local and store
+// redis: the same, with no round trip and no allocation. "unknown" is a
+// key the process has not seen (each iteration a new one): one MGET, and
+// a SET NX for the new placement.
+func BenchmarkStoreSelect(b *testing.B) {
+	rd := startTestRedis(b)
+	pool := testPool(b, 3)
+	for _, kind := range []string{storeLocal, storeRedis} {
+		store := &StoreConfig{Kind: kind}
+		if kind == storeRedis {
+			store = &StoreConfig{Kind: kind, Address: rd.addr, KeyPrefix: "bench"}
+		}
+		p := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true,
+			Scope: "bench-" + kind, Store: store})
+		r := benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef")
+		if p.Select(pool, r, nil) == nil {
+			b.Fatal("no upstream")
+		}
+		b.Run("store="+kind+"/known", func(b *testing.B) {
+			benchSelect(b, p, pool, r)
+		})
+		if kind == storeRedis {
+			b.Run("store="+kind+"/unknown", func(b *testing.B) {
+				before := commandCount(b, rd)
+				vars := map[string]any{}
+				b.ReportAllocs()
+				b.ResetTimer()
+				for i := range b.N {
+					req := benchRequest(fmt.Sprintf("sid=unknown-%d-%d", b.N, i))
+					clear(vars)
+					if p.Select(pool, req, nil) == nil {
+						b.Fatal("no upstream")
+					}
+				}
+				b.StopTimer()
+				b.ReportMetric(float64(commandCount(b, rd)-before)/float64(b.N), "cmds/op")
+			})
+		}
+	}
+}
