@@ -82,6 +82,13 @@ type decision struct {
 	// failed is the upstream whose attempt of this very request failed
 	// (a retry), or -1.
 	failed int
+	// gone is the upstream the session was on (by its pin or its table
+	// entry) that this pool no longer has: a reload removed it.
+	gone *healthcheck.Upstream
+	// busy is the session's upstream when it was at max_requests (and
+	// no hold applies), or -1: the request overflows to the ring once
+	// and the session stays where it is. Busy is not down.
+	busy int
 	// randomKey is set when the ring placed the request by a random key
 	// (it carried no key: a first visit).
 	randomKey bool
@@ -125,9 +132,10 @@ const (
 	outcomePlaced                  // a new session, placed by the ring
 	outcomeFailover                // a session whose upstream could not serve it, placed anew
 	outcomeHeld                    // a session waiting for its upstream under hold
+	outcomeOverflow                // its upstream is at max_requests: elsewhere once, the session stays
 )
 
-var outcomeNames = [...]string{"none", "route", "pin", "table", "placed", "failover", "held"}
+var outcomeNames = [...]string{"none", "route", "pin", "table", "placed", "failover", "held", "overflow"}
 
 // String names the outcome: the value of {http.vars.affinity.decision}.
 func (o outcome) String() string { return outcomeNames[o] }
@@ -145,6 +153,8 @@ func (d *decision) outcome() outcome {
 		return outcomePin
 	case d.by == fromTable:
 		return outcomeTable
+	case d.overflow():
+		return outcomeOverflow
 	case d.failover():
 		return outcomeFailover
 	}
@@ -157,18 +167,36 @@ func (d *decision) outcome() outcome {
 // new one).
 func (d *decision) left() (int, healthcheck.Verdict) {
 	for _, a := range d.asked[:d.nasked] {
-		if a.verdict != healthcheck.Serves && !a.stale {
+		if a.verdict != healthcheck.Serves && a.verdict != healthcheck.Full && !a.stale {
 			return a.upstream, a.verdict
 		}
 	}
 	return d.failed, healthcheck.Failed
 }
 
+// leftDial names the upstream the session leaves and why: one of the
+// pool's, or one a reload removed.
+func (d *decision) leftDial(ps *poolState) (string, healthcheck.Verdict) {
+	if from, why := d.left(); from >= 0 {
+		return ps.ups[from].Dial, why
+	}
+	return d.gone.Dial, healthcheck.Removed
+}
+
+// overflow reports whether the request goes elsewhere once because its
+// session's upstream is at max_requests: the session is not moved.
+func (d *decision) overflow() bool {
+	return d.by == fromRing && !d.held && d.chosen >= 0 && d.busy >= 0
+}
+
 // failover reports whether the ring placed a session that had an upstream
 // on another one.
 func (d *decision) failover() bool {
+	if d.by != fromRing || d.held || d.chosen < 0 || d.overflow() {
+		return false
+	}
 	from, _ := d.left()
-	return d.by == fromRing && !d.held && d.chosen >= 0 && from >= 0 && from != d.chosen
+	return (from >= 0 && from != d.chosen) || (from < 0 && d.gone != nil)
 }
 
 // decide computes the decision for request r, whose pool state is ps.
@@ -177,12 +205,17 @@ func (d *decision) failover() bool {
 // names an upstream which may serve a pinned session wins; one that
 // cannot serve it holds the session under `hold`, or is passed over.
 func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *decision) {
-	*d = decision{chosen: -1, pinned: -1, failed: in.failed}
+	*d = decision{chosen: -1, pinned: -1, failed: in.failed, busy: -1}
 	if !p.DisablePinCookie {
 		if v, ok := cookieValue(r.Header, p.PinCookie); ok {
 			d.pinned = ps.pinIndex(v, &d.pin)
 			d.pinRejected = d.pinned < 0
 			d.pinRefresh = d.pin.v1 || d.pin.age(in.now) >= pinRefresh(p.ttl)
+			if d.pinRejected {
+				if d.gone = p.removedPin(ps, &d.pin); d.gone != nil {
+					d.pinRejected = false // a real pin, of a session that must move
+				}
+			}
 		}
 	}
 	if len(ps.routes) > 0 {
@@ -193,7 +226,7 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 	if d.pinned >= 0 && p.settle(ps, in, d, fromPin, d.pinned) {
 		return
 	}
-	if i := p.tableEntry(ps, in); i >= 0 && p.settle(ps, in, d, fromTable, i) {
+	if i := p.tableEntry(ps, in, d); i >= 0 && p.settle(ps, in, d, fromTable, i) {
 		return
 	}
 	p.placeOnRing(ps, in, d)
@@ -235,6 +268,9 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 		return true
 	}
 	if !p.holds(ps.recs[i], in) {
+		if v == healthcheck.Full && d.busy < 0 {
+			d.busy = i
+		}
 		return false
 	}
 	d.by, d.held = from, true
@@ -310,7 +346,7 @@ func (p *Policy) holds(rec *healthcheck.Upstream, in *decideInput) bool {
 // are issued, so an unknown app session id is not one of them: it is then
 // placed on its own rather than sent after an alias, which many users
 // behind one address (NAT) share.
-func (p *Policy) tableEntry(ps *poolState, in *decideInput) int {
+func (p *Policy) tableEntry(ps *poolState, in *decideInput, d *decision) int {
 	if p.table == nil {
 		return -1
 	}
@@ -327,7 +363,11 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput) int {
 		if i := ps.indexByID(id); i >= 0 {
 			return i
 		}
-		// An upstream this pool does not have: try the next key.
+		// An upstream this pool does not have (a reload removed it: the
+		// table is per proxy): try the next key; the session moves.
+		if d.gone == nil {
+			d.gone = healthcheck.ByID(id &^ aliasBit)
+		}
 	}
 	if p.remote != nil && !in.dry && len(in.keys) > 0 {
 		// Unknown here: another instance may know it (one round trip).
@@ -355,6 +395,34 @@ func (p *Policy) followScoped(key uint64, in *decideInput, ttl uint32, aliases b
 	}
 	return e.upstream(), true
 }
+
+// removedPin returns the upstream a pin names that this pool no longer
+// has (a reload removed it), or nil: such a session moves, as after a
+// failover, rather than counting as a forged pin. It computes the pin of
+// each known upstream outside the pool, at most maxRemovedPins of them:
+// only for a well-formed pin that matched none of the pool's.
+func (p *Policy) removedPin(ps *poolState, pin *decodedPin) *healthcheck.Upstream {
+	if p.secret == nil {
+		return nil
+	}
+	n := 0
+	for _, rec := range healthcheck.All() {
+		if ps.indexByID(rec.ID) >= 0 {
+			continue
+		}
+		if n++; n > maxRemovedPins {
+			break
+		}
+		if t := newPinToken(p.secret, rec.Dial); t.match(pin) {
+			return rec
+		}
+	}
+	return nil
+}
+
+// maxRemovedPins bounds the hashing a pin that names no upstream of the
+// pool can cost (removed upstreams are forgotten after a while anyway).
+const maxRemovedPins = 32
 
 // placeOnRing places the request on the ring by its first key; a new
 // session with no key yet is placed by a random one (uniformly over ring

@@ -20,6 +20,7 @@ const (
 	DecidedRing     = "ring"          // a new session: placed by the ring walk
 	DecidedFailover = "failover"      // its upstream cannot serve it: the ring walk places it anew
 	DecidedHold     = "hold"          // its upstream is in trouble: requests wait under `hold`, then fail over
+	DecidedOverflow = "overflow"      // its upstream is at max_requests: this request goes elsewhere once
 	DecidedRandom   = "random"        // no session key: placed at random, like a first visit
 	DecidedNone     = "none"          // no upstream may take it now
 )
@@ -166,7 +167,9 @@ func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now tim
 		whys = append(whys, p.askedWhy(ps, d, a, out.Session, now))
 	}
 	if out.Session != nil && (d.nasked == 0 || d.asked[d.nasked-1].from != fromTable) && ps.indexByID(out.Session.id) < 0 {
-		whys = append(whys, fmt.Sprintf("the session table names %s, which this proxy does not have", out.Session.Upstream))
+		whys = append(whys, fmt.Sprintf("the session table names %s, which this proxy no longer has (removed from its upstreams)", out.Session.Upstream))
+	} else if d.gone != nil {
+		whys = append(whys, fmt.Sprintf("a pin naming %s, which this proxy no longer has (removed from its upstreams)", d.gone.Dial))
 	}
 	if d.pinRejected {
 		whys = append(whys, "not a valid pin for this proxy's upstreams (forged, its time forged, signed with another secret, or naming an upstream it no longer has): it is counted as a rejected pin")
@@ -193,6 +196,10 @@ func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now tim
 		out.Upstream = strPtr(ps.ups[choice].Dial)
 	}
 	switch {
+	case d.busy >= 0 && !d.held:
+		out.Decision = DecidedOverflow
+		out.Reason = fmt.Sprintf("%s; busy is not down: this request goes elsewhere once (%s), and the session stays on %s",
+			why, to, ps.ups[d.busy].Dial)
 	case d.held:
 		out.Decision = DecidedHold
 		out.Reason = fmt.Sprintf("%s; under hold %s its requests wait for it to come back, and once the hold is over %s",
@@ -221,7 +228,7 @@ func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now tim
 // hadUpstream reports whether the session had an upstream it leaves.
 func hadUpstream(d *decision) bool {
 	from, _ := d.left()
-	return from >= 0
+	return from >= 0 || d.gone != nil
 }
 
 // askedWhy words what one source named.

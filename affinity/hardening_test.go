@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
@@ -214,5 +215,52 @@ func TestValidateRefusesUnworkableValues(t *testing.T) {
 	ok := &Policy{PinCookie: "pin", SessionTTL: DefaultSessionTTL, MaxSessions: 256, Keys: []KeySource{{From: "cookie", Name: DefaultPinCookie}}}
 	if err := ok.Validate(); err != nil {
 		t.Errorf("a key named like the default pin, with the pin renamed: %v", err)
+	}
+}
+
+// Sessions whose upstream a reload removed move as failovers: they are
+// counted and logged as such, from the removed upstream, and their pins
+// are not counted as forged.
+func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Sid"}}})
+	pool := testPool(t, 3)
+	req := func(cookies ...string) *http.Request {
+		r := newRequest(cookies...)
+		r.Header.Set("X-Sid", "moving")
+		return r
+	}
+	w := httptest.NewRecorder()
+	home := p.Select(pool, req(), w)
+	pin := pinFrom(t, w, DefaultPinCookie)
+	var rest reverseproxy.UpstreamPool
+	for _, u := range pool {
+		if u != home {
+			rest = append(rest, u)
+		}
+	}
+	failed, rejected := testutil.ToFloat64(metrics.failover), testutil.ToFloat64(metrics.rejectedPins)
+	for name, r := range map[string]*http.Request{"pin and table": req(pin), "table": req(), "pin": func() *http.Request {
+		r := newRequest(pin)
+		return r
+	}()} {
+		d := decision{}
+		in := decideInput{failed: -1, now: clockNow(), dry: true}
+		var buf [maxKeys]uint64
+		in.keys, in.first = p.requestKeys(r, &buf, false)
+		p.decide(p.poolState(rest), r, &in, &d)
+		if d.gone == nil || d.gone.Dial != home.Dial || !d.failover() || d.pinRejected {
+			t.Errorf("%s: gone %v, failover %v, rejected %v; want a failover from %s", name, d.gone, d.failover(), d.pinRejected, home.Dial)
+		}
+	}
+	got := p.Select(rest, req(pin), httptest.NewRecorder())
+	if got == nil || got == home {
+		t.Fatalf("after the reload: %v", got)
+	}
+	if testutil.ToFloat64(metrics.failover) != failed+1 || testutil.ToFloat64(metrics.rejectedPins) != rejected {
+		t.Fatalf("counted failovers +%v, rejected pins +%v; want +1, +0",
+			testutil.ToFloat64(metrics.failover)-failed, testutil.ToFloat64(metrics.rejectedPins)-rejected)
+	}
+	if es, _ := failovers.snapshot(); es[0].From != home.Dial || es[0].Reason != "removed: no longer in the proxy's upstreams" {
+		t.Fatalf("failover log: %+v", es[0])
 	}
 }

@@ -18,6 +18,7 @@ const (
 	labelNoUpstream   = "no_upstream"   // nothing could take the request
 	labelHeld         = "held"          // a pinned session waited for its upstream (hold)
 	labelOverloadSkip = "overload_skip" // placement walked past an upstream at its balance_factor bound
+	labelOverflow     = "overflow"      // a pinned session's upstream was at max_requests: elsewhere once
 )
 
 // metrics are process-wide: the counters are registered into every new
@@ -37,6 +38,7 @@ var metrics = struct {
 	noUpstream     prometheus.Counter
 	held           prometheus.Counter
 	overloadSkip   prometheus.Counter
+	overflow       prometheus.Counter
 	rejectedPins   prometheus.Counter
 	upstreamGauges *upstreamCollector
 }{}
@@ -45,7 +47,7 @@ func initMetrics() {
 	metrics.once.Do(func() {
 		metrics.selections = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "affinity", Name: "selections_total",
-			Help: "Upstream selections by outcome: pinned, placed, failover, drain_skip, overload_skip, held, no_upstream.",
+			Help: "Upstream selections by outcome: pinned, placed, failover, drain_skip, overload_skip, held, overflow, no_upstream.",
 		}, []string{"outcome"})
 		// Resolved once, so that counting on the request path is one
 		// atomic add and no label lookup.
@@ -56,6 +58,7 @@ func initMetrics() {
 		metrics.noUpstream = metrics.selections.WithLabelValues(labelNoUpstream)
 		metrics.held = metrics.selections.WithLabelValues(labelHeld)
 		metrics.overloadSkip = metrics.selections.WithLabelValues(labelOverloadSkip)
+		metrics.overflow = metrics.selections.WithLabelValues(labelOverflow)
 		metrics.rejectedPins = prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "affinity", Name: "rejected_pins_total",
 			Help: "Pin cookies that were present but not valid (forged, stale secret, unknown upstream).",

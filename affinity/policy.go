@@ -405,10 +405,15 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	if d.chosen < 0 {
 		return nil
 	}
+	if d.overflow() {
+		// Busy is not down: this request goes elsewhere once, and the
+		// session stays on its upstream (no entry moves, no new pin).
+		return p.chosen(ps, d.chosen, r, w, false, retry, in.now)
+	}
 	p.remember(in.keys, ps.recs[d.chosen].ID, in.now)
 	if d.failover() {
-		from, why := d.left()
-		p.logFailover(ps, from, d.chosen, why)
+		from, why := d.leftDial(ps)
+		p.logFailover(from, ps.ups[d.chosen].Dial, why)
 	}
 	// The pin is (re)issued when it is missing, names another upstream,
 	// or is due for a fresh time (a v1 pin, or older than the refresh
@@ -437,6 +442,8 @@ func (p *Policy) count(d *decision) {
 		metrics.pinned.Inc()
 	case outcomeFailover:
 		metrics.failover.Inc()
+	case outcomeOverflow:
+		metrics.overflow.Inc()
 	default:
 		metrics.placed.Inc()
 	}
@@ -475,12 +482,12 @@ func (p *Policy) tell(vars map[string]any, ps *poolState, d *decision, first *Ke
 
 // logFailover logs a session's failover and records it for the status
 // page.
-func (p *Policy) logFailover(ps *poolState, from, to int, why healthcheck.Verdict) {
+func (p *Policy) logFailover(from, to string, why healthcheck.Verdict) {
 	p.logger.Info("session failed over",
-		zap.String("from", ps.ups[from].Dial),
-		zap.String("to", ps.ups[to].Dial),
+		zap.String("from", from),
+		zap.String("to", to),
 		zap.String("reason", why.String()))
-	failovers.record(ps.ups[from].Dial, ps.ups[to].Dial, why.String())
+	failovers.record(from, to, why.String())
 }
 
 // maxKeys bounds the number of key sources, so that a request's key

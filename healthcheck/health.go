@@ -27,6 +27,9 @@ const (
 	NoNewSessions
 	// InMaintenance: it takes nothing.
 	InMaintenance
+	// Removed: the proxy no longer has it (a reload removed it from the
+	// upstreams); its sessions move.
+	Removed
 )
 
 var verdictWords = [...]string{
@@ -36,6 +39,7 @@ var verdictWords = [...]string{
 	Full:          "full: at max_requests",
 	NoNewSessions: "draining",
 	InMaintenance: "maintenance",
+	Removed:       "removed: no longer in the proxy's upstreams",
 }
 
 // String says why an upstream cannot serve, for operators.
