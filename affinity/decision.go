@@ -82,9 +82,10 @@ type decision struct {
 	// failed is the upstream whose attempt of this very request failed
 	// (a retry), or -1.
 	failed int
-	// gone is the upstream the session was on (by its pin or its table
-	// entry) that this pool no longer has: a reload removed it.
-	gone *healthcheck.Upstream
+	// gone is the dial address of the upstream the session was on (by
+	// its pin or its table entry) that this pool no longer has: a reload
+	// removed it. Empty if none.
+	gone string
 	// busy is the session's upstream when it was at max_requests (and
 	// no hold applies), or -1: the request overflows to the ring once
 	// and the session stays where it is. Busy is not down.
@@ -180,7 +181,7 @@ func (d *decision) leftDial(ps *poolState) (string, healthcheck.Verdict) {
 	if from, why := d.left(); from >= 0 {
 		return ps.ups[from].Dial, why
 	}
-	return d.gone.Dial, healthcheck.Removed
+	return d.gone, healthcheck.Removed
 }
 
 // overflow reports whether the request goes elsewhere once because its
@@ -196,7 +197,7 @@ func (d *decision) failover() bool {
 		return false
 	}
 	from, _ := d.left()
-	return (from >= 0 && from != d.chosen) || (from < 0 && d.gone != nil)
+	return (from >= 0 && from != d.chosen) || (from < 0 && d.gone != "")
 }
 
 // decide computes the decision for request r, whose pool state is ps.
@@ -212,7 +213,7 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 			d.pinRejected = d.pinned < 0
 			d.pinRefresh = d.pin.v1 || d.pin.age(in.now) >= pinRefresh(p.ttl)
 			if d.pinRejected {
-				if d.gone = p.removedPin(ps, &d.pin); d.gone != nil {
+				if d.gone = ps.removedPin(&d.pin); d.gone != "" {
 					d.pinRejected = false // a real pin, of a session that must move
 				}
 			}
@@ -365,8 +366,8 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput, d *decision) int {
 		}
 		// An upstream this pool does not have (a reload removed it: the
 		// table is per proxy): try the next key; the session moves.
-		if d.gone == nil {
-			d.gone = healthcheck.ByID(id &^ aliasBit)
+		if u := healthcheck.ByID(id &^ aliasBit); u != nil && d.gone == "" {
+			d.gone = u.Dial
 		}
 	}
 	if p.remote != nil && !in.dry && len(in.keys) > 0 {
@@ -395,34 +396,6 @@ func (p *Policy) followScoped(key uint64, in *decideInput, ttl uint32, aliases b
 	}
 	return e.upstream(), true
 }
-
-// removedPin returns the upstream a pin names that this pool no longer
-// has (a reload removed it), or nil: such a session moves, as after a
-// failover, rather than counting as a forged pin. It computes the pin of
-// each known upstream outside the pool, at most maxRemovedPins of them:
-// only for a well-formed pin that matched none of the pool's.
-func (p *Policy) removedPin(ps *poolState, pin *decodedPin) *healthcheck.Upstream {
-	if p.secret == nil {
-		return nil
-	}
-	n := 0
-	for _, rec := range healthcheck.All() {
-		if ps.indexByID(rec.ID) >= 0 {
-			continue
-		}
-		if n++; n > maxRemovedPins {
-			break
-		}
-		if t := newPinToken(p.secret, rec.Dial); t.match(pin) {
-			return rec
-		}
-	}
-	return nil
-}
-
-// maxRemovedPins bounds the hashing a pin that names no upstream of the
-// pool can cost (removed upstreams are forgotten after a while anyway).
-const maxRemovedPins = 32
 
 // placeOnRing places the request on the ring by its first key; a new
 // session with no key yet is placed by a random one (uniformly over ring

@@ -168,8 +168,8 @@ func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now tim
 	}
 	if out.Session != nil && (d.nasked == 0 || d.asked[d.nasked-1].from != fromTable) && ps.indexByID(out.Session.id) < 0 {
 		whys = append(whys, fmt.Sprintf("the session table names %s, which this proxy no longer has (removed from its upstreams)", out.Session.Upstream))
-	} else if d.gone != nil {
-		whys = append(whys, fmt.Sprintf("a pin naming %s, which this proxy no longer has (removed from its upstreams)", d.gone.Dial))
+	} else if d.gone != "" {
+		whys = append(whys, fmt.Sprintf("a pin naming %s, which this proxy no longer has (removed from its upstreams)", d.gone))
 	}
 	if d.pinRejected {
 		whys = append(whys, "not a valid pin for this proxy's upstreams (forged, its time forged, signed with another secret, or naming an upstream it no longer has): it is counted as a rejected pin")
@@ -228,7 +228,7 @@ func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now tim
 // hadUpstream reports whether the session had an upstream it leaves.
 func hadUpstream(d *decision) bool {
 	from, _ := d.left()
-	return from >= 0 || d.gone != nil
+	return from >= 0 || d.gone != ""
 }
 
 // askedWhy words what one source named.

@@ -32,6 +32,9 @@ type farm struct {
 	mu     sync.Mutex
 	wants  map[*Policy]int          // max_sessions asked by each live policy
 	probes map[*Policy]*policyProbe // the running probe of each policy
+	// dials is the last pool's upstreams of each proxy, by scope: the
+	// upstreams a reload removes are told apart from unknown ones.
+	dials map[uint64][]string
 
 	history *history // the status page's chart, sampled by loop
 	// persist writes the table to Caddy's storage for the policies with
@@ -175,6 +178,23 @@ func (f *farm) look(now time.Time) []Site {
 		}
 	}
 	return sites
+}
+
+// replaceDials records pool as the upstreams of the proxy of the given
+// scope and returns the ones it had before.
+func (f *farm) replaceDials(scope uint64, pool reverseproxy.UpstreamPool) []string {
+	dials := make([]string, len(pool))
+	for i, u := range pool {
+		dials[i] = u.Dial
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.dials == nil {
+		f.dials = make(map[uint64][]string)
+	}
+	prev := f.dials[scope]
+	f.dials[scope] = dials
+	return prev
 }
 
 // followProbe (re)starts a policy's drain probe when its set of

@@ -248,8 +248,8 @@ func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
 		var buf [maxKeys]uint64
 		in.keys, in.first = p.requestKeys(r, &buf, false)
 		p.decide(p.poolState(rest), r, &in, &d)
-		if d.gone == nil || d.gone.Dial != home.Dial || !d.failover() || d.pinRejected {
-			t.Errorf("%s: gone %v, failover %v, rejected %v; want a failover from %s", name, d.gone, d.failover(), d.pinRejected, home.Dial)
+		if d.gone != home.Dial || !d.failover() || d.pinRejected {
+			t.Errorf("%s: gone %q, failover %v, rejected %v; want a failover from %s", name, d.gone, d.failover(), d.pinRejected, home.Dial)
 		}
 	}
 	got := p.Select(rest, req(pin), httptest.NewRecorder())

@@ -33,6 +33,28 @@ type poolState struct {
 	weights []int
 	// routes are the tomcat_route lines whose upstream is in the pool.
 	routes []poolRoute
+	// removed are the pins of the upstreams this proxy's previous pool had
+	// and this one has not (a reload or a change of dynamic upstreams
+	// removed them), so that their sessions move as failovers rather than
+	// counting as forged pins.
+	removed []removedPin
+}
+
+// removedPin is the pin of an upstream a pool no longer has.
+type removedPin struct {
+	dial  string
+	token pinToken
+}
+
+// removedPin returns the dial address of the removed upstream a pin
+// names, or "".
+func (ps *poolState) removedPin(pin *decodedPin) string {
+	for i := range ps.removed {
+		if ps.removed[i].token.match(pin) {
+			return ps.removed[i].dial
+		}
+	}
+	return ""
 }
 
 // poolRoute is a tomcat_route whose upstream is at index in the pool.
@@ -159,7 +181,24 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		return nil, err
 	}
 	ps.ring = ring
+	if p.farm != nil && p.secret != nil {
+		for _, dial := range p.farm.replaceDials(p.scope.Load(), pool) {
+			if !ps.has(dial) {
+				ps.removed = append(ps.removed, removedPin{dial: dial, token: newPinToken(p.secret, dial)})
+			}
+		}
+	}
 	return ps, nil
+}
+
+// has reports whether the pool has the upstream dialled at dial.
+func (ps *poolState) has(dial string) bool {
+	for _, u := range ps.ups {
+		if u.Dial == dial {
+			return true
+		}
+	}
+	return false
 }
 
 // index returns the position of up in the pool, or -1.
