@@ -21,6 +21,8 @@ import (
 //		key client_ip [<v4 bits> [<v6 bits>]]
 //		key path_param <name>
 //		key aspnet_cookieless
+//		key platform_cookies
+//		key none
 //		pin_cookie <name> | off
 //		secret <value>
 //		session_ttl <duration>
@@ -66,6 +68,19 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		seen[opt] = true
 		switch opt {
 		case "key":
+			if d.CountRemainingArgs() == 1 && d.Val() == "key" {
+				if d.NextArg(); d.Val() == "none" {
+					if len(p.Keys) > 0 || p.NoDefaultKeys {
+						return d.Err("key none: no other key line may go with it")
+					}
+					p.NoDefaultKeys = true
+					break
+				}
+				d.Prev()
+			}
+			if p.NoDefaultKeys {
+				return d.Err("key: no key line may go with `key none`")
+			}
 			k, err := parseKey(d)
 			if err != nil {
 				return err
@@ -217,7 +232,7 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions, weights, hold, slow_start, balance_factor, tomcat_route, scope, store or probe)", opt)
 		}
 	}
-	if needKey != nil && len(p.Keys) == 0 {
+	if needKey != nil && p.NoDefaultKeys {
 		return needKey
 	}
 	pin := p.PinCookie

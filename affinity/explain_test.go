@@ -175,7 +175,7 @@ func TestExplainWalkMatchesPlaceUnderLoadBound(t *testing.T) {
 
 // TestLookupPin looks up a pin cookie value.
 func TestLookupPin(t *testing.T) {
-	p := newTestPolicy(t, &Policy{})
+	p := newTestPolicy(t, &Policy{NoDefaultKeys: true})
 	pool := testPool(t, 3)
 	site := siteOf(p, pool)
 	w := httptest.NewRecorder()

@@ -186,6 +186,21 @@ var keyKinds = []*keyKind{
 			return nil
 		},
 	},
+	{
+		// The session cookies of the common in-process-session platforms,
+		// read in one pass over the Cookie header: the keys a policy has
+		// when it is given none (see platformCookie).
+		name: "platform_cookies", seed: seedSessionID,
+		read:        func(_ *KeySource, r *http.Request) (string, bool) { return platformCookieValue(r.Header) },
+		learnCookie: func(_ *KeySource, name string) bool { return platformCookie(name) },
+		inject: func(_ *KeySource, r *http.Request, v string) error {
+			if strings.ContainsAny(v, ";\r\n") {
+				return errors.New("a cookie value cannot contain ';' or a line break")
+			}
+			r.Header.Set("Cookie", "JSESSIONID="+v)
+			return nil
+		},
+	},
 }
 
 // kindNamed returns the kind called name, or nil.
@@ -393,6 +408,61 @@ func validCookieValue(v string) bool {
 		}
 	}
 	return true
+}
+
+// platformCookies are the session cookie names of the platforms that keep
+// sessions in process memory (or in per-host files), which a policy
+// with no `key` lines keys on. Classic ASP names its cookie
+// ASPSESSIONID<8 letters>, so that one is a prefix.
+var platformCookies = []string{
+	"ASP.NET_SessionId",   // ASP.NET (System.Web), Mono
+	".AspNetCore.Session", // ASP.NET Core session middleware
+	"JSESSIONID",          // Java servlet containers: Tomcat, Jetty, WildFly, ColdFusion
+	"PHPSESSID",           // PHP
+	"connect.sid",         // Node.js express-session
+	"laravel_session",     // Laravel (file driver by default)
+	"ci_session",          // CodeIgniter (file driver by default)
+	"CGISESSID",           // Perl CGI::Session
+	"sessionid",           // Django
+}
+
+// platformCookiePrefix is classic ASP's cookie name prefix.
+const platformCookiePrefix = "ASPSESSIONID"
+
+// platformCookie reports whether name is a platform's session cookie.
+func platformCookie(name string) bool {
+	if len(name) > len(platformCookiePrefix) && name[:len(platformCookiePrefix)] == platformCookiePrefix {
+		return true
+	}
+	for _, n := range platformCookies {
+		if n == name {
+			return true
+		}
+	}
+	return false
+}
+
+// platformCookieValue returns the value of the first platform session
+// cookie in the request, read as cookieValue reads one cookie, in one
+// pass over the Cookie headers. It does not allocate.
+func platformCookieValue(h http.Header) (string, bool) {
+	for _, line := range h["Cookie"] {
+		for line != "" {
+			var part string
+			part, line, _ = strings.Cut(line, ";")
+			n, v, _ := strings.Cut(textproto.TrimString(part), "=")
+			if !platformCookie(textproto.TrimString(n)) {
+				continue
+			}
+			if len(v) > 1 && v[0] == '"' && v[len(v)-1] == '"' {
+				v = v[1 : len(v)-1]
+			}
+			if validCookieValue(v) && v != "" {
+				return v, true
+			}
+		}
+	}
+	return "", false
 }
 
 // queryValue returns the raw (still percent-encoded) value of the first

@@ -1,6 +1,7 @@
 package affinity
 
 import (
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -181,4 +182,54 @@ func FuzzKeyHash(f *testing.F) {
 			}
 		}
 	})
+}
+
+// With no key lines, the platforms' session cookies are the keys: a
+// session is counted and found again by its app cookie when the client
+// drops the pin; `key none` keeps the pin cookie alone. A request with
+// none of those cookies costs one pass over its Cookie header.
+func TestPlatformCookiesAreTheDefaultKeys(t *testing.T) {
+	for _, tc := range []struct {
+		header, want string
+	}{
+		{"JSESSIONID=ABC.node1", "ABC.node1"},
+		{"theme=dark; ASP.NET_SessionId=lit3py55t21z5v55vlm25s55", "lit3py55t21z5v55vlm25s55"},
+		{"ASPSESSIONIDQQGGGNCG=KHGLKDEBLOLBDDNGBMGGBHCO", "KHGLKDEBLOLBDDNGBMGGBHCO"},
+		{"connect.sid=s%3Aabc.sig; PHPSESSID=p1", "s%3Aabc.sig"},
+		{"PHPSESSID=; sessionid=dj", "dj"},
+		{"ASPSESSIONID=short; session_id=x; sid=y", ""},
+	} {
+		got, ok := platformCookieValue(http.Header{"Cookie": {tc.header}})
+		if got != tc.want || ok != (tc.want != "") {
+			t.Errorf("%q: %q, %v; want %q", tc.header, got, ok, tc.want)
+		}
+	}
+	p := newTestPolicy(t, &Policy{})
+	if len(p.Keys) != 1 || p.Keys[0].From != "platform_cookies" || !p.learns {
+		t.Fatalf("default keys %+v (learns %v)", p.Keys, p.learns)
+	}
+	pool := testPool(t, 3)
+	w := httptest.NewRecorder()
+	home := p.Select(pool, newRequest("JSESSIONID=J1"), w)
+	if n := p.table.liveCount(healthcheck.Get(home.Dial).ID); n != 1 {
+		t.Fatalf("the session counts %d, want 1", n)
+	}
+	for range 10 { // the client dropped the pin: its app cookie keeps it
+		if got := p.Select(pool, newRequest("JSESSIONID=J1"), nil); got != home {
+			t.Fatalf("without its pin the session went to %s, want %s", got.Dial, home.Dial)
+		}
+	}
+	none := newTestPolicy(t, &Policy{NoDefaultKeys: true})
+	if len(none.Keys) != 0 {
+		t.Fatalf("key none has keys %+v", none.Keys)
+	}
+	r := newRequest("JSESSIONID=J1")
+	var buf [maxKeys]uint64
+	if k, _ := p.requestKeys(r, &buf, false); len(k) != 1 || k[0] != sessionIDHash("J1") {
+		t.Fatalf("JSESSIONID=J1 hashes to %v, want the session id's key", k)
+	}
+	plain := benchRequest("theme=dark; lang=en")
+	if a := testing.AllocsPerRun(100, func() { p.requestKeys(plain, &buf, false) }); a != 0 {
+		t.Fatalf("reading a request without platform cookies allocated %v", a)
+	}
 }

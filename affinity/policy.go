@@ -54,9 +54,15 @@ const (
 // instance computes alike.
 type Policy struct {
 	// Keys are the places the session key is read from, tried in order;
-	// the first present wins. With none, sessions are told apart by the
-	// pin cookie alone.
+	// the first present wins. With none, the session cookies of the
+	// common in-process-session platforms are the keys (a
+	// "platform_cookies" source: ASP.NET_SessionId, JSESSIONID,
+	// PHPSESSID, connect.sid and the like), unless NoDefaultKeys is set.
 	Keys []KeySource `json:"keys,omitempty"`
+
+	// NoDefaultKeys, with no Keys, tells sessions apart by the pin
+	// cookie alone (the Caddyfile's `key none`).
+	NoDefaultKeys bool `json:"no_default_keys,omitempty"`
 
 	// PinCookie is the name of the proxy's own cookie that remembers the
 	// upstream a session was given. Default "caddy_affinity". The app's
@@ -197,6 +203,9 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 	if p.MaxSessions == 0 {
 		p.MaxSessions = DefaultMaxSessions
 	}
+	if len(p.Keys) == 0 && !p.NoDefaultKeys {
+		p.Keys = []KeySource{{From: "platform_cookies"}}
+	}
 	for i := range p.Keys {
 		if err := p.Keys[i].provision(); err != nil {
 			return err
@@ -257,6 +266,9 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 func (p *Policy) Validate() error {
 	if len(p.Keys) > maxKeys {
 		return fmt.Errorf("at most %d key lines, got %d", maxKeys, len(p.Keys))
+	}
+	if p.NoDefaultKeys && len(p.Keys) > 0 {
+		return errors.New("no_default_keys (key none) goes with no key: drop one or the other")
 	}
 	if p.DisablePinCookie && len(p.Keys) == 0 {
 		return errors.New("with the pin cookie off, at least one key is needed: nothing would tell sessions apart")
