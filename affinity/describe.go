@@ -18,6 +18,8 @@ type PolicyInfo struct {
 	Upstreams []PolicyUpstream `json:"upstreams"`
 	// Error is set when the policy's ring cannot be shown.
 	Error string `json:"error,omitempty"`
+	// Warnings say what cannot work as configured (a missing learner).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // PolicyUpstream is one upstream of one policy.
@@ -39,6 +41,7 @@ func Describe(s Site) PolicyInfo {
 		PinCookie:  p.PinCookie,
 		SessionTTL: time.Duration(p.SessionTTL).String(),
 		Upstreams:  []PolicyUpstream{},
+		Warnings:   p.Warnings(),
 	}
 	if p.DisablePinCookie {
 		info.PinCookie = "off"

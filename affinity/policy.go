@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -163,6 +164,10 @@ type Policy struct {
 
 	// learns is set when a key's kind is one affinity_learn records.
 	learns bool
+	// missingLearner is set once the policy, with the pin cookie off and
+	// a key the learner records, served a request no affinity_learn
+	// watched (see noteMissingLearner).
+	missingLearner atomic.Bool
 	// scope is the namespace of the policy's entries in the session
 	// table, XORed into every key it stores or looks up; zero until the
 	// first pool is built (resolveScope).
@@ -402,6 +407,9 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 		in.failed = ps.index(prev)
 	}
 	_, in.learning = vars[learnVar].(*learnWriter)
+	if p.DisablePinCookie && p.learns && !in.learning {
+		p.noteMissingLearner()
+	}
 	var keyBuf [maxKeys]uint64
 	// first is its own variable: it goes into the request vars, and
 	// passing in.first there would move all of in, and keyBuf with it, to
@@ -432,6 +440,40 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// interval): a live session's pin never gets old.
 	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh)
 	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now)
+}
+
+// noteMissingLearner records, and logs once, that the policy serves
+// requests without affinity_learn although it depends on it: with the pin
+// cookie off, a new session is known only by the id its app issues in the
+// response, which only the learner sees.
+func (p *Policy) noteMissingLearner() {
+	if p.missingLearner.Load() || !p.missingLearner.CompareAndSwap(false, true) {
+		return
+	}
+	p.logger.Warn(p.missingLearnerWarning())
+}
+
+// missingLearnerWarning says what breaks and the line to add.
+func (p *Policy) missingLearnerWarning() string {
+	keys := make([]string, 0, len(p.Keys))
+	for i := range p.Keys {
+		if p.Keys[i].kind.learnable() {
+			keys = append(keys, p.Keys[i].String())
+		}
+	}
+	return fmt.Sprintf("pin_cookie is off and the session key (%s) is the app's own id, but no affinity_learn handler runs before this reverse_proxy: "+
+		"a new session's next request carries an id the proxy has never seen and lands on another worker about (n-1)/n of the time, where the session does not exist; "+
+		"add the line `affinity_learn` to the site (it is ordered before reverse_proxy), or put it first in the route or handle block",
+		strings.Join(keys, ", "))
+}
+
+// Warnings are what an operator must know about a policy's config that
+// its parser could not tell: its learner missing.
+func (p *Policy) Warnings() []string {
+	if p.missingLearner.Load() {
+		return []string{p.missingLearnerWarning()}
+	}
+	return nil
 }
 
 // count counts the decision in the metrics.

@@ -83,12 +83,35 @@ failovers, is on the status page: http://<admin>/affinity/
 				fmt.Fprintln(cmd.OutOrStdout(), "no upstreams: no reverse_proxy with lb_policy affinity in the running config")
 				return nil
 			}
-			return printTable(cmd.OutOrStdout(), ups, time.Now())
+			if err := printTable(cmd.OutOrStdout(), ups, time.Now()); err != nil {
+				return err
+			}
+			printWarnings(cmd.Context(), cmd.OutOrStdout(), addr)
+			return nil
 		},
 	}
 	addAdminFlags(cmd)
 	cmd.Flags().Bool("json", false, "Print the admin API's JSON instead of a table")
 	return cmd
+}
+
+// printWarnings prints what the status page warns of (a policy that
+// cannot work as configured), if the admin API says anything.
+func printWarnings(ctx context.Context, out io.Writer, addr string) {
+	var st struct {
+		Policies []struct {
+			Handler  string   `json:"handler"`
+			Warnings []string `json:"warnings"`
+		} `json:"policies"`
+	}
+	if adminCall(ctx, addr, http.MethodGet, adminapi.StatusPath, nil, &st) != nil {
+		return
+	}
+	for _, p := range st.Policies {
+		for _, w := range p.Warnings {
+			fmt.Fprintf(out, "\nWARNING (%s): %s\n", p.Handler, w)
+		}
+	}
 }
 
 // stateCommand builds `caddy affinity drain|maintenance|up <upstream>`.
