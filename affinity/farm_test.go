@@ -15,6 +15,22 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
 )
 
+// inProcessAddrs returns a free loopback address for an in-process
+// Caddy's listener and the dial address of a backend that answers 200,
+// stopped at the end of the test.
+func inProcessAddrs(t *testing.T) (listen, dial string) {
+	t.Helper()
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {}))
+	t.Cleanup(backend.Close)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen = l.Addr().String()
+	l.Close()
+	return listen, strings.TrimPrefix(backend.URL, "http://")
+}
+
 // moduleGoroutines counts the goroutines running this module's code.
 func moduleGoroutines() int {
 	var b strings.Builder
@@ -53,15 +69,7 @@ func TestBackgroundWorkAcrossReloads(t *testing.T) {
 	if n := settledGoroutines(); n != 0 {
 		t.Fatalf("%d module goroutines before Caddy starts", n)
 	}
-	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {}))
-	t.Cleanup(backend.Close)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := l.Addr().String()
-	l.Close()
-	dial := strings.TrimPrefix(backend.URL, "http://")
+	listen, dial := inProcessAddrs(t)
 	config := func(ttl int) []byte {
 		return []byte(fmt.Sprintf(`{"admin":{"disabled":true,"config":{"persist":false}},
 "storage":{"module":"file_system","root":%q},

@@ -2,9 +2,6 @@ package affinity
 
 import (
 	"fmt"
-	"net"
-	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -106,15 +103,7 @@ func TestHistoryAddDoesNotAllocate(t *testing.T) {
 // The farm samples from its loop: its first look takes the first sample,
 // and History adds the present moment.
 func TestHistoryFromTheFarm(t *testing.T) {
-	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {}))
-	t.Cleanup(backend.Close)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := l.Addr().String()
-	l.Close()
-	dial := strings.TrimPrefix(backend.URL, "http://")
+	listen, dial := inProcessAddrs(t)
 	config := fmt.Sprintf(`{"admin":{"disabled":true,"config":{"persist":false}},
 "storage":{"module":"file_system","root":%q},
 "apps":{"http":{"servers":{"s":{"listen":[%q],"routes":[{"handle":[

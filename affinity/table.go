@@ -503,11 +503,16 @@ func (s *tableShard) victim(r uint64, now uint32) int {
 
 // len returns the number of entries, live or not yet swept.
 func (t *sessionTable) len() int {
-	n := 0
+	return int(t.sumShards(func(s *tableShard) uint64 { return uint64(s.count) }))
+}
+
+// sumShards adds up f over the shards, each read under its lock.
+func (t *sessionTable) sumShards(f func(s *tableShard) uint64) uint64 {
+	var n uint64
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
-		n += s.count
+		n += f(s)
 		s.mu.Unlock()
 	}
 	return n
@@ -673,14 +678,7 @@ func (t *sessionTable) restore(key uint64, e tableEntry, now uint32) bool {
 // changes returns how many puts, removals and retirements the table has
 // seen: the snapshot is written again only when it moved.
 func (t *sessionTable) changes() uint64 {
-	var n uint64
-	for i := range t.shards {
-		s := &t.shards[i]
-		s.mu.Lock()
-		n += s.writes
-		s.mu.Unlock()
-	}
-	return n
+	return t.sumShards(func(s *tableShard) uint64 { return s.writes })
 }
 
 // swap is put that also returns the entry key had, and whether it was
