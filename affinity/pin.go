@@ -385,6 +385,14 @@ func (s *pinSigner) restamp(now uint32) *pinStamp {
 	if !s.style.alwaysSecure() {
 		st.setCookieSecure = make([]string, len(s.tokens))
 	}
+	// The attributes are the operator's (PinCookieAttributes); by default
+	// SameSite=Lax, because the pin must ride along on top-level
+	// navigations from other sites (links into the app) but is not
+	// needed on cross-site subrequests, and no Max-Age, because like the
+	// session cookies of the apps we front it lives as long as the
+	// browser session: its time, not its expiry, says whether its session
+	// is live. The strings are built here, once a quantum, so that
+	// issuing stays a lookup.
 	for i := range s.tokens {
 		c := s.style.cookie(s.cookie, s.value(i, now))
 		st.setCookie[i] = c.String()
