@@ -2,6 +2,7 @@ package affinity
 
 import (
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -23,8 +24,16 @@ import (
 //		key aspnet_cookieless
 //		key platform_cookies
 //		key none
-//		pin_cookie <name> | off
-//		secret <value>
+//		pin_cookie [<name>] [{
+//			domain <domain>
+//			path <path>
+//			same_site lax|strict|none
+//			secure auto|always
+//			max_age <duration>
+//			partitioned
+//		}]
+//		pin_cookie off
+//		secret <current> [<previous>...]
 //		session_ttl <duration>
 //		max_sessions <n>
 //		weights <w1> [<w2>...]
@@ -94,25 +103,27 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		case "pin_cookie":
-			name, err := oneArg(d)
-			if err != nil {
+			if err := p.parsePinCookie(d); err != nil {
 				return err
 			}
-			if name == "off" {
-				p.DisablePinCookie = true
-				break
-			}
-			if !validCookieName(name) {
-				return d.Errf("pin_cookie: %q is not a valid cookie name", name)
-			}
-			p.PinCookie = name
 
 		case "secret":
-			s, err := oneArg(d)
-			if err != nil {
-				return err
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.Err("secret: need a value: secret <current> [<previous>...]")
 			}
-			p.Secret = s
+			for i, a := range args[1:] {
+				if a == args[0] || slices.Contains(args[1:i+1], a) {
+					return d.Errf("secret: %q is given twice", a)
+				}
+			}
+			p.Secret = args[0]
+			if len(args) > 1 {
+				p.PreviousSecrets = args[1:]
+			}
+			if d.NextBlock(d.Nesting()) {
+				return d.Errf("secret takes no block, got %q", d.Val())
+			}
 
 		case "scope":
 			s, err := oneArg(d)
@@ -270,6 +281,95 @@ func parseKey(d *caddyfile.Dispenser) (KeySource, error) {
 	}
 	k.kind = nil // set again at provision time
 	return k, nil
+}
+
+// parsePinCookie parses a pin_cookie line and its block. Each attribute
+// is checked on its own line; the combinations (secure auto with
+// same_site none or partitioned) once the block is read, naming the
+// secure line.
+func (p *Policy) parsePinCookie(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) > 1 {
+		return d.Errf("pin_cookie: takes one value (a name or off), got %d", len(args))
+	}
+	var name string
+	if len(args) == 1 {
+		name = args[0]
+	}
+	if name == "off" {
+		if d.NextBlock(d.Nesting()) {
+			return d.Errf("pin_cookie off takes no block, got %q", d.Val())
+		}
+		p.DisablePinCookie = true
+		return nil
+	}
+	if name != "" && !validCookieName(name) {
+		return d.Errf("pin_cookie: %q is not a valid cookie name", name)
+	}
+	p.PinCookie = name
+	var a PinCookieAttributes
+	var secureAuto error // the secure auto line's error, if it turns out one
+	seen := map[string]bool{}
+	block := false
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		block = true
+		opt := d.Val()
+		if seen[opt] {
+			return d.Errf("pin_cookie: %s specified more than once", opt)
+		}
+		seen[opt] = true
+		if opt == "partitioned" {
+			if d.NextArg() {
+				return d.Errf("pin_cookie partitioned takes no value, got %q", d.Val())
+			}
+			a.Partitioned = true
+			continue
+		}
+		v, err := oneArg(d)
+		if err != nil {
+			return err
+		}
+		var probe PinCookieAttributes // checks this line alone
+		switch opt {
+		case "domain":
+			a.Domain, probe.Domain = v, v
+		case "path":
+			a.Path, probe.Path = v, v
+		case "same_site":
+			a.SameSite, probe.SameSite = v, v
+		case "secure":
+			a.Secure, probe.Secure = v, v
+			secureAuto = d.Err(errSecureAuto)
+		case "max_age":
+			dur, err := caddy.ParseDuration(v)
+			if err != nil {
+				return d.Errf("pin_cookie max_age: invalid duration %q: %v", v, err)
+			}
+			if dur <= 0 {
+				return d.Errf("pin_cookie max_age: %q is not a positive duration; leave max_age out for a browser-session cookie", v)
+			}
+			a.MaxAge, probe.MaxAge = caddy.Duration(dur), caddy.Duration(dur)
+		default:
+			return d.Errf("pin_cookie: unrecognized attribute %q (want domain, path, same_site, secure, max_age or partitioned)", opt)
+		}
+		if _, err := probe.style(); err != nil {
+			return d.Err(err.Error())
+		}
+	}
+	if !block {
+		if name == "" {
+			return d.Err("pin_cookie: need a value (a name or off), or a block of attributes")
+		}
+		return nil
+	}
+	if _, err := a.style(); err != nil {
+		if err.Error() == errSecureAuto && secureAuto != nil {
+			return secureAuto
+		}
+		return d.Err(err.Error())
+	}
+	p.PinCookieAttributes = &a
+	return nil
 }
 
 // oneArg returns the single argument of the current line.

@@ -211,7 +211,7 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 		if v, ok := cookieValue(r.Header, p.PinCookie); ok {
 			d.pinned = ps.pinIndex(v, &d.pin)
 			d.pinRejected = d.pinned < 0
-			d.pinRefresh = d.pin.v1 || d.pin.age(in.now) >= pinRefresh(p.ttl)
+			d.pinRefresh = d.pin.due(in.now, p.ttl)
 			if d.pinRejected {
 				if d.gone = ps.removedPin(&d.pin); d.gone != "" {
 					d.pinRejected = false // a real pin, of a session that must move

@@ -6,12 +6,17 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"hash"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // A pin is the proxy's own cookie naming the upstream a session was given,
@@ -40,6 +45,13 @@ import (
 // HMAC), so that a forged time cannot pass for a live session; on an
 // upstream that takes new sessions anyway a pin could only bring what
 // the ring may bring, and the pinned path stays as cheap as the token.
+//
+// Secrets rotate: pins are issued with the current secret and accepted
+// with it or any previous one (previous_secrets). A pin of a previous
+// secret is matched against that secret's tokens only once the current
+// ones found nothing (so a current pin costs nothing more), its tag is
+// checked with that secret, and it is issued again with the current one
+// on that request, like a v1 pin.
 //
 // A v1 pin (the token alone, 24 chars, issued before pins carried a
 // time) is accepted as before and re-issued as v2 on that request; on an
@@ -98,7 +110,10 @@ type decodedPin struct {
 	mac [pinTokenLen - pinIDLen]byte
 	// v1 is set for a pin with no time (issued before v2).
 	v1 bool
-	at uint32 // v2: the issue time, in table seconds
+	// key is the secret whose token matched: 0 the current one, k the
+	// previous one at k-1. Set by pinSigner.index.
+	key uint8
+	at  uint32 // v2: the issue time, in table seconds
 	// tagHead is the tag's first 2 bytes, rest the value's last 8
 	// characters (its other 6), decoded only when the tag is checked: the
 	// pinned path needs the token and the time alone.
@@ -182,25 +197,24 @@ func (p *decodedPin) age(now uint32) uint32 {
 	return now - p.at
 }
 
+// due reports whether the pin is to be issued again on this request: a
+// v1 pin, one signed with a previous secret, or one older than the
+// refresh interval.
+func (p *decodedPin) due(now, ttl uint32) bool {
+	return p.v1 || p.key != 0 || p.age(now) >= pinRefresh(ttl)
+}
+
 // match reports whether a decoded pin carries this token, comparing the
 // MAC in constant time.
 func (t *pinToken) match(p *decodedPin) bool {
 	return t.id == p.id && subtle.ConstantTimeCompare(t.mac[:], p.mac[:]) == 1
 }
 
-// pinSigner issues the pins of one pool and checks their times. It is
-// shared by the copies of a pool state that have the same addresses.
-type pinSigner struct {
+// pinKey is one secret's pin tokens for a pool, and the HMACs that check
+// its tags.
+type pinKey struct {
 	secret []byte
-	cookie string
 	tokens []pinToken // index-aligned with the pool
-	// quantum is how long the issued values of one time are reused, in
-	// seconds: session_ttl/8, between 1s and a minute, so that issuing
-	// stays a string lookup and the pins issued are at most that old.
-	quantum uint32
-
-	mu    sync.Mutex // serialises rebuilding stamp
-	stamp atomic.Pointer[pinStamp]
 	// macs are idle HMACs for checking tags. A channel rather than a
 	// sync.Pool: the pool drops items at random under the race detector,
 	// and checking a tag must be as free of allocations there as in
@@ -208,8 +222,35 @@ type pinSigner struct {
 	macs chan *pinMAC
 }
 
+func newPinKey(secret []byte, dials []string) pinKey {
+	k := pinKey{secret: secret, tokens: make([]pinToken, len(dials)), macs: make(chan *pinMAC, 16)}
+	for i, d := range dials {
+		k.tokens[i] = newPinToken(secret, d)
+	}
+	return k
+}
+
+// pinSigner issues the pins of one pool and checks their times. It is
+// shared by the copies of a pool state that have the same addresses.
+type pinSigner struct {
+	pinKey // the current secret: the one pins are issued with
+	// previous are the previous secrets' keys: their pins are accepted
+	// and issued again with the current one.
+	previous []pinKey
+	cookie   string
+	style    pinStyle
+	// quantum is how long the issued values of one time are reused, in
+	// seconds: session_ttl/8, between 1s and a minute, so that issuing
+	// stays a string lookup and the pins issued are at most that old.
+	quantum uint32
+
+	mu    sync.Mutex // serialises rebuilding stamp
+	stamp atomic.Pointer[pinStamp]
+}
+
 // pinStamp is the Set-Cookie header values of every upstream's pin for
-// one issue time.
+// one issue time. With Secure forced (same_site none, partitioned,
+// secure always) both slices are the same.
 type pinStamp struct {
 	at                         uint32
 	setCookie, setCookieSecure []string
@@ -224,42 +265,76 @@ type pinMAC struct {
 }
 
 func newPinSigner(secret []byte, cookie string, ttl uint32, dials []string) *pinSigner {
-	s := &pinSigner{secret: secret, cookie: cookie, tokens: make([]pinToken, len(dials))}
-	for i, d := range dials {
-		s.tokens[i] = newPinToken(secret, d)
-	}
+	s := &pinSigner{pinKey: newPinKey(secret, dials), cookie: cookie, style: defaultPinStyle}
 	s.quantum = min(max(ttl/8, 1), 60)
-	s.macs = make(chan *pinMAC, 16)
 	return s
 }
 
-func (s *pinSigner) getMAC() *pinMAC {
+// accept adds previous secrets, whose pins are accepted but not issued.
+// At most 255 (decodedPin.key); the config allows far fewer.
+func (s *pinSigner) accept(previous [][]byte, dials []string) {
+	for _, secret := range previous[:min(len(previous), 255)] {
+		s.previous = append(s.previous, newPinKey(secret, dials))
+	}
+}
+
+// index returns the position of the upstream pin p names, or -1, and
+// records in p which secret's token it carries. The current secret's
+// tokens are tried first: only a pin of no current upstream costs the
+// previous secrets' tokens, one token comparison each in practice (the
+// 48-bit id tells the candidate).
+func (s *pinSigner) index(p *decodedPin) int {
+	for i := range s.tokens {
+		if s.tokens[i].match(p) {
+			return i
+		}
+	}
+	for k := range s.previous {
+		for i := range s.previous[k].tokens {
+			if s.previous[k].tokens[i].match(p) {
+				p.key = uint8(k + 1)
+				return i
+			}
+		}
+	}
+	return -1
+}
+
+// keyOf returns the key whose token pin p carries (see index).
+func (s *pinSigner) keyOf(p *decodedPin) *pinKey {
+	if p.key == 0 || int(p.key) > len(s.previous) {
+		return &s.pinKey
+	}
+	return &s.previous[p.key-1]
+}
+
+func (k *pinKey) getMAC() *pinMAC {
 	select {
-	case m := <-s.macs:
+	case m := <-k.macs:
 		return m
 	default:
 	}
-	m := &pinMAC{h: hmac.New(sha256.New, s.secret)}
+	m := &pinMAC{h: hmac.New(sha256.New, k.secret)}
 	copy(m.in[:], pinTagLabel)
 	return m
 }
 
-func (s *pinSigner) putMAC(m *pinMAC) {
+func (k *pinKey) putMAC(m *pinMAC) {
 	select {
-	case s.macs <- m:
+	case k.macs <- m:
 	default: // enough idle ones
 	}
 }
 
 // tag computes a v2 pin's tag for token and time at.
-func (s *pinSigner) tag(token *[pinTokenLen]byte, at uint32) (tag [pinTagLen]byte) {
-	m := s.getMAC()
+func (k *pinKey) tag(token *[pinTokenLen]byte, at uint32) (tag [pinTagLen]byte) {
+	m := k.getMAC()
 	m.h.Reset()
 	copy(m.in[len(pinTagLabel):], token[:])
 	binary.BigEndian.PutUint32(m.in[len(pinTagLabel)+pinTokenLen:], at)
 	m.h.Write(m.in[:])
 	copy(tag[:], m.h.Sum(m.sum[:0]))
-	s.putMAC(m)
+	k.putMAC(m)
 	return tag
 }
 
@@ -270,7 +345,8 @@ func (s *pinSigner) verify(i int, p *decodedPin) bool {
 	if !ok {
 		return false
 	}
-	want := s.tag(&s.tokens[i].token, p.at)
+	k := s.keyOf(p) // the secret, current or previous, whose token it carries
+	want := k.tag(&k.tokens[i].token, p.at)
 	return subtle.ConstantTimeCompare(want[:], got[:]) == 1
 }
 
@@ -304,19 +380,202 @@ func (s *pinSigner) restamp(now uint32) *pinStamp {
 	if st := s.stamp.Load(); st != nil && now-st.at < s.quantum && now >= st.at {
 		return st // another request rebuilt it meanwhile
 	}
-	st := &pinStamp{at: now, setCookie: make([]string, len(s.tokens)), setCookieSecure: make([]string, len(s.tokens))}
+	st := &pinStamp{at: now, setCookie: make([]string, len(s.tokens))}
+	st.setCookieSecure = st.setCookie
+	if !s.style.alwaysSecure() {
+		st.setCookieSecure = make([]string, len(s.tokens))
+	}
+	// The attributes are the operator's (PinCookieAttributes); by default
+	// SameSite=Lax, because the pin must ride along on top-level
+	// navigations from other sites (links into the app) but is not
+	// needed on cross-site subrequests, and no Max-Age, because like the
+	// session cookies of the apps we front it lives as long as the
+	// browser session: its time, not its expiry, says whether its session
+	// is live. The strings are built here, once a quantum, so that
+	// issuing stays a lookup.
 	for i := range s.tokens {
-		// SameSite=Lax: the pin must ride along on top-level navigations
-		// from other sites (links into the app) but is never needed on
-		// cross-site subrequests. No Max-Age: like the session cookies of
-		// the apps we front, it lives as long as the browser session; its
-		// time, not its expiry, says whether its session is live.
-		base := (&http.Cookie{Name: s.cookie, Value: s.value(i, now), Path: "/", HttpOnly: true, SameSite: http.SameSiteLaxMode}).String()
-		st.setCookie[i] = base
-		st.setCookieSecure[i] = base + "; Secure"
+		c := s.style.cookie(s.cookie, s.value(i, now))
+		st.setCookie[i] = c.String()
+		if !s.style.alwaysSecure() {
+			c.Secure = true
+			st.setCookieSecure[i] = c.String()
+		}
 	}
 	s.stamp.Store(st)
 	return st
+}
+
+// PinCookieAttributes are the pin cookie's attributes beyond its name
+// and value (JSON "pin_cookie_attributes"). Every field is optional; the
+// defaults are the cookie issued before they existed: Path=/, HttpOnly,
+// SameSite=Lax, Secure on HTTPS requests, no Domain, no Max-Age.
+type PinCookieAttributes struct {
+	// Domain widens the cookie to the domain's subdomains (a host name,
+	// optionally with a leading dot, or an IP address). Default none: the
+	// cookie belongs to the host that set it.
+	Domain string `json:"domain,omitempty"`
+	// Path is the cookie's path; default "/".
+	Path string `json:"path,omitempty"`
+	// SameSite is "lax" (default), "strict" or "none". "none" lets the
+	// pin ride along in cross-site subrequests (the app in an iframe of
+	// another site) and makes the cookie Secure on every response:
+	// browsers drop SameSite=None cookies that are not.
+	SameSite string `json:"same_site,omitempty"`
+	// Secure is "auto" (default: Secure when the client reached the proxy
+	// over TLS, directly or per a trusted proxy's X-Forwarded-Proto) or
+	// "always". With same_site none or partitioned it is always on, and
+	// an explicit "auto" is a configuration error.
+	Secure string `json:"secure,omitempty"`
+	// MaxAge makes the pin a persistent cookie that expires this long
+	// after it was last issued (whole seconds, at least 1s). Default: a
+	// browser-session cookie, like the session cookies of the apps we
+	// front. Whether a pin is a live session's is told by the time it
+	// carries, never by its expiry; a max_age shorter than session_ttl +
+	// session_ttl/4 (the oldest a live session's pin can get) is allowed,
+	// but a session idle that long loses its pin (a warning is logged).
+	MaxAge caddy.Duration `json:"max_age,omitempty"`
+	// Partitioned sets the CHIPS attribute for an app embedded in other
+	// sites' pages: the browser keeps a separate pin per top-level site,
+	// and sends it even where third-party cookies are blocked. It implies
+	// Secure like same_site none; browsers take it for cross-site
+	// iframes with same_site none.
+	Partitioned bool `json:"partitioned,omitempty"`
+}
+
+// pinStyle is PinCookieAttributes, checked and ready to build cookies.
+type pinStyle struct {
+	path, domain string
+	sameSite     http.SameSite
+	maxAge       int  // seconds; 0: a browser-session cookie
+	secure       bool // secure always
+	partitioned  bool
+}
+
+// defaultPinStyle is the cookie issued before the attributes existed.
+var defaultPinStyle = pinStyle{path: "/", sameSite: http.SameSiteLaxMode}
+
+// alwaysSecure reports whether every pin is Secure, whatever the request
+// came over.
+func (st pinStyle) alwaysSecure() bool {
+	return st.secure || st.sameSite == http.SameSiteNoneMode || st.partitioned
+}
+
+// cookie returns the pin cookie for value in this style (Secure only if
+// it is always secure; the caller adds it for HTTPS requests).
+func (st pinStyle) cookie(name, value string) *http.Cookie {
+	return &http.Cookie{
+		Name: name, Value: value,
+		Path: st.path, Domain: st.domain, MaxAge: st.maxAge,
+		// HttpOnly: the pin is the proxy's, no script of the app's needs
+		// it.
+		HttpOnly:    true,
+		SameSite:    st.sameSite,
+		Secure:      st.alwaysSecure(),
+		Partitioned: st.partitioned,
+	}
+}
+
+// style checks the attributes and returns the style they make. a may be
+// nil (the defaults).
+func (a *PinCookieAttributes) style() (pinStyle, error) {
+	st := defaultPinStyle
+	if a == nil {
+		return st, nil
+	}
+	if a.Domain != "" {
+		if !validCookieDomain(a.Domain) {
+			return st, fmt.Errorf("pin_cookie domain: %q is not a host name or IP address", a.Domain)
+		}
+		st.domain = a.Domain
+	}
+	if a.Path != "" {
+		if !validCookiePath(a.Path) {
+			return st, fmt.Errorf("pin_cookie path: %q must start with '/' and have no ';', spaces or control characters", a.Path)
+		}
+		st.path = a.Path
+	}
+	switch a.SameSite {
+	case "", "lax":
+	case "strict":
+		st.sameSite = http.SameSiteStrictMode
+	case "none":
+		st.sameSite = http.SameSiteNoneMode
+	default:
+		return st, fmt.Errorf("pin_cookie same_site: %q is not lax, strict or none", a.SameSite)
+	}
+	switch a.Secure {
+	case "", "auto":
+	case "always":
+		st.secure = true
+	default:
+		return st, fmt.Errorf("pin_cookie secure: %q is not auto or always", a.Secure)
+	}
+	st.partitioned = a.Partitioned
+	if a.Secure == "auto" && (st.sameSite == http.SameSiteNoneMode || st.partitioned) {
+		return st, errors.New(errSecureAuto)
+	}
+	switch d := time.Duration(a.MaxAge); {
+	case d < 0:
+		return st, fmt.Errorf("pin_cookie max_age: %s is negative; leave it out for a browser-session cookie", d)
+	case d > 0 && d < time.Second:
+		return st, fmt.Errorf("pin_cookie max_age: %s is less than a second (Max-Age counts whole seconds)", d)
+	case d > maxPinMaxAge:
+		return st, fmt.Errorf("pin_cookie max_age: %s is more than %s, the most browsers keep a cookie", d, maxPinMaxAge)
+	}
+	st.maxAge = int(time.Duration(a.MaxAge) / time.Second)
+	return st, nil
+}
+
+// errSecureAuto is the error for secure auto with same_site none or
+// partitioned.
+const errSecureAuto = "pin_cookie: same_site none and partitioned need the Secure attribute on every response (browsers drop such cookies without it), which secure auto does not promise; write secure always, or leave secure out"
+
+// maxPinMaxAge is the longest Max-Age browsers honour (Chromium caps
+// cookie lifetimes at 400 days).
+const maxPinMaxAge = 400 * 24 * time.Hour
+
+// validCookiePath reports whether p is a path attribute a browser keeps
+// as given: absolute, with no ';', spaces or control characters.
+func validCookiePath(p string) bool {
+	if p == "" || p[0] != '/' {
+		return false
+	}
+	for i := 0; i < len(p); i++ {
+		if c := p[i]; c <= ' ' || c == ';' || c >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// validCookieDomain reports whether d is a domain attribute net/http
+// writes (it drops others, logging): an IPv4 address, or a host name of
+// labels of letters, digits and inner '-' (one letter at least), with
+// an optional leading dot.
+func validCookieDomain(d string) bool {
+	if ip := net.ParseIP(d); ip != nil {
+		return !strings.Contains(d, ":")
+	}
+	d = strings.TrimPrefix(d, ".")
+	if d == "" || len(d) > 255 {
+		return false
+	}
+	letter := false
+	for _, label := range strings.Split(d, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			switch c := label[i]; {
+			case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z':
+				letter = true
+			case '0' <= c && c <= '9', c == '-':
+			default:
+				return false
+			}
+		}
+	}
+	return letter
 }
 
 // pinRefresh is how old a pin may get before it is issued again, in

@@ -70,6 +70,11 @@ type Policy struct {
 	// cookies are never rewritten.
 	PinCookie string `json:"pin_cookie,omitempty"`
 
+	// PinCookieAttributes are the pin cookie's Domain, Path, SameSite,
+	// Secure, Max-Age and Partitioned attributes. Default: Path=/,
+	// HttpOnly, SameSite=Lax, Secure on HTTPS, a browser-session cookie.
+	PinCookieAttributes *PinCookieAttributes `json:"pin_cookie_attributes,omitempty"`
+
 	// DisablePinCookie turns the pin cookie off: sessions are then kept
 	// by the session table and the ring alone.
 	DisablePinCookie bool `json:"disable_pin_cookie,omitempty"`
@@ -80,6 +85,13 @@ type Policy struct {
 	// created once and kept in Caddy's storage, so instances that share
 	// storage share it.
 	Secret string `json:"secret,omitempty"` //nolint:gosec // config field, like the cookie policy's
+
+	// PreviousSecrets are secrets pins were signed with before Secret:
+	// their pins are still accepted, and issued again with Secret on that
+	// request, so that rotating the secret breaks no session. Placeholders
+	// are replaced as in Secret. Drop them once every live session has
+	// come back (session_ttl after every instance has the new secret).
+	PreviousSecrets []string `json:"previous_secrets,omitempty"` //nolint:gosec // config field
 
 	// SessionTTL is how long a session is remembered in the session
 	// table after its last request (sliding), and how long a pin counts
@@ -159,8 +171,12 @@ type Policy struct {
 	Store *StoreConfig `json:"store,omitempty"`
 
 	secret []byte
-	ttl    uint32
-	ctx    caddy.Context
+	// previousSecrets are PreviousSecrets, loaded; pinStyle is
+	// PinCookieAttributes, checked.
+	previousSecrets [][]byte
+	pinStyle        pinStyle
+	ttl             uint32
+	ctx             caddy.Context
 
 	// learns is set when a key's kind is one affinity_learn records.
 	learns bool
@@ -232,6 +248,17 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 			p.logger.Warn("the pin secret is short: clients can forge pins signed with it by brute force; use at least 16 random bytes, such as the output of `openssl rand -base64 32`",
 				zap.Int("bytes", len(secret)))
 		}
+		if p.previousSecrets, err = p.loadPreviousSecrets(); err != nil {
+			return err
+		}
+		p.pinStyle, _ = p.PinCookieAttributes.style() // checked by Validate
+		if age, live := p.pinStyle.maxAge, pinRefresh(p.ttl)+p.ttl; age > 0 && uint32(age) < live {
+			// Allowed (an operator may want pins gone soon after a
+			// session idles), but a session idle for longer than max_age
+			// loses its pin and is placed again by the table or the ring.
+			p.logger.Warn("pin_cookie max_age is shorter than session_ttl + session_ttl/4, the oldest a live session's pin can get: sessions idle longer than max_age lose their pin",
+				zap.Duration("max_age", time.Duration(age)*time.Second), zap.Duration("session_ttl", time.Duration(p.SessionTTL)))
+		}
 	}
 
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
@@ -280,6 +307,20 @@ func (p *Policy) Validate() error {
 	}
 	if !validCookieName(p.PinCookie) {
 		return fmt.Errorf("pin_cookie: %q is not a valid cookie name", p.PinCookie)
+	}
+	if _, err := p.PinCookieAttributes.style(); err != nil {
+		return err
+	}
+	if p.DisablePinCookie && p.PinCookieAttributes != nil {
+		return errors.New("pin_cookie_attributes are given but the pin cookie is off")
+	}
+	for i, prev := range p.PreviousSecrets {
+		if prev == "" || prev == p.Secret {
+			return fmt.Errorf("previous_secrets[%d]: empty, or the same as the current secret", i)
+		}
+	}
+	if len(p.PreviousSecrets) > maxPreviousSecrets {
+		return fmt.Errorf("previous_secrets: at most %d, got %d (each costs a token comparison on a pin of no current upstream)", maxPreviousSecrets, len(p.PreviousSecrets))
 	}
 	if time.Duration(p.SessionTTL) < time.Second || time.Duration(p.SessionTTL) > maxSessionTTL {
 		return fmt.Errorf("session_ttl must be between 1s and %s, got %s", maxSessionTTL, time.Duration(p.SessionTTL))

@@ -152,6 +152,8 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 			dials[i] = u.Dial
 		}
 		ps.pins = newPinSigner(p.secret, p.PinCookie, p.ttl, dials)
+		ps.pins.accept(p.previousSecrets, dials)
+		ps.pins.style = p.pinStyle
 	}
 	for i, u := range pool {
 		ps.weights[i] = members[memberAt[u.Dial]].Weight
@@ -183,8 +185,13 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 	ps.ring = ring
 	if p.farm != nil && p.secret != nil {
 		for _, dial := range p.farm.replaceDials(p.scope.Load(), pool) {
-			if !ps.has(dial) {
-				ps.removed = append(ps.removed, removedPin{dial: dial, token: newPinToken(p.secret, dial)})
+			if ps.has(dial) {
+				continue
+			}
+			// Its sessions may carry pins of a previous secret too.
+			ps.removed = append(ps.removed, removedPin{dial: dial, token: newPinToken(p.secret, dial)})
+			for _, secret := range p.previousSecrets {
+				ps.removed = append(ps.removed, removedPin{dial: dial, token: newPinToken(secret, dial)})
 			}
 		}
 	}
@@ -230,18 +237,13 @@ func (ps *poolState) indexByID(id uint32) int {
 }
 
 // pinIndex returns the position of the upstream a pin cookie value names,
-// or -1 if the value is not a valid pin for this pool, and decodes it
-// into pin. Its
-// time is not checked here: only an upstream that takes no new sessions
-// freely needs it (see settle).
+// or -1 if the value is not a valid pin for this pool (of the current
+// secret or a previous one), and decodes it into pin. Its time is not
+// checked here: only an upstream that takes no new sessions freely needs
+// it (see settle).
 func (ps *poolState) pinIndex(value string, pin *decodedPin) int {
 	if !decodePin(value, pin) || ps.pins == nil {
 		return -1
 	}
-	for i := range ps.pins.tokens {
-		if ps.pins.tokens[i].match(pin) {
-			return i
-		}
-	}
-	return -1
+	return ps.pins.index(pin)
 }

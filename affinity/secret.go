@@ -72,3 +72,24 @@ func (p *Policy) loadSecret(ctx caddy.Context) ([]byte, error) {
 		zap.String("key", secretStorageKey))
 	return b, nil
 }
+
+// maxPreviousSecrets bounds previous_secrets: rotation needs one or two.
+const maxPreviousSecrets = 8
+
+// loadPreviousSecrets returns the previous secrets, placeholders
+// replaced, the current secret's duplicates left out (an environment
+// variable may name the same value).
+func (p *Policy) loadPreviousSecrets() ([][]byte, error) {
+	var out [][]byte
+	for _, prev := range p.PreviousSecrets {
+		s := caddy.NewReplacer().ReplaceKnown(prev, "")
+		if s == "" {
+			return nil, fmt.Errorf("previous secret %q is empty once its placeholders are replaced", prev)
+		}
+		if s == string(p.secret) {
+			continue
+		}
+		out = append(out, []byte(s))
+	}
+	return out, nil
+}
