@@ -78,6 +78,21 @@ type redisStore struct {
 	counts   atomic.Pointer[map[string]int64]
 	counting atomic.Bool // a refresh is under way
 
+	// Writing back after an outage (see writeBack). runKey holds the
+	// id of Redis's current run, written (SET NX) by the first instance
+	// that finds none: a Redis restarted empty, or flushed, has none,
+	// so an instance that reads another id than the last one it read
+	// knows that Redis lost what it had. run is that last id, touched
+	// only by the refresh goroutine (one at a time: counting).
+	runKey string
+	run    string
+	// missed is set when the circuit opens: writes were skipped from
+	// then on, so the next refresh that works writes back.
+	missed    atomic.Bool
+	resyncing atomic.Bool // a write back is under way
+	again     atomic.Bool // another was asked for meanwhile
+
+	ctx    context.Context // cancelled by close: a write back stops
 	sub    *redis.PubSub
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -181,12 +196,13 @@ func newRedisStore(c *StoreConfig, logger *zap.Logger, apply func(op byte, key u
 		client:  redis.NewClient(opts),
 		prefix:  prefix + ":s:",
 		channel: prefix + ":changes",
+		runKey:  prefix + ":run",
 		nonce:   hex.EncodeToString(nb[:]),
 		logger:  logger,
 		done:    make(chan struct{}),
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s.cancel = cancel
+	s.ctx, s.cancel = ctx, cancel
 	s.sub = s.client.Subscribe(ctx, s.channel)
 	go s.listen(apply)
 	// Open a connection ahead of the first request, without waiting
@@ -249,6 +265,9 @@ func (s *redisStore) failed(op string, err error) {
 		return
 	}
 	s.skipUntil.Store(now.Add(redisSkip).UnixNano())
+	// Writes are skipped from now on: the sessions learned meanwhile are
+	// written back once Redis answers again.
+	s.missed.Store(true)
 	if s.down.CompareAndSwap(false, true) {
 		s.logger.Warn("the redis session store failed; the local session table decides alone, and redis is tried again every second (logged once per outage; counted in caddy_affinity_store_errors_total)",
 			zap.String("op", op), zap.Error(err))
@@ -402,8 +421,13 @@ func (s *redisStore) liveKey(dial string) string { return s.prefix[:len(s.prefix
 
 // refreshCounts reads the cluster's live sessions on dials (dropping
 // the expired ones first), in one round trip, in the background: the
-// farm's loop calls it every second and never waits for Redis.
-func (s *redisStore) refreshCounts(dials []string) {
+// farm's loop calls it (through Policy.refreshRemote) every second and
+// never waits for Redis. The same round trip reads Redis's run id (see
+// runKey); when Redis lost its data, or when the circuit opened since
+// the last refresh that worked, resync is started (nil: not asked).
+func (s *redisStore) refreshCounts(dials []string) { s.refresh(dials, nil) }
+
+func (s *redisStore) refresh(dials []string, resync func(reason string)) {
 	if !s.usable() || !s.counting.CompareAndSwap(false, true) {
 		return
 	}
@@ -412,11 +436,18 @@ func (s *redisStore) refreshCounts(dials []string) {
 		ctx := context.Background()
 		now := strconv.FormatInt(time.Now().Unix(), 10)
 		cmds := make([]*redis.IntCmd, len(dials))
+		// A fresh candidate each time: an instance whose own id was
+		// the run id before a restart must not find it again.
+		candidate := s.nonce + "." + strconv.FormatInt(time.Now().UnixNano(), 36)
+		var setRun *redis.BoolCmd
+		var getRun *redis.StringCmd
 		_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
 			for i, d := range dials {
 				pipe.ZRemRangeByScore(ctx, s.liveKey(d), "-inf", "("+now)
 				cmds[i] = pipe.ZCount(ctx, s.liveKey(d), now, "+inf")
 			}
+			setRun = pipe.SetNX(ctx, s.runKey, candidate, 0)
+			getRun = pipe.Get(ctx, s.runKey)
 			return nil
 		})
 		if err != nil {
@@ -429,7 +460,174 @@ func (s *redisStore) refreshCounts(dials []string) {
 			m[d] = cmds[i].Val()
 		}
 		s.counts.Store(&m)
+		run := getRun.Val()
+		// Lost: another run id than the last one read, or none before
+		// this one and this instance wrote it (the first to find
+		// Redis empty).
+		lost := (s.run != "" && run != s.run) || (s.run == "" && setRun.Val())
+		s.run = run
+		if resync == nil {
+			return
+		}
+		if missed := s.missed.Swap(false); lost || missed {
+			reason := "the circuit was open"
+			if lost {
+				reason = "redis lost its data (restarted or flushed)"
+			}
+			s.startResync(reason, resync)
+		}
 	}()
+}
+
+// startResync runs resync in the background, one at a time: one asked
+// for while another runs is run once more after it.
+func (s *redisStore) startResync(reason string, resync func(reason string)) {
+	if !s.resyncing.CompareAndSwap(false, true) {
+		s.again.Store(true)
+		return
+	}
+	go func() {
+		defer s.resyncing.Store(false)
+		// Bounded: a write back asked for during another is run once
+		// more; an outage during this one opens the circuit, which
+		// asks again once Redis answers.
+		for range 2 {
+			resync(reason)
+			if !s.again.Swap(false) {
+				return
+			}
+		}
+	}()
+}
+
+// backEntry is a live local entry to write back to Redis.
+type backEntry struct {
+	key   uint64 // as Redis knows it: without the policy's scope
+	dial  string
+	alias bool
+	ttl   time.Duration // how long Redis keeps it
+}
+
+// Write back pace: writeBackBatch entries per round trip (two: SET NX,
+// then the live-set ZADDs of those written), writeBackPause between
+// batches, so that a large table (a million sessions: about a minute)
+// never floods a Redis that just came back, nor this process's CPU.
+const (
+	writeBackBatch = 256
+	writeBackPause = 10 * time.Millisecond
+)
+
+// writeBack writes entries with SET NX, so that what another instance
+// wrote meanwhile (a newer entry, or a move) wins, and counts the main
+// entries it wrote in their dial's live set. It stops when Redis fails
+// (the circuit then asks for another write back once Redis answers) or
+// the store closes. It returns how many entries it wrote and how many
+// Redis had already.
+func (s *redisStore) writeBack(entries []backEntry) (written, present int, err error) {
+	ctx := s.ctx
+	sets := make([]*redis.BoolCmd, writeBackBatch)
+	for start := 0; start < len(entries); start += writeBackBatch {
+		if err := ctx.Err(); err != nil {
+			return written, present, err
+		}
+		if !s.usable() {
+			return written, present, errors.New("redis is skipped (the circuit is open)")
+		}
+		batch := entries[start:min(start+writeBackBatch, len(entries))]
+		_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+			for i, e := range batch {
+				sets[i] = pipe.SetNX(ctx, s.key(e.key), remoteValue(e.dial, e.alias), e.ttl)
+			}
+			return nil
+		})
+		if err != nil {
+			s.failed("write back", err)
+			return written, present, err
+		}
+		now := time.Now()
+		live := 0
+		for i, e := range batch {
+			if !sets[i].Val() {
+				present++
+				continue
+			}
+			written++
+			if !e.alias {
+				live++
+			}
+		}
+		if live > 0 {
+			_, err = s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+				for i, e := range batch {
+					if sets[i].Val() && !e.alias {
+						pipe.ZAdd(ctx, s.liveKey(e.dial), redis.Z{
+							Score:  float64(now.Add(e.ttl).Unix()),
+							Member: strconv.FormatUint(e.key, 16),
+						})
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				s.failed("write back", err)
+				return written, present, err
+			}
+		}
+		s.worked()
+		select {
+		case <-ctx.Done():
+		case <-time.After(writeBackPause):
+		}
+	}
+	return written, present, nil
+}
+
+// refreshRemote is the farm's once-a-second call under store redis: the
+// cluster's counts on dials (the policy's upstreams), and a write back of
+// the policy's live sessions when Redis lost them or missed writes.
+func (p *Policy) refreshRemote(dials []string) {
+	p.remote.refresh(dials, func(reason string) { p.writeBackRemote(dials, reason) })
+}
+
+// writeBackRemote writes the policy's live local entries on dials to
+// Redis (main entries and aliases, each with the time it has left), for
+// the sessions learned while Redis was down or that Redis lost when it
+// restarted. The table is process-wide: entries are told to be the
+// policy's by their upstream being one of its dials.
+func (p *Policy) writeBackRemote(dials []string, reason string) {
+	start := time.Now()
+	ids := make(map[uint32]string, len(dials))
+	for _, d := range dials {
+		if rec := healthcheck.Lookup(d); rec != nil {
+			ids[rec.ID] = d
+		}
+	}
+	now := clockNow()
+	scope := p.scope.Load()
+	q := writeBackQuantum(p.ttl)
+	var entries []backEntry
+	p.table.export(now, func(k uint64, e tableEntry) {
+		dial, ok := ids[e.upstream()]
+		if !ok {
+			return
+		}
+		// Redis's TTL is a quarter more than the local one, as record
+		// writes it.
+		entries = append(entries, backEntry{key: k ^ scope, dial: dial, alias: e.alias(),
+			ttl: time.Duration(e.expires-now+q) * time.Second})
+	})
+	written, present, err := p.remote.writeBack(entries)
+	if len(entries) == 0 {
+		return // a first instance meeting a fresh Redis: nothing to say
+	}
+	fields := []zap.Field{zap.String("reason", reason), zap.Int("entries", len(entries)), zap.Int("written", written),
+		zap.Int("already_in_redis", present), zap.Duration("took", time.Since(start))}
+	if err != nil {
+		p.remote.logger.Warn("writing the live sessions back to redis stopped; it is tried again once redis answers",
+			append(fields, zap.Error(err))...)
+		return
+	}
+	p.remote.logger.Info("wrote this instance's live sessions back to redis", fields...)
 }
 
 // clusterSessions returns the cluster's live sessions on dial as last

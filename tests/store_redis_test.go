@@ -185,12 +185,34 @@ func TestStoreRedisInstances(t *testing.T) {
 		more := newClients(t, 50) // sessions created while Redis is down
 		s2b := rotate(more, ps, 3, conc)
 		time.Sleep(time.Until(stopped.Add(10 * time.Second)))
+		down := time.Since(stopped)
 		rd.start(t)
+		// Every instance writes its live sessions back (it finds Redis
+		// restarted within a second, then writes in the background):
+		// the sessions learned during the outage, and those Redis lost.
+		back := time.Now()
+		waitUntil(t, "every instance to write its sessions back to Redis", 10*time.Second, 50*time.Millisecond, func() (bool, string) {
+			n := 0
+			for _, p := range ps {
+				if strings.Contains(p.out.String(), "wrote this instance's live sessions back to redis") {
+					n++
+				}
+			}
+			return n == len(ps), fmt.Sprintf("%d of %d instances wrote back", n, len(ps))
+		})
+		took := time.Since(back)
 		s3 := rotate(append(clients, more...), ps, 4, conc)
 		t.Logf("before the outage: %s", s1)
-		t.Logf("Redis down (%s): old sessions %s", time.Since(stopped).Round(time.Second), s2)
+		t.Logf("Redis down (%s): old sessions %s", down.Round(time.Second), s2)
 		t.Logf("Redis down: sessions created meanwhile %s", s2b)
-		t.Logf("Redis back, empty: %s", s3)
+		t.Logf("Redis back, empty; every instance wrote back within %s of its start", took.Round(10*time.Millisecond))
+		t.Logf("Redis back, empty, written back: %s", s3)
+		// The sessions created during the outage broke then (an
+		// instance that did not create one could not know it); once
+		// written back, none breaks.
+		if s3.broken != 0 {
+			t.Errorf("%d sessions broke after Redis came back and the instances wrote back, want none", s3.broken)
+		}
 		failed := s1.failed + s2.failed + s2b.failed + s3.failed
 		broken := s1.broken + s2.broken + s2b.broken + s3.broken
 		t.Logf("redis outage of 10s: %d failed requests, %d broken sessions (of %d)", failed, broken, 200)
