@@ -74,8 +74,9 @@ type redisStore struct {
 	down      atomic.Bool  // the outage was logged
 
 	// counts is the cluster's live sessions per dial, as the farm's
-	// loop last read them (refreshCounts).
-	counts   atomic.Pointer[map[string]int64]
+	// loop last read them (refreshCounts), with this instance's own
+	// count at that moment (see clusterLoad).
+	counts   atomic.Pointer[map[string]clusterCount]
 	counting atomic.Bool // a refresh is under way
 
 	// Writing back after an outage (see writeBack). runKey holds the
@@ -425,14 +426,28 @@ func (s *redisStore) liveKey(dial string) string { return s.prefix[:len(s.prefix
 // never waits for Redis. The same round trip reads Redis's run id (see
 // runKey); when Redis lost its data, or when the circuit opened since
 // the last refresh that worked, resync is started (nil: not asked).
-func (s *redisStore) refreshCounts(dials []string) { s.refresh(dials, nil) }
+func (s *redisStore) refreshCounts(dials []string) { s.refresh(dials, nil, nil) }
 
-func (s *redisStore) refresh(dials []string, resync func(reason string)) {
+// clusterCount is the cluster's live sessions on a dial as last read,
+// and this instance's own (its table's exact count) just before.
+type clusterCount struct{ n, localAt int64 }
+
+// refresh is refreshCounts; local, if not nil, returns this instance's
+// own live sessions on a dial.
+func (s *redisStore) refresh(dials []string, local func(dial string) int64, resync func(reason string)) {
 	if !s.usable() || !s.counting.CompareAndSwap(false, true) {
 		return
 	}
 	go func() {
 		defer s.counting.Store(false)
+		// This instance's counts before Redis's: a session placed in
+		// between is counted in both, once too many, never missed.
+		at := make([]int64, len(dials))
+		if local != nil {
+			for i, d := range dials {
+				at[i] = local(d)
+			}
+		}
 		ctx := context.Background()
 		now := strconv.FormatInt(time.Now().Unix(), 10)
 		cmds := make([]*redis.IntCmd, len(dials))
@@ -455,9 +470,9 @@ func (s *redisStore) refresh(dials []string, resync func(reason string)) {
 			return
 		}
 		s.worked()
-		m := make(map[string]int64, len(dials))
+		m := make(map[string]clusterCount, len(dials))
 		for i, d := range dials {
-			m[d] = cmds[i].Val()
+			m[d] = clusterCount{n: cmds[i].Val(), localAt: at[i]}
 		}
 		s.counts.Store(&m)
 		run := getRun.Val()
@@ -586,7 +601,16 @@ func (s *redisStore) writeBack(entries []backEntry) (written, present int, err e
 // cluster's counts on dials (the policy's upstreams), and a write back of
 // the policy's live sessions when Redis lost them or missed writes.
 func (p *Policy) refreshRemote(dials []string) {
-	p.remote.refresh(dials, func(reason string) { p.writeBackRemote(dials, reason) })
+	p.remote.refresh(dials, p.localSessions, func(reason string) { p.writeBackRemote(dials, reason) })
+}
+
+// localSessions returns the table's live sessions on dial (exact).
+func (p *Policy) localSessions(dial string) int64 {
+	rec := healthcheck.Lookup(dial)
+	if rec == nil {
+		return 0
+	}
+	return max(0, p.table.liveCount(rec.ID))
 }
 
 // writeBackRemote writes the policy's live local entries on dials to
@@ -637,8 +661,27 @@ func (s *redisStore) clusterSessions(dial string) (int64, bool) {
 	if m == nil {
 		return 0, false
 	}
-	n, ok := (*m)[dial]
-	return n, ok
+	c, ok := (*m)[dial]
+	return c.n, ok
+}
+
+// clusterLoad is what balance_factor bounds under store redis: the
+// cluster's live sessions on dial, from local, this instance's exact
+// count now. The cluster's count is as the farm last read it (every
+// second: it is a second and a Redis round trip old at most), plus what
+// this instance placed (or lost) since, which it knows exactly; what the
+// other instances placed since shows at the next read. Never less than
+// local (Redis may have missed writes during an outage).
+func (s *redisStore) clusterLoad(dial string, local int64) int64 {
+	m := s.counts.Load()
+	if m == nil {
+		return local
+	}
+	c, ok := (*m)[dial]
+	if !ok {
+		return local
+	}
+	return max(local, c.n+local-c.localAt)
 }
 
 // change runs cmd and publishes op for key, in one round trip.

@@ -364,3 +364,50 @@ func TestStoreRedisWriteBack(t *testing.T) {
 		t.Errorf("live sets count %d sessions, want %d", total, n+30-1)
 	}
 }
+
+// TestStoreRedisBalanceFactorClusterWide: under store redis,
+// balance_factor bounds the cluster's loads: the other instances' live
+// sessions as last read from Redis (here set by hand: 600 on upstream 0)
+// plus this instance's own, exact. Placing 1800 sessions here evens the
+// cluster out (max/mean <= 1.06), where local counts alone would leave
+// upstream 0 with 600 more than the others.
+func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
+	rd := startTestRedis(t)
+	pool := testPool(t, 3)
+	p := newTestPolicy(t, &Policy{
+		Keys:             []KeySource{{From: "cookie", Name: "sid"}},
+		DisablePinCookie: true,
+		BalanceFactor:    1.05,
+		Scope:            "bf",
+		Store:            &StoreConfig{Kind: storeRedis, Address: rd.addr, KeyPrefix: "test-" + t.Name()},
+	})
+	const others, n = 600, 1800
+	// As a refresh reads them before this instance placed anything: the
+	// other instances' 600 sessions on upstream 0.
+	p.remote.counts.Store(&map[string]clusterCount{
+		pool[0].Dial: {n: others}, pool[1].Dial: {}, pool[2].Dial: {},
+	})
+	for i := range n {
+		if p.Select(pool, newRequest(fmt.Sprintf("sid=cluster-%d", i)), nil) == nil {
+			t.Fatal("no upstream")
+		}
+	}
+	local := liveCounts(p, pool)
+	cluster := []int64{local[0] + others, local[1], local[2]}
+	ratio := maxOverMean(cluster, []int{1, 1, 1})
+	t.Logf("balance_factor 1.05, %d sessions elsewhere on upstream 0, %d placed here: here %v, cluster %v, max/mean %.4f",
+		others, n, local, cluster, ratio)
+	if ratio > 1.06 {
+		t.Errorf("cluster-wide max/mean %.4f > 1.06", ratio)
+	}
+	for i, u := range pool {
+		if got, want := p.sessionsOn(p.poolState(pool), i), cluster[i]; got != want {
+			t.Errorf("sessionsOn(%s) = %d, want the cluster's %d", u.Dial, got, want)
+		}
+	}
+	// Never less than the local count: Redis missed writes, or reads 0.
+	p.remote.counts.Store(&map[string]clusterCount{pool[0].Dial: {n: 0, localAt: local[0] + 50}})
+	if got := p.sessionsOn(p.poolState(pool), 0); got != local[0] {
+		t.Errorf("sessionsOn with a cluster count below the local one = %d, want the local %d", got, local[0])
+	}
+}
