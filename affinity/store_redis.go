@@ -378,7 +378,11 @@ func (s *redisStore) record(key uint64, dial, from string, alias bool, ttl uint3
 			pipe.ZAdd(ctx, s.liveKey(dial), redis.Z{Score: until, Member: member})
 		}
 		if how == writeMove {
-			if from != "" && from != dial {
+			// Not counted where it was: it left that dial, or it
+			// became an alias there (a session first seen by its
+			// client IP, then by its app's cookie), which is no
+			// session of its own.
+			if from != "" && (from != dial || alias) {
 				pipe.ZRem(ctx, s.liveKey(from), member)
 			}
 			pipe.Publish(ctx, s.channel, "m "+s.nonce+" "+member+" "+v)

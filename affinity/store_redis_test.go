@@ -411,3 +411,28 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 		t.Errorf("sessionsOn with a cluster count below the local one = %d, want the local %d", got, local[0])
 	}
 }
+
+// TestStoreRedisAliasNotCounted: a session first seen by one key (the
+// client IP), then by its app's cookie, whose first key becomes an
+// alias, counts once in the cluster's live set, not twice.
+func TestStoreRedisAliasNotCounted(t *testing.T) {
+	rd := startTestRedis(t)
+	p := redisPolicy(t, rd.addr, "alias")
+	pool := testPool(t, 3)
+	ps := p.poolState(pool)
+	ip, sid := sessionIDHash("198.18.0.1"), sessionIDHash("app-session")
+	p.remember([]uint64{ip}, ps.recs[1].ID, clockNow())
+	p.remember([]uint64{sid, ip}, ps.recs[1].ID, clockNow())
+	c := redis.NewClient(&redis.Options{Addr: rd.addr, DisableIdentity: true})
+	defer c.Close()
+	members, err := c.ZRange(context.Background(), p.remote.liveKey(pool[1].Dial), 0, -1).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(members) != 1 || members[0] != strconv.FormatUint(sid, 16) {
+		t.Errorf("live set of %s: %v, want the session's main key alone", pool[1].Dial, members)
+	}
+	if got := p.table.liveCount(ps.recs[1].ID); got != 1 {
+		t.Errorf("local live count %d, want 1", got)
+	}
+}
