@@ -206,9 +206,22 @@ func newRedisStore(c *StoreConfig, logger *zap.Logger, apply func(op byte, key u
 	s.ctx, s.cancel = ctx, cancel
 	s.sub = s.client.Subscribe(ctx, s.channel)
 	go s.listen(apply)
-	// Open a connection ahead of the first request, without waiting
-	// for it (a start or reload never waits for Redis).
-	go func() { _ = s.client.Ping(ctx).Err() }()
+	// Open a connection ahead of the first request, and read Redis's
+	// run id (writing one if there is none), without waiting for either
+	// (a start or reload never waits for Redis). Read now, before this
+	// instance writes: a first instance that finds none at its first
+	// refresh, a second later, would take its own writes for what a
+	// restarted Redis lost, and write its sessions again for nothing.
+	go func() {
+		if !s.counting.CompareAndSwap(false, true) {
+			return // a refresh is reading it already
+		}
+		defer s.counting.Store(false)
+		run, _, err := s.readRun(ctx)
+		if err == nil {
+			s.run = run
+		}
+	}()
 	return s, nil
 }
 
@@ -455,9 +468,6 @@ func (s *redisStore) refresh(dials []string, local func(dial string) int64, resy
 		ctx := context.Background()
 		now := strconv.FormatInt(time.Now().Unix(), 10)
 		cmds := make([]*redis.IntCmd, len(dials))
-		// A fresh candidate each time: an instance whose own id was
-		// the run id before a restart must not find it again.
-		candidate := s.nonce + "." + strconv.FormatInt(time.Now().UnixNano(), 36)
 		var setRun *redis.BoolCmd
 		var getRun *redis.StringCmd
 		_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
@@ -465,8 +475,7 @@ func (s *redisStore) refresh(dials []string, local func(dial string) int64, resy
 				pipe.ZRemRangeByScore(ctx, s.liveKey(d), "-inf", "("+now)
 				cmds[i] = pipe.ZCount(ctx, s.liveKey(d), now, "+inf")
 			}
-			setRun = pipe.SetNX(ctx, s.runKey, candidate, 0)
-			getRun = pipe.Get(ctx, s.runKey)
+			setRun, getRun = s.runCommands(ctx, pipe)
 			return nil
 		})
 		if err != nil {
@@ -496,6 +505,30 @@ func (s *redisStore) refresh(dials []string, local func(dial string) int64, resy
 			s.startResync(reason, resync)
 		}
 	}()
+}
+
+// runCommands queues the read of Redis's run id, written first if there
+// is none (SET NX), on pipe.
+func (s *redisStore) runCommands(ctx context.Context, pipe redis.Pipeliner) (*redis.BoolCmd, *redis.StringCmd) {
+	// A fresh candidate each time: an instance whose own id was the run
+	// id before a restart must not find it again.
+	candidate := s.nonce + "." + strconv.FormatInt(time.Now().UnixNano(), 36)
+	return pipe.SetNX(ctx, s.runKey, candidate, 0), pipe.Get(ctx, s.runKey)
+}
+
+// readRun reads Redis's run id (see runKey) in one round trip, writing
+// one first if there is none; wrote says this call wrote it.
+func (s *redisStore) readRun(ctx context.Context) (run string, wrote bool, err error) {
+	var set *redis.BoolCmd
+	var get *redis.StringCmd
+	_, err = s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+		set, get = s.runCommands(ctx, pipe)
+		return nil
+	})
+	if err != nil {
+		return "", false, err
+	}
+	return get.Val(), set.Val(), nil
 }
 
 // startResync runs resync in the background, one at a time: one asked
