@@ -351,7 +351,7 @@ func remoteTTL(ttl uint32) time.Duration {
 // writeBackQuantum is the step of sliding expiries written to Redis.
 func writeBackQuantum(ttl uint32) uint32 { return max(ttl/4, 1) }
 
-// Ways record writes an entry.
+// Ways record writes an entry (remoteWrite.how).
 const (
 	// writeNew: a key this instance did not know; another instance may
 	// have recorded it while this one failed to read it, so an entry
@@ -363,42 +363,27 @@ const (
 	writeMove
 )
 
-// record writes key -> dial for ttl seconds (how: writeNew, writeSlide
-// or writeMove; from is the dial a move leaves); a move is published, so
-// that instances knowing the key follow. A session's main entry is also
-// counted in the dial's set of live sessions (see liveKey), in the same
-// round trip.
-func (s *redisStore) record(key uint64, dial, from string, alias bool, ttl uint32, how int) {
+// remoteWrite is one entry record writes: key -> dial (how: writeNew,
+// writeSlide or writeMove; from is the dial a move leaves).
+type remoteWrite struct {
+	key        uint64
+	dial, from string
+	alias      bool
+	how        int
+}
+
+// record writes the entries of ws for ttl seconds, in one round trip
+// (a request's keys together); a move is published, so that instances
+// knowing the key follow. A session's main entry is also counted in the
+// dial's set of live sessions (see liveKey).
+func (s *redisStore) record(ws []remoteWrite, ttl uint32) {
 	if !s.usable() {
 		return
 	}
-	v := remoteValue(dial, alias)
 	ctx := context.Background()
-	k := s.key(key)
-	member := strconv.FormatUint(key, 16)
 	_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-		switch how {
-		case writeNew:
-			pipe.SetNX(ctx, k, v, remoteTTL(ttl))
-		default:
-			pipe.Set(ctx, k, v, remoteTTL(ttl))
-		}
-		if !alias {
-			// Scored by when Redis lets the entry go, which is never
-			// before the session's local expiry: the count errs on
-			// the side of more sessions, so `drained` is never early.
-			until := float64(time.Now().Add(remoteTTL(ttl)).Unix())
-			pipe.ZAdd(ctx, s.liveKey(dial), redis.Z{Score: until, Member: member})
-		}
-		if how == writeMove {
-			// Not counted where it was: it left that dial, or it
-			// became an alias there (a session first seen by its
-			// client IP, then by its app's cookie), which is no
-			// session of its own.
-			if from != "" && (from != dial || alias) {
-				pipe.ZRem(ctx, s.liveKey(from), member)
-			}
-			pipe.Publish(ctx, s.channel, "m "+s.nonce+" "+member+" "+v)
+		for _, w := range ws {
+			s.queueWrite(ctx, pipe, w, ttl)
 		}
 		return nil
 	})
@@ -407,6 +392,35 @@ func (s *redisStore) record(key uint64, dial, from string, alias bool, ttl uint3
 		return
 	}
 	s.worked()
+}
+
+// queueWrite queues the commands of one write on pipe.
+func (s *redisStore) queueWrite(ctx context.Context, pipe redis.Pipeliner, w remoteWrite, ttl uint32) {
+	v := remoteValue(w.dial, w.alias)
+	k := s.key(w.key)
+	member := strconv.FormatUint(w.key, 16)
+	switch w.how {
+	case writeNew:
+		pipe.SetNX(ctx, k, v, remoteTTL(ttl))
+	default:
+		pipe.Set(ctx, k, v, remoteTTL(ttl))
+	}
+	if !w.alias {
+		// Scored by when Redis lets the entry go, which is never
+		// before the session's local expiry: the count errs on the
+		// side of more sessions, so `drained` is never early.
+		until := float64(time.Now().Add(remoteTTL(ttl)).Unix())
+		pipe.ZAdd(ctx, s.liveKey(w.dial), redis.Z{Score: until, Member: member})
+	}
+	if w.how == writeMove {
+		// Not counted where it was: it left that dial, or it became
+		// an alias there (a session first seen by its client IP,
+		// then by its app's cookie), which is no session of its own.
+		if w.from != "" && (w.from != w.dial || w.alias) {
+			pipe.ZRem(ctx, s.liveKey(w.from), member)
+		}
+		pipe.Publish(ctx, s.channel, "m "+s.nonce+" "+member+" "+v)
+	}
 }
 
 // retire makes key expire within grace seconds at the latest, here and
@@ -654,7 +668,11 @@ func (p *Policy) localSessions(dial string) int64 {
 // Redis (main entries and aliases, each with the time it has left), for
 // the sessions learned while Redis was down or that Redis lost when it
 // restarted. The table is process-wide: entries are told to be the
-// policy's by their upstream being one of its dials.
+// policy's by their upstream being one of its dials. Two sites of one
+// process on the same upstreams, both with store redis, thus also write
+// each other's entries, under keys no request asks for (the scopes
+// differ), which count in the live sets until their TTL: the table
+// does not say which policy wrote an entry.
 func (p *Policy) writeBackRemote(dials []string, reason string) {
 	start := time.Now()
 	ids := make(map[uint32]string, len(dials))
@@ -766,40 +784,60 @@ func (p *Policy) fetchRemote(ps *poolState, in *decideInput, laterAliases bool) 
 }
 
 // rememberRemote is remember under store redis: the local table as
-// always, and Redis for the entries putRemote says are due.
+// always, and Redis for the entries dueRemote says are due, all of the
+// request's keys in one round trip.
 func (p *Policy) rememberRemote(keys []uint64, id uint32, now uint32) {
+	// Allocated only when something is due (then a round trip follows):
+	// a known session's requests stay free of allocations.
+	var ws []remoteWrite
 	for i, key := range keys {
 		up := id
 		if i > 0 {
 			up |= aliasBit
 		}
-		p.putRemote(key, up, now)
+		if w, ok := p.dueRemote(key, up, now); ok {
+			ws = append(ws, w)
+		}
+	}
+	if len(ws) > 0 {
+		p.remote.record(ws, p.ttl)
 	}
 }
 
-// putRemote records key -> up (up may carry aliasBit) in the local table
-// and writes it to Redis when it is new here, moved, or its sliding
-// expiry crossed a quarter of the TTL since the last write: an app that
-// sends its cookie again on every response, and a session's every
-// request, cost Redis a write about four times per session_ttl.
+// putRemote records key -> up in the local table and in Redis when due.
 func (p *Policy) putRemote(key uint64, up uint32, now uint32) {
+	if w, ok := p.dueRemote(key, up, now); ok {
+		p.remote.record([]remoteWrite{w}, p.ttl)
+	}
+}
+
+// dueRemote records key -> up (up may carry aliasBit) in the local table
+// and returns the write Redis is due: when the entry is new here, moved,
+// or its sliding expiry crossed a quarter of the TTL since the last
+// write. An app that sends its cookie again on every response, and a
+// session's every request, cost Redis a write about four times per
+// session_ttl.
+func (p *Policy) dueRemote(key uint64, up uint32, now uint32) (remoteWrite, bool) {
 	q := writeBackQuantum(p.ttl)
 	old, live := p.table.swap(p.tableKey(key), up, now, p.ttl)
 	moved := live && old.up&^establishedBit != up
 	if live && !moved && old.expires/q == (now+p.ttl)/q {
-		return
+		return remoteWrite{}, false
 	}
-	how, from := writeSlide, ""
+	w := remoteWrite{key: key, alias: up&aliasBit != 0, how: writeSlide}
 	switch {
 	case !live:
-		how = writeNew
+		w.how = writeNew
 	case moved:
-		how = writeMove
-		from, _ = registryDial(old.upstream())
+		w.how = writeMove
+		w.from, _ = registryDial(old.upstream())
 	}
-	if dial, ok := registryDial(up & upstreamMask); ok {
-		p.remote.record(key, dial, from, up&aliasBit != 0, p.ttl, how)
+	dial, ok := registryDial(up & upstreamMask)
+	if !ok {
+		return remoteWrite{}, false
 	}
+	w.dial = dial
+	return w, true
 }
 
 // applyRemote applies a change another instance published to the local
