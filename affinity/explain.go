@@ -295,7 +295,7 @@ func (p *Policy) explainWalk(ps *poolState, walk *walkRecorder, now time.Time, o
 		case declineState:
 			step.Skipped = ps.recs[i].State().String()
 		case declineLoad:
-			step.Skipped = fmt.Sprintf("balance_factor: holds %d live sessions, at its bound", p.table.liveCount(ps.recs[i].ID))
+			step.Skipped = fmt.Sprintf("balance_factor: holds %d live sessions, at its bound", p.sessionsOn(ps, i))
 			if fallbackAt < 0 || fallback == declineLoad {
 				fallback, fallbackAt = declineLoad, n
 			}

@@ -169,12 +169,13 @@ func (f *farm) look(now time.Time) []Site {
 	for _, s := range sites {
 		f.followProbe(s.Policy, s.Handler.Upstreams)
 		if s.Policy.remote != nil {
-			// The cluster's session counts, read in the background.
+			// The cluster's session counts, read in the background,
+			// and a write back when Redis lost sessions (restart, outage).
 			dials := make([]string, len(s.Handler.Upstreams))
 			for i, u := range s.Handler.Upstreams {
 				dials[i] = u.Dial
 			}
-			s.Policy.remote.refreshCounts(dials)
+			s.Policy.refreshRemote(dials)
 		}
 	}
 	return sites

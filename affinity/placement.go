@@ -80,8 +80,8 @@ type loadBound struct {
 	weight int64
 }
 
-// loadBound sums the live sessions and weights of the upstreams that may
-// take a new session now (all but failed).
+// loadBound sums the live sessions (sessionsOn) and weights of the
+// upstreams that may take a new session now (all but failed).
 func (p *Policy) loadBound(ps *poolState, failed int) loadBound {
 	b := loadBound{}
 	for _, i := range ps.member {
@@ -89,7 +89,7 @@ func (p *Policy) loadBound(ps *poolState, failed int) loadBound {
 		if i == failed || w <= 0 || ps.recs[i].ForNew(ps.ups[i]) != healthcheck.Serves {
 			continue
 		}
-		b.total += max(0, p.table.liveCount(ps.recs[i].ID))
+		b.total += p.sessionsOn(ps, i)
 		b.weight += int64(w)
 	}
 	if b.weight == 0 {
@@ -111,7 +111,20 @@ func (p *Policy) overloaded(ps *poolState, i int, b loadBound) bool {
 		return false // not a candidate; the ring gives it no keys
 	}
 	limit := math.Ceil(p.BalanceFactor * float64(b.total+1) * float64(w) / float64(b.weight))
-	return float64(p.table.liveCount(ps.recs[i].ID)) >= limit
+	return float64(p.sessionsOn(ps, i)) >= limit
+}
+
+// sessionsOn returns the live sessions balance_factor counts on upstream
+// i: the session table's, exact; under store redis the cluster's (see
+// redisStore.clusterLoad: this instance's placements exact, the other
+// instances' as read about a second ago), so that instances that each
+// place a share of the sessions bound the cluster-wide loads.
+func (p *Policy) sessionsOn(ps *poolState, i int) int64 {
+	n := max(0, p.table.liveCount(ps.recs[i].ID))
+	if p.remote != nil {
+		n = p.remote.clusterLoad(ps.ups[i].Dial, n)
+	}
+	return n
 }
 
 // routeIndex returns the upstream a request's Tomcat route names, or -1:

@@ -74,10 +74,26 @@ type redisStore struct {
 	down      atomic.Bool  // the outage was logged
 
 	// counts is the cluster's live sessions per dial, as the farm's
-	// loop last read them (refreshCounts).
-	counts   atomic.Pointer[map[string]int64]
+	// loop last read them (refreshCounts), with this instance's own
+	// count at that moment (see clusterLoad).
+	counts   atomic.Pointer[map[string]clusterCount]
 	counting atomic.Bool // a refresh is under way
 
+	// Writing back after an outage (see writeBack). runKey holds the
+	// id of Redis's current run, written (SET NX) by the first instance
+	// that finds none: a Redis restarted empty, or flushed, has none,
+	// so an instance that reads another id than the last one it read
+	// knows that Redis lost what it had. run is that last id, touched
+	// only by the refresh goroutine (one at a time: counting).
+	runKey string
+	run    string
+	// missed is set when the circuit opens: writes were skipped from
+	// then on, so the next refresh that works writes back.
+	missed    atomic.Bool
+	resyncing atomic.Bool // a write back is under way
+	again     atomic.Bool // another was asked for meanwhile
+
+	ctx    context.Context // cancelled by close: a write back stops
 	sub    *redis.PubSub
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -181,17 +197,31 @@ func newRedisStore(c *StoreConfig, logger *zap.Logger, apply func(op byte, key u
 		client:  redis.NewClient(opts),
 		prefix:  prefix + ":s:",
 		channel: prefix + ":changes",
+		runKey:  prefix + ":run",
 		nonce:   hex.EncodeToString(nb[:]),
 		logger:  logger,
 		done:    make(chan struct{}),
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s.cancel = cancel
+	s.ctx, s.cancel = ctx, cancel
 	s.sub = s.client.Subscribe(ctx, s.channel)
 	go s.listen(apply)
-	// Open a connection ahead of the first request, without waiting
-	// for it (a start or reload never waits for Redis).
-	go func() { _ = s.client.Ping(ctx).Err() }()
+	// Open a connection ahead of the first request, and read Redis's
+	// run id (writing one if there is none), without waiting for either
+	// (a start or reload never waits for Redis). Read now, before this
+	// instance writes: a first instance that finds none at its first
+	// refresh, a second later, would take its own writes for what a
+	// restarted Redis lost, and write its sessions again for nothing.
+	go func() {
+		if !s.counting.CompareAndSwap(false, true) {
+			return // a refresh is reading it already
+		}
+		defer s.counting.Store(false)
+		run, _, err := s.readRun(ctx)
+		if err == nil {
+			s.run = run
+		}
+	}()
 	return s, nil
 }
 
@@ -249,6 +279,9 @@ func (s *redisStore) failed(op string, err error) {
 		return
 	}
 	s.skipUntil.Store(now.Add(redisSkip).UnixNano())
+	// Writes are skipped from now on: the sessions learned meanwhile are
+	// written back once Redis answers again.
+	s.missed.Store(true)
 	if s.down.CompareAndSwap(false, true) {
 		s.logger.Warn("the redis session store failed; the local session table decides alone, and redis is tried again every second (logged once per outage; counted in caddy_affinity_store_errors_total)",
 			zap.String("op", op), zap.Error(err))
@@ -318,7 +351,7 @@ func remoteTTL(ttl uint32) time.Duration {
 // writeBackQuantum is the step of sliding expiries written to Redis.
 func writeBackQuantum(ttl uint32) uint32 { return max(ttl/4, 1) }
 
-// Ways record writes an entry.
+// Ways record writes an entry (remoteWrite.how).
 const (
 	// writeNew: a key this instance did not know; another instance may
 	// have recorded it while this one failed to read it, so an entry
@@ -330,38 +363,27 @@ const (
 	writeMove
 )
 
-// record writes key -> dial for ttl seconds (how: writeNew, writeSlide
-// or writeMove; from is the dial a move leaves); a move is published, so
-// that instances knowing the key follow. A session's main entry is also
-// counted in the dial's set of live sessions (see liveKey), in the same
-// round trip.
-func (s *redisStore) record(key uint64, dial, from string, alias bool, ttl uint32, how int) {
+// remoteWrite is one entry record writes: key -> dial (how: writeNew,
+// writeSlide or writeMove; from is the dial a move leaves).
+type remoteWrite struct {
+	key        uint64
+	dial, from string
+	alias      bool
+	how        int
+}
+
+// record writes the entries of ws for ttl seconds, in one round trip
+// (a request's keys together); a move is published, so that instances
+// knowing the key follow. A session's main entry is also counted in the
+// dial's set of live sessions (see liveKey).
+func (s *redisStore) record(ws []remoteWrite, ttl uint32) {
 	if !s.usable() {
 		return
 	}
-	v := remoteValue(dial, alias)
 	ctx := context.Background()
-	k := s.key(key)
-	member := strconv.FormatUint(key, 16)
 	_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-		switch how {
-		case writeNew:
-			pipe.SetNX(ctx, k, v, remoteTTL(ttl))
-		default:
-			pipe.Set(ctx, k, v, remoteTTL(ttl))
-		}
-		if !alias {
-			// Scored by when Redis lets the entry go, which is never
-			// before the session's local expiry: the count errs on
-			// the side of more sessions, so `drained` is never early.
-			until := float64(time.Now().Add(remoteTTL(ttl)).Unix())
-			pipe.ZAdd(ctx, s.liveKey(dial), redis.Z{Score: until, Member: member})
-		}
-		if how == writeMove {
-			if from != "" && from != dial {
-				pipe.ZRem(ctx, s.liveKey(from), member)
-			}
-			pipe.Publish(ctx, s.channel, "m "+s.nonce+" "+member+" "+v)
+		for _, w := range ws {
+			s.queueWrite(ctx, pipe, w, ttl)
 		}
 		return nil
 	})
@@ -370,6 +392,35 @@ func (s *redisStore) record(key uint64, dial, from string, alias bool, ttl uint3
 		return
 	}
 	s.worked()
+}
+
+// queueWrite queues the commands of one write on pipe.
+func (s *redisStore) queueWrite(ctx context.Context, pipe redis.Pipeliner, w remoteWrite, ttl uint32) {
+	v := remoteValue(w.dial, w.alias)
+	k := s.key(w.key)
+	member := strconv.FormatUint(w.key, 16)
+	switch w.how {
+	case writeNew:
+		pipe.SetNX(ctx, k, v, remoteTTL(ttl))
+	default:
+		pipe.Set(ctx, k, v, remoteTTL(ttl))
+	}
+	if !w.alias {
+		// Scored by when Redis lets the entry go, which is never
+		// before the session's local expiry: the count errs on the
+		// side of more sessions, so `drained` is never early.
+		until := float64(time.Now().Add(remoteTTL(ttl)).Unix())
+		pipe.ZAdd(ctx, s.liveKey(w.dial), redis.Z{Score: until, Member: member})
+	}
+	if w.how == writeMove {
+		// Not counted where it was: it left that dial, or it became
+		// an alias there (a session first seen by its client IP,
+		// then by its app's cookie), which is no session of its own.
+		if w.from != "" && (w.from != w.dial || w.alias) {
+			pipe.ZRem(ctx, s.liveKey(w.from), member)
+		}
+		pipe.Publish(ctx, s.channel, "m "+s.nonce+" "+member+" "+v)
+	}
 }
 
 // retire makes key expire within grace seconds at the latest, here and
@@ -402,21 +453,43 @@ func (s *redisStore) liveKey(dial string) string { return s.prefix[:len(s.prefix
 
 // refreshCounts reads the cluster's live sessions on dials (dropping
 // the expired ones first), in one round trip, in the background: the
-// farm's loop calls it every second and never waits for Redis.
-func (s *redisStore) refreshCounts(dials []string) {
+// farm's loop calls it (through Policy.refreshRemote) every second and
+// never waits for Redis. The same round trip reads Redis's run id (see
+// runKey); when Redis lost its data, or when the circuit opened since
+// the last refresh that worked, resync is started (nil: not asked).
+func (s *redisStore) refreshCounts(dials []string) { s.refresh(dials, nil, nil) }
+
+// clusterCount is the cluster's live sessions on a dial as last read,
+// and this instance's own (its table's exact count) just before.
+type clusterCount struct{ n, localAt int64 }
+
+// refresh is refreshCounts; local, if not nil, returns this instance's
+// own live sessions on a dial.
+func (s *redisStore) refresh(dials []string, local func(dial string) int64, resync func(reason string)) {
 	if !s.usable() || !s.counting.CompareAndSwap(false, true) {
 		return
 	}
 	go func() {
 		defer s.counting.Store(false)
+		// This instance's counts before Redis's: a session placed in
+		// between is counted in both, once too many, never missed.
+		at := make([]int64, len(dials))
+		if local != nil {
+			for i, d := range dials {
+				at[i] = local(d)
+			}
+		}
 		ctx := context.Background()
 		now := strconv.FormatInt(time.Now().Unix(), 10)
 		cmds := make([]*redis.IntCmd, len(dials))
+		var setRun *redis.BoolCmd
+		var getRun *redis.StringCmd
 		_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
 			for i, d := range dials {
 				pipe.ZRemRangeByScore(ctx, s.liveKey(d), "-inf", "("+now)
 				cmds[i] = pipe.ZCount(ctx, s.liveKey(d), now, "+inf")
 			}
+			setRun, getRun = s.runCommands(ctx, pipe)
 			return nil
 		})
 		if err != nil {
@@ -424,12 +497,216 @@ func (s *redisStore) refreshCounts(dials []string) {
 			return
 		}
 		s.worked()
-		m := make(map[string]int64, len(dials))
+		m := make(map[string]clusterCount, len(dials))
 		for i, d := range dials {
-			m[d] = cmds[i].Val()
+			m[d] = clusterCount{n: cmds[i].Val(), localAt: at[i]}
 		}
 		s.counts.Store(&m)
+		run := getRun.Val()
+		// Lost: another run id than the last one read, or none before
+		// this one and this instance wrote it (the first to find
+		// Redis empty).
+		lost := (s.run != "" && run != s.run) || (s.run == "" && setRun.Val())
+		s.run = run
+		if resync == nil {
+			return
+		}
+		if missed := s.missed.Swap(false); lost || missed {
+			reason := "the circuit was open"
+			if lost {
+				reason = "redis lost its data (restarted or flushed)"
+			}
+			s.startResync(reason, resync)
+		}
 	}()
+}
+
+// runCommands queues the read of Redis's run id, written first if there
+// is none (SET NX), on pipe.
+func (s *redisStore) runCommands(ctx context.Context, pipe redis.Pipeliner) (*redis.BoolCmd, *redis.StringCmd) {
+	// A fresh candidate each time: an instance whose own id was the run
+	// id before a restart must not find it again.
+	candidate := s.nonce + "." + strconv.FormatInt(time.Now().UnixNano(), 36)
+	return pipe.SetNX(ctx, s.runKey, candidate, 0), pipe.Get(ctx, s.runKey)
+}
+
+// readRun reads Redis's run id (see runKey) in one round trip, writing
+// one first if there is none; wrote says this call wrote it.
+func (s *redisStore) readRun(ctx context.Context) (run string, wrote bool, err error) {
+	var set *redis.BoolCmd
+	var get *redis.StringCmd
+	_, err = s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+		set, get = s.runCommands(ctx, pipe)
+		return nil
+	})
+	if err != nil {
+		return "", false, err
+	}
+	return get.Val(), set.Val(), nil
+}
+
+// startResync runs resync in the background, one at a time: one asked
+// for while another runs is run once more after it.
+func (s *redisStore) startResync(reason string, resync func(reason string)) {
+	if !s.resyncing.CompareAndSwap(false, true) {
+		s.again.Store(true)
+		return
+	}
+	go func() {
+		defer s.resyncing.Store(false)
+		// Bounded: a write back asked for during another is run once
+		// more; an outage during this one opens the circuit, which
+		// asks again once Redis answers.
+		for range 2 {
+			resync(reason)
+			if !s.again.Swap(false) {
+				return
+			}
+		}
+	}()
+}
+
+// backEntry is a live local entry to write back to Redis.
+type backEntry struct {
+	key   uint64 // as Redis knows it: without the policy's scope
+	dial  string
+	alias bool
+	ttl   time.Duration // how long Redis keeps it
+}
+
+// Write back pace: writeBackBatch entries per round trip (two: SET NX,
+// then the live-set ZADDs of those written), writeBackPause between
+// batches, so that a large table (a million sessions: about a minute)
+// never floods a Redis that just came back, nor this process's CPU.
+const (
+	writeBackBatch = 256
+	writeBackPause = 10 * time.Millisecond
+)
+
+// writeBack writes entries with SET NX, so that what another instance
+// wrote meanwhile (a newer entry, or a move) wins, and counts the main
+// entries it wrote in their dial's live set. It stops when Redis fails
+// (the circuit then asks for another write back once Redis answers) or
+// the store closes. It returns how many entries it wrote and how many
+// Redis had already.
+func (s *redisStore) writeBack(entries []backEntry) (written, present int, err error) {
+	ctx := s.ctx
+	sets := make([]*redis.BoolCmd, writeBackBatch)
+	for start := 0; start < len(entries); start += writeBackBatch {
+		if err := ctx.Err(); err != nil {
+			return written, present, err
+		}
+		if !s.usable() {
+			return written, present, errors.New("redis is skipped (the circuit is open)")
+		}
+		batch := entries[start:min(start+writeBackBatch, len(entries))]
+		_, err := s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+			for i, e := range batch {
+				sets[i] = pipe.SetNX(ctx, s.key(e.key), remoteValue(e.dial, e.alias), e.ttl)
+			}
+			return nil
+		})
+		if err != nil {
+			s.failed("write back", err)
+			return written, present, err
+		}
+		now := time.Now()
+		live := 0
+		for i, e := range batch {
+			if !sets[i].Val() {
+				present++
+				continue
+			}
+			written++
+			if !e.alias {
+				live++
+			}
+		}
+		if live > 0 {
+			_, err = s.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+				for i, e := range batch {
+					if sets[i].Val() && !e.alias {
+						pipe.ZAdd(ctx, s.liveKey(e.dial), redis.Z{
+							Score:  float64(now.Add(e.ttl).Unix()),
+							Member: strconv.FormatUint(e.key, 16),
+						})
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				s.failed("write back", err)
+				return written, present, err
+			}
+		}
+		s.worked()
+		select {
+		case <-ctx.Done():
+		case <-time.After(writeBackPause):
+		}
+	}
+	return written, present, nil
+}
+
+// refreshRemote is the farm's once-a-second call under store redis: the
+// cluster's counts on dials (the policy's upstreams), and a write back of
+// the policy's live sessions when Redis lost them or missed writes.
+func (p *Policy) refreshRemote(dials []string) {
+	p.remote.refresh(dials, p.localSessions, func(reason string) { p.writeBackRemote(dials, reason) })
+}
+
+// localSessions returns the table's live sessions on dial (exact).
+func (p *Policy) localSessions(dial string) int64 {
+	rec := healthcheck.Lookup(dial)
+	if rec == nil {
+		return 0
+	}
+	return max(0, p.table.liveCount(rec.ID))
+}
+
+// writeBackRemote writes the policy's live local entries on dials to
+// Redis (main entries and aliases, each with the time it has left), for
+// the sessions learned while Redis was down or that Redis lost when it
+// restarted. The table is process-wide: entries are told to be the
+// policy's by their upstream being one of its dials. Two sites of one
+// process on the same upstreams, both with store redis, thus also write
+// each other's entries, under keys no request asks for (the scopes
+// differ), which count in the live sets until their TTL: the table
+// does not say which policy wrote an entry.
+func (p *Policy) writeBackRemote(dials []string, reason string) {
+	start := time.Now()
+	ids := make(map[uint32]string, len(dials))
+	for _, d := range dials {
+		if rec := healthcheck.Lookup(d); rec != nil {
+			ids[rec.ID] = d
+		}
+	}
+	now := clockNow()
+	scope := p.scope.Load()
+	q := writeBackQuantum(p.ttl)
+	var entries []backEntry
+	p.table.export(now, func(k uint64, e tableEntry) {
+		dial, ok := ids[e.upstream()]
+		if !ok {
+			return
+		}
+		// Redis's TTL is a quarter more than the local one, as record
+		// writes it.
+		entries = append(entries, backEntry{key: k ^ scope, dial: dial, alias: e.alias(),
+			ttl: time.Duration(e.expires-now+q) * time.Second})
+	})
+	written, present, err := p.remote.writeBack(entries)
+	if len(entries) == 0 {
+		return // a first instance meeting a fresh Redis: nothing to say
+	}
+	fields := []zap.Field{zap.String("reason", reason), zap.Int("entries", len(entries)), zap.Int("written", written),
+		zap.Int("already_in_redis", present), zap.Duration("took", time.Since(start))}
+	if err != nil {
+		p.remote.logger.Warn("writing the live sessions back to redis stopped; it is tried again once redis answers",
+			append(fields, zap.Error(err))...)
+		return
+	}
+	p.remote.logger.Info("wrote this instance's live sessions back to redis", fields...)
 }
 
 // clusterSessions returns the cluster's live sessions on dial as last
@@ -439,8 +716,27 @@ func (s *redisStore) clusterSessions(dial string) (int64, bool) {
 	if m == nil {
 		return 0, false
 	}
-	n, ok := (*m)[dial]
-	return n, ok
+	c, ok := (*m)[dial]
+	return c.n, ok
+}
+
+// clusterLoad is what balance_factor bounds under store redis: the
+// cluster's live sessions on dial, from local, this instance's exact
+// count now. The cluster's count is as the farm last read it (every
+// second: it is a second and a Redis round trip old at most), plus what
+// this instance placed (or lost) since, which it knows exactly; what the
+// other instances placed since shows at the next read. Never less than
+// local (Redis may have missed writes during an outage).
+func (s *redisStore) clusterLoad(dial string, local int64) int64 {
+	m := s.counts.Load()
+	if m == nil {
+		return local
+	}
+	c, ok := (*m)[dial]
+	if !ok {
+		return local
+	}
+	return max(local, c.n+local-c.localAt)
 }
 
 // change runs cmd and publishes op for key, in one round trip.
@@ -488,40 +784,60 @@ func (p *Policy) fetchRemote(ps *poolState, in *decideInput, laterAliases bool) 
 }
 
 // rememberRemote is remember under store redis: the local table as
-// always, and Redis for the entries putRemote says are due.
+// always, and Redis for the entries dueRemote says are due, all of the
+// request's keys in one round trip.
 func (p *Policy) rememberRemote(keys []uint64, id uint32, now uint32) {
+	// Allocated only when something is due (then a round trip follows):
+	// a known session's requests stay free of allocations.
+	var ws []remoteWrite
 	for i, key := range keys {
 		up := id
 		if i > 0 {
 			up |= aliasBit
 		}
-		p.putRemote(key, up, now)
+		if w, ok := p.dueRemote(key, up, now); ok {
+			ws = append(ws, w)
+		}
+	}
+	if len(ws) > 0 {
+		p.remote.record(ws, p.ttl)
 	}
 }
 
-// putRemote records key -> up (up may carry aliasBit) in the local table
-// and writes it to Redis when it is new here, moved, or its sliding
-// expiry crossed a quarter of the TTL since the last write: an app that
-// sends its cookie again on every response, and a session's every
-// request, cost Redis a write about four times per session_ttl.
+// putRemote records key -> up in the local table and in Redis when due.
 func (p *Policy) putRemote(key uint64, up uint32, now uint32) {
+	if w, ok := p.dueRemote(key, up, now); ok {
+		p.remote.record([]remoteWrite{w}, p.ttl)
+	}
+}
+
+// dueRemote records key -> up (up may carry aliasBit) in the local table
+// and returns the write Redis is due: when the entry is new here, moved,
+// or its sliding expiry crossed a quarter of the TTL since the last
+// write. An app that sends its cookie again on every response, and a
+// session's every request, cost Redis a write about four times per
+// session_ttl.
+func (p *Policy) dueRemote(key uint64, up uint32, now uint32) (remoteWrite, bool) {
 	q := writeBackQuantum(p.ttl)
 	old, live := p.table.swap(p.tableKey(key), up, now, p.ttl)
 	moved := live && old.up&^establishedBit != up
 	if live && !moved && old.expires/q == (now+p.ttl)/q {
-		return
+		return remoteWrite{}, false
 	}
-	how, from := writeSlide, ""
+	w := remoteWrite{key: key, alias: up&aliasBit != 0, how: writeSlide}
 	switch {
 	case !live:
-		how = writeNew
+		w.how = writeNew
 	case moved:
-		how = writeMove
-		from, _ = registryDial(old.upstream())
+		w.how = writeMove
+		w.from, _ = registryDial(old.upstream())
 	}
-	if dial, ok := registryDial(up & upstreamMask); ok {
-		p.remote.record(key, dial, from, up&aliasBit != 0, p.ttl, how)
+	dial, ok := registryDial(up & upstreamMask)
+	if !ok {
+		return remoteWrite{}, false
 	}
+	w.dial = dial
+	return w, true
 }
 
 // applyRemote applies a change another instance published to the local

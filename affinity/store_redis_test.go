@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -273,5 +274,165 @@ func BenchmarkStoreSelect(b *testing.B) {
 				b.ReportMetric(float64(commandCount(b, rd)-before)/float64(b.N), "cmds/op")
 			})
 		}
+	}
+}
+
+// TestStoreRedisWriteBack: sessions one instance learned while Redis
+// was down are written back once Redis answers again, empty (a
+// restart): main entries and aliases, with their remaining TTL and in
+// the live sets; an entry another instance wrote meanwhile wins (SET NX).
+func TestStoreRedisWriteBack(t *testing.T) {
+	rd := startTestRedis(t)
+	p1 := newTestPolicy(t, &Policy{
+		Keys:             []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-User"}},
+		DisablePinCookie: true,
+		Scope:            "one",
+		SessionTTL:       caddy.Duration(time.Hour),
+		Store:            &StoreConfig{Kind: storeRedis, Address: rd.addr, KeyPrefix: "test-" + t.Name()},
+	})
+	p2 := redisPolicy(t, rd.addr, "two") // the same key prefix
+	pool := testPool(t, 3)
+	ps1 := p1.poolState(pool)
+	dials := []string{pool[0].Dial, pool[1].Dial, pool[2].Dial}
+	waitFor(t, "the first run id", func() bool {
+		// run is the refresh goroutine's: read it once none runs.
+		if !p1.remote.counting.Load() && p1.remote.run != "" {
+			return true
+		}
+		p1.refreshRemote(dials)
+		return false
+	})
+	c := redis.NewClient(&redis.Options{Addr: rd.addr, DisableIdentity: true})
+	defer c.Close()
+	ctx := context.Background()
+
+	// Redis goes; instance one learns sessions, one per upstream, each
+	// with an alias (the X-User header).
+	rd.stop()
+	time.Sleep(redisQuiet) // the refresh above worked just now
+	for i := range 30 {
+		p1.Select(pool, newRequest(fmt.Sprintf("sid=warm-%d", i)), nil) // opens the circuit
+	}
+	if !p1.remote.missed.Load() {
+		t.Fatal("the circuit did not open with Redis down")
+	}
+	const n = 600 // more than two batches
+	now := clockNow()
+	for i := range n {
+		p1.remember([]uint64{sessionIDHash(fmt.Sprintf("down-%d", i)), sessionIDHash(fmt.Sprintf("user-%d", i))},
+			ps1.recs[i%3].ID, now)
+	}
+	// Back, empty; another instance wrote one of the keys meanwhile.
+	rd.start(t)
+	other := p1.remote.key(sessionIDHash("down-0"))
+	if err := c.Set(ctx, other, remoteValue(pool[2].Dial, false), time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(redisSkip)
+	waitFor(t, "the write back", func() bool {
+		p1.refreshRemote(dials)
+		keys, err := c.DBSize(ctx).Result()
+		// n main entries, n aliases, the run id and 3 live sets.
+		return err == nil && keys >= 2*n+4 && !p1.remote.resyncing.Load()
+	})
+	// Instance two, which never saw these sessions, sends them where
+	// instance one put them, by either key.
+	for i := 1; i < n; i += 37 {
+		want := pool[i%3]
+		if got := p2.Select(pool, newRequest(fmt.Sprintf("sid=down-%d", i)), nil); got != want {
+			t.Fatalf("session down-%d went to %v on instance two, want %s", i, got, want.Dial)
+		}
+		if v, _ := c.Get(ctx, p1.remote.key(sessionIDHash(fmt.Sprintf("user-%d", i)))).Result(); v != "a|"+want.Dial {
+			t.Fatalf("alias user-%d in Redis: %q, want %q", i, v, "a|"+want.Dial)
+		}
+	}
+	if v, _ := c.Get(ctx, other).Result(); v != remoteValue(pool[2].Dial, false) {
+		t.Errorf("the entry another instance wrote became %q: a write back must not overwrite it", v)
+	}
+	ttl, _ := c.TTL(ctx, p1.remote.key(sessionIDHash("down-5"))).Result()
+	if ttl < time.Hour || ttl > time.Hour+time.Hour/4 {
+		t.Errorf("a written-back entry has TTL %s, want its remaining hour plus a quarter", ttl)
+	}
+	// Counted: the n sessions and the 30 of the warm-up, less down-0
+	// (the other instance's entry, which that instance counts).
+	total := int64(0)
+	for _, d := range dials {
+		got, _ := c.ZCard(ctx, p1.remote.liveKey(d)).Result()
+		total += got
+	}
+	if total != n+30-1 {
+		t.Errorf("live sets count %d sessions, want %d", total, n+30-1)
+	}
+}
+
+// TestStoreRedisBalanceFactorClusterWide: under store redis,
+// balance_factor bounds the cluster's loads: the other instances' live
+// sessions as last read from Redis (here set by hand: 600 on upstream 0)
+// plus this instance's own, exact. Placing 1800 sessions here evens the
+// cluster out (max/mean <= 1.06), where local counts alone would leave
+// upstream 0 with 600 more than the others.
+func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
+	rd := startTestRedis(t)
+	pool := testPool(t, 3)
+	p := newTestPolicy(t, &Policy{
+		Keys:             []KeySource{{From: "cookie", Name: "sid"}},
+		DisablePinCookie: true,
+		BalanceFactor:    1.05,
+		Scope:            "bf",
+		Store:            &StoreConfig{Kind: storeRedis, Address: rd.addr, KeyPrefix: "test-" + t.Name()},
+	})
+	const others, n = 600, 1800
+	// As a refresh reads them before this instance placed anything: the
+	// other instances' 600 sessions on upstream 0.
+	p.remote.counts.Store(&map[string]clusterCount{
+		pool[0].Dial: {n: others}, pool[1].Dial: {}, pool[2].Dial: {},
+	})
+	for i := range n {
+		if p.Select(pool, newRequest(fmt.Sprintf("sid=cluster-%d", i)), nil) == nil {
+			t.Fatal("no upstream")
+		}
+	}
+	local := liveCounts(p, pool)
+	cluster := []int64{local[0] + others, local[1], local[2]}
+	ratio := maxOverMean(cluster, []int{1, 1, 1})
+	t.Logf("balance_factor 1.05, %d sessions elsewhere on upstream 0, %d placed here: here %v, cluster %v, max/mean %.4f",
+		others, n, local, cluster, ratio)
+	if ratio > 1.06 {
+		t.Errorf("cluster-wide max/mean %.4f > 1.06", ratio)
+	}
+	for i, u := range pool {
+		if got, want := p.sessionsOn(p.poolState(pool), i), cluster[i]; got != want {
+			t.Errorf("sessionsOn(%s) = %d, want the cluster's %d", u.Dial, got, want)
+		}
+	}
+	// Never less than the local count: Redis missed writes, or reads 0.
+	p.remote.counts.Store(&map[string]clusterCount{pool[0].Dial: {n: 0, localAt: local[0] + 50}})
+	if got := p.sessionsOn(p.poolState(pool), 0); got != local[0] {
+		t.Errorf("sessionsOn with a cluster count below the local one = %d, want the local %d", got, local[0])
+	}
+}
+
+// TestStoreRedisAliasNotCounted: a session first seen by one key (the
+// client IP), then by its app's cookie, whose first key becomes an
+// alias, counts once in the cluster's live set, not twice.
+func TestStoreRedisAliasNotCounted(t *testing.T) {
+	rd := startTestRedis(t)
+	p := redisPolicy(t, rd.addr, "alias")
+	pool := testPool(t, 3)
+	ps := p.poolState(pool)
+	ip, sid := sessionIDHash("198.18.0.1"), sessionIDHash("app-session")
+	p.remember([]uint64{ip}, ps.recs[1].ID, clockNow())
+	p.remember([]uint64{sid, ip}, ps.recs[1].ID, clockNow())
+	c := redis.NewClient(&redis.Options{Addr: rd.addr, DisableIdentity: true})
+	defer c.Close()
+	members, err := c.ZRange(context.Background(), p.remote.liveKey(pool[1].Dial), 0, -1).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(members) != 1 || members[0] != strconv.FormatUint(sid, 16) {
+		t.Errorf("live set of %s: %v, want the session's main key alone", pool[1].Dial, members)
+	}
+	if got := p.table.liveCount(ps.recs[1].ID); got != 1 {
+		t.Errorf("local live count %d, want 1", got)
 	}
 }

@@ -28,6 +28,15 @@
 #   E2E_MAX_REQUESTS=5000000   bound on the requests of one measurement
 #   E2E_OUT=bench/out/e2e-<time>   where results and logs go
 #   CADDY=<path>       use this binary instead of building ./caddy
+#   E2E_BASE=round_robin   the policy every ratio of the report is to
+#
+# The session stores, side by side (BENCHMARKS.md, "store redis"):
+#   E2E_POLICIES="affinity_local affinity_redis" E2E_BASE=affinity_local \
+#     E2E_SIZES=16 E2E_ROUNDS=8 E2E_DURATION=4 bash bench/e2e.sh
+# affinity_local and affinity_redis are affinity with `store local` and
+# `store redis` (a redis-server the script starts on a free loopback
+# port, without persistence, stopped on exit); the Redis commands of each
+# affinity_redis measurement go to OUT/redis.tsv, per new session.
 #
 # Needs Go and wrk; wrk is installed with apt-get when missing (as root,
 # or through sudo).
@@ -64,7 +73,7 @@ select_fn() {
 	client_ip_hash) echo 'reverseproxy.ClientIPHashSelection.Select$' ;;
 	random) echo 'reverseproxy.RandomSelection.Select$' ;;
 	first) echo 'reverseproxy.FirstSelection.Select$' ;;
-	affinity) echo 'affinity.\(\*Policy\).Select$' ;;
+	affinity | affinity_local | affinity_redis) echo 'affinity.\(\*Policy\).Select$' ;;
 	*) echo '^$' ;;
 	esac
 }
@@ -159,6 +168,33 @@ done
 read -r -a upstreams <"$work/addrs"
 echo "== $maxn upstreams: ${upstreams[*]}"
 
+# --- Redis, for affinity_redis ------------------------------------------
+redis_port=""
+if [[ " $policies " == *" affinity_redis "* ]]; then
+	command -v redis-server >/dev/null 2>&1 || {
+		echo "affinity_redis needs redis-server (apt-get install redis-server)" >&2
+		exit 2
+	}
+	redis_port=$("$work/e2e" freeport)
+	redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+		>"$out/redis.log" 2>&1 &
+	pids+=($!)
+	for _ in $(seq 100); do
+		redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
+		sleep 0.1
+	done
+	echo "== redis-server on 127.0.0.1:$redis_port ($(redis-server --version | cut -d' ' -f3))"
+	echo "# round N commands new_sessions commands_per_session" >"$out/redis.tsv"
+fi
+
+# redis_commands: the commands Redis ran so far, from INFO commandstats,
+# less those of the client itself (info) and of connection set-up.
+redis_commands() {
+	redis-cli -p "$redis_port" info commandstats | tr -d '\r' | awk -F'[:=,]' '
+		/^cmdstat_/ && $1 !~ /^cmdstat_(info|ping|hello|client|command|select|auth)$/ { n += $3 }
+		END { print n + 0 }'
+}
+
 # --- Caddy and one measurement -----------------------------------------
 caddyfile() { # policy n port admin_port
 	local policy=$1 n=$2 port=$3 admin=$4 lb
@@ -170,12 +206,18 @@ caddyfile() { # policy n port admin_port
 	# but without its order; first sends everything to one upstream.
 	random) lb="lb_policy random" ;;
 	first) lb="lb_policy first" ;;
-	affinity)
+	affinity | affinity_local | affinity_redis)
 		# As in Caddyfile.example: the app's cookie, then the client IP.
+		local store=""
+		case $policy in
+		affinity_local) store="store local" ;;
+		affinity_redis) store="store redis 127.0.0.1:$redis_port" ;;
+		esac
 		lb="lb_policy affinity {
 			key cookie sid
 			key client_ip
 			secret bench-secret
+			$store
 		}"
 		;;
 	*)
@@ -252,6 +294,8 @@ measure() { # round policy n
 	local prof="http://127.0.0.1:${caddy_admin[$name]}/debug/pprof/profile?seconds=$duration"
 	name="r$round-$name"
 	run_wrk "$warmup" "$url" "$max_requests" >"$out/$name.warmup.txt"
+	local cmds0=0
+	[ "$policy" != affinity_redis ] || cmds0=$(redis_commands)
 	cpu0=$(cpu_ticks "$cpid")
 	"$work/e2e" fetch -url "$prof" -out "$out/prof/n$n-$policy.r$round.pprof" &
 	ppid=$!
@@ -276,6 +320,13 @@ measure() { # round policy n
 	# other load on the machine than req/s.
 	local cpu
 	cpu=$(awk -v t=$((cpu1 - cpu0)) -v hz="$clk_tck" -v r="${f[requests]}" 'BEGIN { printf "%.2f", t / hz * 1e6 / r }')
+	if [ "$policy" = affinity_redis ]; then
+		# Redis commands per session: those of the measurement (its
+		# sessions are new: a new wrk run) over its new sessions.
+		local cmds=$(($(redis_commands) - cmds0))
+		awk -v r="$round" -v n="$n" -v c="$cmds" -v s="${f[new]}" 'BEGIN {
+			printf "%s %s %d %d %.2f\n", r, n, c, s, (s > 0 ? c / s : 0) }' >>"$out/redis.tsv"
+	fi
 	echo "$round $n $policy ${f[rps]} ${f[p50_us]} ${f[p99_us]} ${f[requests]} ${f[errors]} ${f[kept]} ${f[broken]} $cpu" >>"$results"
 	awk -v r="r$round" -v n="$n" -v p="$policy" -v rps="${f[rps]}" -v p50="${f[p50_us]}" -v p99="${f[p99_us]}" \
 		-v k="${f[kept]}" -v b="${f[broken]}" -v e="${f[errors]}" -v c="$cpu" 'BEGIN {
@@ -288,6 +339,7 @@ measure() { # round policy n
 	echo "machine: $(nproc) cores, $(uname -sr), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 	echo "caddy: $("$work/caddy" version)"
 	echo "wrk: $(wrk -v 2>&1 | head -1)"
+	[ -z "$redis_port" ] || echo "redis: $(redis-server --version)"
 	echo "settings: rounds=$rounds duration=${duration}s warmup=${warmup}s sizes=($sizes) threads=$threads connections=$connections sessions=$((slots * threads))"
 } | tee "$out/env.txt"
 
@@ -317,5 +369,13 @@ echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/env.t
 analyze "$out"
 echo
 "$e2e" report "$out/results.tsv" "$out/select.tsv" | tee "$out/report.md"
+if [ -n "$redis_port" ]; then
+	# Every command of the run by name (warm-ups and the farm's reads
+	# of the cluster's counts, every second, included).
+	redis-cli -p "$redis_port" info commandstats | tr -d '\r' >"$out/redis-commandstats.txt"
+	echo
+	awk '!/^#/ { c += $3; s += $4; printf "round %s N=%s: %d Redis commands for %d new sessions: %.2f per session\n", $1, $2, $3, $4, $5 }
+		END { if (s > 0) printf "all rounds: %.2f Redis commands per session\n", c / s }' "$out/redis.tsv" | tee -a "$out/report.md"
+fi
 echo
 echo "results in $out"

@@ -298,8 +298,13 @@ func report(args []string) error {
 		return err
 	}
 
-	// rr[n][round] is round_robin's measurement that the others of the
-	// same round are divided by.
+	// rr[n][round] is the base policy's measurement that the others of
+	// the same round are divided by: round_robin, or E2E_BASE (such as
+	// affinity_local when comparing the session stores).
+	base := "round_robin"
+	if b := os.Getenv("E2E_BASE"); b != "" {
+		base = b
+	}
 	rr := map[int]map[int]result{}
 	sizes := map[int]bool{}
 	// Policies in the order they first appear.
@@ -311,7 +316,7 @@ func report(args []string) error {
 			policies = append(policies, r.policy)
 		}
 		sizes[r.n] = true
-		if r.policy == "round_robin" {
+		if r.policy == base {
 			if rr[r.n] == nil {
 				rr[r.n] = map[int]result{}
 			}
@@ -324,9 +329,13 @@ func report(args []string) error {
 	}
 	sort.Sort(sort.Reverse(sort.IntSlice(ns)))
 
-	fmt.Println("Medians over rounds; each ratio is to round_robin in the same round (median, min–max of the per-round ratios).")
+	fmt.Printf("Medians over rounds; each ratio is to %s in the same round (median, min–max of the per-round ratios).\n", base)
 	fmt.Println()
-	fmt.Println("| N | policy | rounds | req/s | req/s ÷ rr | p50 ms | p50 ÷ rr | p99 ms | p99 ÷ rr | Caddy CPU µs/req | CPU ÷ rr | sessions kept | errors |")
+	abbr := "rr"
+	if base != "round_robin" {
+		abbr = base
+	}
+	fmt.Printf("| N | policy | rounds | req/s | req/s ÷ %[1]s | p50 ms | p50 ÷ %[1]s | p99 ms | p99 ÷ %[1]s | Caddy CPU µs/req | CPU ÷ %[1]s | sessions kept | errors |\n", abbr)
 	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 	medRatio := map[int]map[string]float64{}
 	medCPU := map[int]map[string]float64{}
