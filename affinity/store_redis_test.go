@@ -3,75 +3,15 @@ package affinity
 import (
 	"context"
 	"fmt"
-	"net"
+	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
 	"net/http"
-	"os/exec"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/redis/go-redis/v9"
 )
-
-// testRedis is a redis-server of the test's own on a free loopback port,
-// without persistence, stopped on cleanup.
-type testRedis struct {
-	addr string
-	port int
-	cmd  *exec.Cmd
-}
-
-// startTestRedis starts a redis-server, or skips the test (loudly) when
-// there is none: .ci/run installs Debian's redis-server package.
-func startTestRedis(t testing.TB) *testRedis {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Skip("!!! redis-server not found: the store redis tests are SKIPPED (apt-get install redis-server, as .ci/run does)")
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	r := &testRedis{addr: "127.0.0.1:" + strconv.Itoa(port), port: port}
-	r.cmd = exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
-	r.start(t)
-	t.Cleanup(r.stop)
-	return r
-}
-
-func (r *testRedis) start(t testing.TB) {
-	t.Helper()
-	if r.cmd.Process != nil {
-		r.cmd = exec.Command(r.cmd.Path, r.cmd.Args[1:]...)
-	}
-	if err := r.cmd.Start(); err != nil {
-		t.Fatalf("starting redis-server: %v", err)
-	}
-	c := redis.NewClient(&redis.Options{Addr: r.addr, DisableIdentity: true})
-	defer c.Close()
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if c.Ping(context.Background()).Err() == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("redis-server on %s did not answer within 10s", r.addr)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// stop kills the server (its data goes with it: no persistence).
-func (r *testRedis) stop() {
-	if r.cmd.Process != nil && r.cmd.ProcessState == nil {
-		_ = r.cmd.Process.Kill()
-		_ = r.cmd.Wait()
-	}
-}
 
 // redisPolicy provisions a learn-mode policy on the given Redis with its
 // own table namespace, standing for one instance of several.
@@ -88,9 +28,9 @@ func redisPolicy(t testing.TB, addr, instance string) *Policy {
 // ids are seen by another that shares the Redis; a known key costs no
 // round trip.
 func TestStoreRedisShares(t *testing.T) {
-	rd := startTestRedis(t)
-	p1 := redisPolicy(t, rd.addr, "one")
-	p2 := redisPolicy(t, rd.addr, "two")
+	rd := testredis.Start(t)
+	p1 := redisPolicy(t, rd.Addr, "one")
+	p2 := redisPolicy(t, rd.Addr, "two")
 	pool := testPool(t, 3)
 	ps1, ps2 := p1.poolState(pool), p2.poolState(pool)
 
@@ -115,11 +55,11 @@ func TestStoreRedisShares(t *testing.T) {
 	})
 
 	// Known locally now: the next selections make no round trip.
-	before := commandCount(t, rd)
+	before := rd.Commands(t)
 	for range 50 {
 		p2.Select(pool, newRequest("sid=learned-1"), nil)
 	}
-	if n := commandCount(t, rd) - before; n != 0 {
+	if n := rd.Commands(t) - before; n != 0 {
 		t.Errorf("50 selections of a locally known key made %d Redis commands", n)
 	}
 
@@ -155,10 +95,10 @@ func TestStoreRedisShares(t *testing.T) {
 // TestStoreRedisDown: with Redis gone, selections go on within the
 // timeout, the outage is counted, and Redis is skipped for a second.
 func TestStoreRedisDown(t *testing.T) {
-	rd := startTestRedis(t)
-	p := redisPolicy(t, rd.addr, "down")
+	rd := testredis.Start(t)
+	p := redisPolicy(t, rd.Addr, "down")
 	pool := testPool(t, 3)
-	rd.stop()
+	rd.Stop()
 	errorsBefore := counterValue(storeErrors.c)
 	start := time.Now()
 	for i := range 20 {
@@ -176,7 +116,7 @@ func TestStoreRedisDown(t *testing.T) {
 		t.Error("the outage was not noted")
 	}
 	// Back: the next operation after the skip works again.
-	rd.start(t)
+	rd.Run(t)
 	time.Sleep(redisSkip + 100*time.Millisecond)
 	waitFor(t, "Redis to be used again", func() bool {
 		p.Select(pool, newRequest("sid=after"), nil)
@@ -194,59 +134,18 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// commandCount returns how many session commands (GET, MGET, SET,
-// EXPIRE, DEL, PUBLISH, ZADD, ZREM) the server has run, from INFO commandstats:
-// connection set-up (HELLO) and health checks (PING) are not the store's
-// traffic per session.
-func commandCount(t testing.TB, rd *testRedis) int64 {
-	t.Helper()
-	c := redis.NewClient(&redis.Options{Addr: rd.addr, DisableIdentity: true})
-	defer c.Close()
-	n, err := sessionCommands(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n
-}
-
-// sessionCommands sums the calls of the commands the store issues per
-// session, from INFO commandstats.
-func sessionCommands(c *redis.Client) (int64, error) {
-	info, err := c.Info(context.Background(), "commandstats").Result()
-	if err != nil {
-		return 0, err
-	}
-	var n int64
-	for _, line := range strings.Split(info, "\n") {
-		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":calls=")
-		if !ok {
-			continue
-		}
-		switch strings.TrimPrefix(name, "cmdstat_") {
-		case "get", "mget", "set", "expire", "del", "publish", "zadd", "zrem":
-			calls, _, _ := strings.Cut(rest, ",")
-			v, err := strconv.ParseInt(calls, 10, 64)
-			if err != nil {
-				return 0, err
-			}
-			n += v
-		}
-	}
-	return n, nil
-}
-
 // BenchmarkStoreSelect compares the table path (a session the process
 // knows, by its app cookie, pin cookie off) under store local and store
 // redis: the same, with no round trip and no allocation. "unknown" is a
 // key the process has not seen (each iteration a new one): one MGET, and
 // a SET NX for the new placement.
 func BenchmarkStoreSelect(b *testing.B) {
-	rd := startTestRedis(b)
+	rd := testredis.Start(b)
 	pool := testPool(b, 3)
 	for _, kind := range []string{storeLocal, storeRedis} {
 		store := &StoreConfig{Kind: kind}
 		if kind == storeRedis {
-			store = &StoreConfig{Kind: kind, Address: rd.addr, KeyPrefix: "bench"}
+			store = &StoreConfig{Kind: kind, Address: rd.Addr, KeyPrefix: "bench"}
 		}
 		p := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true,
 			Scope: "bench-" + kind, Store: store})
@@ -259,7 +158,7 @@ func BenchmarkStoreSelect(b *testing.B) {
 		})
 		if kind == storeRedis {
 			b.Run("store="+kind+"/unknown", func(b *testing.B) {
-				before := commandCount(b, rd)
+				before := rd.Commands(b)
 				vars := map[string]any{}
 				b.ReportAllocs()
 				b.ResetTimer()
@@ -271,7 +170,7 @@ func BenchmarkStoreSelect(b *testing.B) {
 					}
 				}
 				b.StopTimer()
-				b.ReportMetric(float64(commandCount(b, rd)-before)/float64(b.N), "cmds/op")
+				b.ReportMetric(float64(rd.Commands(b)-before)/float64(b.N), "cmds/op")
 			})
 		}
 	}
@@ -282,15 +181,15 @@ func BenchmarkStoreSelect(b *testing.B) {
 // restart): main entries and aliases, with their remaining TTL and in
 // the live sets; an entry another instance wrote meanwhile wins (SET NX).
 func TestStoreRedisWriteBack(t *testing.T) {
-	rd := startTestRedis(t)
+	rd := testredis.Start(t)
 	p1 := newTestPolicy(t, &Policy{
 		Keys:             []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-User"}},
 		DisablePinCookie: true,
 		Scope:            "one",
 		SessionTTL:       caddy.Duration(time.Hour),
-		Store:            &StoreConfig{Kind: storeRedis, Address: rd.addr, KeyPrefix: "test-" + t.Name()},
+		Store:            &StoreConfig{Kind: storeRedis, Address: rd.Addr, KeyPrefix: "test-" + t.Name()},
 	})
-	p2 := redisPolicy(t, rd.addr, "two") // the same key prefix
+	p2 := redisPolicy(t, rd.Addr, "two") // the same key prefix
 	pool := testPool(t, 3)
 	ps1 := p1.poolState(pool)
 	dials := []string{pool[0].Dial, pool[1].Dial, pool[2].Dial}
@@ -302,13 +201,13 @@ func TestStoreRedisWriteBack(t *testing.T) {
 		p1.refreshRemote(dials)
 		return false
 	})
-	c := redis.NewClient(&redis.Options{Addr: rd.addr, DisableIdentity: true})
+	c := redis.NewClient(&redis.Options{Addr: rd.Addr, DisableIdentity: true})
 	defer c.Close()
 	ctx := context.Background()
 
 	// Redis goes; instance one learns sessions, one per upstream, each
 	// with an alias (the X-User header).
-	rd.stop()
+	rd.Stop()
 	time.Sleep(redisQuiet) // the refresh above worked just now
 	for i := range 30 {
 		p1.Select(pool, newRequest(fmt.Sprintf("sid=warm-%d", i)), nil) // opens the circuit
@@ -323,7 +222,7 @@ func TestStoreRedisWriteBack(t *testing.T) {
 			ps1.recs[i%3].ID, now)
 	}
 	// Back, empty; another instance wrote one of the keys meanwhile.
-	rd.start(t)
+	rd.Run(t)
 	other := p1.remote.key(sessionIDHash("down-0"))
 	if err := c.Set(ctx, other, remoteValue(pool[2].Dial, false), time.Hour).Err(); err != nil {
 		t.Fatal(err)
@@ -372,14 +271,14 @@ func TestStoreRedisWriteBack(t *testing.T) {
 // cluster out (max/mean <= 1.06), where local counts alone would leave
 // upstream 0 with 600 more than the others.
 func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
-	rd := startTestRedis(t)
+	rd := testredis.Start(t)
 	pool := testPool(t, 3)
 	p := newTestPolicy(t, &Policy{
 		Keys:             []KeySource{{From: "cookie", Name: "sid"}},
 		DisablePinCookie: true,
 		BalanceFactor:    1.05,
 		Scope:            "bf",
-		Store:            &StoreConfig{Kind: storeRedis, Address: rd.addr, KeyPrefix: "test-" + t.Name()},
+		Store:            &StoreConfig{Kind: storeRedis, Address: rd.Addr, KeyPrefix: "test-" + t.Name()},
 	})
 	const others, n = 600, 1800
 	// As a refresh reads them before this instance placed anything: the
@@ -416,14 +315,14 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 // client IP), then by its app's cookie, whose first key becomes an
 // alias, counts once in the cluster's live set, not twice.
 func TestStoreRedisAliasNotCounted(t *testing.T) {
-	rd := startTestRedis(t)
-	p := redisPolicy(t, rd.addr, "alias")
+	rd := testredis.Start(t)
+	p := redisPolicy(t, rd.Addr, "alias")
 	pool := testPool(t, 3)
 	ps := p.poolState(pool)
 	ip, sid := sessionIDHash("198.18.0.1"), sessionIDHash("app-session")
 	p.remember([]uint64{ip}, ps.recs[1].ID, clockNow())
 	p.remember([]uint64{sid, ip}, ps.recs[1].ID, clockNow())
-	c := redis.NewClient(&redis.Options{Addr: rd.addr, DisableIdentity: true})
+	c := redis.NewClient(&redis.Options{Addr: rd.Addr, DisableIdentity: true})
 	defer c.Close()
 	members, err := c.ZRange(context.Background(), p.remote.liveKey(pool[1].Dial), 0, -1).Result()
 	if err != nil {

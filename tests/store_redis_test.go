@@ -1,108 +1,20 @@
 package tests
 
 import (
-	"context"
 	"fmt"
+	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
 	"io"
-	"net"
 	"net/http"
-	"os/exec"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/redis/go-redis/v9"
 )
 
 // `store redis`: several instances share a Redis, and every one of them
 // agrees on the sessions any one learned or moved. Each test starts its
 // own redis-server on a free loopback port, without persistence.
-
-type redisServer struct {
-	addr string
-	bin  string
-	args []string
-	cmd  *exec.Cmd
-}
-
-// startRedis starts a redis-server for the test, or skips it loudly when
-// the machine has none (.ci/run installs Debian's redis-server).
-func startRedis(t *testing.T) *redisServer {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Skip("!!! redis-server not found: the store redis tests are SKIPPED (apt-get install redis-server, as .ci/run does)")
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	r := &redisServer{addr: "127.0.0.1:" + strconv.Itoa(port), bin: bin,
-		args: []string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"}}
-	r.start(t)
-	t.Cleanup(r.stop)
-	return r
-}
-
-// start starts the server (empty: it keeps nothing across starts).
-func (r *redisServer) start(t *testing.T) {
-	t.Helper()
-	r.cmd = exec.Command(r.bin, r.args...)
-	if err := r.cmd.Start(); err != nil {
-		t.Fatalf("starting redis-server: %v", err)
-	}
-	c := r.client()
-	defer c.Close()
-	for deadline := time.Now().Add(10 * time.Second); c.Ping(context.Background()).Err() != nil; {
-		if time.Now().After(deadline) {
-			t.Fatalf("redis-server on %s did not answer within 10s", r.addr)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// stop kills the server; its data goes with it.
-func (r *redisServer) stop() {
-	if r.cmd != nil && r.cmd.Process != nil && r.cmd.ProcessState == nil {
-		_ = r.cmd.Process.Kill()
-		_ = r.cmd.Wait()
-	}
-}
-
-func (r *redisServer) client() *redis.Client {
-	return redis.NewClient(&redis.Options{Addr: r.addr, DisableIdentity: true})
-}
-
-// commands returns how many session commands (GET, MGET, SET, EXPIRE,
-// DEL, PUBLISH, ZADD, ZREM) the server ran, from INFO commandstats.
-func (r *redisServer) commands(t *testing.T) int64 {
-	t.Helper()
-	c := r.client()
-	defer c.Close()
-	info, err := c.Info(context.Background(), "commandstats").Result()
-	if err != nil {
-		t.Fatalf("INFO commandstats: %v", err)
-	}
-	var n int64
-	for _, line := range strings.Split(info, "\n") {
-		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":calls=")
-		if !ok {
-			continue
-		}
-		switch strings.TrimPrefix(name, "cmdstat_") {
-		case "get", "mget", "set", "expire", "del", "publish", "zadd", "zrem":
-			calls, _, _ := strings.Cut(rest, ",")
-			v, _ := strconv.ParseInt(calls, 10, 64)
-			n += v
-		}
-	}
-	return n
-}
 
 // redisInstances starts n Caddy instances in learn mode (pin_cookie off,
 // the app's own cookie, affinity_learn) sharing Redis at addr, in front
@@ -138,13 +50,13 @@ func TestStoreRedisInstances(t *testing.T) {
 	const nClients, conc = 300, 50
 
 	t.Run("rotating", func(t *testing.T) {
-		rd := startRedis(t)
+		rd := testredis.Start(t)
 		bs := startCookieBackends(t, 3, expressCookie)
-		ps := redisInstances(t, 3, addrsOf(bs), rd.addr)
-		before := rd.commands(t)
+		ps := redisInstances(t, 3, addrsOf(bs), rd.Addr)
+		before := rd.Commands(t)
 		clients := newClients(t, nClients)
 		s := rotate(clients, ps, 10, conc)
-		cmds := rd.commands(t) - before
+		cmds := rd.Commands(t) - before
 		expectClean(t, "store redis, 3 instances, 300 clients x 10 visits rotating", s)
 		t.Logf("Redis session commands: %d for %d sessions x 10 visits = %.2f per session", cmds, nClients, float64(cmds)/nClients)
 		if s.requests != nClients*10 {
@@ -165,9 +77,9 @@ func TestStoreRedisInstances(t *testing.T) {
 	})
 
 	t.Run("sigkill", func(t *testing.T) {
-		rd := startRedis(t)
+		rd := testredis.Start(t)
 		bs := startCookieBackends(t, 3, expressCookie)
-		ps := redisInstances(t, 3, addrsOf(bs), rd.addr)
+		ps := redisInstances(t, 3, addrsOf(bs), rd.Addr)
 		clients := newClients(t, nClients)
 		s1 := rotate(clients, ps, 5, conc)
 		_ = ps[2].run.cmd.Process.Kill()
@@ -178,19 +90,19 @@ func TestStoreRedisInstances(t *testing.T) {
 	})
 
 	t.Run("redis-outage", func(t *testing.T) {
-		rd := startRedis(t)
+		rd := testredis.Start(t)
 		bs := startCookieBackends(t, 3, expressCookie)
-		ps := redisInstances(t, 3, addrsOf(bs), rd.addr)
+		ps := redisInstances(t, 3, addrsOf(bs), rd.Addr)
 		clients := newClients(t, 150)
 		s1 := rotate(clients, ps, 3, conc)
-		rd.stop()
+		rd.Stop()
 		stopped := time.Now()
 		s2 := rotate(clients, ps, 3, conc)
 		more := newClients(t, 50) // sessions created while Redis is down
 		s2b := rotate(more, ps, 3, conc)
 		time.Sleep(time.Until(stopped.Add(10 * time.Second)))
 		down := time.Since(stopped)
-		rd.start(t)
+		rd.Run(t)
 		// Every instance writes its live sessions back (it finds Redis
 		// restarted within a second, then writes in the background):
 		// the sessions learned during the outage, and those Redis lost.
@@ -236,9 +148,9 @@ func TestStoreRedisInstances(t *testing.T) {
 // watched from either says drained only once the sessions are gone.
 func TestStoreRedisDrainSeenEverywhere(t *testing.T) {
 	needCaddy(t)
-	rd := startRedis(t)
+	rd := testredis.Start(t)
 	bs := startCookieBackends(t, 3, expressCookie)
-	policy := storePolicy("store redis "+rd.addr) + "\nsession_ttl 4s"
+	policy := storePolicy("store redis "+rd.Addr) + "\nsession_ttl 4s"
 	one := startCaddySite(t, "drain1", learnSite(addrsOf(bs), "affinity_learn", policy))
 	two := startCaddySite(t, "drain2", learnSite(addrsOf(bs), "affinity_learn", policy))
 
@@ -326,9 +238,9 @@ func firstVisits(url string, n, conc int) int {
 func TestStoreRedisBalanceFactorCluster(t *testing.T) {
 	needCaddy(t)
 	const skew, half, conc = 600, 900, 8
-	rd := startRedis(t)
+	rd := testredis.Start(t)
 	bs := startCookieBackends(t, 3, expressCookie)
-	policy := storePolicy("store redis "+rd.addr) + "\nbalance_factor 1.05"
+	policy := storePolicy("store redis "+rd.Addr) + "\nbalance_factor 1.05"
 	one := startCaddySite(t, "bf1", learnSite(addrsOf(bs), "affinity_learn", policy))
 	two := startCaddySite(t, "bf2", learnSite(addrsOf(bs), "affinity_learn", policy))
 
