@@ -1,6 +1,7 @@
 package affinity
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -382,10 +383,32 @@ func cookieValue(h http.Header, name string) (string, bool) {
 	for _, line := range h["Cookie"] {
 		for line != "" {
 			var part string
-			part, line, _ = strings.Cut(line, ";")
-			n, v, _ := strings.Cut(textproto.TrimString(part), "=")
-			if textproto.TrimString(n) != name {
+			if i := strings.IndexByte(line, ';'); i >= 0 {
+				part, line = line[:i], line[i+1:]
+			} else {
+				part, line = line, ""
+			}
+			// The name first, so that the other cookies cost a compare:
+			// net/http trims the part, then the name around its '='.
+			for part != "" && cookieSpace(part[0]) {
+				part = part[1:]
+			}
+			if len(part) < len(name) || part[:len(name)] != name {
 				continue
+			}
+			rest := part[len(name):]
+			for rest != "" && cookieSpace(rest[0]) {
+				rest = rest[1:]
+			}
+			if rest == "" {
+				return "", false // the name alone: an empty cookie
+			}
+			if rest[0] != '=' {
+				continue // a longer name
+			}
+			v := rest[1:]
+			for v != "" && cookieSpace(v[len(v)-1]) {
+				v = v[:len(v)-1]
 			}
 			if len(v) > 1 && v[0] == '"' && v[len(v)-1] == '"' {
 				v = v[1 : len(v)-1]
@@ -399,16 +422,49 @@ func cookieValue(h http.Header, name string) (string, bool) {
 	return "", false
 }
 
+// cookieSpace is net/textproto's ASCII space, which net/http trims.
+func cookieSpace(b byte) bool { return b == ' ' || b == '\t' || b == '\n' || b == '\r' }
+
 // validCookieValue applies net/http's rule for the bytes of a cookie
-// value.
+// value: 0x20 to 0x7e but '"', ';' and '\\'. It checks eight bytes a
+// step (a session id and a pin are 24 to 48 bytes, read on every request).
 func validCookieValue(v string) bool {
+	for len(v) >= 8 {
+		if !validCookieWord(binary.LittleEndian.Uint64([]byte(v[:8]))) {
+			return false
+		}
+		v = v[8:]
+	}
 	for i := 0; i < len(v); i++ {
-		if b := v[i]; b < 0x20 || b >= 0x7f || b == '"' || b == ';' || b == '\\' {
+		if !cookieValueBytes[v[i]] {
 			return false
 		}
 	}
 	return true
 }
+
+// validCookieWord reports whether the eight bytes of w are all allowed in
+// a cookie value: no byte below 0x20 or from 0x7f, none of '"', ';', '\\'.
+func validCookieWord(w uint64) bool {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	zeroIn := func(x uint64) bool { return (x-ones)&^x&highs != 0 }
+	if w&highs != 0 || // 0x80 and above
+		(w-0x2020202020202020)&^w&highs != 0 || // below 0x20
+		zeroIn(w^0x7f7f7f7f7f7f7f7f) || zeroIn(w^0x2222222222222222) ||
+		zeroIn(w^0x3b3b3b3b3b3b3b3b) || zeroIn(w^0x5c5c5c5c5c5c5c5c) {
+		return false
+	}
+	return true
+}
+
+// cookieValueBytes are the bytes net/http allows in a cookie value, for
+// the tail shorter than a word.
+var cookieValueBytes = func() (ok [256]bool) {
+	for b := 0x20; b < 0x7f; b++ {
+		ok[b] = b != '"' && b != ';' && b != '\\'
+	}
+	return ok
+}()
 
 // platformCookies are the session cookie names of the platforms that keep
 // sessions in process memory (or in per-host files), which a policy

@@ -233,3 +233,18 @@ func TestPlatformCookiesAreTheDefaultKeys(t *testing.T) {
 		t.Fatalf("reading a request without platform cookies allocated %v", a)
 	}
 }
+
+// The word-at-a-time check agrees with net/http's byte rule for every
+// byte in every position.
+func TestValidCookieValueEveryByte(t *testing.T) {
+	for b := 0; b < 256; b++ {
+		want := b >= 0x20 && b < 0x7f && b != '"' && b != ';' && b != '\\'
+		for pos := 0; pos < 11; pos++ {
+			v := []byte("abcdefghijk")
+			v[pos] = byte(b)
+			if got := validCookieValue(string(v)); got != want {
+				t.Fatalf("byte %#x at %d: %v, want %v", b, pos, got, want)
+			}
+		}
+	}
+}

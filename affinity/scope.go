@@ -27,7 +27,7 @@ func (p *Policy) tableKey(key uint64) uint64 { return key ^ p.scope.Load() }
 // moment of a reload when Caddy has started the new config's servers but
 // not yet made it the active config.
 func (p *Policy) resolveScope(now uint32) {
-	if p.scope.Load() != 0 || p.scopeTried.Swap(now) == now {
+	if p.scope.Load() != 0 || p.scopeTried.Load() == now || p.scopeTried.Swap(now) == now {
 		return
 	}
 	if p.Scope != "" {
