@@ -45,6 +45,18 @@ func (in *testInstance) stateChanges(dial string) []map[string]any {
 	return out
 }
 
+// waitLastChange waits until the last logged state change of dial has
+// the given reason: a change is logged just after the state is set, by
+// the goroutine that set it, so a test that saw the state may not see the
+// log line yet.
+func (in *testInstance) waitLastChange(t *testing.T, dial, reason string) {
+	t.Helper()
+	waitFor(t, time.Second, "the last state change of "+dial+" logged with reason "+reason, func() bool {
+		c := in.stateChanges(dial)
+		return len(c) > 0 && c[len(c)-1]["reason"] == reason
+	})
+}
+
 // waitFor polls cond every 5ms until it holds or timeout passes, and
 // returns how long it took.
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) time.Duration {

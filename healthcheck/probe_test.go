@@ -134,6 +134,7 @@ func TestProbeDrainsAndUndrains(t *testing.T) {
 
 	srv.drainAfter.Store(-1)
 	waitFor(t, 3*time.Second, "back up", func() bool { return u.State() == Up })
+	in.waitLastChange(t, u.Dial, "probe")
 	changes := in.stateChanges(u.Dial)
 	if len(changes) != 2 || changes[0]["reason"] != "probe" || changes[0]["new_state"] != "draining" ||
 		changes[1]["reason"] != "probe" || changes[1]["new_state"] != "up" {
@@ -289,9 +290,7 @@ func TestProbeShared(t *testing.T) {
 	if took := time.Since(stopped); took < testGrace {
 		t.Errorf("drain undone %s after the last stop, before the grace (%s)", took, testGrace)
 	}
-	if c := in.stateChanges(u.Dial); c[len(c)-1]["reason"] != "probe stopped" {
-		t.Errorf("logged %v", c[len(c)-1])
-	}
+	in.waitLastChange(t, u.Dial, "probe stopped")
 	settled := srv.requests.Load()
 	time.Sleep(60 * time.Millisecond)
 	if srv.requests.Load() > settled+1 {
@@ -540,9 +539,7 @@ func TestProbeRestartWithinGraceKeepsDrain(t *testing.T) {
 	// they would have with the first prober.
 	srv.drain.Store(false)
 	waitFor(t, 3*time.Second, "undrained by the new prober's normal answers", func() bool { return u.State() == Up })
-	if c := in.stateChanges(u.Dial); c[len(c)-1]["reason"] != "probe" {
-		t.Errorf("undrained with %v, want reason probe", c[len(c)-1])
-	}
+	in.waitLastChange(t, u.Dial, "probe")
 
 	// Stopped for good: the drain holds for the grace, then is undone.
 	srv.drain.Store(true)
@@ -557,9 +554,7 @@ func TestProbeRestartWithinGraceKeepsDrain(t *testing.T) {
 	if since := time.Since(stopped); since < testGrace || since > testGrace+took+200*time.Millisecond {
 		t.Errorf("undrained %s after the stop, grace %s", since, testGrace)
 	}
-	if c := in.stateChanges(u.Dial); c[len(c)-1]["reason"] != "probe stopped" {
-		t.Errorf("logged %v", c[len(c)-1])
-	}
+	in.waitLastChange(t, u.Dial, "probe stopped")
 	watchers.mu.Lock()
 	n, pending := watchers.n[watchKey{in.reg, u.Dial}], watchers.pending[watchKey{in.reg, u.Dial}]
 	watchers.mu.Unlock()

@@ -83,6 +83,7 @@ func TestSyncTwoInstancesAgree(t *testing.T) {
 	if !ub.Since().Equal(a.reg.lookup(dial).Since()) {
 		t.Errorf("since differs: a %s, b %s", a.reg.lookup(dial).Since(), ub.Since())
 	}
+	b.waitLastChange(t, dial, "storage sync")
 	changes := b.stateChanges(dial)
 	if len(changes) != 1 || changes[0]["reason"] != "storage sync" || changes[0]["by"] != "a" ||
 		changes[0]["new_state"] != "maintenance" {
