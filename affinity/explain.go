@@ -367,10 +367,10 @@ func (p *Policy) keyFor(source, name string) (*KeySource, error) {
 	return nil, fmt.Errorf("this proxy reads no key %q; its keys: %s", want, strings.Join(have, ", "))
 }
 
-// sameKeyName compares key names the way requests match them: header
-// names case-insensitively, the others exactly.
+// sameKeyName compares key names the way requests match them: by the
+// kind's foldsCase.
 func sameKeyName(k *KeySource, name string) bool {
-	if k.From == "header" {
+	if kk := kindNamed(k.From); kk != nil && kk.foldsCase {
 		return strings.EqualFold(k.Name, name)
 	}
 	return k.Name == name

@@ -53,6 +53,9 @@ type keyKind struct {
 	name string
 	// named: the source needs a Name (a cookie, header... name).
 	named bool
+	// foldsCase: the Name matches requests whatever its case (header
+	// names), so the lookup finds the key by any case of it.
+	foldsCase bool
 	// seed is the hash seed of the kind's values, so that equal strings
 	// from different sources are different keys. Every session-id kind
 	// shares seedSessionID, so that one id is one key wherever it is read.
@@ -68,6 +71,9 @@ type keyKind struct {
 	read func(k *KeySource, r *http.Request) (string, bool)
 	// hash replaces hashing read's value (client_ip hashes an address).
 	hash func(k *KeySource, r *http.Request) (uint64, bool)
+	// readsCookie reports whether the key reads a request cookie of that
+	// name (nil: it reads none). The pin cookie may not be one of them.
+	readsCookie func(k *KeySource, name string) bool
 	// learnCookie reports whether a Set-Cookie of that name issues this
 	// key (affinity_learn); nil: cookies never do.
 	learnCookie func(k *KeySource, name string) bool
@@ -106,6 +112,7 @@ var keyKinds = []*keyKind{
 	{
 		name: "cookie", named: true, seed: seedSessionID, tomcatRoute: true,
 		read:        func(k *KeySource, r *http.Request) (string, bool) { return cookieValue(r.Header, k.Name) },
+		readsCookie: func(k *KeySource, name string) bool { return name == k.Name },
 		learnCookie: func(k *KeySource, name string) bool { return name == k.Name },
 		inject: func(k *KeySource, r *http.Request, v string) error {
 			if strings.ContainsAny(v, ";\r\n") {
@@ -116,7 +123,7 @@ var keyKinds = []*keyKind{
 		},
 	},
 	{
-		name: "header", named: true, seed: seedHeader,
+		name: "header", named: true, foldsCase: true, seed: seedHeader,
 		read: func(k *KeySource, r *http.Request) (string, bool) {
 			if vs := r.Header[k.Name]; len(vs) > 0 && vs[0] != "" {
 				return vs[0], true
@@ -193,6 +200,7 @@ var keyKinds = []*keyKind{
 		// when it is given none (see platformCookie).
 		name: "platform_cookies", seed: seedSessionID,
 		read:        func(_ *KeySource, r *http.Request) (string, bool) { return platformCookieValue(r.Header) },
+		readsCookie: func(_ *KeySource, name string) bool { return platformCookie(name) },
 		learnCookie: func(_ *KeySource, name string) bool { return platformCookie(name) },
 		inject: func(_ *KeySource, r *http.Request, v string) error {
 			if strings.ContainsAny(v, ";\r\n") {
@@ -234,8 +242,11 @@ func (kk *keyKind) learnable() bool {
 	return kk != nil && (kk.learnCookie != nil || kk.learnLocation != nil)
 }
 
-// sessionID reports whether the kind's values are app session ids.
-func (kk *keyKind) sessionID() bool { return kk.seed == seedSessionID }
+// readsCookieNamed reports whether key k, of this kind, reads the
+// request cookie called name.
+func (kk *keyKind) readsCookieNamed(k *KeySource, name string) bool {
+	return kk != nil && kk.readsCookie != nil && kk.readsCookie(k, name)
+}
 
 // setArgs takes the Caddyfile arguments after the source's name.
 func (k *KeySource) setArgs(args []string) error {

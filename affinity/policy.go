@@ -20,9 +20,7 @@
 package affinity
 
 import (
-	"errors"
 	"fmt"
-	"math"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -215,6 +213,12 @@ func (*Policy) CaddyModule() caddy.ModuleInfo {
 func (p *Policy) Provision(ctx caddy.Context) error {
 	p.ctx = ctx
 	p.logger = ctx.Logger()
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	if err := p.checkHandler(ctx); err != nil {
+		return err
+	}
 	if p.PinCookie == "" {
 		p.PinCookie = DefaultPinCookie
 	}
@@ -232,9 +236,6 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 			return err
 		}
 		p.learns = p.learns || p.Keys[i].kind.learnable()
-	}
-	if err := p.Validate(); err != nil {
-		return err
 	}
 	p.ttl = uint32(time.Duration(p.SessionTTL) / time.Second)
 
@@ -294,86 +295,6 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// Validate checks the configuration.
-func (p *Policy) Validate() error {
-	if len(p.Keys) > maxKeys {
-		return fmt.Errorf("at most %d key lines, got %d", maxKeys, len(p.Keys))
-	}
-	if p.NoDefaultKeys && len(p.Keys) > 0 {
-		return errors.New("no_default_keys (key none) goes with no key: drop one or the other")
-	}
-	if p.DisablePinCookie && len(p.Keys) == 0 {
-		return errors.New("with the pin cookie off, at least one key is needed: nothing would tell sessions apart")
-	}
-	if !validCookieName(p.PinCookie) {
-		return fmt.Errorf("pin_cookie: %q is not a valid cookie name", p.PinCookie)
-	}
-	if _, err := p.PinCookieAttributes.style(); err != nil {
-		return err
-	}
-	if p.DisablePinCookie && p.PinCookieAttributes != nil {
-		return errors.New("pin_cookie_attributes are given but the pin cookie is off")
-	}
-	for i, prev := range p.PreviousSecrets {
-		if prev == "" || prev == p.Secret {
-			return fmt.Errorf("previous_secrets[%d]: empty, or the same as the current secret", i)
-		}
-	}
-	if len(p.PreviousSecrets) > maxPreviousSecrets {
-		return fmt.Errorf("previous_secrets: at most %d, got %d (each costs a token comparison on a pin of no current upstream)", maxPreviousSecrets, len(p.PreviousSecrets))
-	}
-	if time.Duration(p.SessionTTL) < time.Second || time.Duration(p.SessionTTL) > maxSessionTTL {
-		return fmt.Errorf("session_ttl must be between 1s and %s, got %s", maxSessionTTL, time.Duration(p.SessionTTL))
-	}
-	if p.MaxSessions < 0 || (p.MaxSessions > 0 && p.MaxSessions < minMaxSessions) {
-		return fmt.Errorf("max_sessions must be at least %d (the session table has %d shards), got %d", minMaxSessions, tableShards, p.MaxSessions)
-	}
-	if time.Duration(p.Hold) > maxHold || time.Duration(p.SlowStart) > maxSlowStart {
-		return fmt.Errorf("hold must be at most %s and slow_start at most %s, got %s and %s",
-			maxHold, maxSlowStart, time.Duration(p.Hold), time.Duration(p.SlowStart))
-	}
-	for i := range p.Keys {
-		if k := &p.Keys[i]; !p.DisablePinCookie && k.From == "cookie" && k.Name == p.PinCookie {
-			return fmt.Errorf("key cookie %s: that is the pin cookie's name; key on the app's session cookie, or rename the pin with pin_cookie <name>", k.Name)
-		}
-	}
-	for i, w := range p.Weights {
-		if w < 0 {
-			return fmt.Errorf("weights: weight %d (upstream %d) is negative", w, i+1)
-		}
-	}
-	if p.Hold < 0 || p.SlowStart < 0 {
-		return errors.New("hold and slow_start must not be negative")
-	}
-	if p.BalanceFactor != 0 {
-		if !(p.BalanceFactor > 1) || math.IsInf(p.BalanceFactor, 0) {
-			return fmt.Errorf("balance_factor must be more than 1, got %v", p.BalanceFactor)
-		}
-		if len(p.Keys) == 0 {
-			return errors.New("balance_factor needs at least one key: live sessions are counted in the session table")
-		}
-	}
-	if len(p.TomcatRoutes) > 0 {
-		if !p.readsTomcatRoutes() {
-			return errors.New(errTomcatRouteKey)
-		}
-		for route, dial := range p.TomcatRoutes {
-			if route == "" || dial == "" {
-				return fmt.Errorf("tomcat_route: route %q and upstream %q must both be given", route, dial)
-			}
-		}
-	}
-	if err := p.Store.Validate(); err != nil {
-		return err
-	}
-	if p.Probe != nil {
-		if err := p.Probe.Validate(); err != nil {
-			return err // it says "probe: ..." itself
-		}
-	}
-	return nil
-}
-
 // Cleanup stops the policy's probe and lets go of the farm (the shared
 // session table) and the state syncer.
 func (p *Policy) Cleanup() error {
@@ -404,21 +325,6 @@ const (
 // minSecretLen is the shortest secret that is not logged as weak: pins
 // are HMACs, which a short secret lets a client forge by brute force.
 const minSecretLen = 16
-
-// errTomcatRouteKey is the error for tomcat_route lines without a key
-// that carries a Java session id.
-const errTomcatRouteKey = "tomcat_route needs a `key cookie` or `key path_param` line: the route is read from that session id"
-
-// readsTomcatRoutes reports whether a key of the policy carries a Java
-// session id, from which tomcat_route reads the route.
-func (p *Policy) readsTomcatRoutes() bool {
-	for i := range p.Keys {
-		if kk := kindNamed(p.Keys[i].From); kk != nil && kk.tomcatRoute {
-			return true
-		}
-	}
-	return false
-}
 
 // validCookieName reports whether s is a cookie name: an RFC 6265
 // cookie-name is an RFC 7230 token, the same rule as a header field name.
