@@ -240,7 +240,7 @@ func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
 			rest = append(rest, u)
 		}
 	}
-	failed, rejected := testutil.ToFloat64(metrics.failover), testutil.ToFloat64(metrics.rejectedPins)
+	failed, rejected := testutil.ToFloat64(metrics.byOutcome[outcomeFailover]), testutil.ToFloat64(metrics.rejectedPins)
 	for name, r := range map[string]*http.Request{"pin and table": req(pin), "table": req(), "pin": func() *http.Request {
 		r := newRequest(pin)
 		return r
@@ -258,9 +258,9 @@ func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
 	if got == nil || got == home {
 		t.Fatalf("after the reload: %v", got)
 	}
-	if testutil.ToFloat64(metrics.failover) != failed+1 || testutil.ToFloat64(metrics.rejectedPins) != rejected {
+	if testutil.ToFloat64(metrics.byOutcome[outcomeFailover]) != failed+1 || testutil.ToFloat64(metrics.rejectedPins) != rejected {
 		t.Fatalf("counted failovers +%v, rejected pins +%v; want +1, +0",
-			testutil.ToFloat64(metrics.failover)-failed, testutil.ToFloat64(metrics.rejectedPins)-rejected)
+			testutil.ToFloat64(metrics.byOutcome[outcomeFailover])-failed, testutil.ToFloat64(metrics.rejectedPins)-rejected)
 	}
 	if es, _ := failovers.snapshot(); es[0].From != home.Dial || es[0].Reason != "removed: no longer in the proxy's upstreams" {
 		t.Fatalf("failover log: %+v", es[0])

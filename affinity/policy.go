@@ -343,30 +343,13 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 		return nil
 	}
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
-	// An upstream that failed this very request is not selectable on
-	// the retry, even if Caddy's health checks have not caught up.
 	in := decideInput{failed: -1, now: clockNow()}
-	if p.scope.Load() == 0 {
-		p.resolveScope(in.now)
-	}
-	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
-	if retry {
-		in.failed = ps.index(prev)
-	}
-	_, in.learning = vars[learnVar].(*learnWriter)
-	if p.DisablePinCookie && p.learns && !in.learning {
-		p.noteMissingLearner()
-	}
 	var keyBuf [maxKeys]uint64
+	var d decision
 	// first is its own variable: it goes into the request vars, and
 	// passing in.first there would move all of in, and keyBuf with it, to
 	// the heap.
-	keys, first := p.requestKeys(r, &keyBuf, in.learning)
-	in.keys, in.first = keys, first
-	in.conn = r.RemoteAddr
-
-	var d decision
-	p.decide(ps, r, &in, &d)
+	in, first, retry := p.look(ps, r, vars, in, &keyBuf, &d)
 	p.count(&d)
 	p.tell(vars, ps, &d, first)
 	if d.chosen < 0 {
@@ -387,6 +370,35 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// interval): a live session's pin never gets old.
 	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh)
 	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now)
+}
+
+// look decides where request r goes: what Select and the lookup
+// endpoint both ask, so that they agree by construction. With in.dry it
+// writes nothing (decide slides no entry and notes no trouble, and no
+// warning is noted); Select then acts on the decision (Policy.Select),
+// the lookup words it (Explain). It returns the source of the request's
+// first key and whether the request is a retry. in comes and goes by
+// value: through a pointer, the key hashes (in keyBuf) would go to the
+// heap, and the pinned path allocates nothing.
+func (p *Policy) look(ps *poolState, r *http.Request, vars map[string]any, in decideInput, keyBuf *[maxKeys]uint64, d *decision) (decideInput, *KeySource, bool) {
+	if p.scope.Load() == 0 {
+		p.resolveScope(in.now)
+	}
+	// An upstream that failed this very request is not selectable on
+	// the retry, even if Caddy's health checks have not caught up.
+	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
+	if retry {
+		in.failed = ps.index(prev)
+	}
+	_, in.learning = vars[learnVar].(*learnWriter)
+	if !in.dry && p.DisablePinCookie && p.learns && !in.learning {
+		p.noteMissingLearner()
+	}
+	keys, first := p.requestKeys(r, keyBuf, in.learning)
+	in.keys, in.first = keys, first
+	in.conn = r.RemoteAddr
+	p.decide(ps, r, &in, d)
+	return in, first, retry
 }
 
 // noteMissingLearner records, and logs once, that the policy serves
@@ -434,20 +446,7 @@ func (p *Policy) count(d *decision) {
 	if d.skippedLoad && d.chosen >= 0 {
 		metrics.overloadSkip.Inc()
 	}
-	switch d.outcome() {
-	case outcomeHeld:
-		metrics.held.Inc()
-	case outcomeNone:
-		metrics.noUpstream.Inc()
-	case outcomeRoute, outcomePin, outcomeTable:
-		metrics.pinned.Inc()
-	case outcomeFailover:
-		metrics.failover.Inc()
-	case outcomeOverflow:
-		metrics.overflow.Inc()
-	default:
-		metrics.placed.Inc()
-	}
+	metrics.byOutcome[d.outcome()].Inc()
 }
 
 // The request vars Select leaves for placeholders, so that access logs,
