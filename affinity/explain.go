@@ -126,8 +126,16 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 			out.RingOwner = ps.ups[ps.member[owner]].Dial
 		}
 	}
-	vars := map[string]any{}
-	r = r.WithContext(context.WithValue(context.Background(), caddyhttp.VarsCtxKey, vars))
+	r = r.WithContext(context.WithValue(context.Background(), caddyhttp.VarsCtxKey, map[string]any{}))
+	p.explainRequest(ps, r, now, &out)
+	return out
+}
+
+// explainRequest decides where request r goes as Select would (through
+// Policy.look, with the writes turned off) and words the decision into
+// out. r's vars are read (a retry's failed upstream) and not written.
+func (p *Policy) explainRequest(ps *poolState, r *http.Request, now time.Time, out *Explanation) {
+	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 	in := decideInput{failed: -1, now: tableNow(now), wall: now, dry: true, recordWalk: true}
 	var keyBuf [maxKeys]uint64
 	var d decision
@@ -138,8 +146,7 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 		after = &decision{chosen: -1, pinned: -1, failed: -1, busy: -1}
 		p.placeOnRing(ps, &in, after)
 	}
-	p.explain(ps, &d, after, now, &out)
-	return out
+	p.explain(ps, &d, after, now, out)
 }
 
 // sessionEntry returns the table's live entry for key, or nil.
