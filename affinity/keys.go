@@ -212,6 +212,24 @@ var keyKinds = []*keyKind{
 	},
 }
 
+// KeyKindInfo is a kind of key source as the admin API and the status
+// page offer it to a lookup.
+type KeyKindInfo struct {
+	// Name is the source's name (KeySource.From).
+	Name string `json:"name"`
+	// Named: a key of the kind has a name (a cookie, header... name).
+	Named bool `json:"named"`
+}
+
+// KeyKinds lists every kind of key source, from keyKinds.
+func KeyKinds() []KeyKindInfo {
+	kinds := make([]KeyKindInfo, len(keyKinds))
+	for i, kk := range keyKinds {
+		kinds[i] = KeyKindInfo{Name: kk.name, Named: kk.named}
+	}
+	return kinds
+}
+
 // kindNamed returns the kind called name, or nil.
 func kindNamed(name string) *keyKind {
 	for _, kk := range keyKinds {

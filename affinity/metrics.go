@@ -2,6 +2,7 @@ package affinity
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -57,6 +58,15 @@ func initMetrics() {
 	})
 }
 
+// stateValues lists the values of the state gauge: "0 up, 1 draining...".
+func stateValues() string {
+	values := make([]string, len(healthcheck.States))
+	for i, st := range healthcheck.States {
+		values[i] = fmt.Sprintf("%d %s", st.State, st.Name)
+	}
+	return strings.Join(values, ", ")
+}
+
 // outcomeLabels lists the outcomes' labels, each once, for the help.
 func outcomeLabels() string {
 	var labels []string
@@ -90,7 +100,7 @@ var (
 	descSessions = prometheus.NewDesc("caddy_affinity_sessions",
 		"Live sessions pinned to the upstream (session-table entries within their TTL).", []string{"upstream"}, nil)
 	descState = prometheus.NewDesc("caddy_affinity_upstream_state",
-		"Lifecycle state of the upstream: 0 up, 1 draining, 2 maintenance.", []string{"upstream"}, nil)
+		"Lifecycle state of the upstream: "+stateValues()+".", []string{"upstream"}, nil)
 	descTableSize = prometheus.NewDesc("caddy_affinity_session_table_entries",
 		"Entries in the session table.", nil, nil)
 	descEvictions = prometheus.NewDesc("caddy_affinity_session_table_evictions_total",

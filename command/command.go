@@ -16,9 +16,7 @@ var subcommands = []func() *cobra.Command{
 	workerCommand,
 	demoCommand,
 	statusCommand,
-	drainCommand,
-	maintenanceCommand,
-	upCommand,
+	// and a command per lifecycle state (operate.go's stateCommands)
 }
 
 func init() {

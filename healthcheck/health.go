@@ -80,10 +80,10 @@ func (u *Upstream) ForNew(cu *reverseproxy.Upstream) Verdict {
 	if v := caddyVerdict(cu); v != Serves {
 		return v
 	}
-	switch u.State() {
-	case Up:
+	switch st := u.State(); {
+	case st.AcceptsNew():
 		return Serves
-	case Draining:
+	case st.AcceptsPinned():
 		return NoNewSessions
 	}
 	return InMaintenance
