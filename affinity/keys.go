@@ -331,10 +331,14 @@ func (k *KeySource) hash(r *http.Request) (uint64, bool) {
 		return k.kind.hash(k, r)
 	}
 	if v, ok := k.kind.read(k, r); ok {
-		return hashring.HashStringSeed(v, k.kind.seed), true
+		return k.hashValue(v), true
 	}
 	return 0, false
 }
+
+// hashValue is the key hash of a value of the key, read from a request
+// or learned from a response (affinity_learn): the kind's seed.
+func (k *KeySource) hashValue(v string) uint64 { return hashring.HashStringSeed(v, k.kind.seed) }
 
 // value returns the key's value in the request (not for kinds that hash
 // something else). It does not allocate.
@@ -343,13 +347,6 @@ func (k *KeySource) value(r *http.Request) (string, bool) {
 		return "", false
 	}
 	return k.kind.read(k, r)
-}
-
-// sessionIDHash is the key hash of an app's session id, wherever it was
-// read (cookie, path parameter, cookieless URL) or learned (Set-Cookie,
-// Location).
-func sessionIDHash(v string) uint64 {
-	return hashring.HashStringSeed(v, seedSessionID)
 }
 
 func clientIPArgs(k *KeySource, args []string) error {

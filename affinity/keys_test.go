@@ -1,6 +1,7 @@
 package affinity
 
 import (
+	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 	"net/http"
 	"net/http/httptest"
@@ -245,6 +246,49 @@ func TestValidCookieValueEveryByte(t *testing.T) {
 			if got := validCookieValue(string(v)); got != want {
 				t.Fatalf("byte %#x at %d: %v, want %v", b, pos, got, want)
 			}
+		}
+	}
+}
+
+// sessionIDHash is the key hash of an app's session id, wherever it was
+// read (cookie, path parameter, cookieless URL) or learned.
+func sessionIDHash(v string) uint64 {
+	return hashring.HashStringSeed(v, seedSessionID)
+}
+
+// TestKindsHashAsTheyLearn: for every kind that reads a value, a request
+// carrying it (the kind's inject) hashes to the key the learner records
+// for that value (hashValue, the kind's seed), and the kind's descriptor
+// says what it reads: adding a kind is adding its entry.
+func TestKindsHashAsTheyLearn(t *testing.T) {
+	for _, kk := range keyKinds {
+		k := KeySource{From: kk.name}
+		if kk.named {
+			k.Name = "JSESSIONID"
+		}
+		if err := k.provision(); err != nil {
+			t.Fatalf("%s: %v", kk.name, err)
+		}
+		r := httptest.NewRequest("GET", "http://example.com/", nil)
+		value := "ABCDEF0123456789"
+		if kk.name == "client_ip" {
+			value = "192.0.2.7"
+		}
+		if err := kk.inject(&k, r, value); err != nil {
+			t.Fatalf("%s: inject: %v", kk.name, err)
+		}
+		h, ok := k.hash(r)
+		if !ok {
+			t.Fatalf("%s: a request carrying the value has no key", kk.name)
+		}
+		if kk.read != nil && h != k.hashValue(value) {
+			t.Errorf("%s: the request's key %x is not the learned one %x", kk.name, h, k.hashValue(value))
+		}
+		if kk.readsCookieNamed(&k, "JSESSIONID") != (kk.name == "cookie" || kk.name == "platform_cookies") {
+			t.Errorf("%s: readsCookie says %v for JSESSIONID", kk.name, kk.readsCookieNamed(&k, "JSESSIONID"))
+		}
+		if kk.learnable() && kk.seed != seedSessionID {
+			t.Errorf("%s: learnable with seed %d: an id learned from a cookie would not be the key read from the path", kk.name, kk.seed)
 		}
 	}
 }

@@ -164,24 +164,24 @@ func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, val
 	if deleted {
 		if hadOld {
 			if p.remote != nil {
-				p.remote.remove(sessionIDHash(old), p.entryDial(p.tableKey(sessionIDHash(old))))
+				p.remote.remove(k.hashValue(old), p.entryDial(p.tableKey(k.hashValue(old))))
 			}
-			table.remove(p.tableKey(sessionIDHash(old)))
+			table.remove(p.tableKey(k.hashValue(old)))
 		}
 		return
 	}
 	if p.remote != nil {
 		// Stored in Redis before the response that issues the id
 		// leaves, so that its next request finds it on any instance.
-		p.putRemote(sessionIDHash(value), id, now)
+		p.putRemote(k.hashValue(value), id, now)
 	} else {
-		table.put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
+		table.put(p.tableKey(k.hashValue(value)), id, now, p.ttl)
 	}
 	if hadOld && old != value {
 		if p.remote != nil {
-			p.remote.retire(sessionIDHash(old), p.entryDial(p.tableKey(sessionIDHash(old))), retireGrace)
+			p.remote.retire(k.hashValue(old), p.entryDial(p.tableKey(k.hashValue(old))), retireGrace)
 		}
-		table.retire(p.tableKey(sessionIDHash(old)), now+retireGrace)
+		table.retire(p.tableKey(k.hashValue(old)), now+retireGrace)
 	}
 }
 

@@ -228,9 +228,7 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 	if p.MaxSessions == 0 {
 		p.MaxSessions = DefaultMaxSessions
 	}
-	if len(p.Keys) == 0 && !p.NoDefaultKeys {
-		p.Keys = []KeySource{{From: "platform_cookies"}}
-	}
+	p.Keys = p.keysInEffect()
 	for i := range p.Keys {
 		if err := p.Keys[i].provision(); err != nil {
 			return err
