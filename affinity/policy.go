@@ -188,7 +188,6 @@ type Policy struct {
 	scope      atomic.Uint64
 	scopeTried atomic.Uint32 // the table clock at the last resolveScope
 
-	releaseSyncer func()
 	// remote is the shared store (store redis), nil for store local and
 	// memory, whose memory is the table alone.
 	remote *redisStore
@@ -264,16 +263,6 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("registering metrics: %v", err)
 	}
 
-	// States set through the admin API on any instance sharing this
-	// storage apply here too.
-	if storageOf(ctx) != nil {
-		release, err := healthcheck.AcquireSyncer(ctx)
-		if err != nil {
-			return fmt.Errorf("upstream state syncer: %v", err)
-		}
-		p.releaseSyncer = release
-	}
-
 	f, err := acquireFarm(p)
 	if err != nil {
 		return fmt.Errorf("session table: %v", err)
@@ -296,9 +285,6 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 // Cleanup stops the policy's probe and lets go of the farm (the shared
 // session table) and the state syncer.
 func (p *Policy) Cleanup() error {
-	if p.releaseSyncer != nil {
-		p.releaseSyncer()
-	}
 	if p.remote != nil {
 		liveRemotes.Delete(p.remote)
 		p.remote.close()
