@@ -107,8 +107,11 @@ var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
 // handleStatus serves GET /affinity/.
 func handleStatus(w http.ResponseWriter, r *http.Request) error {
 	if r.URL.Path != StatusPath {
-		return apiError(http.StatusNotFound, "no affinity endpoint %s: see %s, %s, %s and %s",
-			r.URL.Path, StatusPath, UpstreamsPath, StatePath, LookupPath)
+		var paths []string
+		for _, route := range (API{}).Routes() {
+			paths = append(paths, route.Pattern)
+		}
+		return apiError(http.StatusNotFound, "no affinity endpoint %s: see %s", r.URL.Path, strings.Join(paths, ", "))
 	}
 	if err := allowOnly(w, r, http.MethodGet, http.MethodHead); err != nil {
 		return err

@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestCookieValue(t *testing.T) {
@@ -290,5 +291,44 @@ func TestKindsHashAsTheyLearn(t *testing.T) {
 		if kk.learnable() && kk.seed != seedSessionID {
 			t.Errorf("%s: learnable with seed %d: an id learned from a cookie would not be the key read from the path", kk.name, kk.seed)
 		}
+	}
+}
+
+// TestAddingAKeyKind adds a kind of key source as its one entry in
+// keyKinds and uses it everywhere a kind is used: the Caddyfile, Validate,
+// Select, the lookup, and the list the admin API offers.
+func TestAddingAKeyKind(t *testing.T) {
+	saved := keyKinds
+	t.Cleanup(func() { keyKinds = saved })
+	keyKinds = append(saved[:len(saved):len(saved)], &keyKind{
+		name: "user_agent", seed: 42,
+		read: func(_ *KeySource, r *http.Request) (string, bool) {
+			ua := r.Header.Get("User-Agent")
+			return ua, ua != ""
+		},
+		inject: func(_ *KeySource, r *http.Request, v string) error { r.Header.Set("User-Agent", v); return nil },
+	})
+	p, err := parse("affinity {\n key user_agent\n}")
+	if err != nil {
+		t.Fatalf("the Caddyfile does not take the new kind: %v", err)
+	}
+	if _, err := parse("affinity {\n key user_agent x\n}"); err == nil || !strings.Contains(err.Error(), "takes no arguments") {
+		t.Fatalf("the new kind's arguments are not checked: %v", err)
+	}
+	p = newTestPolicy(t, p)
+	pool := testPool(t, 3)
+	r := newRequest()
+	r.Header.Set("User-Agent", "curl/8")
+	up := p.Select(pool, r, httptest.NewRecorder())
+	got := Explain(siteOf(p, pool), "user_agent", "", "curl/8", time.Now())
+	if got.Error != "" || got.Upstream == nil || *got.Upstream != up.Dial || got.Decision != DecidedTable {
+		t.Fatalf("the lookup by the new kind: %+v, Select chose %s", got, up.Dial)
+	}
+	listed := false
+	for _, k := range KeyKinds() {
+		listed = listed || k.Name == "user_agent"
+	}
+	if !listed {
+		t.Fatal("KeyKinds does not list the new kind")
 	}
 }

@@ -578,7 +578,6 @@ func TestNoAllocs(t *testing.T) {
 	}
 }
 
-
 // TestScheduleReference checks the table against a plain simulation of
 // the fill that populate describes: round after round, every member in
 // turn order (heavier first, then by name) examines one entry if its
