@@ -236,12 +236,6 @@ func (p *Policy) explain(ps *poolState, d *decision, after *decision, now time.T
 	}
 }
 
-// hadUpstream reports whether the session had an upstream it leaves.
-func hadUpstream(d *decision) bool {
-	from, _ := d.left()
-	return from >= 0 || d.gone != ""
-}
-
 // askedWhy words what one source named.
 func (p *Policy) askedWhy(ps *poolState, d *decision, a ask, sess *SessionEntry, now time.Time) string {
 	dial := ps.ups[a.upstream].Dial
