@@ -84,7 +84,7 @@ func TestStatusNegotiatesHTMLAndJSON(t *testing.T) {
 // for the test: adding a state is adding its row.
 func withQuarantine(t *testing.T) healthcheck.StateInfo {
 	q := healthcheck.StateInfo{
-		State: healthcheck.State(len(healthcheck.States)), Name: "quarantine", Verb: "quarantine",
+		State: healthcheck.State(len(healthcheck.States)), Name: "quarantine", Verb: "quarantine", Is: "quarantined",
 		Short: "Quarantines an upstream", Help: "Takes nothing, for a test.",
 		Now: "it is quarantined", Colour: "bad", Confirm: "Really?",
 	}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -285,14 +286,15 @@ func describeChange(u upstreamStatus) string {
 	st, err := healthcheck.ParseState(u.State)
 	info, _ := st.Info()
 	switch {
-	case err != nil || info.Now == "":
+	case err != nil:
 		return fmt.Sprintf("%s is now %s", u.Upstream, u.State)
 	case u.Drained:
-		return fmt.Sprintf("%s is now %s, and drained: it holds no session", u.Upstream, u.State)
-	case info.Drains():
-		return fmt.Sprintf("%s is now %s: %s (%d live sessions)", u.Upstream, u.State, info.Now, u.Sessions)
+		return fmt.Sprintf("%s is now %s, and drained: it holds no session", u.Upstream, info.Is)
+	case info.Now == "":
+		return fmt.Sprintf("%s is now %s", u.Upstream, info.Is)
 	}
-	return fmt.Sprintf("%s is now %s: %s", u.Upstream, u.State, info.Now)
+	now := strings.ReplaceAll(info.Now, "{sessions}", strconv.FormatInt(u.Sessions, 10))
+	return fmt.Sprintf("%s is now %s: %s", u.Upstream, info.Is, now)
 }
 
 // printTable writes the upstreams as an aligned table.

@@ -163,7 +163,7 @@ func TestStateCommandsFromTheTable(t *testing.T) {
 	saved := healthcheck.States
 	t.Cleanup(func() { healthcheck.States = saved })
 	healthcheck.States = append(saved[:len(saved):len(saved)], healthcheck.StateInfo{
-		State: healthcheck.State(len(saved)), Name: "quarantine", Verb: "quarantine",
+		State: healthcheck.State(len(saved)), Name: "quarantine", Verb: "quarantine", Is: "quarantined",
 		Short: "Quarantines an upstream", Help: "Takes nothing, for a test.", KeepsPinned: true,
 	})
 	cmds := map[string]bool{}
@@ -189,7 +189,15 @@ func TestStateCommandsFromTheTable(t *testing.T) {
 			t.Errorf("no subcommand %s: %v", want, cmds)
 		}
 	}
-	if got := describeChange(upstreamStatus{Upstream: "u:1", State: "quarantine", Sessions: 2}); got != "u:1 is now quarantine" {
-		t.Errorf("describeChange: %q", got)
+	for u, want := range map[upstreamStatus]string{
+		{Upstream: "u:1", State: "quarantine", Sessions: 2}:  "u:1 is now quarantined",
+		{Upstream: "u:1", State: "draining", Sessions: 3}:    "u:1 is now draining: it keeps its 3 live sessions and takes no new ones",
+		{Upstream: "u:1", State: "draining", Drained: true}:  "u:1 is now draining, and drained: it holds no session",
+		{Upstream: "u:1", State: "maintenance", Sessions: 3}: "u:1 is now in maintenance: its sessions fail over on their next request",
+		{Upstream: "u:1", State: "up"}:                       "u:1 is now up",
+	} {
+		if got := describeChange(u); got != want {
+			t.Errorf("describeChange: %q, want %q", got, want)
+		}
 	}
 }

@@ -69,8 +69,12 @@ type StateInfo struct {
 	// before. KeepsPinned: it serves the sessions already pinned to it.
 	TakesNew    bool `json:"takes_new"`
 	KeepsPinned bool `json:"keeps_pinned"`
-	// Now words what the change means, after "<upstream> is now <name>";
-	// empty for nothing more.
+	// Is is how the state reads after "<upstream> is now": "in
+	// maintenance".
+	Is string `json:"is"`
+	// Now words what the change means, after "<upstream> is now <Is>: ";
+	// {sessions} stands for the upstream's live sessions. Empty for
+	// nothing more.
 	Now string `json:"now,omitempty"`
 	// Colour is how the status page shows it: "ok", "warn" or "bad".
 	Colour string `json:"colour"`
@@ -91,7 +95,7 @@ func (i StateInfo) Drains() bool { return i.KeepsPinned && !i.TakesNew }
 // States is every lifecycle state, in order of their values.
 var States = []StateInfo{
 	{
-		State: Up, Name: "up", Verb: "up", Colour: "ok",
+		State: Up, Name: "up", Verb: "up", Is: "up", Colour: "ok",
 		Short:    "Puts an upstream back in service",
 		TakesNew: true, KeepsPinned: true,
 		Help: `Puts an upstream back in the up state: it takes new sessions again
@@ -99,17 +103,17 @@ var States = []StateInfo{
 Sessions that failed over away from it stay where they are.`,
 	},
 	{
-		State: Draining, Name: "draining", Verb: "drain", Colour: "warn",
+		State: Draining, Name: "draining", Verb: "drain", Is: "draining", Colour: "warn",
 		Short:       "Drains an upstream: it keeps its sessions and takes no new ones",
 		KeepsPinned: true,
-		Now:         "it keeps its live sessions and takes no new ones",
+		Now:         "it keeps its {sessions} live sessions and takes no new ones",
 		Help: `Puts an upstream in the draining state: the sessions pinned to it stay
 there, new sessions go to the other upstreams, and once its last session
 has ended (session_ttl after its last request) it is drained: it can be
 stopped or deployed without cutting a session.`,
 	},
 	{
-		State: Maintenance, Name: "maintenance", Verb: "maintenance", Colour: "bad",
+		State: Maintenance, Name: "maintenance", Verb: "maintenance", Is: "in maintenance", Colour: "bad",
 		Short:   "Takes an upstream out of service now: its sessions fail over",
 		Now:     "its sessions fail over on their next request",
 		Confirm: "Its sessions fail over on their next request and stay where they land.",
