@@ -95,9 +95,17 @@ func TestBackgroundWorkAcrossReloads(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	stopAfterReloads(t, first, 10)
+}
+
+// stopAfterReloads checks that the module runs as many goroutines after
+// the reloads as after the first load, stops Caddy, and checks that none
+// is left.
+func stopAfterReloads(t *testing.T, first, reloads int) {
+	t.Helper()
 	time.Sleep(1500 * time.Millisecond)
 	if n := settledGoroutines(); n != first {
-		t.Fatalf("%d module goroutines after 10 reloads, %d after the first load", n, first)
+		t.Fatalf("%d module goroutines after %d reloads, %d after the first load", n, reloads, first)
 	}
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
@@ -157,18 +165,7 @@ func TestBackgroundWorkEveryFeatureAcrossReloads(t *testing.T) {
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
-	time.Sleep(1500 * time.Millisecond)
-	if n := settledGoroutines(); n != first {
-		t.Fatalf("%d module goroutines after 6 reloads, %d after the first load", n, first)
-	}
-	if err := caddy.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	if n := settledGoroutines(); n != 0 {
-		var b strings.Builder
-		_ = pprof.Lookup("goroutine").WriteTo(&b, 1)
-		t.Fatalf("%d module goroutines after Caddy stopped:\n%s", n, b.String())
-	}
+	stopAfterReloads(t, first, 6)
 	if n := healthcheck.PendingUndrains(); n != 0 {
 		t.Fatalf("%d undrain timers outlive the farm", n)
 	}
