@@ -254,6 +254,32 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 	p.placeOnRing(ps, in, d)
 }
 
+// routeIndex returns the upstream a request's Tomcat route names, or -1:
+// the first session id among the cookie and path_param keys that ends in
+// a configured route.
+func (p *Policy) routeIndex(ps *poolState, r *http.Request) int {
+	for i := range p.Keys {
+		k := &p.Keys[i]
+		if !k.kind.tomcatRoute {
+			continue
+		}
+		id, ok := k.value(r)
+		if !ok {
+			continue
+		}
+		route, ok := routeSuffix(id)
+		if !ok {
+			continue
+		}
+		for _, rt := range ps.routes {
+			if rt.route == route {
+				return rt.index
+			}
+		}
+	}
+	return -1
+}
+
 // settle asks about a session pinned to upstream i by source from. It
 // reports whether that decides the request: i serves it, or the session
 // waits for i under `hold`.

@@ -2,7 +2,6 @@ package affinity
 
 import (
 	"math"
-	"net/http"
 	"time"
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
@@ -128,32 +127,6 @@ func (p *Policy) sessionsOn(ps *poolState, i int) int64 {
 		n = p.remote.clusterLoad(ps.ups[i].Dial, n)
 	}
 	return n
-}
-
-// routeIndex returns the upstream a request's Tomcat route names, or -1:
-// the first session id among the cookie and path_param keys that ends in
-// a configured route.
-func (p *Policy) routeIndex(ps *poolState, r *http.Request) int {
-	for i := range p.Keys {
-		k := &p.Keys[i]
-		if !k.kind.tomcatRoute {
-			continue
-		}
-		id, ok := k.value(r)
-		if !ok {
-			continue
-		}
-		route, ok := routeSuffix(id)
-		if !ok {
-			continue
-		}
-		for _, rt := range ps.routes {
-			if rt.route == route {
-				return rt.index
-			}
-		}
-	}
-	return -1
 }
 
 // rampAccepts reports whether an upstream that came back `back` ago takes
