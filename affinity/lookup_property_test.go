@@ -47,8 +47,8 @@ func TestLookupIsSelectWithoutWrites(t *testing.T) {
 				Hold: caddy.Duration(10 * time.Second),
 			}
 		}, 5},
-		{"pin off", func() *Policy {
-			return &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, Hold: caddy.Duration(10 * time.Second)}
+		{"pin off, client address, learner", func() *Policy {
+			return &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip", IPv4Bits: 24}}, DisablePinCookie: true, Hold: caddy.Duration(10 * time.Second)}
 		}, 3},
 	}
 	for _, w := range worlds {
@@ -146,6 +146,7 @@ type lookupRequest struct {
 	pinWhat     string
 	retryOf     *reverseproxy.Upstream
 	conn        string
+	learning    bool // affinity_learn watches the response
 }
 
 func (s lookupRequest) String() string {
@@ -153,11 +154,11 @@ func (s lookupRequest) String() string {
 	if s.retryOf != nil {
 		retry = " retry of " + s.retryOf.Dial
 	}
-	return fmt.Sprintf("{sid %q header %q pin %s%s}", s.sid, s.header, s.pinWhat, retry)
+	return fmt.Sprintf("{sid %q header %q pin %s%s conn %s learning %v}", s.sid, s.header, s.pinWhat, retry, s.conn, s.learning)
 }
 
 func randomRequest(rng *rand.Rand, p *Policy, pool reverseproxy.UpstreamPool) lookupRequest {
-	s := lookupRequest{conn: fmt.Sprintf("192.0.2.1:%d", 1024+rng.IntN(60000)), pinWhat: "none"}
+	s := lookupRequest{conn: fmt.Sprintf("192.0.2.%d:%d", 1+rng.IntN(3), 1024+rng.IntN(60000)), pinWhat: "none", learning: rng.IntN(2) == 0}
 	if rng.IntN(4) > 0 {
 		s.sid = fmt.Sprint(rng.IntN(40))
 	}
@@ -198,6 +199,9 @@ func (s lookupRequest) build() *http.Request {
 	vars := map[string]any{}
 	if s.retryOf != nil {
 		vars[triedVar] = s.retryOf
+	}
+	if s.learning {
+		vars[learnVar] = &learnWriter{}
 	}
 	return r.WithContext(context.WithValue(r.Context(), caddyhttp.VarsCtxKey, vars))
 }
