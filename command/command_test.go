@@ -158,3 +158,33 @@ func TestDemoControl(t *testing.T) {
 		t.Fatalf("list: %d", c)
 	}
 }
+
+func TestDrainProgressOnlyOnATerminal(t *testing.T) {
+	var buf strings.Builder
+	p := newDrainProgress(&buf, "127.0.0.1:9002")
+	p.update(3)
+	p.clear()
+	if buf.Len() != 0 || p.tty {
+		t.Fatalf("progress written to a pipe: %q", buf.String())
+	}
+	p.tty = true
+	p.update(3)
+	if s := buf.String(); !strings.Contains(s, "3 live sessions left, waited 0s") || !strings.HasPrefix(s, "\r") {
+		t.Fatalf("progress on a terminal: %q", s)
+	}
+	p.clear()
+	if !strings.HasSuffix(buf.String(), "\r\033[K") {
+		t.Fatalf("progress line not cleared: %q", buf.String())
+	}
+}
+
+func TestCookieHeader(t *testing.T) {
+	if cs := cookieHeader("Cookie: a=1; caddy_affinity=xyz"); len(cs) != 2 || cs[1].Value != "xyz" {
+		t.Fatalf("header: %v", cs)
+	}
+	for _, key := range []string{"hw6hNbNK", "abc==", "=x"} {
+		if cs := cookieHeader(key); cs != nil && key != "abc==" {
+			t.Errorf("%q read as a cookie header: %v", key, cs)
+		}
+	}
+}
