@@ -22,6 +22,7 @@ import (
 //   - 30 fresh clients from one machine (all from 127.0.0.1, each a new
 //     connection and cookie jar) land on all three workers, and each keeps
 //     its worker for 4 visits;
+//   - `caddy affinity status` and the status JSON add no line to its log;
 //   - the demo's storage is a folder under TMPDIR while it runs, and after
 //     it stops HOME (with the XDG folders) and TMPDIR are empty: it wrote
 //     nothing of the user's and removed its own.
@@ -124,6 +125,18 @@ func TestDemo(t *testing.T) {
 	resp.Body.Close()
 	if err := json.Unmarshal(body, &ws); err != nil || len(ws) != 3 {
 		t.Fatalf("the switch's listing: %v %s", err, body)
+	}
+
+	// Quiet: the status page's JSON and `caddy affinity status` through
+	// the admin API add no line to the demo's log.
+	logBefore := len(out.String())
+	if code, _, _ := runCLI(t, "affinity", "status", "--address", fmt.Sprintf("127.0.0.1:%d", adminPort)); code != 0 {
+		t.Errorf("caddy affinity status against the demo: exit %d", code)
+	}
+	var st map[string]any
+	obsGetJSON(t, fmt.Sprintf("http://127.0.0.1:%d/affinity/", adminPort), &st)
+	if logged := out.String()[logBefore:]; logged != "" {
+		t.Errorf("status requests were logged by the demo:\n%s", logged)
 	}
 
 	if err := stop(); err != nil {
