@@ -25,10 +25,7 @@ import (
 // log (it never touches the admin API).
 func TestStatusPageThroughAffinityStatus(t *testing.T) {
 	needCaddy(t)
-	bin := findChromium()
-	if bin == "" {
-		t.Skip("no Chromium (see TestStatusPageInBrowser)")
-	}
+	bctx := launchChromium(t)
 	hash, err := exec.Command(caddyBin, "hash-password", "--plaintext", "s3cret").Output()
 	if err != nil {
 		t.Fatalf("caddy hash-password: %v", err)
@@ -55,41 +52,13 @@ func TestStatusPageThroughAffinityStatus(t *testing.T) {
 		t.Fatalf("after a refused POST, %s is %s", bs[0].addr, u.State)
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	var browserOut syncBuffer
-	actx, cancelAlloc := chromedp.NewExecAllocator(ctx,
-		chromedp.ExecPath(bin), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU,
-		chromedp.Flag("disable-background-networking", true), chromedp.NoFirstRun,
-		chromedp.NoDefaultBrowserCheck, chromedp.Flag("disable-dev-shm-usage", true),
-		chromedp.UserDataDir(t.TempDir()), chromedp.CombinedOutput(&browserOut))
-	defer cancelAlloc()
-	bctx, cancelBrowser := chromedp.NewContext(actx)
-	defer cancelBrowser()
-	defer func() {
-		if t.Failed() {
-			t.Logf("chromium output:\n%s", tailLines(browserOut.String(), 40))
-		}
-	}()
-	if err := chromedp.Do(bctx, chromedp.Navigate("about:blank")); err != nil {
-		t.Fatalf("starting Chromium (%s): %v", bin, err)
-	}
 	if _, err := chromedp.Call(bctx, network.Enable, network.EnableParams{}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := chromedp.Call(bctx, network.SetExtraHTTPHeaders, network.SetExtraHTTPHeadersParams{Headers: network.Headers{"Authorization": auth}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := chromedp.Do(bctx,
-		chromedp.Navigate(page),
-		chromedp.WaitVisible(chromedp.CSS(`#upstreams tbody tr[data-upstream]`)),
-	); err != nil {
-		t.Fatalf("opening %s: %v", page, err)
-	}
-	rows, err := chromedp.Run(bctx, chromedp.Evaluate[int](`document.querySelectorAll('#upstreams tbody tr[data-upstream]').length`))
-	if err != nil || rows != 3 {
-		t.Fatalf("%s shows %d upstream rows (%v), want 3", page, rows, err)
-	}
+	openStatusPage(t, bctx, page, 3)
 	if err := chromedp.Do(bctx, chromedp.Poll[chromedp.Void](`document.querySelector('#live').textContent === 'refreshes every 2 s'`)); err != nil {
 		live, _ := chromedp.Run(bctx, chromedp.Text(chromedp.CSS(`#live`)))
 		t.Fatalf("the page's refresh through affinity_status: %v (%q)", err, live)
@@ -124,5 +93,21 @@ func TestStatusPageThroughAffinityStatus(t *testing.T) {
 		if shot, err := chromedp.Run(bctx, chromedp.FullScreenshot(100)); err == nil {
 			_ = os.WriteFile(dir+"/status-page-site.png", shot, 0o644)
 		}
+	}
+}
+
+// openStatusPage opens the status page at page in the browser and checks
+// that it lists rows upstreams.
+func openStatusPage(t *testing.T, bctx context.Context, page string, rows int) {
+	t.Helper()
+	if err := chromedp.Do(bctx,
+		chromedp.Navigate(page),
+		chromedp.WaitVisible(chromedp.CSS(`#upstreams tbody tr[data-upstream]`)),
+	); err != nil {
+		t.Fatalf("opening %s: %v", page, err)
+	}
+	n, err := chromedp.Run(bctx, chromedp.Evaluate[int](`document.querySelectorAll('#upstreams tbody tr[data-upstream]').length`))
+	if err != nil || n != rows {
+		t.Fatalf("%s shows %d upstream rows (%v), want %d", page, n, err, rows)
 	}
 }
