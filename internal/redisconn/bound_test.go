@@ -1,0 +1,85 @@
+//go:build unix
+
+package redisconn
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
+)
+
+// A hung server (SIGSTOP: connections open, no answer) costs a call the
+// timeout, not more: a command, a pipeline, and a call whose context
+// has a later deadline of its own. The 10s deadline would show a call
+// that ignored the client's timeout.
+func TestEveryCallBoundedByTimeout(t *testing.T) {
+	t.Parallel()
+	rd := testredis.Start(t)
+	cl := client(t, Config{Address: rd.Addr})
+	ctx := context.Background()
+	if err := cl.Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	resume := rd.Pause(t)
+	defer resume()
+	long, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for name, call := range map[string]func() error{
+		"GET": func() error { return cl.Get(ctx, "k").Err() },
+		"pipeline": func() error {
+			p := cl.Pipeline()
+			p.Get(ctx, "k")
+			p.Set(ctx, "j", 1, 0)
+			_, err := p.Exec(ctx)
+			return err
+		},
+		"later deadline": func() error { return cl.Get(long, "k").Err() },
+		// Its first call dials, says HELLO, then sends the command.
+		"fresh client": func() error { return client(t, Config{Address: rd.Addr}).Get(ctx, "k").Err() },
+	} {
+		t0 := time.Now()
+		err := call()
+		took := time.Since(t0)
+		t.Logf("%s against a hung server: %s (%v)", name, took.Round(time.Millisecond), err)
+		if err == nil || !FailoverError(err) {
+			t.Errorf("%s: error %v, want a timeout", name, err)
+		}
+		if took > testTimeout+callSlack {
+			t.Errorf("%s took %s, want at most the timeout %s", name, took, testTimeout)
+		}
+	}
+}
+
+// boundedWhileHung freezes a Cluster master for less than the
+// cluster-node-timeout (no failover) and checks that a command and a
+// pipeline on its slot give up within the client's timeout, redirects
+// and retries included.
+func boundedWhileHung(t *testing.T, cl redis.UniversalClient, master *testredis.Node) {
+	t.Helper()
+	ctx := context.Background()
+	resume := master.Pause(t)
+	for name, call := range map[string]func() error{
+		"cluster GET": func() error { return cl.Get(ctx, "{s1}a").Err() },
+		"cluster pipeline": func() error {
+			p := cl.Pipeline()
+			p.Get(ctx, "{s1}a")
+			p.Set(ctx, "{s1}b", 1, 0)
+			_, err := p.Exec(ctx)
+			return err
+		},
+	} {
+		t0 := time.Now()
+		err := call()
+		took := time.Since(t0)
+		t.Logf("%s against a hung master: %s (%v)", name, took.Round(time.Millisecond), err)
+		if err == nil || took > testTimeout+callSlack {
+			t.Errorf("%s: %v after %s, want a timeout within %s", name, err, took, testTimeout)
+		}
+	}
+	resume()
+	waitAnswers(t, cl, "{s1}a", time.Now())
+}
