@@ -92,13 +92,17 @@ func TestClientSentinel(t *testing.T) {
 	if !subscribedOn(t, s.Master, "{s1}ch") {
 		t.Fatalf("the subscription is not on the master %s", s.Master.Addr)
 	}
+	w := startWrites(cl, "s1")
 	load := startLoad(t, cl, "{s1}a")
+	time.Sleep(300 * time.Millisecond)
 	var promoted time.Duration
 	start := time.Now()
 	go func() { promoted = s.KillMaster(t) }()
 	recovered := load.waitRecovered(t, start)
 	took := sub.waitAfter(t, cl, start)
 	load.stop(t)
+	acked, last, lost := w.lost(t, cl, start)
+	t.Logf("sentinel failover: %d writes acknowledged before the kill (%d in its last 100ms); %d of them lost", acked, last, lost)
 	t.Logf("sentinel failover: SET answers again after %s (promotion seen by the sentinels %s); the subscription received again after %s; %d calls failed meanwhile, the slowest took %s",
 		recovered.Round(time.Millisecond), promoted.Round(time.Millisecond), took.Round(time.Millisecond), load.failed.Load(), time.Duration(load.slowest.Load()).Round(time.Millisecond))
 }
@@ -124,13 +128,17 @@ func TestClientCluster(t *testing.T) {
 		t.Fatalf("the subscription is not on %s, the master of its slot", master.Addr)
 	}
 	boundedWhileHung(t, cl, master)
+	w := startWrites(cl, "s1")
 	load := startLoad(t, cl, "{s1}a")
+	time.Sleep(300 * time.Millisecond)
 	var promoted time.Duration
 	start := time.Now()
 	go func() { _, promoted = c.KillMaster(t, master) }()
 	recovered := load.waitRecovered(t, start)
 	took := sub.waitAfter(t, cl, start)
 	load.stop(t)
+	acked, last, lost := w.lost(t, cl, start)
+	t.Logf("cluster failover: %d writes acknowledged before the kill (%d in its last 100ms); %d of them lost", acked, last, lost)
 	t.Logf("cluster failover: SET answers again after %s (replica master and cluster ok after %s); the subscription received again after %s; %d calls failed meanwhile, the slowest took %s",
 		recovered.Round(time.Millisecond), promoted.Round(time.Millisecond), took.Round(time.Millisecond), load.failed.Load(), time.Duration(load.slowest.Load()).Round(time.Millisecond))
 }
@@ -166,6 +174,7 @@ type load struct {
 	failed   atomic.Int64
 	slowest  atomic.Int64 // nanoseconds
 	lastOK   atomic.Int64 // unix nanoseconds of the last success
+	lastFail atomic.Int64 // and of the last failure
 	quit     chan struct{}
 	done     chan struct{}
 	timeouts []time.Duration
@@ -190,6 +199,7 @@ func startLoad(t *testing.T, cl redis.UniversalClient, key string) *load {
 			}
 			if err != nil {
 				l.failed.Add(1)
+				l.lastFail.Store(time.Now().UnixNano())
 				if !FailoverError(err) {
 					t.Errorf("a call during the failover failed with %v, which FailoverError does not recognize", err)
 				}
@@ -201,12 +211,12 @@ func startLoad(t *testing.T, cl redis.UniversalClient, key string) *load {
 	return l
 }
 
-// waitRecovered waits until a call that began after the kill (and
-// after at least one failure) succeeds, and returns when, from start.
+// waitRecovered waits until a call succeeds after one failed after
+// start (the kill), and returns when, from start.
 func (l *load) waitRecovered(t *testing.T, start time.Time) time.Duration {
 	t.Helper()
 	for {
-		if ok := l.lastOK.Load(); ok > start.UnixNano() && l.failed.Load() > 0 {
+		if ok, fail := l.lastOK.Load(), l.lastFail.Load(); fail > start.UnixNano() && ok > fail {
 			return time.Duration(ok - start.UnixNano())
 		}
 		if time.Since(start) > recoverWithin {
@@ -304,4 +314,87 @@ func (quiet) Printf(context.Context, string, ...any) {}
 func TestMain(m *testing.M) {
 	redis.SetLogger(quiet{})
 	os.Exit(m.Run())
+}
+
+// writes acknowledges numbered keys as fast as pipelines of 50 go, to
+// count what a failover loses of the writes acknowledged just before
+// the master died (replication is asynchronous).
+type writes struct {
+	tag   string
+	mu    sync.Mutex
+	acked map[int]time.Time
+	quit  chan struct{}
+	done  chan struct{}
+}
+
+func startWrites(cl redis.UniversalClient, tag string) *writes {
+	w := &writes{tag: tag, acked: make(map[int]time.Time), quit: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		ctx := context.Background()
+		for i := 0; ; {
+			select {
+			case <-w.quit:
+				return
+			default:
+			}
+			p := cl.Pipeline()
+			cmds := make([]*redis.StatusCmd, 50)
+			for j := range cmds {
+				cmds[j] = p.Set(ctx, w.key(i+j), i+j, time.Hour)
+			}
+			_, _ = p.Exec(ctx)
+			now := time.Now()
+			w.mu.Lock()
+			for j, c := range cmds {
+				if c.Err() == nil {
+					w.acked[i+j] = now
+				}
+			}
+			w.mu.Unlock()
+			i += len(cmds)
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	return w
+}
+
+func (w *writes) key(i int) string { return fmt.Sprintf("{%s}w%d", w.tag, i) }
+
+// lost stops the writer and reads back every write acknowledged before
+// kill: it returns how many were acknowledged, how many of those within
+// the last 100ms, and how many are missing now.
+func (w *writes) lost(t *testing.T, cl redis.UniversalClient, kill time.Time) (acked, last100ms, lost int) {
+	t.Helper()
+	close(w.quit)
+	<-w.done
+	var idx []int
+	for i, at := range w.acked {
+		if at.Before(kill) {
+			idx = append(idx, i)
+			if kill.Sub(at) <= 100*time.Millisecond {
+				last100ms++
+			}
+		}
+	}
+	ctx := context.Background()
+	for len(idx) > 0 {
+		n := min(len(idx), 500)
+		keys := make([]string, n)
+		for j, i := range idx[:n] {
+			keys[j] = w.key(i)
+		}
+		vals, err := cl.MGet(ctx, keys...).Result()
+		if err != nil {
+			t.Fatalf("reading the writes back: %v", err)
+		}
+		for _, v := range vals {
+			if v == nil {
+				lost++
+			}
+		}
+		acked += n
+		idx = idx[n:]
+	}
+	return acked, last100ms, lost
 }
