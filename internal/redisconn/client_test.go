@@ -77,9 +77,10 @@ func TestClientSingle(t *testing.T) {
 	rd.Stop()
 	start := time.Now()
 	rd.Run(t)
-	waitAnswers(t, cl, "{s1}a", start)
+	answered := waitAnswers(t, cl, "{s1}a", start)
 	took := sub.waitAfter(t, cl, start)
-	t.Logf("single server restarted: the subscription received again %s after the restart", took.Round(time.Millisecond))
+	t.Logf("single server restarted: SET answered %s after the restart began, the subscription received again after %s",
+		answered.Round(time.Millisecond), took.Round(time.Millisecond))
 }
 
 func TestClientSentinel(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 // through it works, through another node is MOVED), and KillMaster
 // promotes that master's replica, which then holds the key.
 func TestClusterBringUpAndFailover(t *testing.T) {
+	t.Parallel()
 	c := StartCluster(t)
 	t.Logf("cluster bring-up: %s", c.BringUp.Round(time.Millisecond))
 	masters := 0
@@ -64,6 +65,7 @@ func TestClusterBringUpAndFailover(t *testing.T) {
 // The Sentinel setup comes up, the sentinels name the master, and
 // KillMaster makes them promote the replica, which keeps the data.
 func TestSentinelBringUpAndFailover(t *testing.T) {
+	t.Parallel()
 	s := StartSentinel(t)
 	t.Logf("sentinel bring-up: %s", s.BringUp.Round(time.Millisecond))
 	if got := s.MasterAddr(t); got != s.Master.Addr {
