@@ -49,15 +49,12 @@ func (c *Config) Client() redis.UniversalClient {
 		return out
 	}
 	timeout := c.timeout()
-	var tlsConfig func(addr string) *tls.Config
+	var tlsConfig *tls.Config
 	if c.TLS {
-		tlsConfig = func(addr string) *tls.Config {
-			host, _, err := net.SplitHostPort(addr)
-			if err != nil {
-				host = addr
-			}
-			return &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
-		}
+		// No ServerName: go-redis dials with tls.DialWithDialer, which
+		// verifies each connection against its own host (a sentinel, the
+		// master it names, each Cluster node as it announces itself).
+		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
 	b := &bound{timeout: timeout}
 	var client redis.UniversalClient
@@ -86,16 +83,11 @@ func (c *Config) Client() redis.UniversalClient {
 			DisableIdentity: true,
 			MinIdleConns:    8,
 		}
-		if tlsConfig != nil {
-			// The sentinels and the master share the TLS settings; the
-			// server name is the first sentinel's host.
-			opts.TLSConfig = tlsConfig(opts.SentinelAddrs[0])
-		}
+		opts.TLSConfig = tlsConfig
 		client = redis.NewFailoverClient(opts)
 	case Cluster:
-		addrs := rs(c.Cluster)
 		opts := &redis.ClusterOptions{
-			Addrs:                 addrs,
+			Addrs:                 rs(c.Cluster),
 			Username:              r(c.Username),
 			Password:              r(c.Password),
 			DialTimeout:           timeout,
@@ -114,21 +106,13 @@ func (c *Config) Client() redis.UniversalClient {
 			MinIdleConns:               2,
 			ClusterStateReloadInterval: ClusterStateReload,
 		}
-		if tlsConfig != nil {
-			opts.NewClient = func(o *redis.Options) *redis.Client {
-				// Each node's own host name: nodes announce their own
-				// addresses, not the seeds'.
-				o.TLSConfig = tlsConfig(o.Addr)
-				return redis.NewClient(o)
-			}
-		}
+		opts.TLSConfig = tlsConfig
 		cc := redis.NewClusterClient(opts)
 		b.reload = func() { cc.ReloadState(context.Background()) }
 		client = cc
 	default:
-		addr := r(c.Address)
 		opts := &redis.Options{
-			Addr:                  addr,
+			Addr:                  r(c.Address),
 			Username:              r(c.Username),
 			Password:              r(c.Password),
 			DB:                    c.DB,
@@ -142,9 +126,7 @@ func (c *Config) Client() redis.UniversalClient {
 			DisableIdentity:       true,
 			MinIdleConns:          8,
 		}
-		if tlsConfig != nil {
-			opts.TLSConfig = tlsConfig(addr)
-		}
+		opts.TLSConfig = tlsConfig
 		client = redis.NewClient(opts)
 	}
 	client.AddHook(b)

@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -312,9 +313,49 @@ type quiet struct{}
 
 func (quiet) Printf(context.Context, string, ...any) {}
 
+// tlsFiles are a CA this process trusts as a system root (through
+// SSL_CERT_FILE, read once when the roots are first loaded) and a server
+// certificate it signed for 127.0.0.1.
+var tlsFiles testredis.TLSFiles
+
 func TestMain(m *testing.M) {
 	redis.SetLogger(quiet{})
-	os.Exit(m.Run())
+	dir, err := os.MkdirTemp("", "redisconn-tls")
+	if err == nil {
+		tlsFiles, err = testredis.WriteTLSFiles(dir)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "writing the test certificates:", err)
+		os.Exit(1)
+	}
+	os.Setenv("SSL_CERT_FILE", tlsFiles.CA)
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// tls connects over TLS, verifying the server's certificate against the
+// system roots for the host dialled: 127.0.0.1 (in the certificate)
+// works, localhost (not in it) is refused, and so is plain TCP.
+func TestClientTLS(t *testing.T) {
+	t.Parallel()
+	n := testredis.StartTLS(t, tlsFiles)
+	ctx := context.Background()
+	cl := client(t, Config{Address: n.Addr, TLS: true})
+	if err := cl.Set(ctx, "k", "v", time.Minute).Err(); err != nil {
+		t.Fatalf("SET over TLS: %v", err)
+	}
+	if v, err := cl.Get(ctx, "k").Result(); err != nil || v != "v" {
+		t.Fatalf("GET over TLS: %q %v", v, err)
+	}
+	other := client(t, Config{Address: "localhost:" + strconv.Itoa(n.Port), TLS: true})
+	if err := other.Get(ctx, "k").Err(); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("TLS to a host the certificate does not name: %v, want a certificate error", err)
+	}
+	plain := client(t, Config{Address: n.Addr})
+	if err := plain.Get(ctx, "k").Err(); err == nil {
+		t.Fatal("plain TCP to a TLS server answered")
+	}
 }
 
 // writes acknowledges numbered keys as fast as pipelines of 50 go, to
