@@ -34,7 +34,9 @@ const recoverWithin = 10 * time.Second
 
 func client(t *testing.T, c Config) redis.UniversalClient {
 	t.Helper()
-	c.Timeout = caddy.Duration(testTimeout)
+	if c.Timeout == 0 {
+		c.Timeout = caddy.Duration(testTimeout)
+	}
 	if err := c.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -341,18 +343,21 @@ func TestClientTLS(t *testing.T) {
 	t.Parallel()
 	n := testredis.StartTLS(t, tlsFiles)
 	ctx := context.Background()
-	cl := client(t, Config{Address: n.Addr, TLS: true})
+	// A TLS handshake under -race on a busy machine may take longer
+	// than testTimeout: this test is about verification, not time.
+	slow := caddy.Duration(5 * time.Second)
+	cl := client(t, Config{Address: n.Addr, TLS: true, Timeout: slow})
 	if err := cl.Set(ctx, "k", "v", time.Minute).Err(); err != nil {
 		t.Fatalf("SET over TLS: %v", err)
 	}
 	if v, err := cl.Get(ctx, "k").Result(); err != nil || v != "v" {
 		t.Fatalf("GET over TLS: %q %v", v, err)
 	}
-	other := client(t, Config{Address: "localhost:" + strconv.Itoa(n.Port), TLS: true})
+	other := client(t, Config{Address: "localhost:" + strconv.Itoa(n.Port), TLS: true, Timeout: slow})
 	if err := other.Get(ctx, "k").Err(); err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("TLS to a host the certificate does not name: %v, want a certificate error", err)
 	}
-	plain := client(t, Config{Address: n.Addr})
+	plain := client(t, Config{Address: n.Addr, Timeout: slow})
 	if err := plain.Get(ctx, "k").Err(); err == nil {
 		t.Fatal("plain TCP to a TLS server answered")
 	}
