@@ -137,8 +137,7 @@ type RedisStates struct {
 	channel  string // changes are published here
 	interval time.Duration
 
-	mu    sync.Mutex
-	holds []*heldClient // the newest is used
+	holds holds[heldClient] // the newest is used
 
 	base   context.Context
 	cancel context.CancelFunc
@@ -146,24 +145,25 @@ type RedisStates struct {
 	done   chan struct{}
 
 	// Used by the loop only (and the first round before it starts).
-	lastErr string
+	outcome roundOutcome
 	bad     map[string]string // field -> problem already logged
 }
 
 func newRedisStates(reg *registry, h *heldClient, prefix string, interval time.Duration) *RedisStates {
 	base, cancel := context.WithCancel(context.Background())
-	return &RedisStates{
+	s := &RedisStates{
 		reg:      reg,
 		key:      prefix + redisStatesSuffix,
 		channel:  prefix + redisChangedSuffix,
 		interval: interval,
-		holds:    []*heldClient{h},
 		base:     base,
 		cancel:   cancel,
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 		bad:      make(map[string]string),
 	}
+	s.holds.add(h)
+	return s
 }
 
 func (s *RedisStates) start() {
@@ -172,28 +172,15 @@ func (s *RedisStates) start() {
 	go s.loop()
 }
 
-func (s *RedisStates) hold(h *heldClient) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.holds = append(s.holds, h)
-}
-
-func (s *RedisStates) unhold(h *heldClient) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if i := slices.Index(s.holds, h); i >= 0 {
-		s.holds = slices.Delete(s.holds, i, i+1)
-	}
-}
+func (s *RedisStates) hold(h *heldClient)   { s.holds.add(h) }
+func (s *RedisStates) unhold(h *heldClient) { s.holds.remove(h) }
 
 // client returns the newest client still held, or nil.
 func (s *RedisStates) client() redis.UniversalClient {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.holds) == 0 {
-		return nil
+	if h := s.holds.newest(); h != nil {
+		return h.UniversalClient
 	}
-	return s.holds[len(s.holds)-1].UniversalClient
+	return nil
 }
 
 func (s *RedisStates) logger() *zap.Logger { return s.reg.logger().Named("sync.redis") }
@@ -308,16 +295,7 @@ func (s *RedisStates) decode(field, raw string) (storedRecord, bool) {
 func (s *RedisStates) round() {
 	ctx, cancel := context.WithTimeout(s.base, syncTimeout)
 	defer cancel()
-	err := s.syncOnce(ctx)
-	switch {
-	case err != nil && err.Error() != s.lastErr:
-		s.lastErr = err.Error()
-		s.logger().Warn("cannot sync upstream states with Redis; retrying every interval",
-			zap.Duration("interval", s.interval), zap.Error(err))
-	case err == nil && s.lastErr != "":
-		s.lastErr = ""
-		s.logger().Info("syncing upstream states with Redis works again")
-	}
+	s.outcome.log(s.logger(), "Redis", s.interval, s.syncOnce(ctx))
 }
 
 // syncOnce applies every record of the hash newer than what is known
@@ -348,30 +326,22 @@ func (s *RedisStates) syncOnce(ctx context.Context) error {
 				errs = append(errs, fmt.Errorf("deleting %s %s: %w", s.key, field, err))
 				continue
 			}
-			s.logger().Info("deleted the stored state of an upstream no instance has used",
-				zap.String("upstream", rec.Upstream), zap.String("state", rec.State.String()),
-				zap.Time("last_used", time.Unix(0, rec.lastUse())), zap.Duration("grace", stateGrace))
+			logStaleDeleted(s.logger(), rec)
 			continue
 		}
 		stored[field] = rec
 		s.apply(rec)
 	}
 	for _, u := range s.reg.all() {
-		seen := u.seen.Load()
-		if now.UnixNano()-seen > int64(stateGrace) {
-			continue // kept here for its live sessions alone
-		}
-		rec, ok := stored[u.Dial]
-		var write operatorRecord
-		switch op := u.operator.Load(); {
-		case op != nil && (!ok || rec.Since < op.Since):
-			write = *op
-		case ok && seen-rec.Seen >= int64(seenRefresh):
-			write = rec.operatorRecord // only seen is new
-		default:
+		if !usedWithinGrace(u, now) {
 			continue
 		}
-		if _, err := s.write(ctx, c, u.Dial, write, max(seen, rec.Seen)); err != nil {
+		rec, ok := stored[u.Dial]
+		write, seen, due := writeBack(u, rec, ok)
+		if !due {
+			continue
+		}
+		if _, err := s.write(ctx, c, u.Dial, write, seen); err != nil {
 			errs = append(errs, err)
 		}
 	}

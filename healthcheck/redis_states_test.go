@@ -88,12 +88,9 @@ func TestRedisStatesTwoInstancesAgree(t *testing.T) {
 	t.Parallel()
 	rd := testredis.Start(t)
 	conn := redisconn.Config{Address: rd.Addr}
-	a, b := newInstance(t, "a"), newInstance(t, "b")
 	const dial = "10.0.0.1:8080"
-	a.reg.get(dial)
-	b.reg.get(dial)
+	a, b := twoInstances(t, conn, dial)
 	a.acquireRedis(t, conn, "p", time.Hour)
-	b.acquireRedis(t, conn, "p", time.Hour)
 	waitSubscribers(t, rd.Client(), "p"+redisChangedSuffix, 2)
 
 	for _, step := range []struct {
@@ -113,6 +110,17 @@ func TestRedisStatesTwoInstancesAgree(t *testing.T) {
 		t.Errorf("the states hash's TTL is %s, want about %s", ttl, stateGrace+redisStatesTTL)
 	}
 	b.waitLastChange(t, dial, reasonSync)
+}
+
+// twoInstances returns instances a and b, each using dial, b sharing
+// states through Redis (interval 1h: only messages carry them).
+func twoInstances(t *testing.T, conn redisconn.Config, dial string) (a, b *testInstance) {
+	t.Helper()
+	a, b = newInstance(t, "a"), newInstance(t, "b")
+	a.reg.get(dial)
+	b.reg.get(dial)
+	b.acquireRedis(t, conn, "p", time.Hour)
+	return a, b
 }
 
 // waitSubscribers waits until n clients subscribe to channel.
@@ -320,11 +328,8 @@ func TestRedisStatesReloadSwitchesClient(t *testing.T) {
 	t.Parallel()
 	rd := testredis.Start(t)
 	conn := redisconn.Config{Address: rd.Addr}
-	a, b := newInstance(t, "a"), newInstance(t, "b")
 	const dial = "10.0.0.1:8080"
-	a.reg.get(dial)
-	b.reg.get(dial)
-	b.acquireRedis(t, conn, "p", time.Hour)
+	a, b := twoInstances(t, conn, dial)
 	old := redisClient(t, conn)
 	releaseOld, err := acquireRedisStates(a.reg, old, conn.Identity(), "p", time.Hour)
 	if err != nil {

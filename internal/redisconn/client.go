@@ -57,77 +57,51 @@ func (c *Config) Client() redis.UniversalClient {
 		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
 	b := &bound{timeout: timeout}
+	u := &redis.UniversalOptions{
+		Username:         r(c.Username),
+		Password:         r(c.Password),
+		SentinelPassword: r(c.SentinelPassword),
+		DB:               c.DB,
+		TLSConfig:        tlsConfig,
+		DialTimeout:      timeout,
+		ReadTimeout:      timeout,
+		WriteTimeout:     timeout,
+		PoolTimeout:      timeout,
+		// The deadline of the call's context (set by bound) applies to
+		// reads and writes too, so that retries fit in it.
+		ContextTimeoutEnabled: true,
+		// A failed command is not retried by a node's client: the caller
+		// goes on without Redis, and the next call finds the new master.
+		// A Cluster client's own retries (MOVED, ASK, CLUSTERDOWN,
+		// TRYAGAIN, a dead node: another try after a short backoff) stay,
+		// within the call's deadline.
+		MaxRetries:   -1,
+		MaxRedirects: 3,
+		// One dial attempt: the default of five, 100ms apart, spends the
+		// whole timeout on a dead master.
+		DialerRetries: 1,
+		// No CLIENT SETINFO on every new connection.
+		DisableIdentity: true,
+		// Connections dialled ahead, in the background, so that a burst
+		// of requests seldom waits for a dial.
+		MinIdleConns: 8,
+	}
 	var client redis.UniversalClient
 	switch c.Topology() {
 	case Sentinel:
-		opts := &redis.FailoverOptions{
-			MasterName:       r(c.SentinelMaster),
-			SentinelAddrs:    rs(c.Sentinels),
-			SentinelPassword: r(c.SentinelPassword),
-			Username:         r(c.Username),
-			Password:         r(c.Password),
-			DB:               c.DB,
-			DialTimeout:      timeout,
-			ReadTimeout:      timeout,
-			WriteTimeout:     timeout,
-			PoolTimeout:      timeout,
-			// The deadline of the call's context (set by bound) applies
-			// to reads and writes too, so that retries fit in it.
-			ContextTimeoutEnabled: true,
-			// A failed command is not retried: the caller goes on
-			// without Redis, and the next call finds the new master.
-			MaxRetries: -1,
-			// One dial attempt: the default of five, 100ms apart,
-			// spends the whole timeout on a dead master.
-			DialerRetries:   1,
-			DisableIdentity: true,
-			MinIdleConns:    8,
-		}
-		opts.TLSConfig = tlsConfig
-		client = redis.NewFailoverClient(opts)
+		u.MasterName, u.Addrs = r(c.SentinelMaster), rs(c.Sentinels)
+		client = redis.NewFailoverClient(u.Failover())
 	case Cluster:
-		opts := &redis.ClusterOptions{
-			Addrs:                 rs(c.Cluster),
-			Username:              r(c.Username),
-			Password:              r(c.Password),
-			DialTimeout:           timeout,
-			ReadTimeout:           timeout,
-			WriteTimeout:          timeout,
-			PoolTimeout:           timeout,
-			ContextTimeoutEnabled: true,
-			// Retries are the Cluster client's own (MOVED, ASK,
-			// CLUSTERDOWN, TRYAGAIN, a dead node: another try after a
-			// short backoff), within the call's deadline; the node
-			// clients below it do not retry on their own.
-			MaxRetries:                 -1,
-			MaxRedirects:               3,
-			DialerRetries:              1,
-			DisableIdentity:            true,
-			MinIdleConns:               2,
-			ClusterStateReloadInterval: ClusterStateReload,
-		}
-		opts.TLSConfig = tlsConfig
+		u.Addrs = rs(c.Cluster)
+		opts := u.Cluster()
+		opts.MinIdleConns = 2 // per node
+		opts.ClusterStateReloadInterval = ClusterStateReload
 		cc := redis.NewClusterClient(opts)
 		b.reload = func() { cc.ReloadState(context.Background()) }
 		client = cc
 	default:
-		opts := &redis.Options{
-			Addr:                  r(c.Address),
-			Username:              r(c.Username),
-			Password:              r(c.Password),
-			DB:                    c.DB,
-			DialTimeout:           timeout,
-			ReadTimeout:           timeout,
-			WriteTimeout:          timeout,
-			PoolTimeout:           timeout,
-			ContextTimeoutEnabled: true,
-			MaxRetries:            -1,
-			DialerRetries:         1,
-			DisableIdentity:       true,
-			MinIdleConns:          8,
-		}
-		opts.TLSConfig = tlsConfig
-		client = redis.NewClient(opts)
+		u.Addrs = []string{r(c.Address)}
+		client = redis.NewClient(u.Simple())
 	}
 	client.AddHook(b)
 	return client

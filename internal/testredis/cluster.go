@@ -84,16 +84,12 @@ func (c *Cluster) Addrs() []string {
 // formed checks that every live node reports cluster_state:ok and knows
 // all six nodes, and that every replica's link to its master is up.
 func (c *Cluster) formed() error {
+	if err := c.allOK(true); err != nil {
+		return err
+	}
 	for _, n := range c.Nodes {
 		if !n.Alive() {
 			continue
-		}
-		ci, err := n.info("CLUSTER", "INFO")
-		if err != nil {
-			return err
-		}
-		if ci["cluster_state"] != "ok" || ci["cluster_known_nodes"] != "6" {
-			return fmt.Errorf("%s: cluster_state %s, known nodes %s", n.Addr, ci["cluster_state"], ci["cluster_known_nodes"])
 		}
 		role, err := n.role()
 		if err != nil {
@@ -103,6 +99,24 @@ func (c *Cluster) formed() error {
 			if err := n.replicaSynced(); err != nil {
 				return err
 			}
+		}
+	}
+	return nil
+}
+
+// allOK checks that every live node reports cluster_state:ok (and, if
+// all6, knows all six nodes).
+func (c *Cluster) allOK(all6 bool) error {
+	for _, n := range c.Nodes {
+		if !n.Alive() {
+			continue
+		}
+		ci, err := n.info("CLUSTER", "INFO")
+		if err != nil {
+			return err
+		}
+		if ci["cluster_state"] != "ok" || (all6 && ci["cluster_known_nodes"] != "6") {
+			return fmt.Errorf("%s: cluster_state %s, known nodes %s", n.Addr, ci["cluster_state"], ci["cluster_known_nodes"])
 		}
 	}
 	return nil
@@ -255,19 +269,7 @@ func (c *Cluster) KillMaster(t testing.TB, master *Node) (promoted *Node, took t
 		if role, err := replica.role(); err != nil || role != "master" {
 			return fmt.Errorf("%s: role %q (%v)", replica.Addr, role, err)
 		}
-		for _, n := range c.Nodes {
-			if !n.Alive() {
-				continue
-			}
-			ci, err := n.info("CLUSTER", "INFO")
-			if err != nil {
-				return err
-			}
-			if ci["cluster_state"] != "ok" {
-				return fmt.Errorf("%s: cluster_state %s", n.Addr, ci["cluster_state"])
-			}
-		}
-		return nil
+		return c.allOK(false)
 	}, replica)
 	return replica, time.Since(start)
 }
