@@ -75,6 +75,9 @@ func agree(t *testing.T, from, to *testInstance, dial string, s State) time.Dura
 	if op := u.operator.Load(); op == nil || op.By != from.name || op.Since != uf.operator.Load().Since {
 		t.Errorf("%s's record after %s's %s: %+v, want by %s since %d", to.name, from.name, s, op, from.name, uf.operator.Load().Since)
 	}
+	if o, ok := u.LastOrder(); !ok || o.By != from.name || o.State != s || !o.Since.Equal(uf.Since()) {
+		t.Errorf("%s's LastOrder: %+v %v, want %s by %s since %s", to.name, o, ok, s, from.name, uf.Since())
+	}
 	if u.setter() != setByOperator || !u.Since().Equal(uf.Since()) {
 		t.Errorf("%s: set by %q since %s; want operator since %s", to.name, u.setter(), u.Since(), uf.Since())
 	}
