@@ -445,3 +445,23 @@ func (w *writes) lost(t *testing.T, cl redis.UniversalClient, kill time.Time) (a
 	}
 	return acked, last100ms, lost
 }
+
+// With passwords on the data nodes and on the sentinels, password and
+// sentinel_password reach the right servers; a wrong sentinel_password
+// gets nothing.
+func TestClientSentinelPasswords(t *testing.T) {
+	t.Parallel()
+	s := testredis.StartSentinelWith(t, testredis.SentinelOptions{Password: "data-pw", SentinelPassword: "sentinel-pw"})
+	good := Config{SentinelMaster: testredis.SentinelMaster, Sentinels: s.Addrs(), Password: "data-pw", SentinelPassword: "sentinel-pw"}
+	basics(t, client(t, good))
+	bad := good
+	bad.SentinelPassword = "wrong"
+	if err := client(t, bad).Set(context.Background(), "k", "v", 0).Err(); err == nil {
+		t.Fatal("a wrong sentinel_password reached the master")
+	}
+	bad = good
+	bad.Password = "wrong"
+	if err := client(t, bad).Set(context.Background(), "k", "v", 0).Err(); err == nil {
+		t.Fatal("a wrong password was accepted by the master")
+	}
+}

@@ -26,6 +26,9 @@ type Node struct {
 	// cluster formed.
 	ID string
 
+	// password is what the helpers authenticate with (requirepass).
+	password string
+
 	cmd     *exec.Cmd
 	logFile string
 	exited  chan struct{}
@@ -125,7 +128,7 @@ func (n *Node) Alive() bool {
 // Client returns a plain client of this one node; close it.
 func (n *Node) Client() *redis.Client {
 	return redis.NewClient(&redis.Options{
-		Addr: n.Addr, DisableIdentity: true, MaxRetries: -1,
+		Addr: n.Addr, Password: n.password, DisableIdentity: true, MaxRetries: -1,
 		DialTimeout: time.Second, ReadTimeout: time.Second, WriteTimeout: time.Second,
 	})
 }

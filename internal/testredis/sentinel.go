@@ -31,20 +31,41 @@ type Sentinel struct {
 	BringUp time.Duration
 }
 
+// SentinelOptions are the passwords of a Sentinel setup.
+type SentinelOptions struct {
+	// Password is the master's and the replica's requirepass (the
+	// replica's masterauth and the sentinels' auth-pass too).
+	Password string
+	// SentinelPassword is the sentinels' requirepass.
+	SentinelPassword string
+}
+
 // StartSentinel starts a Sentinel setup, or skips the test when the
 // machine has no redis-server. The processes are SIGKILLed when the test
 // ends.
 func StartSentinel(t testing.TB) *Sentinel {
+	t.Helper()
+	return StartSentinelWith(t, SentinelOptions{})
+}
+
+// StartSentinelWith starts a Sentinel setup with passwords.
+func StartSentinelWith(t testing.TB, o SentinelOptions) *Sentinel {
 	t.Helper()
 	bin := redisBin(t, "redis-server")
 	dir := t.TempDir()
 	start := time.Now()
 	ports := freePorts(t, 5)
 	s := &Sentinel{}
-	s.Master = startNode(t, bin, dir, ports[0], baseArgs(dir, ports[0])...)
+	var auth []string
+	if o.Password != "" {
+		auth = []string{"--requirepass", o.Password, "--masterauth", o.Password}
+	}
+	s.Master = startNode(t, bin, dir, ports[0], append(baseArgs(dir, ports[0]), auth...)...)
+	s.Master.password = o.Password
 	waitUntil(t, bringUpTimeout, "the master answers", s.Master.ping, s.Master)
 	s.Replica = startNode(t, bin, dir, ports[1],
-		append(baseArgs(dir, ports[1]), "--replicaof", "127.0.0.1", strconv.Itoa(ports[0]))...)
+		append(append(baseArgs(dir, ports[1]), auth...), "--replicaof", "127.0.0.1", strconv.Itoa(ports[0]))...)
+	s.Replica.password = o.Password
 	waitUntil(t, bringUpTimeout, "the replica syncs", s.Replica.replicaSynced, s.Replica, s.Master)
 	// Each sentinel rewrites its config file (what it learns of the
 	// others, the epochs): each gets a writable file of its own.
@@ -60,10 +81,18 @@ sentinel failover-timeout %s 10000
 sentinel parallel-syncs %s 1
 `, port, dir, filepath.Join(dir, "redis-"+strconv.Itoa(port)+".log"),
 			SentinelMaster, ports[0], SentinelMaster, SentinelDownAfter/time.Millisecond, SentinelMaster, SentinelMaster)
+		if o.Password != "" {
+			text += fmt.Sprintf("sentinel auth-pass %s %s\n", SentinelMaster, o.Password)
+		}
+		if o.SentinelPassword != "" {
+			text += fmt.Sprintf("requirepass %s\n", o.SentinelPassword)
+		}
 		if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		s.Sentinels = append(s.Sentinels, startNode(t, bin, dir, port, conf, "--sentinel"))
+		sn := startNode(t, bin, dir, port, conf, "--sentinel")
+		sn.password = o.SentinelPassword
+		s.Sentinels = append(s.Sentinels, sn)
 	}
 	for _, sn := range s.Sentinels {
 		waitUntil(t, bringUpTimeout, "sentinel "+sn.Addr+" knows the replica and the other sentinels", func() error {
