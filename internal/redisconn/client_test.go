@@ -96,7 +96,7 @@ func TestClientSentinel(t *testing.T) {
 	if !subscribedOn(t, s.Master, "{s1}ch") {
 		t.Fatalf("the subscription is not on the master %s", s.Master.Addr)
 	}
-	w := startWrites(cl, "s1")
+	w := startWrites(cl, "s1", time.Millisecond)
 	load := startLoad(t, cl, "{s1}a")
 	time.Sleep(300 * time.Millisecond)
 	var promoted time.Duration
@@ -132,7 +132,7 @@ func TestClientCluster(t *testing.T) {
 		t.Fatalf("the subscription is not on %s, the master of its slot", master.Addr)
 	}
 	boundedWhileHung(t, cl, master)
-	w := startWrites(cl, "s1")
+	w := startWrites(cl, "s1", time.Millisecond)
 	load := startLoad(t, cl, "{s1}a")
 	time.Sleep(300 * time.Millisecond)
 	var promoted time.Duration
@@ -363,9 +363,9 @@ func TestClientTLS(t *testing.T) {
 	}
 }
 
-// writes acknowledges numbered keys as fast as pipelines of 50 go, to
-// count what a failover loses of the writes acknowledged just before
-// the master died (replication is asynchronous).
+// writes acknowledges numbered keys in pipelines of 50, a pause
+// between pipelines, to count what a failover loses of the writes
+// acknowledged (replication is asynchronous).
 type writes struct {
 	tag   string
 	mu    sync.Mutex
@@ -374,7 +374,7 @@ type writes struct {
 	done  chan struct{}
 }
 
-func startWrites(cl redis.UniversalClient, tag string) *writes {
+func startWrites(cl redis.UniversalClient, tag string, pause time.Duration) *writes {
 	w := &writes{tag: tag, acked: make(map[int]time.Time), quit: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(w.done)
@@ -400,7 +400,7 @@ func startWrites(cl redis.UniversalClient, tag string) *writes {
 			}
 			w.mu.Unlock()
 			i += len(cmds)
-			time.Sleep(time.Millisecond)
+			time.Sleep(pause)
 		}
 	}()
 	return w

@@ -88,7 +88,7 @@ func (c *Cluster) formed() error {
 		return err
 	}
 	for _, n := range c.Nodes {
-		if !n.Alive() {
+		if !n.up() {
 			continue
 		}
 		role, err := n.role()
@@ -108,7 +108,7 @@ func (c *Cluster) formed() error {
 // all6, knows all six nodes).
 func (c *Cluster) allOK(all6 bool) error {
 	for _, n := range c.Nodes {
-		if !n.Alive() {
+		if !n.up() {
 			continue
 		}
 		ci, err := n.info("CLUSTER", "INFO")
@@ -139,7 +139,7 @@ func (c *Cluster) Topology(t testing.TB) []ClusterNode {
 	t.Helper()
 	var lastErr error
 	for _, n := range c.Nodes {
-		if !n.Alive() {
+		if !n.up() {
 			continue
 		}
 		v, err := n.do("CLUSTER", "NODES")
@@ -209,7 +209,7 @@ func (c *Cluster) node(t testing.TB, addr string) *Node {
 func (c *Cluster) Slot(t testing.TB, key string) int {
 	t.Helper()
 	for _, n := range c.Nodes {
-		if !n.Alive() {
+		if !n.up() {
 			continue
 		}
 		v, err := n.do("CLUSTER", "KEYSLOT", key)
@@ -262,9 +262,14 @@ func (c *Cluster) ReplicaOf(t testing.TB, master *Node) *Node {
 // that took from the kill.
 func (c *Cluster) KillMaster(t testing.TB, master *Node) (promoted *Node, took time.Duration) {
 	t.Helper()
+	return c.failover(t, master, master.Kill)
+}
+
+func (c *Cluster) failover(t testing.TB, master *Node, fail func()) (*Node, time.Duration) {
+	t.Helper()
 	replica := c.ReplicaOf(t, master)
 	start := time.Now()
-	master.Kill()
+	fail()
 	waitUntil(t, bringUpTimeout, "the replica "+replica.Addr+" of "+master.Addr+" takes over", func() error {
 		if role, err := replica.role(); err != nil || role != "master" {
 			return fmt.Errorf("%s: role %q (%v)", replica.Addr, role, err)

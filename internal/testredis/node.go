@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -28,6 +29,8 @@ type Node struct {
 
 	// password is what the helpers authenticate with (requirepass).
 	password string
+	// frozen: stopped by Pause, not resumed yet.
+	frozen atomic.Bool
 
 	cmd     *exec.Cmd
 	logFile string
@@ -124,6 +127,10 @@ func (n *Node) Alive() bool {
 		return true
 	}
 }
+
+// up reports whether the node runs and is not frozen (Pause): whether
+// the helpers may ask it something.
+func (n *Node) up() bool { return n.Alive() && !n.frozen.Load() }
 
 // Client returns a plain client of this one node; close it.
 func (n *Node) Client() *redis.Client {

@@ -148,7 +148,7 @@ func (s *Sentinel) Addrs() []string {
 func (s *Sentinel) MasterAddr(t testing.TB) string {
 	t.Helper()
 	for _, sn := range s.Sentinels {
-		if !sn.Alive() {
+		if !sn.up() {
 			continue
 		}
 		v, err := sn.do("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SentinelMaster)
@@ -166,15 +166,27 @@ func (s *Sentinel) MasterAddr(t testing.TB) string {
 // returns how long that took from the kill.
 func (s *Sentinel) KillMaster(t testing.TB) time.Duration {
 	t.Helper()
+	return s.failover(t, s.Master.Kill)
+}
+
+// WaitReplica waits until n says it is a replica whose link to its
+// master is up, and returns how long that took.
+func WaitReplica(t testing.TB, n *Node) time.Duration {
+	t.Helper()
+	return waitUntil(t, bringUpTimeout, n.Addr+" becomes a synced replica", n.replicaSynced, n)
+}
+
+func (s *Sentinel) failover(t testing.TB, fail func()) time.Duration {
+	t.Helper()
 	old, next := s.Master, s.Replica
 	start := time.Now()
-	old.Kill()
+	fail()
 	waitUntil(t, bringUpTimeout, "the sentinels promote "+next.Addr, func() error {
 		if role, err := next.role(); err != nil || role != "master" {
 			return fmt.Errorf("%s: role %q (%v)", next.Addr, role, err)
 		}
 		for _, sn := range s.Sentinels {
-			if !sn.Alive() {
+			if !sn.up() {
 				continue
 			}
 			v, err := sn.do("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SentinelMaster)
