@@ -348,19 +348,22 @@ func (s *RedisStates) syncOnce(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// write stores a record unless a newer one is stored, and reports
-// whether it did.
-func (s *RedisStates) write(ctx context.Context, c redis.UniversalClient, dial string, rec operatorRecord, seen int64) (bool, error) {
+// write stores a record unless a newer one is stored, and returns the
+// record as written, or nil when a newer one kept it out.
+func (s *RedisStates) write(ctx context.Context, c redis.UniversalClient, dial string, rec operatorRecord, seen int64) ([]byte, error) {
 	b, err := json.Marshal(storedRecord{Upstream: dial, operatorRecord: rec, Seen: seen})
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	ttl := (stateGrace + redisStatesTTL).Milliseconds()
 	n, err := writeNewerScript.Run(ctx, c, []string{s.key}, dial, b, strconv.FormatInt(rec.Since, 10), ttl).Int()
 	if err != nil {
-		return false, fmt.Errorf("writing %s %s: %w", s.key, dial, err)
+		return nil, fmt.Errorf("writing %s %s: %w", s.key, dial, err)
 	}
-	return n == 1, nil
+	if n != 1 {
+		return nil, nil
+	}
+	return b, nil
 }
 
 // share writes an operator's record and publishes it, for the other
@@ -371,12 +374,8 @@ func (s *RedisStates) share(ctx context.Context, dial string, rec operatorRecord
 	if c == nil {
 		return errors.New("redis state sync is stopping")
 	}
-	wrote, err := s.write(ctx, c, dial, rec, seen)
-	if err != nil || !wrote {
-		return err
-	}
-	b, err := json.Marshal(storedRecord{Upstream: dial, operatorRecord: rec, Seen: seen})
-	if err != nil {
+	b, err := s.write(ctx, c, dial, rec, seen)
+	if err != nil || b == nil {
 		return err
 	}
 	if err := c.Publish(ctx, s.channel, b).Err(); err != nil {

@@ -213,12 +213,12 @@ func TestRedisStatesRecords(t *testing.T) {
 	older := operatorRecord{State: Draining, Since: now - int64(time.Second), By: "y"}
 	// Since values of different lengths too: compared as numbers.
 	tiny := operatorRecord{State: Up, Since: 999, By: "z"}
-	if wrote, err := s.write(ctx, s.client(), "10.0.0.5:80", newer, now); err != nil || !wrote {
-		t.Fatalf("first write: %v %v", wrote, err)
+	if wrote, err := s.write(ctx, s.client(), "10.0.0.5:80", newer, now); err != nil || wrote == nil {
+		t.Fatalf("first write: %s %v", wrote, err)
 	}
 	for _, old := range []operatorRecord{older, tiny} {
-		if wrote, err := s.write(ctx, s.client(), "10.0.0.5:80", old, now); err != nil || wrote {
-			t.Fatalf("older write (since %d) replaced since %d: %v %v", old.Since, newer.Since, wrote, err)
+		if wrote, err := s.write(ctx, s.client(), "10.0.0.5:80", old, now); err != nil || wrote != nil {
+			t.Fatalf("older write (since %d) replaced since %d: %s %v", old.Since, newer.Since, wrote, err)
 		}
 	}
 	if got, _ := readRedisRecord(t, cl, "p", "10.0.0.5:80"); got.operatorRecord != newer {
