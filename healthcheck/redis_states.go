@@ -250,12 +250,12 @@ func (s *RedisStates) apply(rec storedRecord) {
 		s.reg.applyShared(u, rec.operatorRecord)
 		return
 	}
-	s.reg.addPending(rec)
+	s.reg.addPending(s, rec)
 }
 
 // addPending keeps a shared record of an address not known here, unless
 // a newer one is kept already.
-func (r *registry) addPending(rec storedRecord) {
+func (r *registry) addPending(s *RedisStates, rec storedRecord) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.byDial[rec.Upstream] != nil {
@@ -264,7 +264,20 @@ func (r *registry) addPending(rec storedRecord) {
 	if prev, ok := r.pending[rec.Upstream]; ok && prev.Since > rec.Since {
 		return
 	}
+	rec.viaRedis = s
 	r.pending[rec.Upstream] = rec
+}
+
+// dropRedisPending forgets the records s kept aside that its round no
+// longer found in Redis (deleted as stale by some instance).
+func (r *registry) dropRedisPending(s *RedisStates, found map[string]storedRecord) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for dial, rec := range r.pending {
+		if _, ok := found[dial]; rec.viaRedis == s && !ok {
+			delete(r.pending, dial)
+		}
+	}
 }
 
 // decode reads one record (field is its hash field, "" for a published
@@ -332,6 +345,7 @@ func (s *RedisStates) syncOnce(ctx context.Context) error {
 		stored[field] = rec
 		s.apply(rec)
 	}
+	s.reg.dropRedisPending(s, stored)
 	for _, u := range s.reg.all() {
 		if !usedWithinGrace(u, now) {
 			continue
@@ -392,6 +406,7 @@ func (s *RedisStates) Destruct() error {
 	close(s.stop)
 	s.cancel()
 	<-s.done
+	s.reg.dropRedisPending(s, nil) // nothing of it kept aside any more
 	return nil
 }
 

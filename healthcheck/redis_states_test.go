@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/caddy-affinity/caddy-affinity/internal/redisconn"
@@ -354,3 +355,40 @@ type quietRedis struct{}
 func (quietRedis) Printf(context.Context, string, ...any) {}
 
 func init() { redis.SetLogger(quietRedis{}) }
+
+// An instance that shares states both through Caddy storage (its own
+// folder) and through Redis keeps aside, for its first use, the Redis
+// state of an upstream it does not use yet: the storage syncer's rounds,
+// which replace what they keep aside with what storage holds, must not
+// drop it, or the first requests to the upstream would ignore its state
+// until the next Redis round.
+func TestRedisStatesPendingSurvivesStorageSync(t *testing.T) {
+	t.Parallel()
+	rd := testredis.Start(t)
+	conn := redisconn.Config{Address: rd.Addr}
+	const dial = "10.0.0.9:80"
+	a, b := newInstance(t, "a"), newInstance(t, "b")
+	b.reg.get(dial)
+	b.acquireRedis(t, conn, "p", SyncInterval)
+	a.acquire(t, &certmagic.FileStorage{Path: t.TempDir()})
+	a.acquireRedis(t, conn, "p", time.Hour) // only the first read and messages
+	if err := b.post(t, dial, Draining); err != nil {
+		t.Fatal(err)
+	}
+	pending := func() bool {
+		a.reg.mu.RLock()
+		defer a.reg.mu.RUnlock()
+		_, ok := a.reg.pending[dial]
+		return ok
+	}
+	waitFor(t, agreeWithin, "a keeps b's draining aside", pending)
+	// Across several storage rounds (every second).
+	for deadline := time.Now().Add(2500 * time.Millisecond); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if !pending() {
+			t.Fatal("a storage round dropped the state kept aside from Redis")
+		}
+	}
+	if u := a.reg.get(dial); u.State() != Draining {
+		t.Errorf("a's first use: %s, want draining", u.State())
+	}
+}

@@ -63,6 +63,10 @@ type storedRecord struct {
 	// Seen is when an instance last used the upstream (unix
 	// nanoseconds); see statesPrefix.
 	Seen int64 `json:"seen,omitempty"`
+	// viaRedis is the RedisStates (redis_states.go) that kept the record
+	// aside, nil if none: it keeps its own entries up to date, and
+	// setPending leaves them.
+	viaRedis *RedisStates
 }
 
 // syncers holds one Syncer per storage, shared by every policy (and every
@@ -296,6 +300,11 @@ func (r *registry) setPending(stored map[string]storedRecord) {
 	defer r.mu.Unlock()
 	for dial, rec := range stored {
 		if r.byDial[dial] == nil {
+			pending[dial] = rec
+		}
+	}
+	for dial, rec := range r.pending {
+		if rec.viaRedis != nil && rec.Since > pending[dial].Since {
 			pending[dial] = rec
 		}
 	}
