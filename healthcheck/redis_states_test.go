@@ -278,7 +278,7 @@ func redisStatesPoolGet(t *testing.T, reg *registry, conn redisconn.Config, pref
 func TestRedisStatesCluster(t *testing.T) {
 	t.Parallel()
 	c := testredis.StartCluster(t)
-	agreeAcrossFailover(t, redisconn.Config{Cluster: c.Addrs()}, func() {
+	agreeAcrossFailover(t, "cluster", redisconn.Config{Cluster: c.Addrs()}, func() {
 		c.KillMaster(t, c.MasterOf(t, "p"+redisStatesSuffix))
 	})
 }
@@ -287,12 +287,12 @@ func TestRedisStatesCluster(t *testing.T) {
 func TestRedisStatesSentinel(t *testing.T) {
 	t.Parallel()
 	s := testredis.StartSentinel(t)
-	agreeAcrossFailover(t, redisconn.Config{SentinelMaster: testredis.SentinelMaster, Sentinels: s.Addrs()}, func() {
+	agreeAcrossFailover(t, "sentinel", redisconn.Config{SentinelMaster: testredis.SentinelMaster, Sentinels: s.Addrs()}, func() {
 		s.KillMaster(t)
 	})
 }
 
-func agreeAcrossFailover(t *testing.T, conn redisconn.Config, killMaster func()) {
+func agreeAcrossFailover(t *testing.T, topology string, conn redisconn.Config, killMaster func()) {
 	t.Helper()
 	a, b := newInstance(t, "a"), newInstance(t, "b")
 	const dial = "10.0.0.1:8080"
@@ -303,24 +303,25 @@ func agreeAcrossFailover(t *testing.T, conn redisconn.Config, killMaster func())
 	// Let both subscriptions settle (PUBSUB NUMSUB is per node in a
 	// Cluster).
 	time.Sleep(200 * time.Millisecond)
-	t.Logf("a -> b draining: %s", agree(t, a, b, dial, Draining).Round(time.Microsecond))
-	t.Logf("b -> a up: %s", agree(t, b, a, dial, Up).Round(time.Microsecond))
+	t.Logf("%s: a -> b draining: %s", topology, agree(t, a, b, dial, Draining).Round(time.Microsecond))
+	t.Logf("%s: b -> a up: %s", topology, agree(t, b, a, dial, Up).Round(time.Microsecond))
 
 	killed := make(chan struct{})
+	start := time.Now()
 	go func() {
 		defer close(killed)
 		killMaster()
 	}()
 	time.Sleep(300 * time.Millisecond) // dead, not yet replaced
 	err := a.post(t, dial, Maintenance)
-	t.Logf("operate during the failover: %v", err)
-	took := waitFor(t, 15*time.Second, "b applies a's maintenance set during the failover", func() bool {
+	t.Logf("%s: operate during the failover: %v", topology, err)
+	waitFor(t, 15*time.Second, "b applies a's maintenance set during the failover", func() bool {
 		return b.reg.lookup(dial).State() == Maintenance
 	})
-	t.Logf("b applied a's maintenance %s after the kill (set 300ms after it)", (took + 300*time.Millisecond).Round(time.Millisecond))
+	t.Logf("%s: b applied a's maintenance %s after the kill (set 300ms after it)", topology, time.Since(start).Round(time.Millisecond))
 	<-killed
 	// After the failover, within 2s again, through the new master.
-	t.Logf("b -> a draining after the failover: %s", agree(t, b, a, dial, Draining).Round(time.Microsecond))
+	t.Logf("%s: b -> a draining after the failover: %s", topology, agree(t, b, a, dial, Draining).Round(time.Microsecond))
 }
 
 // A reload hands in a new client before the old config releases (and
