@@ -88,36 +88,14 @@ func boundedWhileHung(t *testing.T, cl redis.UniversalClient, master *testredis.
 // master cut off from everyone looks like) past the failure detection:
 // the sentinels promote the replica, every call meanwhile gives up
 // within the timeout, the client finds the new master, and once the old
-// master is back it becomes a replica and the client keeps writing to
-// the new master.
+// master is back it becomes a replica; no acknowledged write of the
+// client lands on it meanwhile (it would be lost).
 func TestClientSentinelFrozenMaster(t *testing.T) {
 	t.Parallel()
 	s := testredis.StartSentinel(t)
 	cl := client(t, Config{SentinelMaster: testredis.SentinelMaster, Sentinels: s.Addrs()})
-	basics(t, cl)
 	old := s.Master
-	load := startLoad(t, cl, "{s1}a")
-	start := time.Now()
-	var promoted time.Duration
-	var resume func()
-	frozen := make(chan struct{})
-	go func() { promoted, resume = s.FreezeMaster(t); close(frozen) }()
-	recovered := load.waitRecovered(t, start)
-	<-frozen
-	// The old master comes back believing it is the master until the
-	// sentinels turn it into a replica: no acknowledged write of the
-	// client may land there meanwhile (it would be lost).
-	w := startWrites(cl, "s2", 10*time.Millisecond)
-	resume()
-	back := testredis.WaitReplica(t, old)
-	acked, _, lost := w.lost(t, cl, time.Now())
-	load.stop(t)
-	t.Logf("sentinel, master frozen: promoted after %s, SET answers again after %s; %d calls failed meanwhile, the slowest took %s; the old master resumed is a synced replica %s later; of %d writes acknowledged meanwhile %d lost",
-		promoted.Round(time.Millisecond), recovered.Round(time.Millisecond), load.failed.Load(),
-		time.Duration(load.slowest.Load()).Round(time.Millisecond), back.Round(time.Millisecond), acked, lost)
-	if lost > 0 {
-		t.Errorf("%d acknowledged writes lost: the client wrote to the old master", lost)
-	}
+	frozenMaster(t, "sentinel", cl, old, func() (time.Duration, func()) { return s.FreezeMaster(t) })
 }
 
 // The same in a Cluster.
@@ -125,23 +103,31 @@ func TestClientClusterFrozenMaster(t *testing.T) {
 	t.Parallel()
 	c := testredis.StartCluster(t)
 	cl := client(t, Config{Cluster: c.Addrs()})
-	basics(t, cl)
 	master := c.MasterOf(t, "{s1}a")
+	frozenMaster(t, "cluster", cl, master, func() (time.Duration, func()) {
+		_, took, resume := c.FreezeMaster(t, master)
+		return took, resume
+	})
+}
+
+func frozenMaster(t *testing.T, topology string, cl redis.UniversalClient, old *testredis.Node, freeze func() (time.Duration, func())) {
+	t.Helper()
+	basics(t, cl)
 	load := startLoad(t, cl, "{s1}a")
 	start := time.Now()
 	var promoted time.Duration
 	var resume func()
 	frozen := make(chan struct{})
-	go func() { _, promoted, resume = c.FreezeMaster(t, master); close(frozen) }()
+	go func() { promoted, resume = freeze(); close(frozen) }()
 	recovered := load.waitRecovered(t, start)
 	<-frozen
 	w := startWrites(cl, "s1", 10*time.Millisecond)
 	resume()
-	back := testredis.WaitReplica(t, master)
+	back := testredis.WaitReplica(t, old)
 	acked, _, lost := w.lost(t, cl, time.Now())
 	load.stop(t)
-	t.Logf("cluster, master frozen: promoted after %s, SET answers again after %s; %d calls failed meanwhile, the slowest took %s; the old master resumed is a synced replica %s later; of %d writes acknowledged meanwhile %d lost",
-		promoted.Round(time.Millisecond), recovered.Round(time.Millisecond), load.failed.Load(),
+	t.Logf("%s, master frozen: promoted after %s, SET answers again after %s; %d calls failed meanwhile, the slowest took %s; the old master resumed is a synced replica %s later; of %d writes acknowledged meanwhile %d lost",
+		topology, promoted.Round(time.Millisecond), recovered.Round(time.Millisecond), load.failed.Load(),
 		time.Duration(load.slowest.Load()).Round(time.Millisecond), back.Round(time.Millisecond), acked, lost)
 	if lost > 0 {
 		t.Errorf("%d acknowledged writes lost: the client wrote to the old master", lost)
