@@ -147,6 +147,60 @@ func TestClientCluster(t *testing.T) {
 		recovered.Round(time.Millisecond), promoted.Round(time.Millisecond), took.Round(time.Millisecond), load.failed.Load(), time.Duration(load.slowest.Load()).Round(time.Millisecond))
 }
 
+// A slot moved to another master while the client holds the old slot
+// map (resharding): during the migration the client follows ASK for a
+// migrated key, after it MOVED, each within the call's timeout (a client
+// that did not would get the ASK or MOVED error).
+func TestClientClusterSlotMoved(t *testing.T) {
+	t.Parallel()
+	c := testredis.StartCluster(t)
+	cl := client(t, Config{Cluster: c.Addrs()[:1]})
+	ctx := context.Background()
+	basics(t, cl)
+	slot := c.Slot(t, "{s1}a")
+	from := c.MasterOf(t, "{s1}a")
+	var to *testredis.Node
+	for _, n := range c.Nodes {
+		if n != from && isMaster(t, c, n) {
+			to = n
+			break
+		}
+	}
+	get := func(what string) {
+		t.Helper()
+		t0 := time.Now()
+		v, err := cl.Get(ctx, "{s1}a").Result()
+		took := time.Since(t0)
+		if err != nil || v != "1" {
+			t.Fatalf("GET %s: %q %v", what, v, err)
+		}
+		if took > testTimeout+callSlack {
+			t.Errorf("GET %s took %s", what, took)
+		}
+		t.Logf("GET %s: %s", what, took.Round(time.Microsecond))
+	}
+	c.MigrateSlot(t, slot, to, false)
+	get("during the migration (ASK)")
+	c.MigrateSlot(t, slot, to, true)
+	get("after it (MOVED)")
+	if err := cl.Set(ctx, "{s1}b", "x", time.Minute).Err(); err != nil {
+		t.Fatalf("SET after the move: %v", err)
+	}
+	if got := c.MasterOf(t, "{s1}a"); got != to {
+		t.Fatalf("slot %d is on %s, want %s", slot, got.Addr, to.Addr)
+	}
+}
+
+func isMaster(t *testing.T, c *testredis.Cluster, n *testredis.Node) bool {
+	t.Helper()
+	for _, cn := range c.Topology(t) {
+		if cn.Addr == n.Addr {
+			return cn.Master
+		}
+	}
+	return false
+}
+
 // subscribedOn reports whether node has a subscriber on channel
 // (PUBSUB CHANNELS is local to the node asked).
 func subscribedOn(t *testing.T, n *testredis.Node, channel string) bool {

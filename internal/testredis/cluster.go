@@ -278,3 +278,48 @@ func (c *Cluster) failover(t testing.TB, master *Node, fail func()) (*Node, time
 	}, replica)
 	return replica, time.Since(start)
 }
+
+// MigrateSlot moves slot's keys from the master that holds it to master
+// to, as `redis-cli --cluster reshard` does (SETSLOT IMPORTING and
+// MIGRATING, MIGRATE the keys), and stops there when finish is false: a
+// client then meets ASK for a migrated key. With finish, the slot is
+// assigned to `to` on every node: a client with the old slot map meets
+// MOVED.
+func (c *Cluster) MigrateSlot(t testing.TB, slot int, to *Node, finish bool) {
+	t.Helper()
+	from := c.MasterOfSlot(t, slot)
+	if from == to {
+		t.Fatalf("slot %d is on %s already", slot, to.Addr)
+	}
+	must := func(n *Node, args ...any) any {
+		t.Helper()
+		v, err := n.do(args...)
+		if err != nil {
+			t.Fatalf("%v on %s: %v", args, n.Addr, err)
+		}
+		return v
+	}
+	must(to, "CLUSTER", "SETSLOT", slot, "IMPORTING", from.ID)
+	must(from, "CLUSTER", "SETSLOT", slot, "MIGRATING", to.ID)
+	for {
+		keys, _ := must(from, "CLUSTER", "GETKEYSINSLOT", slot, 100).([]any)
+		if len(keys) == 0 {
+			break
+		}
+		args := []any{"MIGRATE", "127.0.0.1", to.Port, "", 0, 5000, "KEYS"}
+		must(from, append(args, keys...)...)
+	}
+	if !finish {
+		return
+	}
+	for _, n := range []*Node{to, from} {
+		must(n, "CLUSTER", "SETSLOT", slot, "NODE", to.ID)
+	}
+	for _, n := range c.Nodes {
+		if n != to && n != from && n.up() {
+			if role, _ := n.role(); role == "master" {
+				must(n, "CLUSTER", "SETSLOT", slot, "NODE", to.ID)
+			}
+		}
+	}
+}
