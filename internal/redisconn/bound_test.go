@@ -118,9 +118,12 @@ func frozenMaster(t *testing.T, topology string, cl redis.UniversalClient, old *
 	var promoted time.Duration
 	var resume func()
 	frozen := make(chan struct{})
-	go func() { promoted, resume = freeze(); close(frozen) }()
+	go func() { defer close(frozen); promoted, resume = freeze() }()
 	recovered := load.waitRecovered(t, start)
 	<-frozen
+	if resume == nil {
+		t.Fatal("the frozen master was not replaced")
+	}
 	w := startWrites(cl, "s1", 10*time.Millisecond)
 	resume()
 	back := testredis.WaitReplica(t, old)

@@ -101,9 +101,11 @@ func TestClientSentinel(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	var promoted time.Duration
 	start := time.Now()
-	go func() { promoted = s.KillMaster(t) }()
+	killed := make(chan struct{})
+	go func() { defer close(killed); promoted = s.KillMaster(t) }()
 	recovered := load.waitRecovered(t, start)
 	took := sub.waitAfter(t, cl, start)
+	<-killed
 	load.stop(t)
 	acked, last, lost := w.lost(t, cl, start)
 	t.Logf("sentinel failover: %d writes acknowledged before the kill (%d in its last 100ms); %d of them lost", acked, last, lost)
@@ -137,9 +139,11 @@ func TestClientCluster(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	var promoted time.Duration
 	start := time.Now()
-	go func() { _, promoted = c.KillMaster(t, master) }()
+	killed := make(chan struct{})
+	go func() { defer close(killed); _, promoted = c.KillMaster(t, master) }()
 	recovered := load.waitRecovered(t, start)
 	took := sub.waitAfter(t, cl, start)
+	<-killed
 	load.stop(t)
 	acked, last, lost := w.lost(t, cl, start)
 	t.Logf("cluster failover: %d writes acknowledged before the kill (%d in its last 100ms); %d of them lost", acked, last, lost)
