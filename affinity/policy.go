@@ -184,6 +184,8 @@ type Policy struct {
 	// a key the learner records, served a request no affinity_learn
 	// watched (see noteMissingLearner).
 	missingLearner atomic.Bool
+	// told are the misconfigurations told at run time (warnings.go).
+	told told
 	// scope is the namespace of the policy's entries in the session
 	// table, XORed into every key it stores or looks up; zero until the
 	// first pool is built (resolveScope).
@@ -509,12 +511,14 @@ func (p *Policy) missingLearnerWarning() string {
 }
 
 // Warnings are what an operator must know about a policy's config that
-// its parser could not tell: its learner missing.
+// its parser could not tell: its learner missing, and what warnings.go
+// watches for.
 func (p *Policy) Warnings() []string {
+	var out []string
 	if p.missingLearner.Load() {
-		return []string{p.missingLearnerWarning()}
+		out = append(out, p.missingLearnerWarning())
 	}
-	return nil
+	return append(out, p.toldWarnings()...)
 }
 
 // count counts the decision in the metrics.
