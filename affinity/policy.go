@@ -464,6 +464,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	var d decision
 	p.decide(ps, r, &in, &d)
 	p.count(&d)
+	p.watchRequest(ps, r, &d, in.now)
 	p.tell(vars, ps, &d, first)
 	if d.chosen < 0 {
 		return nil
