@@ -250,6 +250,7 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 			p.logger.Warn("the pin secret is short: clients can forge pins signed with it by brute force; use at least 16 random bytes, such as the output of `openssl rand -base64 32`",
 				zap.Int("bytes", len(secret)))
 		}
+		p.loadPinUpgrade(ctx)
 		if p.previousSecrets, err = p.loadPreviousSecrets(); err != nil {
 			return err
 		}
@@ -472,7 +473,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	if d.overflow() {
 		// Busy is not down: this request goes elsewhere once, and the
 		// session stays on its upstream (no entry moves, no new pin).
-		return p.chosen(ps, d.chosen, r, w, false, retry, in.now)
+		return p.chosen(ps, d.chosen, r, w, false, retry, in.now, 0)
 	}
 	p.remember(in.keys, ps.recs[d.chosen].ID, in.now)
 	if d.failover() {
@@ -482,8 +483,10 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// The pin is (re)issued when it is missing, names another upstream,
 	// or is due for a fresh time (a v1 pin, or older than the refresh
 	// interval): a live session's pin never gets old.
-	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh)
-	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now)
+	// It is also bound again when the request's first key is not the one
+	// it is bound to (the app gave the session its key since).
+	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh || d.pin.rebind(in.keys))
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now, bindOf(in.keys))
 }
 
 // noteMissingLearner records, and logs once, that the policy serves
@@ -652,7 +655,7 @@ func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
 // chosen records the choice on the request (so that a retry knows it
 // failed) and, when asked, issues the pin cookie for it, replacing the
 // one an earlier attempt of this request issued.
-func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, now uint32) *reverseproxy.Upstream {
+func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, now, bind uint32) *reverseproxy.Upstream {
 	up := ps.ups[i]
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		vars[triedVar] = up
@@ -662,7 +665,7 @@ func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWr
 	}
 	ps.recs[i].CountRequest()
 	if issuePin && w != nil && ps.pins != nil {
-		setPinCookie(w.Header(), p.PinCookie, ps.pins.setCookie(i, now, secureRequest(r)), retry)
+		setPinCookie(w.Header(), p.PinCookie, ps.pins.boundSetCookie(i, now, secureRequest(r), bind), retry)
 	}
 	return up
 }
