@@ -402,16 +402,26 @@ func (t *sessionTable) remove(key uint64) {
 
 // retire makes key's entry expire at until at the latest: a session id
 // the app replaced stays usable a moment longer, for requests already on
-// their way with it, then goes. A request that still uses it slides it
-// again.
+// their way with it, then goes. It stops counting as a session at once:
+// it becomes an alias (which a request whose first key it is still
+// follows), so that the session counts once, by the id that replaced it.
+// A request that still uses it slides it again.
 func (t *sessionTable) retire(key uint64, until uint32) {
 	key = slotKey(key)
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()
-	if i := s.find(key, h); i >= 0 && s.slots[i].expires > until {
-		s.slots[i].expires = until
-		s.writes++
+	if i := s.find(key, h); i >= 0 {
+		sl := &s.slots[i]
+		if !sl.alias() {
+			t.live.add(sl.tableEntry, -1)
+			sl.up |= aliasBit
+			s.writes++
+		}
+		if sl.expires > until {
+			sl.expires = until
+			s.writes++
+		}
 	}
 	s.mu.Unlock()
 }

@@ -482,3 +482,26 @@ func TestTableFewRequestSessionsSpareEstablished(t *testing.T) {
 		checkTable(t, tb)
 	}
 }
+
+// A retired id (the app replaced it) stops counting as a session at
+// once, and is still followed by a request whose first key it is until
+// its grace ends.
+func TestRetiredIDCountsNoMore(t *testing.T) {
+	tb := newSessionTable(tableShards * 10)
+	tb.put(1001, 7, 100, 600)
+	tb.put(1002, 7, 100, 600) // the id that replaced it
+	if n := tb.liveCount(7); n != 2 {
+		t.Fatalf("live %d, want 2", n)
+	}
+	tb.retire(1001, 130)
+	if n := tb.liveCount(7); n != 1 {
+		t.Fatalf("live %d after the retirement, want 1", n)
+	}
+	if up, ok := tb.follow(1001, 110, 0, true); !ok || up != 7 {
+		t.Fatalf("the retired id within its grace: %d %v", up, ok)
+	}
+	if _, ok := tb.follow(1001, 131, 0, true); ok {
+		t.Fatal("the retired id after its grace is still followed")
+	}
+	checkTable(t, tb)
+}
