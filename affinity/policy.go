@@ -102,7 +102,9 @@ type Policy struct {
 	// MaxSessions bounds the session table, process-wide (the largest
 	// value among live configs applies). When full, expired entries are
 	// evicted first, then sessions seen only once, and established
-	// sessions (seen on two requests or more) last. Default 1000000
+	// sessions (seen on two requests or more) last; at most half the
+	// table's entries become established, so that floods of
+	// few-request sessions cannot push established ones out. Default 1000000
 	// (about 23 MB; the table never grows past its bound).
 	MaxSessions int `json:"max_sessions,omitempty"`
 

@@ -29,7 +29,8 @@ import (
 // doubles as it fills, up to the size its share of max_sessions needs at
 // a load of 3/4, and never grows beyond it; a full shard evicts before it
 // inserts. Eviction protects established sessions (entries seen on two
-// requests or more) from floods of one-shot keys: looking from a slot
+// requests or more, at most about half the bound: mayEstablish) from
+// floods of one-shot and few-request keys: looking from a slot
 // drawn by the seeded hash of the incoming key, it takes an expired entry
 // if it sees one, otherwise a probationary (seen once) entry, and only
 // when it finds none nearby the established entry closest to expiry
