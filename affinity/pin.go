@@ -771,3 +771,35 @@ func setPinCookie(h http.Header, cookieName, value string, replace bool) {
 	}
 	h["Set-Cookie"] = append(h["Set-Cookie"], value)
 }
+
+// bindIssuedPin binds the pin a response issues (Select put its
+// Set-Cookie in h) for upstream up to the session key the app issued in
+// that same response (affinity_learn saw it), so that the session's next
+// request finds its pin bound and it is not issued again. A pin that is
+// bound to that key already, or names another upstream, is left alone.
+func (p *Policy) bindIssuedPin(h http.Header, up uint32, key uint64) {
+	ps := p.pools.Load()
+	if p.DisablePinCookie || ps == nil || ps.pins == nil {
+		return
+	}
+	i := ps.indexByID(up)
+	if i < 0 {
+		return
+	}
+	prefix := len(p.PinCookie) + 1
+	lines := h["Set-Cookie"]
+	for n, line := range lines {
+		if len(line) < prefix+pinValueLen || line[:prefix-1] != p.PinCookie || line[prefix-1] != '=' {
+			continue
+		}
+		var pin decodedPin
+		value := line[prefix : prefix+pinValueLen]
+		if !decodePin(value, &pin) || !pin.v3 || ps.pins.index(&pin) != i || pin.key != 0 {
+			return
+		}
+		if bind := pinBind(key); pin.bind != bind {
+			lines[n] = line[:prefix] + ps.pins.boundValue(i, pin.at, bind) + line[prefix+pinValueLen:]
+		}
+		return
+	}
+}
