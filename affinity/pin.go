@@ -803,3 +803,15 @@ func (p *Policy) bindIssuedPin(h http.Header, up uint32, key uint64) {
 		return
 	}
 }
+
+// pinBindFor is the bind of the pin a decision issues: the request's
+// first key, except for a session that moved (moved: its upstream could
+// not serve it), whose app on the new upstream does not know the key and
+// issues its own, which the session's next request brings (and binds the
+// pin to), or affinity_learn binds it to at once (bindIssuedPin).
+func pinBindFor(moved bool, keys []uint64) uint32 {
+	if moved {
+		return 0
+	}
+	return bindOf(keys)
+}

@@ -488,7 +488,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// It is also bound again when the request's first key is not the one
 	// it is bound to (the app gave the session its key since).
 	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh || d.pin.rebind(in.keys))
-	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now, bindOf(in.keys))
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now, pinBindFor(d.failover(), in.keys))
 }
 
 // noteMissingLearner records, and logs once, that the policy serves
