@@ -28,6 +28,9 @@ var benchSizes = []int{3, 16, 64}
 
 // benchRequest is a request as Caddy's server passes it: vars with the
 // client IP, a few unrelated cookies before ours.
+// benchSID is the app cookie of the benchmarks' pinned requests.
+const benchSID = "sid=0123456789abcdef0123456789abcdef"
+
 func benchRequest(cookies string) *http.Request {
 	r := httptest.NewRequest(http.MethodGet, "http://example.com/app?x=1", nil)
 	r.RemoteAddr = "198.51.100.23:40000"
@@ -164,7 +167,7 @@ func BenchmarkPinDraining(b *testing.B) {
 	ps := aff.poolState(pool)
 	operate(b, pool[3].Dial, healthcheck.Draining)
 	b.Run("live/N=16", func(b *testing.B) {
-		pin := aff.PinCookie + "=" + ps.pins.value(3, clockNow())
+		pin := pinBoundTo(aff, pool, 3, 0, benchSID)
 		benchSelect(b, aff, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pin))
 	})
 	b.Run("stale/N=16", func(b *testing.B) {

@@ -351,15 +351,19 @@ func (p *Policy) gate(ps *poolState, in *decideInput, i int) healthcheck.Verdict
 	return healthcheck.Serves
 }
 
-// pinLive reports whether the pin naming upstream i is a live session's:
-// younger than a live session's pin can be (pinLifetime), and with a tag
-// that proves its time (one HMAC, only here). A forged tag sets
-// d.pinRejected. A v1 pin, with no time, counts as live only while the
-// sessions of before the upgrade may still carry one.
+// pinLive reports whether the pin naming upstream i is a live session's,
+// and this request's session: younger than a live session's pin can be
+// (pinLifetime), with a tag that proves its time and bind (one HMAC,
+// only here), and bound to one of the request's keys (boundTo). A forged
+// tag sets d.pinRejected. An old pin (v1, v2) counts only during the
+// upgrade window (inPinUpgrade).
 func (p *Policy) pinLive(ps *poolState, in *decideInput, d *decision, i int) bool {
 	life := pinLifetime(p.ttl)
+	if !d.pin.v3 && !inPinUpgrade(in.now, life) {
+		return false
+	}
 	if d.pin.v1 {
-		return in.now-processStart <= life
+		return true
 	}
 	if d.pin.age(in.now) > life {
 		return false // no need to check the tag: an old time gains nothing
@@ -368,7 +372,7 @@ func (p *Policy) pinLive(ps *poolState, in *decideInput, d *decision, i int) boo
 		d.pinned, d.pinRejected = -1, true
 		return false
 	}
-	return true
+	return d.pin.boundTo(in.keys)
 }
 
 // holds reports whether a session pinned to rec, which cannot serve it,

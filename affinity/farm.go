@@ -199,7 +199,8 @@ func (f *farm) look(now time.Time) []Site {
 		return nil
 	}
 	for _, s := range sites {
-		f.followProbe(s.Policy, s.Handler.Upstreams)
+		s.Policy.checkSite(s)
+		f.followProbe(s.Policy, siteUpstreams(s), s.Handler.DynamicUpstreams != nil)
 		if s.Policy.remote != nil {
 			// The cluster's session counts, read in the background,
 			// and a write back when Redis lost sessions (restart, outage).
@@ -230,9 +231,23 @@ func (f *farm) replaceDials(scope uint64, pool reverseproxy.UpstreamPool) []stri
 	return prev
 }
 
+// siteUpstreams are the upstreams a site's probe follows: the static
+// ones, or for a dynamic source those of the last pool its policy saw
+// (the config walk cannot see them).
+func siteUpstreams(s Site) reverseproxy.UpstreamPool {
+	if s.Handler.DynamicUpstreams != nil {
+		if ps := s.Policy.pools.Load(); ps != nil {
+			return ps.ups
+		}
+	}
+	return s.Handler.Upstreams
+}
+
 // followProbe (re)starts a policy's drain probe when its set of
-// upstreams changed.
-func (f *farm) followProbe(p *Policy, ups reverseproxy.UpstreamPool) {
+// upstreams changed. On dynamic upstreams the probe also takes a silent
+// upstream out (Probe.StartDynamic): Caddy's active checks do not run
+// there.
+func (f *farm) followProbe(p *Policy, ups reverseproxy.UpstreamPool, dynamic bool) {
 	if p.Probe == nil {
 		return
 	}
@@ -249,7 +264,11 @@ func (f *farm) followProbe(p *Policy, ups reverseproxy.UpstreamPool) {
 	for i, u := range ups {
 		dials[i] = u.Dial
 	}
-	f.probes[p] = &policyProbe{ups: ups, stop: p.Probe.Start(p.ctx, dials, p.logger)}
+	start := p.Probe.Start
+	if dynamic {
+		start = p.Probe.StartDynamic
+	}
+	f.probes[p] = &policyProbe{ups: ups, stop: start(p.ctx, dials, p.logger)}
 	if old != nil {
 		old.stop()
 	}

@@ -129,6 +129,7 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 		return
 	}
 	now := clockNow()
+	issued := ""
 	for _, line := range h["Set-Cookie"] {
 		c, ok := parseSetCookie(line)
 		if !ok {
@@ -138,9 +139,17 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 			k := &p.Keys[i]
 			if k.kind.learnCookie != nil && k.kind.learnCookie(k, c.name) {
 				p.learnID(table, k, r, c.value, c.deleted, id, now)
+				if !c.deleted && issued == "" {
+					issued = c.value
+				}
 				break
 			}
 		}
+	}
+	if issued != "" {
+		// The session's next request comes with this id: its pin, if
+		// this response issues one, is bound to it already.
+		p.bindIssuedPin(h, id, sessionIDHash(issued))
 	}
 	if locs := h["Location"]; len(locs) > 0 {
 		path := locationPath(locs[0])

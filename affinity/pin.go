@@ -53,12 +53,33 @@ import (
 // checked with that secret, and it is issued again with the current one
 // on that request, like a v1 pin.
 //
-// A v1 pin (the token alone, 24 chars, issued before pins carried a
-// time) is accepted as before and re-issued as v2 on that request; on an
-// upstream that takes no new sessions freely only during the first
-// session_ttl + refresh + slack of this process, the time it takes every
-// live session to come back once and get a v2 pin: after that, a v1 pin
-// is an ended session's.
+// A v3 pin also binds the session it was issued to: the top bit of its
+// time marks it (table seconds never reach it), and the 8 bytes after
+// the time are
+//
+//	bind  = 3 bytes of the hash of the request's first key, 0 for none
+//	tag   = HMAC-SHA256(secret, "caddy-affinity/pin/v3\x00" + token + at + bind)[:5]
+//
+// so that it stays 40 characters. Where the time is checked (an upstream
+// that takes no new sessions freely), a pin bound to a key is honoured
+// only for a request that carries that key: a browser that logged out
+// and in again carries its old pin next to a new app session, which is
+// a new session there, not the pinned one. A pin issued before the app
+// gave its session a key (bind 0) is honoured for the first key it comes
+// with and bound to it on that request; everywhere else a pin bound to
+// another key than the request's first one is bound again, one
+// Set-Cookie per change of key. The tag is 40 bits: forging one buys a
+// single new session on a draining upstream per 2^40 tries.
+//
+// Older pins, a v1 pin (the token alone, 24 chars, issued before pins
+// carried a time) and a v2 pin (30 bytes, an 8-byte tag, no bind), are
+// accepted as before and re-issued as v3 on that request; on an upstream
+// that takes no new sessions freely only during the upgrade window: one
+// pin lifetime (session_ttl + refresh + slack) from the first start of a
+// v3 instance on the storage, recorded once there (loadPinUpgrade), the
+// time it takes every live session to come back once and get a v3 pin.
+// After that, an old pin is an ended session's, or a current one cut
+// short.
 const (
 	pinTokenLen = 18
 	pinIDLen    = 6
@@ -71,6 +92,13 @@ const (
 	pinV1Len    = pinTokenLen / 3 * 4
 	pinLabel    = "caddy-affinity/pin/v1\x00"
 	pinTagLabel = "caddy-affinity/pin/v2\x00"
+	// pinBindLabel labels a v3 tag (same length as pinTagLabel).
+	pinBindLabel = "caddy-affinity/pin/v3\x00"
+	// pinBindLen is a v3 pin's bind, pinBindTagLen its shorter tag.
+	pinBindLen    = 3
+	pinBindTagLen = pinTagLen - pinBindLen
+	// pinV3Bit marks a v3 pin in its time.
+	pinV3Bit = 1 << 31
 
 	// pinSlack is added to a pin's lifetime for the table clock's
 	// granularity and the clocks of instances that share the secret,
@@ -108,23 +136,26 @@ func pinID(b []byte) uint64 {
 type decodedPin struct {
 	id  uint64
 	mac [pinTokenLen - pinIDLen]byte
-	// v1 is set for a pin with no time (issued before v2).
-	v1 bool
+	// v1 is set for a pin with no time (issued before v2), v3 for one
+	// that binds its session (bind: 0 if issued keyless).
+	v1, v3 bool
+	bind   uint32
 	// key is the secret whose token matched: 0 the current one, k the
 	// previous one at k-1. Set by pinSigner.index.
 	key uint8
-	at  uint32 // v2: the issue time, in table seconds
-	// tagHead is the tag's first 2 bytes, rest the value's last 8
-	// characters (its other 6), decoded only when the tag is checked: the
-	// pinned path needs the token and the time alone.
-	tagHead [2]byte
+	at  uint32 // v2, v3: the issue time, in table seconds (v3 bit cleared)
+	// tagHead is the tag's first 5 bytes (v2) or 2 bytes (v3, after the
+	// bind), rest the value's last 4 characters (the tag's last 3 bytes),
+	// decoded only when the tag is checked: the pinned path needs the
+	// token, the time and the bind alone.
+	tagHead [5]byte
 	rest    string
 }
 
-// pinHeadLen is how much of a v2 value the pinned path decodes: the token
-// and the 6 bytes after it (the time and the tag's first 2 bytes), in
-// whole base64 quantums.
-const pinHeadLen = 32
+// pinHeadLen is how much of a v2 or v3 value the pinned path decodes:
+// the token and the 9 bytes after it (the time, then the bind and the
+// tag's first bytes), in whole base64 quantums.
+const pinHeadLen = 36
 
 // decodePin parses a pin cookie value without allocating. ok is false for
 // anything that is not exactly a v1 or v2 pin's shape.
@@ -153,11 +184,54 @@ func decodePin(value string, p *decodedPin) (ok bool) {
 	}
 	p.id = pinID(raw[:pinIDLen])
 	copy(p.mac[:], raw[pinIDLen:pinTokenLen])
-	if !p.v1 {
-		p.at = binary.BigEndian.Uint32(raw[pinTokenLen:])
-		copy(p.tagHead[:], raw[pinTokenLen+pinTimeLen:])
+	if p.v1 {
+		return true
 	}
+	p.at = binary.BigEndian.Uint32(raw[pinTokenLen:])
+	after := raw[pinTokenLen+pinTimeLen : pinHeadLen/4*3]
+	if p.at&pinV3Bit != 0 {
+		p.v3, p.at = true, p.at&^pinV3Bit
+		p.bind = uint32(after[0])<<16 | uint32(after[1])<<8 | uint32(after[2])
+		after = after[pinBindLen:]
+	}
+	copy(p.tagHead[:], after)
 	return true
+}
+
+// pinBind is the bind of a session known by key (its first key's hash),
+// never 0 (which means no key).
+func pinBind(key uint64) uint32 { return max(uint32(key>>40), 1) }
+
+// bindOf is the bind of a request with keys: its first key's, or 0.
+func bindOf(keys []uint64) uint32 {
+	if len(keys) == 0 {
+		return 0
+	}
+	return pinBind(keys[0])
+}
+
+// boundTo reports whether the pin was issued to the session of a request
+// with keys: a pin bound to no key (an old one, or one issued before the
+// app gave its session a key) is any session's; a pin bound to a key is
+// that key's session only, and a request without a key is another one
+// (its app session ended: logged out).
+func (p *decodedPin) boundTo(keys []uint64) bool {
+	if !p.v3 || p.bind == 0 {
+		return true
+	}
+	for _, k := range keys {
+		if pinBind(k) == p.bind {
+			return true
+		}
+	}
+	return false
+}
+
+// rebind reports whether the pin is to be issued again bound to the
+// request's first key: it is bound to none or to another. A request
+// without keys keeps the pin's bind.
+func (p *decodedPin) rebind(keys []uint64) bool {
+	return p.v3 && len(keys) > 0 && p.bind != pinBind(keys[0])
 }
 
 // base64Chars reports whether s is made of base64url characters only, so
@@ -172,7 +246,8 @@ func base64Chars(s string) bool {
 	return true
 }
 
-// tag decodes the pin's tag (the value is known to be well formed).
+// tag decodes the pin's tag (the value is known to be well formed): 8
+// bytes for v2, the first 5 for v3.
 func (p *decodedPin) tag() (tag [pinTagLen]byte, ok bool) {
 	var src [pinValueLen - pinHeadLen]byte
 	var raw [len(src) / 4 * 3]byte
@@ -183,8 +258,12 @@ func (p *decodedPin) tag() (tag [pinTagLen]byte, ok bool) {
 	if n, err := base64.RawURLEncoding.Decode(raw[:], src[:]); err != nil || n != len(raw) {
 		return tag, false
 	}
-	copy(tag[:], p.tagHead[:])
-	copy(tag[len(p.tagHead):], raw[:])
+	head := len(p.tagHead)
+	if p.v3 {
+		head -= pinBindLen
+	}
+	copy(tag[:], p.tagHead[:head])
+	copy(tag[head:], raw[:])
 	return tag, true
 }
 
@@ -197,11 +276,11 @@ func (p *decodedPin) age(now uint32) uint32 {
 	return now - p.at
 }
 
-// due reports whether the pin is to be issued again on this request: a
-// v1 pin, one signed with a previous secret, or one older than the
-// refresh interval.
+// due reports whether the pin is to be issued again on this request: an
+// old (v1, v2) pin, one signed with a previous secret, or one older than
+// the refresh interval.
 func (p *decodedPin) due(now, ttl uint32) bool {
-	return p.v1 || p.key != 0 || p.age(now) >= pinRefresh(ttl)
+	return !p.v3 || p.key != 0 || p.age(now) >= pinRefresh(ttl)
 }
 
 // match reports whether a decoded pin carries this token, comparing the
@@ -260,7 +339,7 @@ type pinStamp struct {
 // checking a tag allocates nothing.
 type pinMAC struct {
 	h   hash.Hash
-	in  [len(pinTagLabel) + pinTokenLen + pinTimeLen]byte // label || token || at
+	in  [len(pinTagLabel) + pinTokenLen + pinTimeLen + pinBindLen]byte // label || token || at [|| bind]
 	sum [sha256.Size]byte
 }
 
@@ -314,9 +393,7 @@ func (k *pinKey) getMAC() *pinMAC {
 		return m
 	default:
 	}
-	m := &pinMAC{h: hmac.New(sha256.New, k.secret)}
-	copy(m.in[:], pinTagLabel)
-	return m
+	return &pinMAC{h: hmac.New(sha256.New, k.secret)}
 }
 
 func (k *pinKey) putMAC(m *pinMAC) {
@@ -328,30 +405,73 @@ func (k *pinKey) putMAC(m *pinMAC) {
 
 // tag computes a v2 pin's tag for token and time at.
 func (k *pinKey) tag(token *[pinTokenLen]byte, at uint32) (tag [pinTagLen]byte) {
+	return k.mac(pinTagLabel, token, at, nil)
+}
+
+// bindTag computes a v3 pin's tag for token, time at and bind.
+func (k *pinKey) bindTag(token *[pinTokenLen]byte, at, bind uint32) (tag [pinTagLen]byte) {
+	b := [pinBindLen]byte{byte(bind >> 16), byte(bind >> 8), byte(bind)}
+	tag = k.mac(pinBindLabel, token, at|pinV3Bit, b[:])
+	clear(tag[pinBindTagLen:])
+	return tag
+}
+
+func (k *pinKey) mac(label string, token *[pinTokenLen]byte, at uint32, bind []byte) (tag [pinTagLen]byte) {
 	m := k.getMAC()
 	m.h.Reset()
-	copy(m.in[len(pinTagLabel):], token[:])
-	binary.BigEndian.PutUint32(m.in[len(pinTagLabel)+pinTokenLen:], at)
-	m.h.Write(m.in[:])
+	n := copy(m.in[:], label)
+	n += copy(m.in[n:], token[:])
+	binary.BigEndian.PutUint32(m.in[n:], at)
+	n += pinTimeLen
+	n += copy(m.in[n:], bind)
+	m.h.Write(m.in[:n])
 	copy(tag[:], m.h.Sum(m.sum[:0]))
 	k.putMAC(m)
 	return tag
 }
 
 // verify reports whether pin p's tag is the one upstream i's pin for its
-// time carries: its time was issued by a proxy with the secret.
+// time (and bind) carries: it was issued by a proxy with the secret.
 func (s *pinSigner) verify(i int, p *decodedPin) bool {
 	got, ok := p.tag()
 	if !ok {
 		return false
 	}
 	k := s.keyOf(p) // the secret, current or previous, whose token it carries
-	want := k.tag(&k.tokens[i].token, p.at)
+	var want [pinTagLen]byte
+	if p.v3 {
+		want = k.bindTag(&k.tokens[i].token, p.at, p.bind)
+	} else {
+		want = k.tag(&k.tokens[i].token, p.at)
+	}
 	return subtle.ConstantTimeCompare(want[:], got[:]) == 1
 }
 
-// value returns upstream i's v2 pin value for time at.
-func (s *pinSigner) value(i int, at uint32) string {
+// value returns upstream i's v3 pin value for time at, bound to no key.
+func (s *pinSigner) value(i int, at uint32) string { return s.boundValue(i, at, 0) }
+
+// boundValue returns upstream i's v3 pin value for time at and bind.
+func (s *pinSigner) boundValue(i int, at, bind uint32) string {
+	var buf [pinValueLen]byte
+	return string(s.appendValue(buf[:0], i, at, bind))
+}
+
+// appendValue appends upstream i's v3 pin value for time at and bind.
+func (s *pinSigner) appendValue(dst []byte, i int, at, bind uint32) []byte {
+	var raw [pinRawLen]byte
+	n := copy(raw[:], s.tokens[i].token[:])
+	binary.BigEndian.PutUint32(raw[n:], at|pinV3Bit)
+	n += pinTimeLen
+	raw[n], raw[n+1], raw[n+2] = byte(bind>>16), byte(bind>>8), byte(bind)
+	n += pinBindLen
+	tag := s.bindTag(&s.tokens[i].token, at, bind)
+	copy(raw[n:], tag[:pinBindTagLen])
+	return base64.RawURLEncoding.AppendEncode(dst, raw[:])
+}
+
+// v2Value returns upstream i's v2 pin value for time at, as versions
+// before v3 issued it; tests only.
+func (s *pinSigner) v2Value(i int, at uint32) string {
 	var raw [pinRawLen]byte
 	copy(raw[:], s.tokens[i].token[:])
 	binary.BigEndian.PutUint32(raw[pinTokenLen:], at)
@@ -360,18 +480,51 @@ func (s *pinSigner) value(i int, at uint32) string {
 	return base64.RawURLEncoding.EncodeToString(raw[:])
 }
 
-// setCookie returns the Set-Cookie header value that issues upstream i's
-// pin now. The values of one time are built once for every upstream and
-// reused for a quantum: issuing a pin allocates nothing but the header.
-func (s *pinSigner) setCookie(i int, now uint32, secure bool) string {
-	st := s.stamp.Load()
-	if st == nil || now-st.at >= s.quantum || now < st.at {
-		st = s.restamp(now)
+// boundSetCookie returns the Set-Cookie header value that issues upstream
+// i's pin now, bound to bind: the unbound one (setCookie) with the value
+// replaced, one string built per issue of a bound pin.
+func (s *pinSigner) boundSetCookie(i int, now uint32, secure bool, bind uint32) string {
+	st := s.stampAt(now)
+	c := st.setCookie[i]
+	if secure {
+		c = st.setCookieSecure[i]
 	}
+	if bind == 0 {
+		return c
+	}
+	at := st.at // the time of c's value
+	prefix := len(s.cookie) + 1
+	if len(c) < prefix+pinValueLen {
+		return c
+	}
+	var value [pinValueLen]byte
+	var b strings.Builder
+	b.Grow(len(c)) // the one allocation
+	b.WriteString(c[:prefix])
+	b.Write(s.appendValue(value[:0], i, at, bind))
+	b.WriteString(c[prefix+pinValueLen:])
+	return b.String()
+}
+
+// setCookie returns the Set-Cookie header value that issues upstream i's
+// pin now, bound to no key. The values of one time are built once for
+// every upstream and reused for a quantum: issuing it allocates nothing
+// but the header.
+func (s *pinSigner) setCookie(i int, now uint32, secure bool) string {
+	st := s.stampAt(now)
 	if secure {
 		return st.setCookieSecure[i]
 	}
 	return st.setCookie[i]
+}
+
+// stampAt returns the stamp for now, rebuilt once a quantum.
+func (s *pinSigner) stampAt(now uint32) *pinStamp {
+	st := s.stamp.Load()
+	if st == nil || now-st.at >= s.quantum || now < st.at {
+		st = s.restamp(now)
+	}
+	return st
 }
 
 func (s *pinSigner) restamp(now uint32) *pinStamp {
@@ -587,9 +740,20 @@ func pinRefresh(ttl uint32) uint32 { return max(ttl/4, 1) }
 // pin is younger than the refresh interval (the quantum is shorter).
 func pinLifetime(ttl uint32) uint32 { return ttl + pinRefresh(ttl) + pinSlack }
 
-// processStart is when this process started, in table seconds: v1 pins
-// count as live sessions' for one pin lifetime after it (see above).
-var processStart = tableNow(time.Now())
+// pinUpgradeStart is when the upgrade window of old (v1, v2) pins
+// opened, in table seconds: when a v3 instance first started on the
+// storage (loadPinUpgrade), or this process's start without storage. Old
+// pins count as live sessions' for one pin lifetime after it.
+var pinUpgradeStart atomic.Uint32
+
+func init() { pinUpgradeStart.Store(tableNow(time.Now())) }
+
+// inPinUpgrade reports whether an old pin may still be a live session's
+// at now, for pins of lifetime life.
+func inPinUpgrade(now, life uint32) bool {
+	start := pinUpgradeStart.Load()
+	return now < start || now-start <= life
+}
 
 // setPinCookie adds the pin's Set-Cookie header to the response,
 // replacing one set by an earlier attempt of the same request (Caddy
@@ -606,4 +770,48 @@ func setPinCookie(h http.Header, cookieName, value string, replace bool) {
 		h["Set-Cookie"] = kept
 	}
 	h["Set-Cookie"] = append(h["Set-Cookie"], value)
+}
+
+// bindIssuedPin binds the pin a response issues (Select put its
+// Set-Cookie in h) for upstream up to the session key the app issued in
+// that same response (affinity_learn saw it), so that the session's next
+// request finds its pin bound and it is not issued again. A pin that is
+// bound to that key already, or names another upstream, is left alone.
+func (p *Policy) bindIssuedPin(h http.Header, up uint32, key uint64) {
+	ps := p.pools.Load()
+	if p.DisablePinCookie || ps == nil || ps.pins == nil {
+		return
+	}
+	i := ps.indexByID(up)
+	if i < 0 {
+		return
+	}
+	prefix := len(p.PinCookie) + 1
+	lines := h["Set-Cookie"]
+	for n, line := range lines {
+		if len(line) < prefix+pinValueLen || line[:prefix-1] != p.PinCookie || line[prefix-1] != '=' {
+			continue
+		}
+		var pin decodedPin
+		value := line[prefix : prefix+pinValueLen]
+		if !decodePin(value, &pin) || !pin.v3 || ps.pins.index(&pin) != i || pin.key != 0 {
+			return
+		}
+		if bind := pinBind(key); pin.bind != bind {
+			lines[n] = line[:prefix] + ps.pins.boundValue(i, pin.at, bind) + line[prefix+pinValueLen:]
+		}
+		return
+	}
+}
+
+// pinBindFor is the bind of the pin a decision issues: the request's
+// first key, except for a session that moved (moved: its upstream could
+// not serve it), whose app on the new upstream does not know the key and
+// issues its own, which the session's next request brings (and binds the
+// pin to), or affinity_learn binds it to at once (bindIssuedPin).
+func pinBindFor(moved bool, keys []uint64) uint32 {
+	if moved {
+		return 0
+	}
+	return bindOf(keys)
 }

@@ -44,12 +44,12 @@ func TestPinTokenRoundTrip(t *testing.T) {
 	}
 }
 
-// TestPinV2Format pins the wire format down: instances of other versions
+// TestPinWireFormats pins the wire formats down: instances of other versions
 // that share the secret must read and write the same bytes.
-func TestPinV2Format(t *testing.T) {
+func TestPinWireFormats(t *testing.T) {
 	secret, dial := []byte("format-secret"), "10.0.0.9:8080"
 	s := newPinSigner(secret, "pin", 1200, []string{dial})
-	raw, err := base64.RawURLEncoding.DecodeString(s.value(0, 0x01020304))
+	raw, err := base64.RawURLEncoding.DecodeString(s.v2Value(0, 0x01020304))
 	if err != nil || len(raw) != 30 {
 		t.Fatalf("value decodes to %d bytes (%v), want 30", len(raw), err)
 	}
@@ -63,6 +63,21 @@ func TestPinV2Format(t *testing.T) {
 	tag := m.Sum(nil)[:8]
 	if string(raw[:18]) != string(token) || binary.BigEndian.Uint32(raw[18:22]) != 0x01020304 || string(raw[22:]) != string(tag) {
 		t.Fatalf("value bytes %x, want token %x, time 01020304, tag %x", raw, token, tag)
+	}
+	// A v3 pin: the time with its top bit set, the bind, a 5-byte tag
+	// over both.
+	raw, err = base64.RawURLEncoding.DecodeString(s.boundValue(0, 0x01020304, 0xaabbcc))
+	if err != nil || len(raw) != 30 {
+		t.Fatalf("v3 value decodes to %d bytes (%v), want 30", len(raw), err)
+	}
+	m = hmac.New(sha256.New, secret)
+	m.Write([]byte("caddy-affinity/pin/v3\x00"))
+	m.Write(token)
+	m.Write([]byte{0x81, 2, 3, 4, 0xaa, 0xbb, 0xcc})
+	tag = m.Sum(nil)[:5]
+	if string(raw[:18]) != string(token) || binary.BigEndian.Uint32(raw[18:22]) != 0x81020304 ||
+		string(raw[22:25]) != "\xaa\xbb\xcc" || string(raw[25:]) != string(tag) {
+		t.Fatalf("v3 value bytes %x, want token %x, time 81020304, bind aabbcc, tag %x", raw, token, tag)
 	}
 	// A v1 pin is the token alone.
 	var pin decodedPin
@@ -94,16 +109,28 @@ func FuzzDecodePin(f *testing.F) {
 		if pin.v1 && v != v1 {
 			t.Fatalf("forged v1 value %q verifies as %q", v, v1)
 		}
-		if !pin.v1 && s.verify(0, &pin) && v != s.value(0, pin.at) {
-			t.Fatalf("forged value %q verifies as %q", v, s.value(0, pin.at))
+		want := s.v2Value(0, pin.at)
+		if pin.v3 {
+			want = s.boundValue(0, pin.at, pin.bind)
+		}
+		if !pin.v1 && s.verify(0, &pin) && v != want {
+			t.Fatalf("forged value %q verifies as %q", v, want)
 		}
 	})
 }
 
-// pinAged returns the cookie of a v2 pin naming upstream i of pool,
-// issued age seconds ago.
+// pinAged returns the cookie of a pin naming upstream i of pool, issued
+// age seconds ago to a request without keys.
 func pinAged(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32) string {
 	return p.PinCookie + "=" + p.poolState(pool).pins.value(i, clockNow()-age)
+}
+
+// pinBoundTo returns the cookie of a pin naming upstream i of pool,
+// issued age seconds ago to the session of the request with cookies.
+func pinBoundTo(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32, cookies ...string) string {
+	var buf [maxKeys]uint64
+	keys, _ := p.requestKeys(newRequest(cookies...), &buf, false)
+	return p.PinCookie + "=" + p.poolState(pool).pins.boundValue(i, clockNow()-age, bindOf(keys))
 }
 
 // pinV1 returns the cookie of a v1 pin naming upstream i of pool.
@@ -274,9 +301,9 @@ func TestPinV1AcceptedAndUpgraded(t *testing.T) {
 	if got := p.Select(pool, newRequest(v1), nil); got != pool[1] {
 		t.Fatalf("v1 pin just after the upgrade, upstream draining: went to %v, want %s", got, pool[1].Dial)
 	}
-	saved := processStart
-	t.Cleanup(func() { processStart = saved })
-	processStart = clockNow() - pinLifetime(p.ttl) - 1
+	saved := pinUpgradeStart.Load()
+	t.Cleanup(func() { pinUpgradeStart.Store(saved) })
+	pinUpgradeStart.Store(clockNow() - pinLifetime(p.ttl) - 1)
 	for range 20 {
 		if got := p.Select(pool, newRequest(v1), nil); got == nil || got == pool[1] {
 			t.Fatalf("v1 pin long after the upgrade brought a new session to draining %v", got)
@@ -290,7 +317,7 @@ func TestPinnedPathOnDrainingDoesNotAllocate(t *testing.T) {
 	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 16)
 	setState(t, pool[3].Dial, healthcheck.Draining)
-	r := newRequest("a=1", "sid=zzz", pinAged(p, pool, 3, 0))
+	r := newRequest("a=1", "sid=zzz", pinBoundTo(p, pool, 3, 0, "sid=zzz"))
 	vars := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 	w := httptest.NewRecorder()
 	allocs := testing.AllocsPerRun(200, func() {
@@ -319,5 +346,79 @@ func TestExplainStalePin(t *testing.T) {
 	live := strings.TrimPrefix(pinAged(p, pool, 0, 0), p.PinCookie+"=")
 	if got := Explain(site, "pin", "", live, time.Now()); got.Decision != DecidedPin || got.Upstream == nil || *got.Upstream != pool[0].Dial {
 		t.Fatalf("live pin: %s %v: %s", got.Decision, got.Upstream, got.Reason)
+	}
+}
+
+// A pin names its session on an upstream that takes no new sessions: a
+// new app session behind it (log out, log in) is placed as new; the
+// pinned session stays. A pin issued before the app gave the session a
+// key is honoured for the first key it comes with and bound to it.
+func TestPinOfAnotherSessionStartsNoSessionOnDraining(t *testing.T) {
+	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	pool := testPool(t, 3)
+	bound := pinBoundTo(p, pool, 1, 0, "sid=first")
+	setState(t, pool[1].Dial, healthcheck.Draining)
+	if got := p.Select(pool, newRequest("sid=first", bound), nil); got != pool[1] {
+		t.Fatalf("the pin's own session went to %v, want %s", got, pool[1].Dial)
+	}
+	for range 20 {
+		if got := p.Select(pool, newRequest("sid=second", bound), nil); got == nil || got == pool[1] {
+			t.Fatalf("a new app session behind the pin went to draining %v", got)
+		}
+		if got := p.Select(pool, newRequest(bound), nil); got == nil || got == pool[1] {
+			t.Fatalf("a request without the pin's app session went to draining %v", got)
+		}
+	}
+	// Issued keyless: honoured once with a key, and bound to it.
+	w := httptest.NewRecorder()
+	if got := p.Select(pool, newRequest("sid=third", pinAged(p, pool, 1, 0)), w); got != pool[1] {
+		t.Fatalf("a keyless pin with its first key went to %v, want %s", got, pool[1].Dial)
+	}
+	rebound := pinFrom(t, w, DefaultPinCookie)
+	if pin, ok := decoded(strings.TrimPrefix(rebound, DefaultPinCookie+"=")); !ok || !pin.v3 || pin.bind == 0 {
+		t.Fatalf("the keyless pin was not bound to its key: %q", rebound)
+	}
+	if got := p.Select(pool, newRequest("sid=fourth", rebound), nil); got == pool[1] {
+		t.Fatal("the re-bound pin brought another session to the draining upstream")
+	}
+	if got := p.Select(pool, newRequest("sid=third", rebound), nil); got != pool[1] {
+		t.Fatalf("the re-bound pin's session went to %v", got)
+	}
+}
+
+// Old pins, and a current pin cut to an old one's shape (24 characters
+// pass for a v1 pin), reach a draining upstream only during the upgrade
+// window; a forged bind fails the tag.
+func TestOldPinsOnlyDuringUpgradeWindow(t *testing.T) {
+	p := newTestPolicy(t, &Policy{})
+	pool := testPool(t, 3)
+	current := strings.TrimPrefix(pinAged(p, pool, 2, 0), DefaultPinCookie+"=")
+	cut := DefaultPinCookie + "=" + current[:pinV1Len]
+	v2 := DefaultPinCookie + "=" + p.poolState(pool).pins.v2Value(2, clockNow())
+	setState(t, pool[2].Dial, healthcheck.Draining)
+	saved := pinUpgradeStart.Load()
+	t.Cleanup(func() { pinUpgradeStart.Store(saved) })
+	pinUpgradeStart.Store(clockNow())
+	for _, pin := range []string{cut, v2} {
+		if got := p.Select(pool, newRequest(pin), nil); got != pool[2] {
+			t.Fatalf("%s within the upgrade window went to %v, want %s", pin, got, pool[2].Dial)
+		}
+	}
+	pinUpgradeStart.Store(clockNow() - pinLifetime(p.ttl) - 1)
+	for range 20 {
+		for _, pin := range []string{cut, v2} {
+			if got := p.Select(pool, newRequest(pin), nil); got == nil || got == pool[2] {
+				t.Fatalf("%s after the upgrade window went to draining %v", pin, got)
+			}
+		}
+	}
+	// Another bind under the same tag: rejected.
+	var pin decodedPin
+	if !decodePin(strings.TrimPrefix(pinBoundTo(p, pool, 2, 0, "x=1"), DefaultPinCookie+"="), &pin) || !pin.v3 {
+		t.Fatal("not a v3 pin")
+	}
+	pin.bind ^= 1
+	if p.poolState(pool).pins.verify(2, &pin) {
+		t.Fatal("a pin with another bind verifies")
 	}
 }

@@ -297,7 +297,8 @@ func TestPreviousSecretTagChecked(t *testing.T) {
 
 // TestPreviousSecretsPinnedAllocs: with previous secrets configured, the
 // pinned path of a current pin allocates nothing, and one of a previous
-// secret allocates only for the new Set-Cookie header.
+// secret allocates only for the new Set-Cookie header (its value, bound
+// to the session, and the header's slice).
 func TestPreviousSecretsPinnedAllocs(t *testing.T) {
 	pool := testPool(t, 16)
 	old, next := rotated(t, []KeySource{{From: "cookie", Name: "sid"}})
@@ -305,7 +306,7 @@ func TestPreviousSecretsPinnedAllocs(t *testing.T) {
 		name string
 		pin  string
 		max  float64
-	}{{"current", pinAged(next, pool, 5, 0), 0}, {"previous", pinAged(old, pool, 5, 0), 1}} {
+	}{{"current", pinBoundTo(next, pool, 5, 0, "sid=zzz"), 0}, {"previous", pinBoundTo(old, pool, 5, 0, "sid=zzz"), 2}} {
 		r := newRequest("a=1", "sid=zzz", tc.pin)
 		vars := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 		w := &discardWriter{h: make(map[string][]string)}
@@ -330,9 +331,9 @@ func BenchmarkSelectRotated(b *testing.B) {
 	old := newTestPolicy(b, &Policy{Keys: keys, Secret: "old-secret-0123456789"})
 	next := newTestPolicy(b, &Policy{Keys: keys, Secret: "new-secret-0123456789", PreviousSecrets: []string{"old-secret-0123456789"}})
 	b.Run("current/N=16", func(b *testing.B) {
-		benchSelect(b, next, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+next.PinCookie+"="+next.poolState(pool).pins.value(3, clockNow())))
+		benchSelect(b, next, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pinBoundTo(next, pool, 3, 0, benchSID)))
 	})
 	b.Run("previous/N=16", func(b *testing.B) {
-		benchSelect(b, next, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+old.PinCookie+"="+old.poolState(pool).pins.value(3, clockNow())))
+		benchSelect(b, next, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pinBoundTo(old, pool, 3, 0, benchSID)))
 	})
 }

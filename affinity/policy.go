@@ -100,7 +100,9 @@ type Policy struct {
 	// MaxSessions bounds the session table, process-wide (the largest
 	// value among live configs applies). When full, expired entries are
 	// evicted first, then sessions seen only once, and established
-	// sessions (seen on two requests or more) last. Default 1000000
+	// sessions (seen on two requests or more) last; at most half the
+	// table's entries become established, so that floods of
+	// few-request sessions cannot push established ones out. Default 1000000
 	// (about 23 MB; the table never grows past its bound).
 	MaxSessions int `json:"max_sessions,omitempty"`
 
@@ -182,6 +184,8 @@ type Policy struct {
 	// a key the learner records, served a request no affinity_learn
 	// watched (see noteMissingLearner).
 	missingLearner atomic.Bool
+	// told are the misconfigurations told at run time (warnings.go).
+	told told
 	// scope is the namespace of the policy's entries in the session
 	// table, XORed into every key it stores or looks up; zero until the
 	// first pool is built (resolveScope).
@@ -246,6 +250,7 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 			p.logger.Warn("the pin secret is short: clients can forge pins signed with it by brute force; use at least 16 random bytes, such as the output of `openssl rand -base64 32`",
 				zap.Int("bytes", len(secret)))
 		}
+		p.loadPinUpgrade(ctx)
 		if p.previousSecrets, err = p.loadPreviousSecrets(); err != nil {
 			return err
 		}
@@ -335,6 +340,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// the heap.
 	in, first, retry := p.look(ps, r, vars, in, &keyBuf, &d)
 	p.count(&d)
+	p.watchRequest(ps, r, &d, in.now)
 	p.tell(vars, ps, &d, first)
 	if d.chosen < 0 {
 		return nil
@@ -342,7 +348,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	if d.overflow() {
 		// Busy is not down: this request goes elsewhere once, and the
 		// session stays on its upstream (no entry moves, no new pin).
-		return p.chosen(ps, d.chosen, r, w, false, retry, in.now)
+		return p.chosen(ps, d.chosen, r, w, false, retry, in.now, 0)
 	}
 	p.remember(in.keys, ps.recs[d.chosen].ID, in.now)
 	if d.failover() {
@@ -352,8 +358,10 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// The pin is (re)issued when it is missing, names another upstream,
 	// or is due for a fresh time (a v1 pin, or older than the refresh
 	// interval): a live session's pin never gets old.
-	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh)
-	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now)
+	// It is also bound again when the request's first key is not the one
+	// it is bound to (the app gave the session its key since).
+	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh || d.pin.rebind(in.keys))
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now, pinBindFor(d.failover(), in.keys))
 }
 
 // look decides where request r goes: what Select and the lookup
@@ -411,12 +419,14 @@ func (p *Policy) missingLearnerWarning() string {
 }
 
 // Warnings are what an operator must know about a policy's config that
-// its parser could not tell: its learner missing.
+// its parser could not tell: its learner missing, and what warnings.go
+// watches for.
 func (p *Policy) Warnings() []string {
+	var out []string
 	if p.missingLearner.Load() {
-		return []string{p.missingLearnerWarning()}
+		out = append(out, p.missingLearnerWarning())
 	}
-	return nil
+	return append(out, p.toldWarnings()...)
 }
 
 // count counts the decision in the metrics.
@@ -536,7 +546,7 @@ func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
 // chosen records the choice on the request (so that a retry knows it
 // failed) and, when asked, issues the pin cookie for it, replacing the
 // one an earlier attempt of this request issued.
-func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, now uint32) *reverseproxy.Upstream {
+func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, now, bind uint32) *reverseproxy.Upstream {
 	up := ps.ups[i]
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		vars[triedVar] = up
@@ -546,7 +556,7 @@ func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWr
 	}
 	ps.recs[i].CountRequest()
 	if issuePin && w != nil && ps.pins != nil {
-		setPinCookie(w.Header(), p.PinCookie, ps.pins.setCookie(i, now, secureRequest(r)), retry)
+		setPinCookie(w.Header(), p.PinCookie, ps.pins.boundSetCookie(i, now, secureRequest(r), bind), retry)
 	}
 	return up
 }

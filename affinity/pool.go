@@ -158,7 +158,9 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 	for i, u := range pool {
 		ps.weights[i] = members[memberAt[u.Dial]].Weight
 	}
-	if len(p.Weights) > 0 && len(p.Weights) != len(pool) {
+	if len(p.Weights) > len(pool) {
+		p.tellWeights(len(pool))
+	} else if len(p.Weights) > 0 && len(p.Weights) != len(pool) {
 		// The Caddyfile parser never sees the upstream list, so this is
 		// the first place a mismatch can be told.
 		p.logger.Warn("weights do not match the upstreams: missing weights count as 1, extra ones are ignored",

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -92,4 +94,39 @@ func (p *Policy) loadPreviousSecrets() ([][]byte, error) {
 		out = append(out, []byte(s))
 	}
 	return out, nil
+}
+
+// pinUpgradeKey is where the start of the upgrade window of old (v1, v2)
+// pins is kept in Caddy's storage: unix seconds, written by the first v3
+// instance that starts on the storage and never again.
+const pinUpgradeKey = "caddy-affinity/pin-v3-since"
+
+// loadPinUpgrade opens the upgrade window of old pins once per storage:
+// it reads when it opened, or records now if no instance did. Without
+// storage (or when it fails) the window opens at this process's start,
+// as before (inPinUpgrade). Every later start on the storage finds the
+// window closed, so that a current pin cut to an old one's length
+// brings no new session to a draining upstream.
+func (p *Policy) loadPinUpgrade(ctx caddy.Context) {
+	storage := storageOf(ctx)
+	if storage == nil {
+		return
+	}
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if b, err := storage.Load(sctx, pinUpgradeKey); err == nil {
+		if since, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err == nil && since > 0 {
+			pinUpgradeStart.Store(tableNow(time.Unix(since, 0)))
+			return
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		p.logger.Warn("cannot read the pin upgrade window from storage; old pins count as live for one session_ttl after this start", zap.Error(err))
+		return
+	}
+	now := time.Now()
+	if err := storage.Store(sctx, pinUpgradeKey, []byte(strconv.FormatInt(now.Unix(), 10))); err != nil {
+		p.logger.Warn("cannot record the pin upgrade window in storage; old pins count as live for one session_ttl after this start", zap.Error(err))
+		return
+	}
+	pinUpgradeStart.Store(tableNow(now))
 }

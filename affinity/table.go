@@ -3,6 +3,7 @@ package affinity
 import (
 	"crypto/rand"
 	"encoding/binary"
+	"math"
 	"math/bits"
 	"sync"
 	"sync/atomic"
@@ -28,7 +29,8 @@ import (
 // doubles as it fills, up to the size its share of max_sessions needs at
 // a load of 3/4, and never grows beyond it; a full shard evicts before it
 // inserts. Eviction protects established sessions (entries seen on two
-// requests or more) from floods of one-shot keys: looking from a slot
+// requests or more, at most about half the bound: mayEstablish) from
+// floods of one-shot and few-request keys: looking from a slot
 // drawn by the seeded hash of the incoming key, it takes an expired entry
 // if it sees one, otherwise a probationary (seen once) entry, and only
 // when it finds none nearby the established entry closest to expiry
@@ -70,7 +72,11 @@ const (
 type tableShard struct {
 	mu    sync.Mutex
 	slots []tableSlot
-	count int
+	count int32
+	// established counts the established entries: at most half the
+	// shard's bound (mayEstablish). Both int32, so that shards stay 64
+	// bytes.
+	established int32
 
 	// evictions and expired count live entries evicted for room and
 	// entries removed once past their TTL. They are only written under
@@ -246,6 +252,9 @@ func (s *tableShard) insert(sl tableSlot, h uint64) {
 	}
 	s.slots[i] = sl
 	s.count++
+	if sl.established() {
+		s.established++
+	}
 }
 
 // get returns the upstream recorded for key if the entry is live at now,
@@ -280,7 +289,10 @@ func (t *sessionTable) follow(key uint64, now, ttl uint32, aliases bool) (uint32
 		s.mu.Unlock()
 		return 0, false
 	}
-	sl.up |= establishedBit
+	if !e.established() && t.mayEstablish(s) {
+		sl.up |= establishedBit
+		s.established++
+	}
 	if ttl > 0 {
 		sl.expires = now + ttl
 	}
@@ -329,8 +341,14 @@ func (t *sessionTable) replaceLocked(s *tableShard, i int, e tableEntry, now uin
 	sl := &s.slots[i]
 	if sl.expires < now {
 		s.expired.Add(1)
-	} else {
+	} else if sl.established() || t.mayEstablish(s) {
 		e.up |= establishedBit
+		if !sl.established() {
+			s.established++
+		}
+	}
+	if sl.established() && !e.established() {
+		s.established-- // an expired established entry replaced by a new one
 	}
 	if sl.up&^establishedBit != e.up&^establishedBit {
 		t.live.add(sl.tableEntry, -1)
@@ -348,7 +366,7 @@ func (t *sessionTable) makeRoomLocked(s *tableShard, h uint64, now uint32) {
 		t.evictLocked(s, h, now)
 	}
 	n := len(s.slots)
-	if 4*(s.count+1) <= 3*n {
+	if 4*(int(s.count)+1) <= 3*n {
 		return
 	}
 	// The bound may have been lowered below what the array holds; it
@@ -362,7 +380,7 @@ func (t *sessionTable) makeRoomLocked(s *tableShard, h uint64, now uint32) {
 // slots.
 func (t *sessionTable) growLocked(s *tableShard, n int) {
 	old := s.slots
-	s.slots, s.count = make([]tableSlot, n), 0
+	s.slots, s.count, s.established = make([]tableSlot, n), 0, 0
 	for _, sl := range old {
 		if sl.key != 0 {
 			s.insert(sl, t.place(sl.key))
@@ -385,16 +403,26 @@ func (t *sessionTable) remove(key uint64) {
 
 // retire makes key's entry expire at until at the latest: a session id
 // the app replaced stays usable a moment longer, for requests already on
-// their way with it, then goes. A request that still uses it slides it
-// again.
+// their way with it, then goes. It stops counting as a session at once:
+// it becomes an alias (which a request whose first key it is still
+// follows), so that the session counts once, by the id that replaced it.
+// A request that still uses it slides it again.
 func (t *sessionTable) retire(key uint64, until uint32) {
 	key = slotKey(key)
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()
-	if i := s.find(key, h); i >= 0 && s.slots[i].expires > until {
-		s.slots[i].expires = until
-		s.writes++
+	if i := s.find(key, h); i >= 0 {
+		sl := &s.slots[i]
+		if !sl.alias() {
+			t.live.add(sl.tableEntry, -1)
+			sl.up |= aliasBit
+			s.writes++
+		}
+		if sl.expires > until {
+			sl.expires = until
+			s.writes++
+		}
 	}
 	s.mu.Unlock()
 }
@@ -406,6 +434,9 @@ func (t *sessionTable) retire(key uint64, until uint32) {
 func (t *sessionTable) deleteLocked(s *tableShard, i int) {
 	t.live.add(s.slots[i].tableEntry, -1)
 	s.count--
+	if s.slots[i].established() {
+		s.established--
+	}
 	n := len(s.slots)
 	for j := i; ; {
 		if j++; j == n {
@@ -432,6 +463,28 @@ func dist(from, to, n int) int {
 		return to - from
 	}
 	return to + n - from
+}
+
+// mayEstablish reports whether an entry of s, which is locked, seen
+// again may become established: only while established entries fill
+// less than half the shard's bound. Whoever makes them, established
+// entries thus never fill more than half the table, and at the bound
+// every shard holds as many probationary entries, which victim evicts
+// first: an established session is not evicted, whatever number of
+// few-request sessions an attacker opens, while established sessions
+// fill less than half the table. A session seen again while its shard's
+// half is full stays probationary (evicted first) until it is seen again
+// when there is room: sessions beyond half the bound are the ones a
+// flood can evict, and the most recent ones among them.
+//
+// The bound is half the shard's share of max_sessions plus its square
+// root: sessions spread over the shards at random, so a shard's share of
+// sessions that fill less than half the table may exceed half its bound
+// by about that much (with max_sessions 2560, 10 a shard, one shard in
+// five has 6 of 300 sessions).
+func (t *sessionTable) mayEstablish(s *tableShard) bool {
+	per := t.perShard.Load()
+	return int64(s.established) < per/2+int64(math.Sqrt(float64(per)))
 }
 
 // evictLocked deletes one entry of s, which is locked and not empty, to

@@ -22,10 +22,12 @@ type modelEntry struct {
 // and applies each to a table, whose placement seed is fixed so that a
 // failure repeats, and to a map; after each, the table must read as the
 // map does and its shard must hold the invariants of linear probing. The
-// 48 keys share a shard whose bound (60) they never reach, so nothing is
-// evicted and the array grows from 16 slots to 64.
+// 48 keys share a shard whose bound (100) they never reach, so nothing is
+// evicted, every entry seen again is established (the shard's bound on
+// established entries, 60, is out of reach too), and the array grows
+// from 16 slots to 128.
 func runTableOps(t *testing.T, ops []byte) {
-	tb := newSessionTable(tableShards * 60)
+	tb := newSessionTable(tableShards * 100)
 	tb.seed = [3]uint64{1, 2, 3}
 	keys := keysInShard(tb, 0, 48)
 	model := map[uint64]modelEntry{}
@@ -74,8 +76,11 @@ func applyOp(tb *sessionTable, model map[uint64]modelEntry, now *uint32, op byte
 		delete(model, key)
 	case 5:
 		tb.retire(key, *now+arg%3)
-		if had && m.expires > *now+arg%3 {
-			m.expires = *now + arg%3
+		if had {
+			m.up |= aliasBit // counts no more
+			if m.expires > *now+arg%3 {
+				m.expires = *now + arg%3
+			}
 			model[key] = m
 		}
 	case 6:

@@ -1,6 +1,7 @@
 package affinity
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"runtime"
 	"sync"
@@ -379,12 +380,15 @@ func checkShard(t testing.TB, tb *sessionTable, i int) {
 	s := &tb.shards[i]
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	n, occupied := len(s.slots), 0
+	n, occupied, established := len(s.slots), 0, 0
 	for j, sl := range s.slots {
 		if sl.key == 0 {
 			continue
 		}
 		occupied++
+		if sl.established() {
+			established++
+		}
 		for p := home(tb.place(sl.key), n); p != j; p = (p + 1) % n {
 			if s.slots[p].key == 0 {
 				t.Fatalf("shard %d: the entry in slot %d is cut off from its home by empty slot %d", i, j, p)
@@ -394,8 +398,8 @@ func checkShard(t testing.TB, tb *sessionTable, i int) {
 			t.Fatalf("shard %d: key %#x is in slot %d and found elsewhere", i, sl.key, j)
 		}
 	}
-	if occupied != s.count {
-		t.Fatalf("shard %d: %d slots occupied, count %d", i, occupied, s.count)
+	if occupied != int(s.count) || established != int(s.established) {
+		t.Fatalf("shard %d: %d slots occupied, count %d; %d established, counted %d", i, occupied, s.count, established, s.established)
 	}
 }
 
@@ -418,6 +422,86 @@ func TestTableLoweredBound(t *testing.T) {
 	}
 	if tb.liveCount(1) != 10 || len(tb.shards[0].slots) != slots {
 		t.Fatalf("live count %d, %d slots; want 10 and %d", tb.liveCount(1), len(tb.shards[0].slots), slots)
+	}
+	checkTable(t, tb)
+}
+
+// An attacker's sessions of a few requests each, as many as 100 ×
+// max_sessions requests buy, evict no established session while
+// established sessions fill less than half the table (issue 19: 6,000
+// sessions of two requests broke 252 of 900 later visits of 300
+// established sessions with max_sessions 2560). Each attacker request is
+// what a request of a known key does to the table: a hit, then a put.
+func TestTableFewRequestSessionsSpareEstablished(t *testing.T) {
+	const bound = 2560
+	for _, perKey := range []int{2, 3, 5, 10} {
+		tb := newSessionTable(bound)
+		rng := rand.New(rand.NewPCG(7, uint64(perKey)))
+		real := make([]uint64, 300)
+		for i := range real {
+			real[i] = rng.Uint64()
+			tb.put(real[i], 1, 0, 1200)
+			tb.follow(real[i], 5, 1200, true)
+			tb.put(real[i], 1, 5, 1200)
+		}
+		requests, firstLoss := 0, -1
+		for requests < 100*bound {
+			if firstLoss < 0 && requests%bound < perKey {
+				for _, k := range real {
+					if e, ok := tb.peek(k, 10); !ok || e.upstream() != 1 {
+						firstLoss = requests
+						break
+					}
+				}
+			}
+			key := rng.Uint64()
+			now := uint32(10 + requests/bound) // the attacker's clock goes on
+			tb.put(key, 2, now, 1200)
+			for r := 1; r < perKey; r++ {
+				// later requests of the key, seconds apart
+				tb.follow(key, now+uint32(r)*3, 1200, true)
+				tb.put(key, 2, now+uint32(r)*3, 1200)
+			}
+			requests += perKey
+		}
+		lost := 0
+		for _, k := range real {
+			if e, ok := tb.peek(k, 200); !ok || e.upstream() != 1 {
+				lost++
+			}
+		}
+		first := "none"
+		if firstLoss >= 0 {
+			first = fmt.Sprintf("the first after %d requests (%.1f × max_sessions)", firstLoss, float64(firstLoss)/bound)
+		}
+		t.Logf("max_sessions %d, 300 established sessions, %d requests in sessions of %d requests: %d established evicted, %s (%d evictions in all)",
+			bound, requests, perKey, lost, first, tb.evicted())
+		if lost > 0 {
+			t.Errorf("sessions of %d requests evicted %d of 300 established sessions", perKey, lost)
+		}
+		checkTable(t, tb)
+	}
+}
+
+// A retired id (the app replaced it) stops counting as a session at
+// once, and is still followed by a request whose first key it is until
+// its grace ends.
+func TestRetiredIDCountsNoMore(t *testing.T) {
+	tb := newSessionTable(tableShards * 10)
+	tb.put(1001, 7, 100, 600)
+	tb.put(1002, 7, 100, 600) // the id that replaced it
+	if n := tb.liveCount(7); n != 2 {
+		t.Fatalf("live %d, want 2", n)
+	}
+	tb.retire(1001, 130)
+	if n := tb.liveCount(7); n != 1 {
+		t.Fatalf("live %d after the retirement, want 1", n)
+	}
+	if up, ok := tb.follow(1001, 110, 0, true); !ok || up != 7 {
+		t.Fatalf("the retired id within its grace: %d %v", up, ok)
+	}
+	if _, ok := tb.follow(1001, 131, 0, true); ok {
+		t.Fatal("the retired id after its grace is still followed")
 	}
 	checkTable(t, tb)
 }

@@ -66,7 +66,7 @@ func (v Verdict) String() string {
 // ForPinned is the verdict for a session already pinned to the upstream,
 // whose Caddy upstream (for this request's pool) is cu.
 func (u *Upstream) ForPinned(cu *reverseproxy.Upstream) Verdict {
-	if v := caddyVerdict(cu); v != Serves {
+	if v := u.caddyVerdict(cu); v != Serves {
 		return v
 	}
 	if !u.State().AcceptsPinned() {
@@ -77,7 +77,7 @@ func (u *Upstream) ForPinned(cu *reverseproxy.Upstream) Verdict {
 
 // ForNew is the verdict for a new session.
 func (u *Upstream) ForNew(cu *reverseproxy.Upstream) Verdict {
-	if v := caddyVerdict(cu); v != Serves {
+	if v := u.caddyVerdict(cu); v != Serves {
 		return v
 	}
 	switch st := u.State(); {
@@ -89,8 +89,12 @@ func (u *Upstream) ForNew(cu *reverseproxy.Upstream) Verdict {
 	return InMaintenance
 }
 
-func caddyVerdict(cu *reverseproxy.Upstream) Verdict {
+// caddyVerdict is Caddy's verdict on cu, or Down while the probe finds a
+// dynamic upstream silent (Caddy's own checks do not run there).
+func (u *Upstream) caddyVerdict(cu *reverseproxy.Upstream) Verdict {
 	switch {
+	case u.silent.Load():
+		return Down
 	case cu == nil:
 		return Serves
 	case !cu.Healthy():
@@ -114,7 +118,7 @@ func (u *Upstream) Track(cu *reverseproxy.Upstream) {
 // upstream; true for an upstream never tracked.
 func (u *Upstream) Healthy() bool {
 	cu := u.caddy.Load()
-	return cu == nil || cu.Healthy()
+	return !u.silent.Load() && (cu == nil || cu.Healthy())
 }
 
 // TroubleGap is the longest quiet time between two reports of trouble of
@@ -211,7 +215,7 @@ func (r *registry) observe(ups []*reverseproxy.Upstream, now time.Time) {
 	for _, cu := range ups {
 		u := r.getAt(cu.Dial, now, next)
 		u.Track(cu)
-		healthy := cu.Healthy()
+		healthy := cu.Healthy() && !u.silent.Load()
 		if !healthy {
 			u.NoteTrouble(now, TroubleGap)
 		}

@@ -65,7 +65,10 @@ const (
 // after an operator sets "up" the probe may drain the upstream again if
 // it keeps asking. An upstream that does not answer (connection error,
 // timeout, other status codes) keeps its state: being down is for
-// Caddy's own health checks, and the probe only logs it.
+// Caddy's own health checks, and the probe only logs it. Dynamic
+// upstreams are the exception (StartDynamic): Caddy runs no active
+// checks there, so one that gives no answer at all (refused, reset,
+// timed out) to Fails probes in a row is taken out until it answers.
 //
 // The endpoint should not be Caddy's active health check URI if it
 // answers DrainStatus, or Caddy would mark the upstream down (failing its
@@ -113,6 +116,10 @@ type Probe struct {
 
 	// undrainGrace replaces the grace of prober.Destruct; tests only.
 	undrainGrace time.Duration
+	// takesDown is set for dynamic upstreams (StartDynamic): a silence of
+	// Fails probes takes the upstream out, since Caddy's active health
+	// checks never run there.
+	takesDown bool
 }
 
 // UnmarshalCaddyfile parses a probe from Caddyfile tokens; d is
@@ -363,9 +370,9 @@ func (p Probe) withDefaults() Probe {
 }
 
 func (p Probe) key() string {
-	return fmt.Sprintf("%s|%d|%d|%d|%d|%d|%s|%t|%t|%s|%q", p.Path, p.Interval, p.Timeout,
+	return fmt.Sprintf("%s|%d|%d|%d|%d|%d|%s|%t|%t|%s|%q|%t", p.Path, p.Interval, p.Timeout,
 		p.Passes, p.Fails, p.DrainStatus, p.DrainHeader,
-		p.TLS, p.TLSInsecureSkipVerify, p.TLSServerName, p.TLSTrustedCACerts)
+		p.TLS, p.TLSInsecureSkipVerify, p.TLSServerName, p.TLSTrustedCACerts, p.takesDown)
 }
 
 // grace is how long a drain the probe set outlives the last prober of
@@ -390,6 +397,19 @@ func (p Probe) grace() time.Duration {
 // Validate at provision time.
 func (p *Probe) Start(ctx context.Context, dials []string, logger *zap.Logger) (stop func()) {
 	return p.start(ctx, defaultRegistry, dials, logger)
+}
+
+// StartDynamic is Start for the upstreams of a dynamic source (dynamic a,
+// srv, multi...), on which Caddy runs no active health checks: besides
+// asking for drains, the probe takes an upstream that gives no usable
+// answer to Fails probes in a row out of service (Down: its sessions
+// fail over, no new ones), and puts it back at its first answer. A
+// worker that died while its address is still in DNS is thus out within
+// Fails probe intervals, instead of each request finding it dead.
+func (p *Probe) StartDynamic(ctx context.Context, dials []string, logger *zap.Logger) (stop func()) {
+	cp := *p
+	cp.takesDown = true
+	return cp.start(ctx, defaultRegistry, dials, logger)
 }
 
 func (p *Probe) start(ctx context.Context, reg *registry, dials []string, logger *zap.Logger) func() {
@@ -449,7 +469,7 @@ type prober struct {
 	done   chan struct{}
 
 	// counts, read by tests
-	answers, drains, failures atomic.Int64
+	answers, drains, failures, downs atomic.Int64
 }
 
 // watchKey is one dial address of one registry.
@@ -581,6 +601,11 @@ func (pr *prober) Destruct() error {
 	pr.cancel()
 	<-pr.done
 	pr.client.CloseIdleConnections()
+	if pr.cfg.takesDown && pr.up.silent.CompareAndSwap(true, false) {
+		// Nobody would put it back otherwise; if it is still dead, Caddy's
+		// passive checks and lb_retries find it as they did before.
+		pr.logger.Load().Info("probe stopped: dynamic upstream no longer taken out", zap.String("upstream", pr.up.Dial))
+	}
 	unwatch(watchKey{pr.reg, pr.key.dial}, pr.up, pr.cfg.grace())
 	return nil
 }
@@ -652,7 +677,8 @@ func newProber(reg *registry, cfg Probe, dial string) (*prober, error) {
 type answer int
 
 const (
-	answerNone answer = iota // no usable answer
+	answerNone  answer = iota // no answer: connection refused, reset, timed out
+	answerOther               // an answer that is neither a drain nor a 2xx
 	answerDrain
 	answerNormal
 )
@@ -661,7 +687,10 @@ func (pr *prober) run(ctx context.Context) {
 	defer close(pr.done)
 	t := time.NewTicker(time.Duration(pr.cfg.Interval))
 	defer t.Stop()
-	var drains, normals, fails int
+	// fails counts probes in a row without a usable answer, silent those
+	// without any answer: only silence takes a dynamic upstream out (a
+	// 404 from a wrong probe path is a live process).
+	var drains, normals, fails, silent int
 	for {
 		a, detail := pr.check(ctx)
 		if ctx.Err() != nil {
@@ -680,13 +709,25 @@ func (pr *prober) run(ctx context.Context) {
 			pr.failures.Add(1)
 			drains, normals = 0, 0
 			fails++
+			if a == answerNone {
+				silent++
+			}
 			if fails == pr.cfg.Fails {
 				log.Warn("drain probe gets no usable answer; state unchanged (Caddy's health checks decide whether the upstream is down)",
 					zap.String("upstream", pr.up.Dial), zap.String("url", pr.url),
 					zap.Int("consecutive_fails", fails), zap.String("last", detail))
 			}
+			if silent == pr.cfg.Fails && pr.cfg.takesDown {
+				pr.takeDown(log, silent, detail)
+			}
 		}
 		if a != answerNone {
+			if silent > 0 && pr.cfg.takesDown && pr.up.silent.CompareAndSwap(true, false) {
+				log.Info("dynamic upstream answers the probe again: back in service", zap.String("upstream", pr.up.Dial))
+			}
+			silent = 0
+		}
+		if a != answerNone && a != answerOther {
 			if fails >= pr.cfg.Fails {
 				log.Info("drain probe answered again", zap.String("upstream", pr.up.Dial),
 					zap.Int("after_fails", fails))
@@ -705,6 +746,16 @@ func (pr *prober) run(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// takeDown takes a dynamic upstream that did not answer Fails probes in
+// a row out of service until it answers again.
+func (pr *prober) takeDown(log *zap.Logger, fails int, detail string) {
+	pr.up.silent.Store(true)
+	pr.downs.Add(1)
+	log.Warn("dynamic upstream does not answer the probe: out of service (its sessions fail over, no new ones) until it answers again",
+		zap.String("upstream", pr.up.Dial), zap.String("url", pr.url),
+		zap.Int("consecutive_fails", fails), zap.String("last", detail))
 }
 
 // check probes once and classifies the answer.
@@ -730,7 +781,7 @@ func (pr *prober) check(ctx context.Context) (answer, string) {
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		return answerNormal, ""
 	}
-	return answerNone, "status " + strconv.Itoa(resp.StatusCode)
+	return answerOther, "status " + strconv.Itoa(resp.StatusCode)
 }
 
 // Interface guards

@@ -786,3 +786,53 @@ func TestProbeTLSValidate(t *testing.T) {
 		t.Error("tls not in the prober key")
 	}
 }
+
+// A dynamic upstream (StartDynamic) that stops answering is Down after
+// Fails silent probes and serves again at its first answer; one that
+// answers with an error status (a wrong probe path) is never taken out;
+// a static one (Start) is never taken out either.
+func TestProbeTakesSilentDynamicUpstreamDown(t *testing.T) {
+	in := newInstance(t, "one")
+	live := newDrainServer(t, "")
+	dead := newDrainServer(t, "")
+	wrongPath := httptest.NewServer(http.NotFoundHandler())
+	t.Cleanup(wrongPath.Close)
+	deadDial := dead.dial()
+	p := fastProbe()
+	p.Fails = 2
+	dyn := *p
+	dyn.takesDown = true
+	in.startProbe(t, &dyn, live.dial(), deadDial, wrongPath.Listener.Addr().String())
+	static := newDrainServer(t, "")
+	staticDial := static.dial()
+	in.startProbe(t, p, staticDial)
+	waitFor(t, time.Second, "first answers", func() bool { return live.requests.Load() > 2 && dead.requests.Load() > 2 })
+
+	dead.Close()
+	static.Close()
+	up := in.reg.get(deadDial)
+	took := waitFor(t, 2*time.Second, "the silent dynamic upstream taken out", func() bool { return up.ForNew(nil) == Down })
+	t.Logf("taken out %s after the worker died (interval 15ms, fails 2)", took)
+	if v := up.ForPinned(nil); v != Down {
+		t.Fatalf("pinned verdict %v, want down", v)
+	}
+	time.Sleep(100 * time.Millisecond) // many more probes
+	for _, d := range []string{live.dial(), wrongPath.Listener.Addr().String(), staticDial} {
+		if v := in.reg.get(d).ForNew(nil); v != Serves {
+			t.Errorf("%s: verdict %v, want serves (answering, or not dynamic)", d, v)
+		}
+	}
+
+	// Back on the same address: serves again.
+	l, err := net.Listen("tcp", deadDial)
+	if err != nil {
+		t.Skipf("cannot listen on %s again: %v", deadDial, err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {}), ReadHeaderTimeout: time.Second}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	waitFor(t, 2*time.Second, "the dynamic upstream back in service", func() bool { return up.ForNew(nil) == Serves })
+	if n := len(in.logs.FilterMessageSnippet("does not answer the probe: out of service").All()); n != 1 {
+		t.Errorf("logged the take-out %d times, want once", n)
+	}
+}

@@ -212,6 +212,10 @@ type Upstream struct {
 	// placeable is whether the upstream could take new sessions at the
 	// last observation, observed whether there was one (health.go).
 	placeable, observed atomic.Bool
+	// silent is set by the probe of a dynamic upstream that stopped
+	// answering (Caddy runs no active health checks there): Down until
+	// it answers again (probe.go).
+	silent atomic.Bool
 
 	// seen is when a config last used the upstream (unix nanoseconds):
 	// every Observe of the running config and every pool's first use

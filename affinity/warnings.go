@@ -1,0 +1,200 @@
+package affinity
+
+import (
+	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
+
+	"go.uber.org/zap"
+)
+
+// Misconfigurations no parser can see, told at run time: each is logged
+// once, with the fix, and shown on the status page (Policy.Warnings)
+// for as long as the policy lives.
+
+// The kinds of warnings, in the order the status page lists them.
+const (
+	warnHealthURI   = iota // active health checks on dynamic upstreams
+	warnWeights            // more weights than upstreams
+	warnForeignPins        // a steady rate of pins signed with another secret
+	warnKeyUnseen          // a configured key that no request carries
+	warnKinds
+)
+
+// told holds a policy's warnings. Its counters are atomics, so that
+// watching requests costs the request path a few adds and no lock.
+type told struct {
+	mu   sync.Mutex
+	text [warnKinds]string // "" until told
+
+	// foreign counts well-formed pins of no upstream of the pool under
+	// any secret of ours (foreignPins); only such a request takes mu.
+	foreign foreignPins
+
+	// keysDone is set once every watched key source was seen in a
+	// request, or the unseen ones were told: from then on watching keys
+	// costs a request one atomic load. keySeen has bit i set once a
+	// request carried key source i; requests counts the requests until
+	// keysDone.
+	keysDone atomic.Bool
+	keySeen  atomic.Uint32
+	requests atomic.Uint32
+}
+
+// foreignPins is the rate of pins signed with another secret: their
+// count since first, and in how many distinct table seconds they came.
+type foreignPins struct {
+	first, last uint32
+	n, seconds  int
+}
+
+// What counts as a steady rate of foreign pins, and after how many
+// requests a key source no request carried is told. Variables so that
+// unit tests can shorten them.
+var (
+	// foreignPinsTold: this many foreign pins within foreignPinsWindow
+	// seconds, coming in at least foreignPinsSeconds distinct seconds (a
+	// steady rate, not one client's burst), are told.
+	foreignPinsTold    = 20
+	foreignPinsSeconds = 3
+	foreignPinsWindow  = uint32(60)
+	// keyUnseenAfter is the number of requests after which a key source
+	// none of them carried is told.
+	keyUnseenAfter = uint32(1000)
+)
+
+// watchRequest looks at a decided request for what an operator must be
+// told: pins signed with another secret, key sources no request carries.
+// It allocates nothing; past the first keyUnseenAfter requests a request
+// with a valid pin costs it two loads.
+func (p *Policy) watchRequest(ps *poolState, r *http.Request, d *decision, now uint32) {
+	if d.pinRejected && d.pin.id != 0 && ps.pins != nil && ps.pins.index(&d.pin) < 0 {
+		// Well formed (decodePin sets the id only then) and of no
+		// upstream under any of our secrets: not a forged time or tag
+		// (their token is ours), another secret's token.
+		p.noteForeignPin(now)
+	}
+	if !p.told.keysDone.Load() {
+		p.watchKeys(r)
+	}
+}
+
+// noteForeignPin counts a pin signed with another secret and tells a
+// steady rate of them once.
+func (p *Policy) noteForeignPin(now uint32) {
+	f := &p.told.foreign
+	p.told.mu.Lock()
+	if f.n == 0 || now-f.first > foreignPinsWindow {
+		*f = foreignPins{first: now, last: now, seconds: 1}
+	} else if now != f.last {
+		f.last = now
+		f.seconds++
+	}
+	f.n++
+	steady := f.n >= foreignPinsTold && f.seconds >= foreignPinsSeconds
+	n, secs := f.n, f.last-f.first+1
+	p.told.mu.Unlock()
+	if !steady {
+		return
+	}
+	p.warn(warnForeignPins, "pin cookies signed with another secret keep coming (well formed, but naming no upstream of this proxy under its secret): "+
+		"another instance in front of the same clients signs pins with a secret of its own (each instance generates one when `secret` is unset "+
+		"and Caddy's storage is not shared), so every session that crosses instances is placed anew and breaks, or another proxy on the same host with other upstreams uses the same pin cookie name; "+
+		"give every instance the same `secret` (e.g. secret {env.AFFINITY_SECRET}) or the same Caddy storage, or give each proxy its own pin_cookie name",
+		zap.Int("foreign_pins", n), zap.Uint32("within_seconds", secs))
+}
+
+// watchKeys notes which configured key sources the request carries and,
+// after keyUnseenAfter requests, tells those none carried. The
+// platform cookies (the default) and the client address are not
+// watched: the first may legitimately be absent, the second never is.
+func (p *Policy) watchKeys(r *http.Request) {
+	seen := p.told.keySeen.Load()
+	all := true
+	for i := range p.Keys {
+		k := &p.Keys[i]
+		if !watchedKey(k) || seen&(1<<i) != 0 {
+			continue
+		}
+		if _, ok := k.hash(r); ok {
+			seen = p.told.keySeen.Or(1<<i) | 1<<i
+			continue
+		}
+		all = false
+	}
+	if all {
+		p.told.keysDone.Store(true)
+		return
+	}
+	if p.told.requests.Add(1) != keyUnseenAfter {
+		return
+	}
+	p.told.keysDone.Store(true)
+	for i := range p.Keys {
+		k := &p.Keys[i]
+		if watchedKey(k) && p.told.keySeen.Load()&(1<<i) == 0 {
+			p.warn(warnKeyUnseen, fmt.Sprintf("key %s appeared in none of the first %d requests, so it keeps no session: "+
+				"check its name against what the app really sends (names are case-sensitive; the browser's developer tools show the request's cookies and headers), "+
+				"or remove the line", k, keyUnseenAfter))
+			return // one at a time: the fix of one may be the fix of all
+		}
+	}
+}
+
+// watchedKey reports whether a key source that no request carries is a
+// misconfiguration worth telling.
+func watchedKey(k *KeySource) bool {
+	return k.From != "platform_cookies" && !k.kind.shared
+}
+
+// tellWeights tells a weight list longer than the upstream list: the
+// extra weights do nothing, and usually one upstream was removed and its
+// weight left, so that every later upstream has its neighbour's weight.
+func (p *Policy) tellWeights(upstreams int) {
+	p.warn(warnWeights, fmt.Sprintf("weights lists %d weights for %d upstreams: the extra ones are ignored, and if an upstream was removed from the list "+
+		"without its weight, every upstream after it now has its neighbour's; make the weights line match the upstream list, one weight per upstream in the same order",
+		len(p.Weights), upstreams))
+}
+
+// warn logs msg once for kind, with fields, and keeps it for Warnings.
+func (p *Policy) warn(kind int, msg string, fields ...zap.Field) {
+	p.told.mu.Lock()
+	if p.told.text[kind] != "" {
+		p.told.mu.Unlock()
+		return
+	}
+	p.told.text[kind] = msg
+	p.told.mu.Unlock()
+	p.logger.Warn(msg, fields...)
+}
+
+// toldWarnings returns the warnings told so far.
+func (p *Policy) toldWarnings() []string {
+	p.told.mu.Lock()
+	defer p.told.mu.Unlock()
+	var out []string
+	for _, w := range p.told.text {
+		if w != "" {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+// checkSite tells what the config walk sees of the policy's proxy that
+// cannot work: Caddy's active health checks (health_uri) on dynamic
+// upstreams, where Caddy never runs them.
+func (p *Policy) checkSite(s Site) {
+	h := s.Handler
+	if h == nil || h.DynamicUpstreams == nil || h.HealthChecks == nil || h.HealthChecks.Active == nil {
+		return
+	}
+	fix := "add `probe <path>` to the lb_policy affinity block (a path every worker answers with 2xx, e.g. /healthz): " +
+		"on dynamic upstreams it takes a worker that stops answering out within its interval × fails, and puts it back when it answers"
+	if p.Probe != nil {
+		fix = "the affinity probe (" + p.Probe.Path + ") already does this for dynamic upstreams: remove health_uri and the other health_* active check options"
+	}
+	p.warn(warnHealthURI, "health_uri (Caddy's active health checks) does nothing on dynamic upstreams: Caddy runs them only on the static upstream list, "+
+		"so a worker that dies while still in the source's answer is found only by failing requests; "+fix)
+}
