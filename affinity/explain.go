@@ -267,11 +267,15 @@ func (p *Policy) staleWhy(ps *poolState, d *decision, a ask, now uint32) string 
 	shut := a.gate.String()
 	life := fmt.Sprintf("session_ttl %s + refresh %s + %ds", time.Duration(p.ttl)*time.Second,
 		time.Duration(pinRefresh(p.ttl))*time.Second, pinSlack)
+	// In the order pinLive asks.
 	var age string
-	if d.pin.v1 {
-		age = fmt.Sprintf("a v1 pin (no time) more than %s after this proxy started", life)
-	} else {
+	switch {
+	case !d.pin.v3 && !inPinUpgrade(now, pinLifetime(p.ttl)):
+		age = "an old-format pin after the upgrade window (a live session's pin would have been re-issued in the current format)"
+	case d.pin.age(now) > pinLifetime(p.ttl):
 		age = fmt.Sprintf("issued %ds ago, older than a live session's pin can be (%s)", d.pin.age(now), life)
+	default:
+		age = "a pin issued to another session (its app key is not this request's)"
 	}
 	return fmt.Sprintf("a pin naming %s, %s: its session has ended, and %s takes no new sessions freely (%s), so the pin is not honoured",
 		dial, age, dial, shut)

@@ -129,7 +129,7 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 		return
 	}
 	now := clockNow()
-	issued := ""
+	issued, issuedBy := "", (*KeySource)(nil)
 	for _, line := range h["Set-Cookie"] {
 		c, ok := parseSetCookie(line)
 		if !ok {
@@ -140,7 +140,7 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 			if k.kind.learnCookie != nil && k.kind.learnCookie(k, c.name) {
 				p.learnID(table, k, r, c.value, c.deleted, id, now)
 				if !c.deleted && issued == "" {
-					issued = c.value
+					issued, issuedBy = c.value, k
 				}
 				break
 			}
@@ -149,7 +149,7 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 	if issued != "" {
 		// The session's next request comes with this id: its pin, if
 		// this response issues one, is bound to it already.
-		p.bindIssuedPin(h, id, sessionIDHash(issued))
+		p.bindIssuedPin(h, id, issuedBy.hashValue(issued))
 	}
 	if locs := h["Location"]; len(locs) > 0 {
 		path := locationPath(locs[0])
