@@ -11,6 +11,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
@@ -159,7 +161,7 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("max_sessions: %q is not a positive whole number", s)
 			}
 			if n < minMaxSessions {
-				return d.Errf("max_sessions: %d is too small, the least is %d (the session table has %d shards)", n, minMaxSessions, tableShards)
+				return d.Errf("max_sessions: %d is too small, the least is %d (the session table has %d shards)", n, minMaxSessions, sessions.Shards)
 			}
 			p.MaxSessions = n
 

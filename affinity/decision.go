@@ -7,6 +7,8 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // source is a place the policy asks where a session goes, in the order
@@ -366,7 +368,7 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput, d *decision) int {
 		}
 		// An upstream this pool does not have (a reload removed it: the
 		// table is per proxy): try the next key; the session moves.
-		if u := healthcheck.ByID(id &^ aliasBit); u != nil && d.gone == "" {
+		if u := healthcheck.ByID(id &^ sessions.AliasBit); u != nil && d.gone == "" {
 			d.gone = u.Dial
 		}
 	}
@@ -382,19 +384,19 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput, d *decision) int {
 // resolved are (the moment of a reload), and moves what it finds into the
 // policy's namespace, so that the session counts once.
 func (p *Policy) followScoped(key uint64, in *decideInput, ttl uint32, aliases bool) (uint32, bool) {
-	id, ok := p.table.follow(p.tableKey(key), in.now, ttl, aliases)
+	id, ok := p.table.Follow(p.tableKey(key), in.now, ttl, aliases)
 	if ok || p.scope.Load() == 0 {
 		return id, ok
 	}
-	e, ok := p.table.peek(key, in.now)
-	if !ok || (!aliases && e.alias()) {
+	e, ok := p.table.Peek(key, in.now)
+	if !ok || (!aliases && e.Alias()) {
 		return 0, false
 	}
 	if !in.dry {
-		p.table.remove(key)
-		p.table.put(p.tableKey(key), e.up, in.now, p.ttl)
+		p.table.Remove(key)
+		p.table.Put(p.tableKey(key), e.Ref(), in.now, p.ttl)
 	}
-	return e.upstream(), true
+	return e.Upstream(), true
 }
 
 // placeOnRing places the request on the ring by its first key; a new
@@ -455,7 +457,7 @@ func (in *decideInput) clockTime() time.Time {
 	if !in.wall.IsZero() {
 		return in.wall
 	}
-	return time.Unix(tableEpoch+int64(in.now), 0)
+	return time.Unix(sessions.Epoch+int64(in.now), 0)
 }
 
 // wallNow returns the wall clock, read once per decision at most.

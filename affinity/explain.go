@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // Decisions as the lookup endpoint names them.
@@ -91,7 +93,7 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 	}
 	r := &http.Request{Method: http.MethodGet, URL: &url.URL{Path: "/"}, Header: http.Header{}}
 	r = r.WithContext(context.Background())
-	in := decideInput{failed: -1, now: tableNow(now), wall: now, dry: true}
+	in := decideInput{failed: -1, now: sessions.Seconds(now), wall: now, dry: true}
 	if source == "pin" {
 		if p.DisablePinCookie {
 			out.Error = "this proxy's pin cookie is off"
@@ -138,12 +140,12 @@ func (p *Policy) sessionEntry(key uint64, now time.Time) *SessionEntry {
 	if p.table == nil {
 		return nil
 	}
-	e, ok := p.table.peek(p.tableKey(key), tableNow(now))
+	e, ok := p.table.Peek(p.tableKey(key), sessions.Seconds(now))
 	if !ok {
 		return nil
 	}
-	sess := &SessionEntry{ExpiresIn: int64(e.expires) - int64(tableNow(now)), id: e.upstream()}
-	if u := healthcheck.ByID(e.upstream()); u != nil {
+	sess := &SessionEntry{ExpiresIn: int64(e.Expires()) - int64(sessions.Seconds(now)), id: e.Upstream()}
+	if u := healthcheck.ByID(e.Upstream()); u != nil {
 		sess.Upstream = u.Dial
 	}
 	return sess
@@ -235,7 +237,7 @@ func hadUpstream(d *decision) bool {
 func (p *Policy) askedWhy(ps *poolState, d *decision, a ask, sess *SessionEntry, now time.Time) string {
 	dial := ps.ups[a.upstream].Dial
 	if a.stale {
-		return p.staleWhy(ps, d, a, tableNow(now))
+		return p.staleWhy(ps, d, a, sessions.Seconds(now))
 	}
 	var said string
 	switch a.from {

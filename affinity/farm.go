@@ -9,6 +9,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // farm is what every affinity policy of the process shares, and the one
@@ -27,7 +29,7 @@ import (
 // provisions the new config before it cleans up the old one, so the farm
 // goes on across reloads.
 type farm struct {
-	table *sessionTable
+	table *sessions.Table
 
 	mu     sync.Mutex
 	wants  map[*Policy]int          // max_sessions asked by each live policy
@@ -69,7 +71,7 @@ const (
 // acquireFarm joins (or starts) the farm for policy p.
 func acquireFarm(p *Policy) (*farm, error) {
 	val, _, err := farms.LoadOrNew(farmKey, func() (caddy.Destructor, error) {
-		table := newSessionTable(p.MaxSessions)
+		table := sessions.NewTable(p.MaxSessions)
 		f := &farm{
 			table:   table,
 			persist: newPersister(table),
@@ -79,7 +81,7 @@ func acquireFarm(p *Policy) (*farm, error) {
 			done:    make(chan struct{}),
 		}
 		f.history = newHistory()
-		clock.Store(tableNow(time.Now()))
+		sessions.SetClock(sessions.Seconds(time.Now()))
 		go f.loop()
 		liveFarm.Store(f)
 		return f, nil
@@ -130,7 +132,7 @@ func (f *farm) want(p *Policy, maxSessions int) {
 		largest = max(largest, n)
 	}
 	if largest > 0 {
-		f.table.setMax(largest)
+		f.table.SetMax(largest)
 	}
 }
 
@@ -143,13 +145,13 @@ func (f *farm) loop() {
 		case <-f.stop:
 			return
 		case now := <-tick.C:
-			clock.Store(tableNow(now))
+			sessions.SetClock(sessions.Seconds(now))
 			if n%int(lookInterval/clockInterval) == 0 {
 				f.look(now)
 				f.history.tick(now, f.table)
 			}
 			if n%int(sweepInterval/clockInterval) == 0 {
-				f.table.sweep(tableNow(now))
+				f.table.Sweep(sessions.Seconds(now))
 			}
 		}
 	}
@@ -162,7 +164,7 @@ func (f *farm) loop() {
 // table holds live sessions for them, and every policy's probe follows
 // the policy's upstreams.
 func (f *farm) look(now time.Time) []Site {
-	sites, running := observeRunning(now, func(id uint32) bool { return f.table.liveCount(id) > 0 })
+	sites, running := observeRunning(now, func(id uint32) bool { return f.table.LiveCount(id) > 0 })
 	if !running {
 		return nil
 	}
@@ -236,7 +238,7 @@ func (f *farm) Destruct() error {
 		pr.stop()
 	}
 	f.persist.close()
-	clock.Store(0)
+	sessions.SetClock(0)
 	return nil
 }
 
@@ -291,7 +293,7 @@ func LiveSessions(id uint32) int64 {
 	if f == nil {
 		return 0
 	}
-	n := max(0, f.table.liveCount(id))
+	n := max(0, f.table.LiveCount(id))
 	if u := healthcheck.ByID(id); u != nil {
 		if c, ok := clusterSessions(u.Dial); ok {
 			n = max(n, c)
@@ -313,7 +315,7 @@ func Table() *TableStats {
 	if f == nil {
 		return nil
 	}
-	return &TableStats{Entries: f.table.len(), Evictions: f.table.evicted()}
+	return &TableStats{Entries: f.table.Len(), Evictions: f.table.Evicted()}
 }
 
 var _ caddy.Destructor = (*farm)(nil)

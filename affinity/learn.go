@@ -8,6 +8,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 func init() {
@@ -128,7 +130,7 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 	if table == nil {
 		return
 	}
-	now := clockNow()
+	now := sessions.Now()
 	for _, line := range h["Set-Cookie"] {
 		c, ok := parseSetCookie(line)
 		if !ok {
@@ -159,14 +161,14 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 // learnID records a session id that upstream id issued for key k, and
 // retires (or, when the app deleted it, forgets) the id the request came
 // with if it is another one.
-func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, value string, deleted bool, id, now uint32) {
+func (p *Policy) learnID(table *sessions.Table, k *KeySource, r *http.Request, value string, deleted bool, id, now uint32) {
 	old, hadOld := k.value(r)
 	if deleted {
 		if hadOld {
 			if p.remote != nil {
 				p.remote.remove(sessionIDHash(old), p.entryDial(p.tableKey(sessionIDHash(old))))
 			}
-			table.remove(p.tableKey(sessionIDHash(old)))
+			table.Remove(p.tableKey(sessionIDHash(old)))
 		}
 		return
 	}
@@ -175,13 +177,13 @@ func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, val
 		// leaves, so that its next request finds it on any instance.
 		p.putRemote(sessionIDHash(value), id, now)
 	} else {
-		table.put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
+		table.Put(p.tableKey(sessionIDHash(value)), id, now, p.ttl)
 	}
 	if hadOld && old != value {
 		if p.remote != nil {
 			p.remote.retire(sessionIDHash(old), p.entryDial(p.tableKey(sessionIDHash(old))), retireGrace)
 		}
-		table.retire(p.tableKey(sessionIDHash(old)), now+retireGrace)
+		table.Retire(p.tableKey(sessionIDHash(old)), now+retireGrace)
 	}
 }
 

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // A pin is the proxy's own cookie naming the upstream a session was given,
@@ -25,7 +27,7 @@ import (
 //
 //	token = HMAC-SHA256(secret, "caddy-affinity/pin/v1\x00" + dial)[:18]
 //	        \____ id: bytes 0..5 ____/\______ mac: bytes 6..17 ______/
-//	at    = issue time, seconds since tableEpoch, big-endian uint32
+//	at    = issue time, seconds since sessions.Epoch, big-endian uint32
 //	tag   = HMAC-SHA256(secret, "caddy-affinity/pin/v2\x00" + token + at)[:8]
 //	value = base64url(token || at || tag)                     (40 chars)
 //
@@ -589,7 +591,7 @@ func pinLifetime(ttl uint32) uint32 { return ttl + pinRefresh(ttl) + pinSlack }
 
 // processStart is when this process started, in table seconds: v1 pins
 // count as live sessions' for one pin lifetime after it (see above).
-var processStart = tableNow(time.Now())
+var processStart = sessions.Seconds(time.Now())
 
 // setPinCookie adds the pin's Set-Cookie header to the response,
 // replacing one set by an earlier attempt of the same request (Caddy

@@ -15,6 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // issuedPin returns the Set-Cookie line of the pin p issues to a new
@@ -87,7 +89,7 @@ func TestPinCookieAttributeStrings(t *testing.T) {
 func TestPinCookieIssueAllocs(t *testing.T) {
 	s := newPinSigner([]byte("s"), "pin", 1200, []string{"a:1", "b:1"})
 	s.style, _ = (&PinCookieAttributes{Domain: "example.com", SameSite: "none", Partitioned: true, MaxAge: caddy.Duration(time.Hour)}).style()
-	now := clockNow()
+	now := sessions.Now()
 	s.setCookie(1, now, false)
 	if n := testing.AllocsPerRun(100, func() { s.setCookie(1, now, false); s.setCookie(0, now, true) }); n != 0 {
 		t.Fatalf("issuing allocated %.1f times", n)
@@ -330,9 +332,9 @@ func BenchmarkSelectRotated(b *testing.B) {
 	old := newTestPolicy(b, &Policy{Keys: keys, Secret: "old-secret-0123456789"})
 	next := newTestPolicy(b, &Policy{Keys: keys, Secret: "new-secret-0123456789", PreviousSecrets: []string{"old-secret-0123456789"}})
 	b.Run("current/N=16", func(b *testing.B) {
-		benchSelect(b, next, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+next.PinCookie+"="+next.poolState(pool).pins.value(3, clockNow())))
+		benchSelect(b, next, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+next.PinCookie+"="+next.poolState(pool).pins.value(3, sessions.Now())))
 	})
 	b.Run("previous/N=16", func(b *testing.B) {
-		benchSelect(b, next, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+old.PinCookie+"="+old.poolState(pool).pins.value(3, clockNow())))
+		benchSelect(b, next, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+old.PinCookie+"="+old.poolState(pool).pins.value(3, sessions.Now())))
 	})
 }

@@ -120,7 +120,7 @@ func (p *Policy) overloaded(ps *poolState, i int, b loadBound) bool {
 // instances' as read about a second ago), so that instances that each
 // place a share of the sessions bound the cluster-wide loads.
 func (p *Policy) sessionsOn(ps *poolState, i int) int64 {
-	n := max(0, p.table.liveCount(ps.recs[i].ID))
+	n := max(0, p.table.LiveCount(ps.recs[i].ID))
 	if p.remote != nil {
 		n = p.remote.clusterLoad(ps.ups[i].Dial, n)
 	}

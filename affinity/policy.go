@@ -35,6 +35,8 @@ import (
 	"golang.org/x/net/http/httpguts"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 func init() {
@@ -195,7 +197,7 @@ type Policy struct {
 	// memory, whose memory is the table alone.
 	remote *redisStore
 	farm   *farm
-	table  *sessionTable
+	table  *sessions.Table
 	logger *zap.Logger
 
 	// pools caches the ring and pin tokens of the last pool seen; Caddy
@@ -326,7 +328,7 @@ func (p *Policy) Validate() error {
 		return fmt.Errorf("session_ttl must be between 1s and %s, got %s", maxSessionTTL, time.Duration(p.SessionTTL))
 	}
 	if p.MaxSessions < 0 || (p.MaxSessions > 0 && p.MaxSessions < minMaxSessions) {
-		return fmt.Errorf("max_sessions must be at least %d (the session table has %d shards), got %d", minMaxSessions, tableShards, p.MaxSessions)
+		return fmt.Errorf("max_sessions must be at least %d (the session table has %d shards), got %d", minMaxSessions, sessions.Shards, p.MaxSessions)
 	}
 	if time.Duration(p.Hold) > maxHold || time.Duration(p.SlowStart) > maxSlowStart {
 		return fmt.Errorf("hold must be at most %s and slow_start at most %s, got %s and %s",
@@ -398,7 +400,7 @@ const (
 	maxSessionTTL  = 365 * 24 * time.Hour
 	maxHold        = time.Hour
 	maxSlowStart   = 24 * time.Hour
-	minMaxSessions = tableShards
+	minMaxSessions = sessions.Shards
 )
 
 // minSecretLen is the shortest secret that is not logged as weak: pins
@@ -439,7 +441,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 	// An upstream that failed this very request is not selectable on
 	// the retry, even if Caddy's health checks have not caught up.
-	in := decideInput{failed: -1, now: clockNow()}
+	in := decideInput{failed: -1, now: sessions.Now()}
 	if p.scope.Load() == 0 {
 		p.resolveScope(in.now)
 	}
@@ -638,9 +640,9 @@ func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
 	}
 	for i, key := range keys {
 		if i > 0 {
-			id |= aliasBit
+			id |= sessions.AliasBit
 		}
-		p.table.put(p.tableKey(key), id, now, p.ttl)
+		p.table.Put(p.tableKey(key), id, now, p.ttl)
 	}
 }
 

@@ -15,6 +15,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // `store local`: the session table written to Caddy's storage (a compact
@@ -36,7 +38,7 @@ const snapshotStorageKey = "caddy-affinity/sessions/table"
 //	magic "CAST", version u8, 3 zero bytes, saved-at u32 (table seconds)
 //	entry count u32, then per entry 16 bytes:
 //	    key u64 (as the table stores it: hashed, scoped)
-//	    ref u32: dial index | aliasBit | establishedBit
+//	    ref u32: dial index | sessions.AliasBit | sessions.EstablishedBit
 //	    expires u32 (table seconds: the entry keeps the time it had left,
 //	         less the time the process was down, as the app's own
 //	         sessions age meanwhile)
@@ -58,8 +60,8 @@ const (
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // encodeSnapshot writes every entry of t live at now.
-func encodeSnapshot(t *sessionTable, now uint32, dialOf func(id uint32) (string, bool)) []byte {
-	buf := make([]byte, snapshotHeader+4, snapshotHeader+4+snapshotEntry*t.len()+1024)
+func encodeSnapshot(t *sessions.Table, now uint32, dialOf func(id uint32) (string, bool)) []byte {
+	buf := make([]byte, snapshotHeader+4, snapshotHeader+4+snapshotEntry*t.Len()+1024)
 	copy(buf, snapshotMagic)
 	buf[4] = snapshotVersion
 	binary.LittleEndian.PutUint32(buf[8:], now)
@@ -68,8 +70,8 @@ func encodeSnapshot(t *sessionTable, now uint32, dialOf func(id uint32) (string,
 	var ref []int32
 	var dials []string
 	count := uint32(0)
-	t.export(now, func(key uint64, e tableEntry) {
-		id := e.upstream()
+	t.Export(now, func(key uint64, e sessions.Entry) {
+		id := e.Upstream()
 		for int(id) >= len(ref) {
 			ref = append(ref, 0)
 		}
@@ -83,10 +85,10 @@ func encodeSnapshot(t *sessionTable, now uint32, dialOf func(id uint32) (string,
 		if ref[id] < 0 {
 			return
 		}
-		flags := e.up &^ upstreamMask
+		flags := e.Ref() &^ sessions.UpstreamMask
 		buf = binary.LittleEndian.AppendUint64(buf, key)
 		buf = binary.LittleEndian.AppendUint32(buf, uint32(ref[id]-1)|flags)
-		buf = binary.LittleEndian.AppendUint32(buf, e.expires)
+		buf = binary.LittleEndian.AppendUint32(buf, e.Expires())
 		count++
 	})
 	binary.LittleEndian.PutUint32(buf[snapshotHeader:], count)
@@ -108,7 +110,7 @@ type snapshotStats struct {
 
 // decodeSnapshot records the entries of snapshot b live at now in t,
 // mapping its dials to IDs with idOf. A corrupt snapshot records nothing.
-func decodeSnapshot(b []byte, t *sessionTable, now uint32, idOf func(dial string) uint32) (snapshotStats, error) {
+func decodeSnapshot(b []byte, t *sessions.Table, now uint32, idOf func(dial string) uint32) (snapshotStats, error) {
 	var st snapshotStats
 	if len(b) < snapshotHeader+4+4+4 || string(b[:4]) != snapshotMagic {
 		return st, errors.New("not a session snapshot")
@@ -151,15 +153,15 @@ func decodeSnapshot(b []byte, t *sessionTable, now uint32, idOf func(dial string
 		key := binary.LittleEndian.Uint64(e)
 		ref := binary.LittleEndian.Uint32(e[8:])
 		expires := binary.LittleEndian.Uint32(e[12:])
-		di := ref & upstreamMask
-		if int(di) >= len(ids) || ids[di] > upstreamMask {
+		di := ref & sessions.UpstreamMask
+		if int(di) >= len(ids) || ids[di] > sessions.UpstreamMask {
 			st.unknownDials++
 			continue
 		}
 		switch {
 		case expires < now:
 			st.expired++
-		case t.restore(key, tableEntry{up: ids[di] | ref&^upstreamMask, expires: expires}, now):
+		case t.Restore(key, sessions.NewEntry(ids[di]|ref&^sessions.UpstreamMask, expires), now):
 			st.restored++
 		default:
 			st.kept++ // the key has a newer entry already
@@ -184,7 +186,7 @@ func registryID(dial string) uint32 { return healthcheck.Get(dial).ID }
 // arrives. Its loop runs apart from the farm's, so that writing a large
 // table never delays the table clock.
 type persister struct {
-	table  *sessionTable
+	table  *sessions.Table
 	logger *zap.Logger
 
 	mu     sync.Mutex
@@ -193,7 +195,7 @@ type persister struct {
 	// last is the newest wanting policy's storage and interval; saving
 	// goes there.
 	last  persistWant
-	saved uint64    // table.changes() at the last write
+	saved uint64    // table.Changes() at the last write
 	at    time.Time // when the last write was, or the loop started
 	// failing is set after a failed write, so that a storage that stays
 	// broken is logged once, not every interval.
@@ -217,7 +219,7 @@ const persistTick = time.Second
 // hung storage cannot hold up a start or a stop for long.
 const persistTimeout = 10 * time.Second
 
-func newPersister(t *sessionTable) *persister {
+func newPersister(t *sessions.Table) *persister {
 	ps := &persister{
 		table:  t,
 		logger: caddy.Log().Named("affinity.store"),
@@ -258,7 +260,7 @@ func (ps *persister) load(storage certmagic.Storage) {
 			zap.String("key", snapshotStorageKey), zap.Error(err))
 		return
 	}
-	now := tableNow(time.Now())
+	now := sessions.Seconds(time.Now())
 	st, err := decodeSnapshot(b, ps.table, now, registryID)
 	if err != nil {
 		ps.logger.Error("the session snapshot is unreadable; starting with an empty session table",
@@ -266,7 +268,7 @@ func (ps *persister) load(storage certmagic.Storage) {
 		return
 	}
 	// What was read is saved: no write until something changes.
-	ps.saved = ps.table.changes()
+	ps.saved = ps.table.Changes()
 	ps.logger.Info("restored the session table from storage",
 		zap.String("key", snapshotStorageKey),
 		zap.Int("sessions", st.restored),
@@ -317,12 +319,12 @@ func (ps *persister) saveLocked(final bool) {
 	if ps.last.storage == nil {
 		return
 	}
-	changes := ps.table.changes()
+	changes := ps.table.Changes()
 	if changes == ps.saved {
 		return
 	}
 	start := time.Now()
-	b := encodeSnapshot(ps.table, tableNow(start), registryDial)
+	b := encodeSnapshot(ps.table, sessions.Seconds(start), registryDial)
 	ctx, cancel := context.WithTimeout(context.Background(), persistTimeout)
 	defer cancel()
 	if err := ps.last.storage.Store(ctx, snapshotStorageKey, b); err != nil {

@@ -20,6 +20,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // `store redis`: a Redis server shared by every instance that uses it,
@@ -661,7 +663,7 @@ func (p *Policy) localSessions(dial string) int64 {
 	if rec == nil {
 		return 0
 	}
-	return max(0, p.table.liveCount(rec.ID))
+	return max(0, p.table.LiveCount(rec.ID))
 }
 
 // writeBackRemote writes the policy's live local entries on dials to
@@ -681,19 +683,19 @@ func (p *Policy) writeBackRemote(dials []string, reason string) {
 			ids[rec.ID] = d
 		}
 	}
-	now := clockNow()
+	now := sessions.Now()
 	scope := p.scope.Load()
 	q := writeBackQuantum(p.ttl)
 	var entries []backEntry
-	p.table.export(now, func(k uint64, e tableEntry) {
-		dial, ok := ids[e.upstream()]
+	p.table.Export(now, func(k uint64, e sessions.Entry) {
+		dial, ok := ids[e.Upstream()]
 		if !ok {
 			return
 		}
 		// Redis's TTL is a quarter more than the local one, as record
 		// writes it.
-		entries = append(entries, backEntry{key: k ^ scope, dial: dial, alias: e.alias(),
-			ttl: time.Duration(e.expires-now+q) * time.Second})
+		entries = append(entries, backEntry{key: k ^ scope, dial: dial, alias: e.Alias(),
+			ttl: time.Duration(e.Expires()-now+q) * time.Second})
 	})
 	written, present, err := p.remote.writeBack(entries)
 	if len(entries) == 0 {
@@ -775,9 +777,9 @@ func (p *Policy) fetchRemote(ps *poolState, in *decideInput, laterAliases bool) 
 		}
 		up := rec.ID
 		if e.alias {
-			up |= aliasBit
+			up |= sessions.AliasBit
 		}
-		p.table.put(p.tableKey(in.keys[j]), up, in.now, p.ttl)
+		p.table.Put(p.tableKey(in.keys[j]), up, in.now, p.ttl)
 		return i
 	}
 	return -1
@@ -793,7 +795,7 @@ func (p *Policy) rememberRemote(keys []uint64, id uint32, now uint32) {
 	for i, key := range keys {
 		up := id
 		if i > 0 {
-			up |= aliasBit
+			up |= sessions.AliasBit
 		}
 		if w, ok := p.dueRemote(key, up, now); ok {
 			ws = append(ws, w)
@@ -811,7 +813,7 @@ func (p *Policy) putRemote(key uint64, up uint32, now uint32) {
 	}
 }
 
-// dueRemote records key -> up (up may carry aliasBit) in the local table
+// dueRemote records key -> up (up may carry sessions.AliasBit) in the local table
 // and returns the write Redis is due: when the entry is new here, moved,
 // or its sliding expiry crossed a quarter of the TTL since the last
 // write. An app that sends its cookie again on every response, and a
@@ -819,20 +821,20 @@ func (p *Policy) putRemote(key uint64, up uint32, now uint32) {
 // session_ttl.
 func (p *Policy) dueRemote(key uint64, up uint32, now uint32) (remoteWrite, bool) {
 	q := writeBackQuantum(p.ttl)
-	old, live := p.table.swap(p.tableKey(key), up, now, p.ttl)
-	moved := live && old.up&^establishedBit != up
-	if live && !moved && old.expires/q == (now+p.ttl)/q {
+	old, live := p.table.Swap(p.tableKey(key), up, now, p.ttl)
+	moved := live && old.Ref()&^sessions.EstablishedBit != up
+	if live && !moved && old.Expires()/q == (now+p.ttl)/q {
 		return remoteWrite{}, false
 	}
-	w := remoteWrite{key: key, alias: up&aliasBit != 0, how: writeSlide}
+	w := remoteWrite{key: key, alias: up&sessions.AliasBit != 0, how: writeSlide}
 	switch {
 	case !live:
 		w.how = writeNew
 	case moved:
 		w.how = writeMove
-		w.from, _ = registryDial(old.upstream())
+		w.from, _ = registryDial(old.Upstream())
 	}
-	dial, ok := registryDial(up & upstreamMask)
+	dial, ok := registryDial(up & sessions.UpstreamMask)
 	if !ok {
 		return remoteWrite{}, false
 	}
@@ -847,25 +849,25 @@ func (p *Policy) applyRemote(op byte, key uint64, e remoteEntry) {
 	if table == nil {
 		return
 	}
-	now := clockNow()
+	now := sessions.Now()
 	k := p.tableKey(key)
 	switch op {
 	case 'm':
-		old, ok := table.peek(k, now)
+		old, ok := table.Peek(k, now)
 		if !ok {
 			return
 		}
 		up := healthcheck.Get(e.dial).ID
 		if e.alias {
-			up |= aliasBit
+			up |= sessions.AliasBit
 		}
-		if old.up&^establishedBit != up {
-			table.put(k, up, now, old.expires-now)
+		if old.Ref()&^sessions.EstablishedBit != up {
+			table.Put(k, up, now, old.Expires()-now)
 		}
 	case 'r':
-		table.retire(k, now+retireGrace)
+		table.Retire(k, now+retireGrace)
 	case 'd':
-		table.remove(k)
+		table.Remove(k)
 	}
 }
 
@@ -890,10 +892,10 @@ func clusterSessions(dial string) (int64, bool) {
 // "" for a key the table does not have or an alias, which is not
 // counted.
 func (p *Policy) entryDial(key uint64) string {
-	e, ok := p.table.peek(key, clockNow())
-	if !ok || e.alias() {
+	e, ok := p.table.Peek(key, sessions.Now())
+	if !ok || e.Alias() {
 		return ""
 	}
-	dial, _ := registryDial(e.upstream())
+	dial, _ := registryDial(e.Upstream())
 	return dial
 }

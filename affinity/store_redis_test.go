@@ -11,6 +11,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // redisPolicy provisions a learn-mode policy on the given Redis with its
@@ -65,10 +67,10 @@ func TestStoreRedisShares(t *testing.T) {
 
 	// A move on instance one (the session failed over to upstream 2)
 	// reaches instance two, which knows the key, through the channel.
-	p1.remember([]uint64{sessionIDHash("learned-0")}, ps1.recs[2].ID, clockNow())
+	p1.remember([]uint64{sessionIDHash("learned-0")}, ps1.recs[2].ID, sessions.Now())
 	waitFor(t, "the move to reach instance two", func() bool {
-		e, ok := p2.table.peek(p2.tableKey(sessionIDHash("learned-0")), clockNow())
-		return ok && e.upstream() == ps2.recs[2].ID
+		e, ok := p2.table.Peek(p2.tableKey(sessionIDHash("learned-0")), sessions.Now())
+		return ok && e.Upstream() == ps2.recs[2].ID
 	})
 	if got := p2.Select(pool, newRequest("sid=learned-0"), nil); got != pool[2] {
 		t.Fatalf("after the move instance two sent the session to %v, want %s", got, pool[2].Dial)
@@ -78,7 +80,7 @@ func TestStoreRedisShares(t *testing.T) {
 	r := newRequest("sid=learned-1")
 	p1.learn(http.Header{"Set-Cookie": {"sid=; Max-Age=0"}}, r, ps1.recs[1].ID)
 	waitFor(t, "the removal to reach instance two", func() bool {
-		_, ok := p2.table.peek(p2.tableKey(sessionIDHash("learned-1")), clockNow())
+		_, ok := p2.table.Peek(p2.tableKey(sessionIDHash("learned-1")), sessions.Now())
 		return !ok
 	})
 	// The move and the removal show in the counts: upstream 0 lost its
@@ -216,7 +218,7 @@ func TestStoreRedisWriteBack(t *testing.T) {
 		t.Fatal("the circuit did not open with Redis down")
 	}
 	const n = 600 // more than two batches
-	now := clockNow()
+	now := sessions.Now()
 	for i := range n {
 		p1.remember([]uint64{sessionIDHash(fmt.Sprintf("down-%d", i)), sessionIDHash(fmt.Sprintf("user-%d", i))},
 			ps1.recs[i%3].ID, now)
@@ -320,8 +322,8 @@ func TestStoreRedisAliasNotCounted(t *testing.T) {
 	pool := testPool(t, 3)
 	ps := p.poolState(pool)
 	ip, sid := sessionIDHash("198.18.0.1"), sessionIDHash("app-session")
-	p.remember([]uint64{ip}, ps.recs[1].ID, clockNow())
-	p.remember([]uint64{sid, ip}, ps.recs[1].ID, clockNow())
+	p.remember([]uint64{ip}, ps.recs[1].ID, sessions.Now())
+	p.remember([]uint64{sid, ip}, ps.recs[1].ID, sessions.Now())
 	c := redis.NewClient(&redis.Options{Addr: rd.Addr, DisableIdentity: true})
 	defer c.Close()
 	members, err := c.ZRange(context.Background(), p.remote.liveKey(pool[1].Dial), 0, -1).Result()
@@ -331,7 +333,7 @@ func TestStoreRedisAliasNotCounted(t *testing.T) {
 	if len(members) != 1 || members[0] != strconv.FormatUint(sid, 16) {
 		t.Errorf("live set of %s: %v, want the session's main key alone", pool[1].Dial, members)
 	}
-	if got := p.table.liveCount(ps.recs[1].ID); got != 1 {
+	if got := p.table.LiveCount(ps.recs[1].ID); got != 1 {
 		t.Errorf("local live count %d, want 1", got)
 	}
 }

@@ -10,6 +10,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // fakeDials numbers dials "up<id>:80" one way and maps them back with an
@@ -25,18 +27,18 @@ func shiftedID(dial string) uint32 {
 
 func TestSnapshotRoundTrip(t *testing.T) {
 	const now = 1000
-	src := newSessionTable(10_000)
-	src.put(1, 3, now, 600)          // main, probationary
-	src.put(2, 4|aliasBit, now, 600) // alias
-	src.put(3, 5, now, 300)
-	src.put(3, 5, now, 300)    // a second put establishes it
-	src.put(4, 3, now-100, 50) // expired at now
-	src.put(0, 6, now, 600)    // key 0 is stored as zeroKey
-	src.put(5, 7, now, 3600)   // retired below
-	src.retire(5, now+30)      // keeps its retirement
+	src := sessions.NewTable(10_000)
+	src.Put(1, 3, now, 600)                   // main, probationary
+	src.Put(2, 4|sessions.AliasBit, now, 600) // alias
+	src.Put(3, 5, now, 300)
+	src.Put(3, 5, now, 300)    // a second put establishes it
+	src.Put(4, 3, now-100, 50) // expired at now
+	src.Put(0, 6, now, 600)    // key 0 is stored as zeroKey
+	src.Put(5, 7, now, 3600)   // retired below
+	src.Retire(5, now+30)      // keeps its retirement
 	b := encodeSnapshot(src, now, fakeDial)
 
-	dst := newSessionTable(10_000)
+	dst := sessions.NewTable(10_000)
 	st, err := decodeSnapshot(b, dst, now+10, shiftedID)
 	if err != nil {
 		t.Fatal(err)
@@ -46,13 +48,13 @@ func TestSnapshotRoundTrip(t *testing.T) {
 	}
 	check := func(key uint64, up uint32, expires uint32, alias, established bool) {
 		t.Helper()
-		e, ok := dst.peek(key, now+10)
+		e, ok := dst.Peek(key, now+10)
 		if !ok {
 			t.Fatalf("key %d not restored", key)
 		}
-		if e.upstream() != up || e.expires != expires || e.alias() != alias || e.established() != established {
+		if e.Upstream() != up || e.Expires() != expires || e.Alias() != alias || (e.Ref()&sessions.EstablishedBit != 0) != established {
 			t.Errorf("key %d: up %d expires %d alias %v established %v; want %d %d %v %v",
-				key, e.upstream(), e.expires, e.alias(), e.established(), up, expires, alias, established)
+				key, e.Upstream(), e.Expires(), e.Alias(), (e.Ref()&sessions.EstablishedBit != 0), up, expires, alias, established)
 		}
 	}
 	check(1, 103, now+600, false, false)
@@ -60,15 +62,15 @@ func TestSnapshotRoundTrip(t *testing.T) {
 	check(3, 105, now+300, false, true)
 	check(0, 106, now+600, false, false)
 	check(5, 107, now+30, false, false)
-	if _, ok := dst.peek(4, now+10); ok {
+	if _, ok := dst.Peek(4, now+10); ok {
 		t.Error("an entry expired when the snapshot was written came back")
 	}
 	// Live counts follow the restored main entries, by the new IDs.
-	if dst.liveCount(103) != 1 || dst.liveCount(104) != 0 || dst.liveCount(105) != 1 {
-		t.Errorf("live counts 103=%d 104=%d 105=%d, want 1 0 1", dst.liveCount(103), dst.liveCount(104), dst.liveCount(105))
+	if dst.LiveCount(103) != 1 || dst.LiveCount(104) != 0 || dst.LiveCount(105) != 1 {
+		t.Errorf("live counts 103=%d 104=%d 105=%d, want 1 0 1", dst.LiveCount(103), dst.LiveCount(104), dst.LiveCount(105))
 	}
 	// Entries that expired while the process was down stay out.
-	late := newSessionTable(10_000)
+	late := sessions.NewTable(10_000)
 	st, err = decodeSnapshot(b, late, now+301, shiftedID)
 	if err != nil || st.restored != 3 || st.expired != 2 {
 		t.Fatalf("read after 301s: %+v, %v; want 3 restored, 2 expired", st, err)
@@ -77,24 +79,24 @@ func TestSnapshotRoundTrip(t *testing.T) {
 
 func TestSnapshotKeepsNewerEntries(t *testing.T) {
 	const now = 500
-	src := newSessionTable(1000)
-	src.put(9, 1, now, 600)
+	src := sessions.NewTable(1000)
+	src.Put(9, 1, now, 600)
 	b := encodeSnapshot(src, now, fakeDial)
-	dst := newSessionTable(1000)
-	dst.put(9, 2, now, 600) // written since: newer
+	dst := sessions.NewTable(1000)
+	dst.Put(9, 2, now, 600) // written since: newer
 	st, err := decodeSnapshot(b, dst, now, func(string) uint32 { return 1 })
 	if err != nil || st.kept != 1 || st.restored != 0 {
 		t.Fatalf("%+v, %v", st, err)
 	}
-	if up, _ := dst.get(9, now, 0); up != 2 {
+	if up, _ := dst.Get(9, now, 0); up != 2 {
 		t.Fatalf("the snapshot overwrote a newer entry: up %d", up)
 	}
 }
 
 func TestSnapshotRejectsDamage(t *testing.T) {
-	src := newSessionTable(1000)
+	src := sessions.NewTable(1000)
 	for k := uint64(1); k <= 50; k++ {
-		src.put(k, uint32(k%3), 100, 600)
+		src.Put(k, uint32(k%3), 100, 600)
 	}
 	good := encodeSnapshot(src, 100, fakeDial)
 	cases := map[string][]byte{
@@ -105,18 +107,18 @@ func TestSnapshotRejectsDamage(t *testing.T) {
 		"version":   func() []byte { b := append([]byte(nil), good...); b[4] = 9; return b }(),
 	}
 	for name, b := range cases {
-		dst := newSessionTable(1000)
+		dst := sessions.NewTable(1000)
 		if _, err := decodeSnapshot(b, dst, 100, shiftedID); err == nil {
 			t.Errorf("%s: no error", name)
 		}
-		if dst.len() != 0 {
-			t.Errorf("%s: %d entries recorded from a damaged snapshot", name, dst.len())
+		if dst.Len() != 0 {
+			t.Errorf("%s: %d entries recorded from a damaged snapshot", name, dst.Len())
 		}
 	}
 	// An upstream without a dial (never happens with the registry) is
 	// left out rather than written under a wrong name.
 	b := encodeSnapshot(src, 100, func(id uint32) (string, bool) { return "a:1", id != 1 })
-	dst := newSessionTable(1000)
+	dst := sessions.NewTable(1000)
 	if st, err := decodeSnapshot(b, dst, 100, shiftedID); err != nil || st.entries != 50-17 {
 		t.Fatalf("%+v, %v", st, err)
 	}
@@ -125,15 +127,15 @@ func TestSnapshotRejectsDamage(t *testing.T) {
 // TestSnapshotFuzzedBytes: random bytes never panic the reader.
 func TestSnapshotFuzzedBytes(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
-	src := newSessionTable(1000)
-	src.put(1, 1, 10, 60)
+	src := sessions.NewTable(1000)
+	src.Put(1, 1, 10, 60)
 	good := encodeSnapshot(src, 10, fakeDial)
 	for range 2000 {
 		b := append([]byte(nil), good[:rng.IntN(len(good)+1)]...)
 		if len(b) > 0 {
 			b[rng.IntN(len(b))] = byte(rng.Uint32())
 		}
-		_, _ = decodeSnapshot(b, newSessionTable(1000), 10, shiftedID)
+		_, _ = decodeSnapshot(b, sessions.NewTable(1000), 10, shiftedID)
 	}
 }
 
@@ -163,10 +165,10 @@ func TestStoreLocalPersists(t *testing.T) {
 	p := start()
 	pool := testPool(t, 3)
 	ps := p.poolState(pool)
-	now := clockNow()
+	now := sessions.Now()
 	p.resolveScope(now)
 	key := p.tableKey(12345)
-	p.table.put(key, ps.recs[2].ID, now, 600)
+	p.table.Put(key, ps.recs[2].ID, now, 600)
 	if err := p.Cleanup(); err != nil { // the last policy: the farm stops
 		t.Fatal(err)
 	}
@@ -179,8 +181,8 @@ func TestStoreLocalPersists(t *testing.T) {
 	if p2.table == p.table {
 		t.Fatal("the farm did not start afresh")
 	}
-	e, ok := p2.table.peek(key, now)
-	if !ok || e.upstream() != ps.recs[2].ID {
+	e, ok := p2.table.Peek(key, now)
+	if !ok || e.Upstream() != ps.recs[2].ID {
 		t.Fatalf("after the restart: %+v, %v; want upstream %d (%s)", e, ok, ps.recs[2].ID, ps.recs[2].Dial)
 	}
 }
@@ -189,12 +191,12 @@ func TestStoreLocalPersists(t *testing.T) {
 // an interval, and nothing is written while nothing changes.
 func TestStoreLocalWritesPeriodically(t *testing.T) {
 	storage := &certmagic.FileStorage{Path: t.TempDir()}
-	tb := newSessionTable(1000)
+	tb := sessions.NewTable(1000)
 	ps := newPersister(tb)
 	defer ps.close()
 	p := new(Policy)
 	ps.want(p, storage, time.Second)
-	tb.put(77, 1, clockNow(), 600)
+	tb.Put(77, 1, sessions.Now(), 600)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		if b, err := storage.Load(context.Background(), snapshotStorageKey); err == nil && len(b) > 0 {
@@ -273,15 +275,15 @@ func TestStoreCaddyfile(t *testing.T) {
 // load (the goal is at most a second) and the snapshot's size.
 func BenchmarkSnapshotLoad(b *testing.B) {
 	const n = 1_000_000
-	src := newSessionTable(n)
+	src := sessions.NewTable(n)
 	rng := rand.New(rand.NewPCG(5, 6))
 	for i := range n {
-		src.put(rng.Uint64(), uint32(i%5), 1000, 1200)
+		src.Put(rng.Uint64(), uint32(i%5), 1000, 1200)
 	}
 	snap := encodeSnapshot(src, 1000, fakeDial)
 	b.ResetTimer()
 	for range b.N {
-		dst := newSessionTable(n)
+		dst := sessions.NewTable(n)
 		st, err := decodeSnapshot(snap, dst, 1000, shiftedID)
 		if err != nil || st.restored < n*99/100 {
 			b.Fatalf("%+v, %v", st, err)
@@ -295,10 +297,10 @@ func BenchmarkSnapshotLoad(b *testing.B) {
 // BenchmarkSnapshotWrite encodes 1M sessions, as the periodic write does.
 func BenchmarkSnapshotWrite(b *testing.B) {
 	const n = 1_000_000
-	src := newSessionTable(n)
+	src := sessions.NewTable(n)
 	rng := rand.New(rand.NewPCG(7, 8))
 	for i := range n {
-		src.put(rng.Uint64(), uint32(i%5), 1000, 1200)
+		src.Put(rng.Uint64(), uint32(i%5), 1000, 1200)
 	}
 	b.ResetTimer()
 	for range b.N {
