@@ -216,7 +216,7 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		case "store":
-			c, err := parseStore(d)
+			c, err := sessions.ParseCaddyfile(d)
 			if err != nil {
 				return err
 			}

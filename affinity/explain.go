@@ -137,10 +137,10 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 
 // sessionEntry returns the table's live entry for key, or nil.
 func (p *Policy) sessionEntry(key uint64, now time.Time) *SessionEntry {
-	if p.table == nil {
+	if p.sessions == nil {
 		return nil
 	}
-	e, ok := p.table.Peek(p.tableKey(key), sessions.Seconds(now))
+	e, ok := p.sessions.Peek(key, sessions.Seconds(now))
 	if !ok {
 		return nil
 	}

@@ -29,6 +29,9 @@ import (
 // provisions the new config before it cleans up the old one, so the farm
 // goes on across reloads.
 type farm struct {
+	// store is the session memory: the table, the snapshot of store
+	// local and the clients of shared stores.
+	store *sessions.Store
 	table *sessions.Table
 
 	mu     sync.Mutex
@@ -39,9 +42,6 @@ type farm struct {
 	dials map[uint64][]string
 
 	history *history // the status page's chart, sampled by loop
-	// persist writes the table to Caddy's storage for the policies with
-	// store local, and read it back when the first of them arrived.
-	persist *persister
 
 	stop, done chan struct{}
 }
@@ -71,10 +71,10 @@ const (
 // acquireFarm joins (or starts) the farm for policy p.
 func acquireFarm(p *Policy) (*farm, error) {
 	val, _, err := farms.LoadOrNew(farmKey, func() (caddy.Destructor, error) {
-		table := sessions.NewTable(p.MaxSessions)
+		store := sessions.NewStore(p.MaxSessions)
 		f := &farm{
-			table:   table,
-			persist: newPersister(table),
+			store:   store,
+			table:   store.Table(),
 			wants:   make(map[*Policy]int),
 			probes:  make(map[*Policy]*policyProbe),
 			stop:    make(chan struct{}),
@@ -91,13 +91,21 @@ func acquireFarm(p *Policy) (*farm, error) {
 	}
 	f := val.(*farm)
 	f.want(p, p.MaxSessions)
-	// The first policy with store local reads the snapshot back, here in
-	// Provision: before the config serves its first request.
-	if p.Store.persists() {
-		if storage := storageOf(p.ctx); storage != nil {
-			f.persist.want(p, storage, p.Store.interval())
-		}
+	// The policy's namespace, known here in Provision. The first policy
+	// with store local reads the snapshot back, before the config serves
+	// its first request; a shared store's client is the farm's, shared
+	// by the policies that name it.
+	scope, ns := p.namespaces(p.ctx)
+	h, err := f.store.Open(sessions.Options{
+		Config: p.Store, Scope: scope, Namespace: ns,
+		TTL: p.ttl, MaxSessions: p.MaxSessions,
+		Logger: p.logger.Named("store"), Storage: storageOf(p.ctx),
+	})
+	if err != nil {
+		f.release(p)
+		return nil, err
 	}
+	p.sessions = h
 	return f, nil
 }
 
@@ -111,8 +119,11 @@ func (f *farm) release(p *Policy) {
 	if pr != nil {
 		pr.stop()
 	}
-	// The last policy with store local writes the table (shutdown).
-	f.persist.release(p)
+	// The last policy with store local writes the table (shutdown); the
+	// last of a shared store's client closes it.
+	if p.sessions != nil {
+		p.sessions.Close()
+	}
 	f.want(p, 0)
 	_, _ = farms.Delete(farmKey)
 }
@@ -170,17 +181,29 @@ func (f *farm) look(now time.Time) []Site {
 	}
 	for _, s := range sites {
 		f.followProbe(s.Policy, s.Handler.Upstreams)
-		if s.Policy.remote != nil {
-			// The cluster's session counts, read in the background,
-			// and a write back when Redis lost sessions (restart, outage).
-			dials := make([]string, len(s.Handler.Upstreams))
-			for i, u := range s.Handler.Upstreams {
-				dials[i] = u.Dial
-			}
-			s.Policy.refreshRemote(dials)
+		// A shared store's cluster counts, read in the background, and a
+		// write back when it lost sessions (restart, outage).
+		if s.Policy.sessions != nil {
+			s.Policy.sessions.Refresh(siteDials(s))
 		}
 	}
 	return sites
+}
+
+// siteDials returns a site's upstreams: its configured ones, or those of
+// its policy's last pool when they are dynamic.
+func siteDials(s Site) []string {
+	ups := s.Handler.Upstreams
+	if len(ups) == 0 {
+		if ps := s.Policy.pools.Load(); ps != nil {
+			ups = ps.ups
+		}
+	}
+	dials := make([]string, len(ups))
+	for i, u := range ups {
+		dials[i] = u.Dial
+	}
+	return dials
 }
 
 // replaceDials records pool as the upstreams of the proxy of the given
@@ -237,7 +260,7 @@ func (f *farm) Destruct() error {
 	for _, pr := range probes {
 		pr.stop()
 	}
-	f.persist.close()
+	f.store.Close()
 	sessions.SetClock(0)
 	return nil
 }
@@ -295,7 +318,7 @@ func LiveSessions(id uint32) int64 {
 	}
 	n := max(0, f.table.LiveCount(id))
 	if u := healthcheck.ByID(id); u != nil {
-		if c, ok := clusterSessions(u.Dial); ok {
+		if c, ok := f.store.ClusterSessions(u.Dial); ok {
 			n = max(n, c)
 		}
 	}

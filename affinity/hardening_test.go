@@ -106,7 +106,7 @@ func TestClientIPFallbackDoesNotTrapOneAddress(t *testing.T) {
 		// The app answers with its new session cookie; the learner
 		// records it for the upstream that served it.
 		h := http.Header{"Set-Cookie": {fmt.Sprintf("connect.sid=s%d; Path=/; HttpOnly", i)}}
-		lw.policy.learn(h, r, lw.up)
+		lw.policy.learn(h, r, lw.up, nil)
 	}
 	most := 0
 	for _, c := range counts {
@@ -175,7 +175,7 @@ func TestScopeFindsEntriesWrittenBeforeIt(t *testing.T) {
 		return r
 	}
 	home := p.Select(pool, req(), nil) // unresolved: the shared namespace
-	p.scope.Store(scopeHash("scope", "late"))
+	p.sessions.SetScope(scopeHash("scope", "late"))
 	id := healthcheck.Get(home.Dial).ID
 	for range 5 {
 		if got := p.Select(pool, req(), nil); got != home {

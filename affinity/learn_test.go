@@ -140,13 +140,13 @@ func TestLearnReplacedAndDeletedIDs(t *testing.T) {
 		if _, ok := p.table.Get(sessionIDHash(id), now, 0); !ok {
 			t.Fatalf("rotation %d: new id %q not recorded", i, id)
 		}
-		if _, ok := p.table.Get(sessionIDHash(old), now+retireGrace+2, 0); ok {
+		if _, ok := p.table.Get(sessionIDHash(old), now+sessions.RetireGrace+2, 0); ok {
 			t.Fatalf("rotation %d: old id %q outlives its grace", i, old)
 		}
 	}
 	// Rotations do not inflate the live count: old ids are retired, not
 	// counted twice, once their grace is over.
-	p.table.Sweep(now + retireGrace + 2)
+	p.table.Sweep(now + sessions.RetireGrace + 2)
 	if n := p.table.LiveCount(healthcheck.Get(home.Dial).ID); n != 1 {
 		t.Errorf("after 20 rotations and a sweep, %s counts %d live sessions, want 1", home.Dial, n)
 	}

@@ -169,8 +169,8 @@ type Policy struct {
 	// storage on shutdown and every interval while it changes, and reads
 	// it back at start, so that a restart forgets no session; `memory`
 	// keeps it in the process only. The table is process-wide: it is
-	// written while any live policy has store local. See StoreConfig.
-	Store *StoreConfig `json:"store,omitempty"`
+	// written while any live policy has store local. See sessions.Config.
+	Store *sessions.Config `json:"store,omitempty"`
 
 	secret []byte
 	// previousSecrets are PreviousSecrets, loaded; pinStyle is
@@ -186,19 +186,17 @@ type Policy struct {
 	// a key the learner records, served a request no affinity_learn
 	// watched (see noteMissingLearner).
 	missingLearner atomic.Bool
-	// scope is the namespace of the policy's entries in the session
-	// table, XORed into every key it stores or looks up; zero until the
-	// first pool is built (resolveScope).
-	scope      atomic.Uint64
-	scopeTried atomic.Uint32 // the table clock at the last resolveScope
+	// scopeTried is the table clock at the last resolveScope, for a
+	// policy whose place in the config Provision could not tell.
+	scopeTried atomic.Uint32
 
 	releaseSyncer func()
-	// remote is the shared store (store redis), nil for store local and
-	// memory, whose memory is the table alone.
-	remote *redisStore
-	farm   *farm
-	table  *sessions.Table
-	logger *zap.Logger
+	// sessions is the policy's namespace in the session memory, whatever
+	// the store: the table, and the shared store behind it if any.
+	sessions *sessions.Handle
+	farm     *farm
+	table    *sessions.Table // the process's, for counts
+	logger   *zap.Logger
 
 	// pools caches the ring and pin tokens of the last pool seen; Caddy
 	// passes the same pool on every request unless upstreams are dynamic.
@@ -277,22 +275,14 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 		p.releaseSyncer = release
 	}
 
+	if err := sessions.RegisterMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %v", err)
+	}
 	f, err := acquireFarm(p)
 	if err != nil {
-		return fmt.Errorf("session table: %v", err)
+		return fmt.Errorf("session store: %v", err)
 	}
 	p.farm, p.table = f, f.table
-	if p.Store.kind() == storeRedis {
-		if err := registerStoreMetrics(ctx.GetMetricsRegistry()); err != nil {
-			return fmt.Errorf("registering metrics: %v", err)
-		}
-		remote, err := newRedisStore(p.Store, p.logger.Named("store"), p.applyRemote)
-		if err != nil {
-			return fmt.Errorf("store redis: %v", err)
-		}
-		p.remote = remote
-		liveRemotes.Store(remote, struct{}{})
-	}
 	return nil
 }
 
@@ -382,10 +372,6 @@ func (p *Policy) Cleanup() error {
 	if p.releaseSyncer != nil {
 		p.releaseSyncer()
 	}
-	if p.remote != nil {
-		liveRemotes.Delete(p.remote)
-		p.remote.close()
-	}
 	if p.farm != nil {
 		p.farm.release(p)
 		p.farm = nil
@@ -441,8 +427,9 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 	// An upstream that failed this very request is not selectable on
 	// the retry, even if Caddy's health checks have not caught up.
-	in := decideInput{failed: -1, now: sessions.Now()}
-	if p.scope.Load() == 0 {
+	var budget sessions.Budget
+	in := decideInput{failed: -1, now: sessions.Now(), budget: &budget}
+	if p.sessions.Scope() == 0 {
 		p.resolveScope(in.now)
 	}
 	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
@@ -471,9 +458,9 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	if d.overflow() {
 		// Busy is not down: this request goes elsewhere once, and the
 		// session stays on its upstream (no entry moves, no new pin).
-		return p.chosen(ps, d.chosen, r, w, false, retry, in.now)
+		return p.chosen(ps, d.chosen, r, w, false, retry, &in)
 	}
-	p.remember(in.keys, ps.recs[d.chosen].ID, in.now)
+	p.sessions.Remember(in.keys, ps.recs[d.chosen].ID, in.now, &budget)
 	if d.failover() {
 		from, why := d.leftDial(ps)
 		p.logFailover(from, ps.ups[d.chosen].Dial, why)
@@ -482,7 +469,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// or is due for a fresh time (a v1 pin, or older than the refresh
 	// interval): a live session's pin never gets old.
 	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh)
-	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now)
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry, &in)
 }
 
 // noteMissingLearner records, and logs once, that the policy serves
@@ -631,30 +618,18 @@ next:
 	return keys, first
 }
 
-// remember records (and slides) key -> upstream for every key present;
-// the first is the session's main entry, the others are aliases.
-func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
-	if p.remote != nil {
-		p.rememberRemote(keys, id, now)
-		return
-	}
-	for i, key := range keys {
-		if i > 0 {
-			id |= sessions.AliasBit
-		}
-		p.table.Put(p.tableKey(key), id, now, p.ttl)
-	}
-}
-
 // chosen records the choice on the request (so that a retry knows it
 // failed) and, when asked, issues the pin cookie for it, replacing the
 // one an earlier attempt of this request issued.
-func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, now uint32) *reverseproxy.Upstream {
+func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, in *decideInput) *reverseproxy.Upstream {
 	up := ps.ups[i]
+	now := in.now
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		vars[triedVar] = up
 		if lw, ok := vars[learnVar].(*learnWriter); ok {
-			lw.chose(p, ps.recs[i].ID)
+			// What the learner writes counts against the request's
+			// budget too.
+			lw.chose(p, ps.recs[i].ID, *in.budget)
 		}
 	}
 	ps.recs[i].CountRequest()

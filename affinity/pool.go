@@ -186,7 +186,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 	}
 	ps.ring = ring
 	if p.farm != nil && p.secret != nil {
-		for _, dial := range p.farm.replaceDials(p.scope.Load(), pool) {
+		for _, dial := range p.farm.replaceDials(p.sessions.Scope(), pool) {
 			if ps.has(dial) {
 				continue
 			}

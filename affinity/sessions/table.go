@@ -398,6 +398,20 @@ func (t *Table) Remove(key uint64) {
 	s.mu.Unlock()
 }
 
+// Establish marks key's live entry as established (seen twice): an
+// entry the shared store has already, which its next request must not
+// write again.
+func (t *Table) Establish(key uint64, now uint32) {
+	key = slotKey(key)
+	h := t.place(key)
+	s := t.shard(h)
+	s.mu.Lock()
+	if i := s.find(key, h); i >= 0 && s.slots[i].expires >= now {
+		s.slots[i].up |= EstablishedBit
+	}
+	s.mu.Unlock()
+}
+
 // Retire makes key's entry expire at until at the latest: a session id
 // the app replaced stays usable a moment longer, for requests already on
 // their way with it, then goes. A request that still uses it slides it
