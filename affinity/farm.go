@@ -73,12 +73,12 @@ func acquireFarm(p *Policy) (*farm, error) {
 	val, _, err := farms.LoadOrNew(farmKey, func() (caddy.Destructor, error) {
 		store := sessions.NewStore(p.MaxSessions)
 		f := &farm{
-			store:   store,
-			table:   store.Table(),
-			wants:   make(map[*Policy]int),
-			probes:  make(map[*Policy]*policyProbe),
-			stop:    make(chan struct{}),
-			done:    make(chan struct{}),
+			store:  store,
+			table:  store.Table(),
+			wants:  make(map[*Policy]int),
+			probes: make(map[*Policy]*policyProbe),
+			stop:   make(chan struct{}),
+			done:   make(chan struct{}),
 		}
 		f.history = newHistory()
 		sessions.SetClock(sessions.Seconds(time.Now()))

@@ -111,4 +111,3 @@ func TestStoreCaddyfile(t *testing.T) {
 		}
 	}
 }
-
