@@ -6,6 +6,7 @@ package testredis
 import (
 	"context"
 	"net"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -69,6 +70,15 @@ func (s *Server) Stop() {
 		_ = s.cmd.Process.Kill()
 		_ = s.cmd.Wait()
 	}
+}
+
+// Signal sends sig to the server: SIGSTOP freezes it (it accepts
+// connections and answers nothing), SIGCONT thaws it.
+func (s *Server) Signal(sig os.Signal) error {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return nil
+	}
+	return s.cmd.Process.Signal(sig)
 }
 
 // Client returns a client of the server; close it.
