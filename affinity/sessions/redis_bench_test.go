@@ -86,7 +86,9 @@ func BenchmarkRedisFootprint(b *testing.B) {
 	})
 }
 
-func benchInstance(b *testing.B, addr string, n int) *Handle { return benchInstanceTTL(b, addr, n, 1200) }
+func benchInstance(b *testing.B, addr string, n int) *Handle {
+	return benchInstanceTTL(b, addr, n, 1200)
+}
 
 func benchInstanceTTL(b *testing.B, addr string, n int, ttl uint32) *Handle {
 	s := NewStore(n)
