@@ -96,6 +96,7 @@ func acquireFarm(p *Policy) (*farm, error) {
 	// its first request; a shared store's client is the farm's, shared
 	// by the policies that name it.
 	scope, ns := p.namespaces(p.ctx)
+	p.namespace = ns
 	h, err := f.store.Open(sessions.Options{
 		Config: p.Store, Scope: scope, Namespace: ns,
 		TTL: p.ttl, MaxSessions: p.MaxSessions,

@@ -194,9 +194,12 @@ type Policy struct {
 	// sessions is the policy's namespace in the session memory, whatever
 	// the store: the table, and the shared store behind it if any.
 	sessions *sessions.Handle
-	farm     *farm
-	table    *sessions.Table // the process's, for counts
-	logger   *zap.Logger
+	// namespace names the policy's entries in a shared store (see
+	// namespaces), "" when Provision could not place it.
+	namespace string
+	farm      *farm
+	table     *sessions.Table // the process's, for counts
+	logger    *zap.Logger
 
 	// pools caches the ring and pin tokens of the last pool seen; Caddy
 	// passes the same pool on every request unless upstreams are dynamic.
