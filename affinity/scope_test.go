@@ -18,25 +18,15 @@ import (
 // servers; the shared store's namespaces differ between sites and do not
 // depend on the listeners.
 func TestNamespacesKnownAtProvision(t *testing.T) {
-	listen, dial := inProcessAddrs(t)
-	listen2, _ := inProcessAddrs(t)
-	port := listen[strings.LastIndex(listen, ":")+1:]
-	port2 := listen2[strings.LastIndex(listen2, ":")+1:]
-	site := func(hosts, port string) string {
-		proxy := fmt.Sprintf(`reverse_proxy %s {
-			lb_policy affinity {
-				secret s
-				store memory
-			}
-		}`, dial)
-		return fmt.Sprintf("http://%s:%s {\n\thandle /a/* {\n\t\t%s\n\t}\n\thandle {\n\t\t%s\n\t}\n}\n", hosts, port, proxy, proxy)
+	// Free ports are picked, then bound by Caddy: another test's server
+	// may take one in between; try again then.
+	var err error
+	for range 3 {
+		if err = caddy.Load(namespacesConfig(t), true); err == nil {
+			break
+		}
 	}
-	cf := "{\n admin off\n}\n" + site("a.example", port) + site("b.example", port) + site("c.example", port2)
-	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Load(cfg, true); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = caddy.Stop() })
@@ -58,4 +48,28 @@ func TestNamespacesKnownAtProvision(t *testing.T) {
 	if len(shared) != 6 {
 		t.Errorf("%d shared-store namespaces for 6 proxies", len(shared))
 	}
+}
+
+// namespacesConfig returns the config of TestNamespacesKnownAtProvision:
+// sites a and b on one server, c on another, each with two proxies.
+func namespacesConfig(t *testing.T) []byte {
+	listen, dial := inProcessAddrs(t)
+	listen2, _ := inProcessAddrs(t)
+	port := listen[strings.LastIndex(listen, ":")+1:]
+	port2 := listen2[strings.LastIndex(listen2, ":")+1:]
+	site := func(hosts, port string) string {
+		proxy := fmt.Sprintf(`reverse_proxy %s {
+			lb_policy affinity {
+				secret s
+				store memory
+			}
+		}`, dial)
+		return fmt.Sprintf("http://%s:%s {\n\thandle /a/* {\n\t\t%s\n\t}\n\thandle {\n\t\t%s\n\t}\n}\n", hosts, port, proxy, proxy)
+	}
+	cf := "{\n admin off\n}\n" + site("a.example", port) + site("b.example", port) + site("c.example", port2)
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -19,6 +20,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
+	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
@@ -279,7 +281,7 @@ func (c *redisClient) open(h *Handle, ns string) *redisNS {
 	if ns == "" {
 		ns = "-"
 	}
-	n := &redisNS{c: c, h: h, ns: ns, entries: c.prefix + ":s:" + ns + ":", live: c.prefix + ":live:" + ns + ":"}
+	n := newRedisNS(c, h, ns)
 	c.mu.Lock()
 	c.namespaces[n] = struct{}{}
 	c.mu.Unlock()
@@ -406,13 +408,45 @@ func (c *redisClient) checkRun(first bool) {
 	c.mu.Unlock()
 }
 
+// The layout in Redis, per namespace (see docs/stores.md):
+//
+//   - entries in hash buckets, one hash per bucket and generation:
+//     <key_prefix>:{<namespace>.<bits>.<bucket>}<generation>, field the
+//     8-byte key hash, value 6 bytes: 's' (a session's main entry) or 'a'
+//     (an alias) or 'r' (retired), 'n' (created in this generation) or
+//     'b' (carried over from the one before), the upstream's 4-byte dial
+//     code. Redis keeps such small hashes as listpacks: ~16 B an entry.
+//     A generation is one session_ttl; a bucket's hash expires at the end
+//     of the next generation. A live session is written (HSETNX) into
+//     every generation it is active in, once: a lookup reads the current
+//     generation, then the one before.
+//   - counts apart from membership, one hash per generation:
+//     <key_prefix>:{<namespace>}c<generation>, fields 'n'/'b' + dial
+//     code: the main entries created in, and carried into, that
+//     generation. The live sessions on a dial are n[g] + n[g-1] + b[g-1]:
+//     every live session's last entry is in g or g-1, and one carried
+//     into g is counted in g-1 already. Moves, deletions and retirements
+//     take their session out of the counter it is in.
+//
+// A bucket's keys share a hash slot, and so do a namespace's counters;
+// no command names keys of two slots (Redis Cluster).
+
 // redisNS is one handle's namespace on a client.
 type redisNS struct {
-	c       *redisClient
-	h       *Handle
-	ns      string
-	entries string // prefix of entry keys: <key_prefix>:s:<ns>:
-	live    string // prefix of live sets: <key_prefix>:live:<ns>:
+	c    *redisClient
+	h    *Handle
+	ns   string
+	bits uint // buckets = 1 << bits
+	tag  string
+
+	// marks records the keys of the current generation whose TTL this
+	// instance set, so that it is set once per key and generation.
+	marks atomic.Pointer[genMarks]
+
+	// codes maps dial codes to dials: the namespace's upstreams as the
+	// policy's pools and refreshes name them.
+	codes atomic.Pointer[map[uint32]string]
+	mu    sync.Mutex // writers of codes
 
 	// counts is the cluster's live sessions per dial, as the farm's
 	// loop last read them, with this instance's own count at that
@@ -428,8 +462,426 @@ type redisNS struct {
 	closed    atomic.Bool
 }
 
-func (n *redisNS) key(k uint64) string        { return n.entries + strconv.FormatUint(k, 16) }
-func (n *redisNS) liveKey(dial string) string { return n.live + dial }
+// genMarks are the TTLs set in one generation: a bit per bucket, and the
+// counter hash.
+type genMarks struct {
+	gen     uint32
+	buckets []atomic.Uint64
+	counter atomic.Bool
+}
+
+// bucketBits returns log2 of the buckets of a namespace for max_sessions
+// n: about 64 sessions a bucket at the bound (Redis keeps a hash of up to
+// 128 entries as a listpack), 16 at least, 65536 at most. Instances of
+// one site share max_sessions; the bits are in the keys, so that
+// instances that do not cannot misread each other.
+func bucketBits(n int64) uint {
+	bits := uint(4)
+	for bits < 16 && int64(1)<<bits*64 < n {
+		bits++
+	}
+	return bits
+}
+
+func newRedisNS(c *redisClient, h *Handle, ns string) *redisNS {
+	n := &redisNS{c: c, h: h, ns: ns, bits: bucketBits(h.maxSessions)}
+	// The bucket count and the generation's length are in the keys:
+	// instances that disagree on them (another max_sessions or
+	// session_ttl) keep apart rather than misread each other.
+	n.ns = ns + "." + strconv.FormatUint(uint64(h.ttl), 36)
+	n.tag = c.prefix + ":{" + n.ns + "." + strconv.Itoa(int(n.bits)) + "."
+	m := map[uint32]string{}
+	n.codes.Store(&m)
+	return n
+}
+
+// dialCode names a dial in 4 bytes.
+func dialCode(dial string) uint32 { return uint32(hashring.HashStringSeed(dial, seedDialCode)) }
+
+const seedDialCode = 11
+
+// know records dials, so that codes read from Redis map back to them.
+func (n *redisNS) know(dials []string) {
+	m := *n.codes.Load()
+	missing := false
+	for _, d := range dials {
+		if _, ok := m[dialCode(d)]; !ok {
+			missing = true
+			break
+		}
+	}
+	if !missing {
+		return
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	next := make(map[uint32]string, len(m)+len(dials))
+	for k, v := range *n.codes.Load() {
+		next[k] = v
+	}
+	for _, d := range dials {
+		next[dialCode(d)] = d
+	}
+	n.codes.Store(&next)
+}
+
+// dialOf returns the dial of a code, or "".
+func (n *redisNS) dialOf(code uint32) string {
+	if d, ok := (*n.codes.Load())[code]; ok {
+		return d
+	}
+	// A dial this namespace has not named yet: the process's upstreams.
+	all := healthcheck.All()
+	dials := make([]string, len(all))
+	for i, u := range all {
+		dials[i] = u.Dial
+	}
+	n.know(dials)
+	return (*n.codes.Load())[code]
+}
+
+// gen returns the generation of table second t.
+func (n *redisNS) gen(t uint32) uint32 { return t / max(n.h.ttl, 1) }
+
+// genEnd returns the wall-clock end of generation g.
+func (n *redisNS) genEnd(g uint32) time.Time {
+	return time.Unix(Epoch+int64(g+1)*int64(max(n.h.ttl, 1)), 0)
+}
+
+// bucket returns the bucket of key.
+func (n *redisNS) bucket(key uint64) uint32 {
+	return uint32((key * 0x9e3779b97f4a7c15) >> (64 - n.bits))
+}
+
+func (n *redisNS) bucketKey(b, g uint32) string {
+	return n.tag + strconv.FormatUint(uint64(b), 16) + "}" + strconv.FormatUint(uint64(g), 16)
+}
+
+func (n *redisNS) counterKey(g uint32) string {
+	return n.c.prefix + ":{" + n.ns + "}c" + strconv.FormatUint(uint64(g), 16)
+}
+
+// field is an entry's field: the key hash, 8 bytes.
+func field(key uint64) string {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], key)
+	return string(b[:])
+}
+
+// Entry kinds and flags in values.
+const (
+	valMain    = 's'
+	valAlias   = 'a'
+	valRetired = 'r'
+	kindNew    = 'n'
+	kindCarry  = 'b'
+)
+
+func entryValue(flag, kind byte, code uint32) string {
+	var b [6]byte
+	b[0], b[1] = flag, kind
+	binary.LittleEndian.PutUint32(b[2:], code)
+	return string(b[:])
+}
+
+func parseValue(v string) (flag, kind byte, code uint32, ok bool) {
+	if len(v) != 6 {
+		return 0, 0, 0, false
+	}
+	return v[0], v[1], binary.LittleEndian.Uint32([]byte(v[2:])), true
+}
+
+// expireOnce queues the TTLs of generation g's bucket b and counter hash
+// on pipe, the first time this instance writes them in g.
+func (n *redisNS) expireOnce(ctx context.Context, pipe redis.Pipeliner, g, b uint32, counter bool) {
+	m := n.marks.Load()
+	if m == nil || m.gen != g {
+		fresh := &genMarks{gen: g, buckets: make([]atomic.Uint64, (1<<n.bits+63)/64)}
+		if n.marks.CompareAndSwap(m, fresh) {
+			m = fresh
+		} else {
+			m = n.marks.Load()
+		}
+	}
+	if m.gen != g {
+		return
+	}
+	w, bit := &m.buckets[b/64], uint64(1)<<(b%64)
+	if w.Load()&bit == 0 && w.Or(bit)&bit == 0 {
+		// Entries outlive their generation by one: a session written
+		// at its end lives a TTL into the next.
+		pipe.ExpireAt(ctx, n.bucketKey(b, g), n.genEnd(g+1).Add(time.Second))
+	}
+	if counter && !m.counter.Load() && m.counter.CompareAndSwap(false, true) {
+		pipe.ExpireAt(ctx, n.counterKey(g), n.genEnd(g+2).Add(time.Second))
+	}
+}
+
+func (n *redisNS) close() {
+	if !n.closed.CompareAndSwap(false, true) {
+		return
+	}
+	n.c.mu.Lock()
+	delete(n.c.namespaces, n)
+	n.c.mu.Unlock()
+	n.c.release()
+}
+
+// found is an entry as read from Redis: in which generation (0: the
+// current, 1: the one before), and its value.
+type found struct {
+	prev       bool
+	flag, kind byte
+	code       uint32
+	ok         bool
+}
+
+// read reads keys' entries in the current generation g, then the missing
+// ones in the one before: one round trip, two for a key last written in
+// the previous generation.
+func (n *redisNS) read(ctx context.Context, keys []uint64, g uint32) ([]found, error) {
+	out := make([]found, len(keys))
+	for pass := 0; pass < 2; pass++ {
+		gen := g - uint32(pass)
+		cmds := make([]*redis.StringCmd, len(keys))
+		asked := false
+		_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+			for i, k := range keys {
+				if out[i].ok {
+					continue
+				}
+				cmds[i] = pipe.HGet(ctx, n.bucketKey(n.bucket(k), gen), field(k))
+				asked = true
+			}
+			return nil
+		})
+		if !asked {
+			break
+		}
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return nil, err
+		}
+		for i, cmd := range cmds {
+			if cmd == nil {
+				continue
+			}
+			if v, err := cmd.Result(); err == nil {
+				if flag, kind, code, ok := parseValue(v); ok {
+					out[i] = found{prev: pass == 1, flag: flag, kind: kind, code: code, ok: true}
+				}
+			}
+		}
+		if g == 0 {
+			break
+		}
+	}
+	return out, nil
+}
+
+// fetch returns what Redis holds for keys; nil when Redis is skipped,
+// failed or the deadline passed.
+func (n *redisNS) fetch(keys []uint64, deadline time.Time) []remoteEntry {
+	if !n.c.usable() {
+		return nil
+	}
+	ctx, cancel, ok := deadlineContext(deadline)
+	if !ok {
+		return nil
+	}
+	defer cancel()
+	got, err := n.read(ctx, keys, n.gen(Now()))
+	if err != nil {
+		n.c.failed("get", err)
+		n.c.lookups.log(n.c.logger, "a redis lookup failed: a session this instance did not know may have been placed anew (counted in caddy_affinity_store_errors_total)",
+			zap.Error(err))
+		return nil
+	}
+	n.c.worked()
+	out := make([]remoteEntry, len(keys))
+	for i, f := range got {
+		if !f.ok || f.flag == valRetired {
+			continue
+		}
+		if dial := n.dialOf(f.code); dial != "" {
+			out[i] = remoteEntry{dial: dial, alias: f.flag == valAlias, prev: f.prev, ok: true}
+		}
+	}
+	return out
+}
+
+// record writes ws: new entries and carried-over ones with HSETNX (what
+// another instance wrote meanwhile wins) and their counts, in one round
+// trip; a count whose entry was there already is taken back in a second.
+// Moves read the entry first (rare: a failover).
+func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
+	if !n.c.usable() {
+		return
+	}
+	ctx, cancel, ok := deadlineContext(deadline)
+	if !ok {
+		return
+	}
+	defer cancel()
+	g := n.gen(Now())
+	sets := make([]*redis.BoolCmd, len(ws))
+	moves := false
+	_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+		for i, w := range ws {
+			if w.how == writeMove {
+				moves = true
+				continue
+			}
+			n.know([]string{w.dial})
+			kind := byte(kindNew)
+			if w.how == writeSlide {
+				kind = kindCarry
+			}
+			flag := byte(valMain)
+			if w.alias {
+				flag = valAlias
+			}
+			b := n.bucket(w.key)
+			sets[i] = pipe.HSetNX(ctx, n.bucketKey(b, g), field(w.key), entryValue(flag, kind, dialCode(w.dial)))
+			// A new entry is counted at once (another instance seldom
+			// wrote it first); one carried over only once this write
+			// won (instances that share the session each carry it at
+			// its first request of the generation: one wins).
+			if !w.alias && w.how == writeNew {
+				pipe.HIncrBy(ctx, n.counterKey(g), string(kind)+codeString(dialCode(w.dial)), 1)
+			}
+			n.expireOnce(ctx, pipe, g, b, !w.alias)
+		}
+		return nil
+	})
+	if err != nil {
+		n.c.failed("set", err)
+		return
+	}
+	n.c.worked()
+	// New entries that were there already: their count is taken back;
+	// carried ones that this write carried: counted.
+	var count []remoteWrite
+	for i, w := range ws {
+		if sets[i] != nil && !w.alias && sets[i].Val() == (w.how == writeSlide) {
+			count = append(count, w)
+		}
+	}
+	if len(count) > 0 {
+		_, err = n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+			for _, w := range count {
+				if w.how == writeSlide {
+					pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindCarry))+codeString(dialCode(w.dial)), 1)
+				} else {
+					pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindNew))+codeString(dialCode(w.dial)), -1)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			n.c.failed("set", err)
+		}
+	}
+	if moves {
+		for _, w := range ws {
+			if w.how == writeMove {
+				n.change('m', w.key, w, ctx)
+			}
+		}
+	}
+}
+
+func codeString(code uint32) string {
+	var b [4]byte
+	binary.LittleEndian.PutUint32(b[:], code)
+	return string(b[:])
+}
+
+// uncount queues on pipe what takes a session whose entries are cur (in
+// generation g) and prev (in g-1) out of the counts: it is counted in
+// the counter of its last entry in g-1 (n or b) if it has one there, or
+// as new in g; and one carried into g counts in g's b from g+1 on.
+func (n *redisNS) uncount(ctx context.Context, pipe redis.Pipeliner, g uint32, cur, prev found) {
+	if cur.ok && cur.flag == valMain {
+		if cur.kind == kindNew {
+			pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindNew))+codeString(cur.code), -1)
+		} else {
+			pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindCarry))+codeString(cur.code), -1)
+		}
+	}
+	if prev.ok && prev.flag == valMain && (!cur.ok || cur.kind == kindCarry) {
+		pipe.HIncrBy(ctx, n.counterKey(g-1), string(rune(prev.kind))+codeString(prev.code), -1)
+	}
+}
+
+// change applies a move ('m': w is the new entry), a retirement ('r') or
+// a deletion ('d') of key: it reads the key's entries, takes the session
+// out of the counts, writes the new entry (a move: counted as new on its
+// dial), and publishes the change, so that instances that know the key
+// follow.
+func (n *redisNS) change(op byte, key uint64, w remoteWrite, ctx context.Context) {
+	g := n.gen(Now())
+	var cur, prev found
+	if g > 0 {
+		cmds := make([]*redis.StringCmd, 2)
+		b := n.bucket(key)
+		_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+			cmds[0] = pipe.HGet(ctx, n.bucketKey(b, g), field(key))
+			cmds[1] = pipe.HGet(ctx, n.bucketKey(b, g-1), field(key))
+			return nil
+		})
+		if err != nil && !errors.Is(err, redis.Nil) {
+			n.c.failed("change", err)
+			return
+		}
+		for i, f := range []*found{&cur, &prev} {
+			if v, err := cmds[i].Result(); err == nil {
+				f.flag, f.kind, f.code, f.ok = parseValue(v)
+			}
+		}
+	}
+	b := n.bucket(key)
+	payload := string(op) + " " + n.c.nonce + " " + n.ns + " " + strconv.FormatUint(key, 16)
+	_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+		n.uncount(ctx, pipe, g, cur, prev)
+		switch op {
+		case 'm':
+			flag := byte(valMain)
+			if w.alias {
+				flag = valAlias
+			}
+			pipe.HSet(ctx, n.bucketKey(b, g), field(key), entryValue(flag, kindNew, dialCode(w.dial)))
+			if prev.ok {
+				pipe.HDel(ctx, n.bucketKey(b, g-1), field(key))
+			}
+			if !w.alias {
+				pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindNew))+codeString(dialCode(w.dial)), 1)
+			}
+			n.expireOnce(ctx, pipe, g, b, !w.alias)
+			payload += " " + remoteValue(w.dial, w.alias)
+		case 'r':
+			// Kept, marked: instances that know it keep it for the
+			// grace (told by the message); one that does not, misses.
+			if cur.ok {
+				pipe.HSet(ctx, n.bucketKey(b, g), field(key), entryValue(valRetired, cur.kind, cur.code))
+			}
+			if prev.ok {
+				pipe.HSet(ctx, n.bucketKey(b, g-1), field(key), entryValue(valRetired, prev.kind, prev.code))
+			}
+		case 'd':
+			pipe.HDel(ctx, n.bucketKey(b, g), field(key))
+			if g > 0 {
+				pipe.HDel(ctx, n.bucketKey(b, g-1), field(key))
+			}
+		}
+		pipe.Publish(ctx, n.c.channel, payload)
+		return nil
+	})
+	if err != nil {
+		n.c.failed("change", err)
+		return
+	}
+	n.c.worked()
+}
 
 func remoteValue(dial string, alias bool) string {
 	if alias {
@@ -445,63 +897,17 @@ func parseRemote(v string) (remoteEntry, error) {
 	return remoteEntry{dial: v[2:], alias: v[0] == 'a', ok: true}, nil
 }
 
-// remoteTTL is how long Redis keeps an entry written with a session TTL
-// of ttl seconds: a quarter more, since the sliding expiry is written
-// back only when it crosses a quarter.
-func remoteTTL(ttl uint32) time.Duration {
-	return time.Duration(ttl+writeBackQuantum(ttl)) * time.Second
+// retire makes key a retired id here and on every instance.
+func (n *redisNS) retire(key uint64, _ string, deadline time.Time) {
+	n.changeWithin('r', key, deadline)
 }
 
-func (n *redisNS) close() {
-	if !n.closed.CompareAndSwap(false, true) {
-		return
-	}
-	n.c.mu.Lock()
-	delete(n.c.namespaces, n)
-	n.c.mu.Unlock()
-	n.c.release()
+// forget deletes key, here and on every instance.
+func (n *redisNS) forget(key uint64, _ string, deadline time.Time) {
+	n.changeWithin('d', key, deadline)
 }
 
-// fetch returns what Redis holds for keys, in one round trip; nil when
-// Redis is skipped, failed or the budget is spent.
-func (n *redisNS) fetch(keys []uint64, deadline time.Time) []remoteEntry {
-	if !n.c.usable() {
-		return nil
-	}
-	ctx, cancel, ok := deadlineContext(deadline)
-	if !ok {
-		return nil
-	}
-	defer cancel()
-	// One GET a key, pipelined: a request's keys are in different hash
-	// slots (Redis Cluster), which one MGET could not read.
-	cmds := make([]*redis.StringCmd, len(keys))
-	_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-		for i, k := range keys {
-			cmds[i] = pipe.Get(ctx, n.key(k))
-		}
-		return nil
-	})
-	if err != nil && !errors.Is(err, redis.Nil) {
-		n.c.failed("get", err)
-		n.c.lookups.log(n.c.logger, "a redis lookup failed: a session this instance did not know may have been placed anew (counted in caddy_affinity_store_errors_total)",
-			zap.Error(err))
-		return nil
-	}
-	n.c.worked()
-	out := make([]remoteEntry, len(keys))
-	for i, cmd := range cmds {
-		if v, err := cmd.Result(); err == nil {
-			out[i], _ = parseRemote(v)
-		}
-	}
-	return out
-}
-
-// record writes the entries of ws in one round trip; a move is
-// published, so that instances knowing the key follow. A session's main
-// entry is also counted in the dial's live set.
-func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
+func (n *redisNS) changeWithin(op byte, key uint64, deadline time.Time) {
 	if !n.c.usable() {
 		return
 	}
@@ -510,94 +916,7 @@ func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
 		return
 	}
 	defer cancel()
-	ttl := n.h.ttl
-	_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-		for _, w := range ws {
-			n.queueWrite(ctx, pipe, w, ttl)
-		}
-		return nil
-	})
-	if err != nil {
-		n.c.failed("set", err)
-		return
-	}
-	n.c.worked()
-}
-
-// queueWrite queues the commands of one write on pipe.
-func (n *redisNS) queueWrite(ctx context.Context, pipe redis.Pipeliner, w remoteWrite, ttl uint32) {
-	v := remoteValue(w.dial, w.alias)
-	k := n.key(w.key)
-	member := strconv.FormatUint(w.key, 16)
-	if w.how == writeNew {
-		pipe.SetNX(ctx, k, v, remoteTTL(ttl))
-	} else {
-		pipe.Set(ctx, k, v, remoteTTL(ttl))
-	}
-	if !w.alias {
-		// Scored by when Redis lets the entry go, which is never
-		// before the session's local expiry: the count errs on the
-		// side of more sessions, so `drained` is never early. The set
-		// itself goes with its last session (a removed upstream's
-		// too).
-		until := time.Now().Add(remoteTTL(ttl))
-		pipe.ZAdd(ctx, n.liveKey(w.dial), redis.Z{Score: float64(until.Unix()), Member: member})
-		pipe.ExpireAt(ctx, n.liveKey(w.dial), until.Add(time.Second))
-	}
-	if w.how == writeMove {
-		// Not counted where it was: it left that dial, or it became
-		// an alias there.
-		if w.from != "" && (w.from != w.dial || w.alias) {
-			pipe.ZRem(ctx, n.liveKey(w.from), member)
-		}
-		pipe.Publish(ctx, n.c.channel, "m "+n.c.nonce+" "+n.ns+" "+member+" "+v)
-	}
-}
-
-// retire makes key expire within RetireGrace at the latest, here and on
-// every instance; dial, if known, is where it was counted.
-func (n *redisNS) retire(key uint64, dial string, deadline time.Time) {
-	n.change('r', key, deadline, func(ctx context.Context, pipe redis.Pipeliner) {
-		pipe.ExpireLT(ctx, n.key(key), RetireGrace*time.Second)
-		if dial != "" {
-			until := float64(time.Now().Add(RetireGrace * time.Second).Unix())
-			pipe.ZAddArgs(ctx, n.liveKey(dial), redis.ZAddArgs{XX: true, LT: true,
-				Members: []redis.Z{{Score: until, Member: strconv.FormatUint(key, 16)}}})
-		}
-	})
-}
-
-// forget deletes key, here and on every instance; dial, if known, is
-// where it was counted.
-func (n *redisNS) forget(key uint64, dial string, deadline time.Time) {
-	n.change('d', key, deadline, func(ctx context.Context, pipe redis.Pipeliner) {
-		pipe.Del(ctx, n.key(key))
-		if dial != "" {
-			pipe.ZRem(ctx, n.liveKey(dial), strconv.FormatUint(key, 16))
-		}
-	})
-}
-
-// change runs cmd and publishes op for key, in one round trip.
-func (n *redisNS) change(op byte, key uint64, deadline time.Time, cmd func(context.Context, redis.Pipeliner)) {
-	if !n.c.usable() {
-		return
-	}
-	ctx, cancel, ok := deadlineContext(deadline)
-	if !ok {
-		return
-	}
-	defer cancel()
-	_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-		cmd(ctx, pipe)
-		pipe.Publish(ctx, n.c.channel, string(op)+" "+n.c.nonce+" "+n.ns+" "+strconv.FormatUint(key, 16))
-		return nil
-	})
-	if err != nil {
-		n.c.failed("change", err)
-		return
-	}
-	n.c.worked()
+	n.change(op, key, remoteWrite{}, ctx)
 }
 
 // apply applies a change another instance published to the local
@@ -632,14 +951,15 @@ func (n *redisNS) apply(op byte, key uint64, e remoteEntry) {
 // and this instance's own (its table's exact count) just before.
 type clusterCount struct{ n, localAt int64 }
 
-// refresh reads the cluster's live sessions on dials (dropping the
-// expired ones first), in one round trip, in the background: the farm's
-// loop calls it every second and never waits for Redis. The client then
-// checks Redis's run (see checkRun).
+// refresh reads the cluster's live sessions on dials from the counters
+// of the current and the previous generation (two commands, whatever the
+// sessions), in the background: the farm's loop calls it every second
+// and never waits for Redis. The client then checks Redis's run.
 func (n *redisNS) refresh(dials []string) {
 	if len(dials) > 0 {
 		d := append([]string(nil), dials...)
 		n.dials.Store(&d)
+		n.know(dials)
 	}
 	if !n.c.usable() || !n.counting.CompareAndSwap(false, true) {
 		return
@@ -660,13 +980,11 @@ func (n *redisNS) refresh(dials []string) {
 		}
 		ctx, cancel := context.WithTimeout(n.c.ctx, n.c.timeout)
 		defer cancel()
-		now := strconv.FormatInt(time.Now().Unix(), 10)
-		cmds := make([]*redis.IntCmd, len(dials))
+		g := n.gen(Now())
+		var cur, prev *redis.MapStringStringCmd
 		_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-			for i, d := range dials {
-				pipe.ZRemRangeByScore(ctx, n.liveKey(d), "-inf", "("+now)
-				cmds[i] = pipe.ZCount(ctx, n.liveKey(d), now, "+inf")
-			}
+			cur = pipe.HGetAll(ctx, n.counterKey(g))
+			prev = pipe.HGetAll(ctx, n.counterKey(g-1))
 			return nil
 		})
 		if err != nil {
@@ -674,9 +992,15 @@ func (n *redisNS) refresh(dials []string) {
 			return
 		}
 		n.c.worked()
+		num := func(m map[string]string, kind byte, code string) int64 {
+			v, _ := strconv.ParseInt(m[string(rune(kind))+code], 10, 64)
+			return v
+		}
 		m := make(map[string]clusterCount, len(dials))
 		for i, d := range dials {
-			m[d] = clusterCount{n: cmds[i].Val(), localAt: at[i]}
+			code := codeString(dialCode(d))
+			live := num(cur.Val(), kindNew, code) + num(prev.Val(), kindNew, code) + num(prev.Val(), kindCarry, code)
+			m[d] = clusterCount{n: max(0, live), localAt: at[i]}
 		}
 		n.counts.Store(&m)
 	}()
@@ -732,14 +1056,6 @@ func (n *redisNS) startResync(reason string, from uint32) {
 	}()
 }
 
-// backEntry is a live local entry to write back to Redis.
-type backEntry struct {
-	key   uint64 // as Redis knows it: without the table's scope
-	dial  string
-	alias bool
-	ttl   time.Duration // how long Redis keeps it
-}
-
 // Write back pace: writeBackBatch entries per round trip, writeBackPause
 // between batches, so that a large table never floods a Redis that just
 // came back, nor this process's CPU.
@@ -749,11 +1065,14 @@ const (
 )
 
 // writeBack writes the namespace's live local entries on its upstreams
-// (main entries and aliases, each with the time it has left) that were
-// touched since from (table seconds; 0: all), for the sessions learned
-// while Redis was down, or all of them when Redis lost them. The table is
-// process-wide: entries are told to be the namespace's by their upstream
-// being one of its dials.
+// (main entries and aliases) that were touched since from (table
+// seconds; 0: all), for the sessions learned while Redis was down, or all
+// of them when Redis lost them: into the current generation, as new
+// entries where Redis has none (HSETNX: what another instance wrote
+// meanwhile wins), counted. The table is process-wide: entries are told
+// to be the namespace's by their upstream being one of its dials. It
+// stops when Redis fails (the circuit then asks again once Redis
+// answers) or the client closes.
 func (n *redisNS) writeBack(reason string, from uint32) {
 	dp := n.dials.Load()
 	if dp == nil {
@@ -769,92 +1088,43 @@ func (n *redisNS) writeBack(reason string, from uint32) {
 	now := Now()
 	scope := n.h.scope.Load()
 	ttl := n.h.ttl
-	q := writeBackQuantum(ttl)
-	var entries []backEntry
+	var ws []remoteWrite
 	n.h.table.Export(now, func(k uint64, e Entry) {
 		dial, ok := ids[e.Upstream()]
 		// Touched since from: its expiry slid past from + ttl.
 		if !ok || (from != 0 && e.Expires() < from+ttl) {
 			return
 		}
-		entries = append(entries, backEntry{key: k ^ scope, dial: dial, alias: e.Alias(),
-			ttl: time.Duration(e.Expires()-now+q) * time.Second})
+		ws = append(ws, remoteWrite{key: k ^ scope, dial: dial, alias: e.Alias(), how: writeNew})
 	})
-	written, present, err := n.writeEntries(entries)
-	if len(entries) == 0 {
+	var err error
+	for i := 0; i < len(ws) && err == nil; i += writeBackBatch {
+		if err = n.c.ctx.Err(); err != nil {
+			break
+		}
+		if !n.c.usable() {
+			err = errors.New("redis is skipped (the circuit is open)")
+			break
+		}
+		fails := n.c.fails.Load()
+		n.record(ws[i:min(i+writeBackBatch, len(ws))], time.Now().Add(n.c.timeout))
+		if n.c.fails.Load() > fails {
+			err = errors.New("redis failed")
+		}
+		select {
+		case <-n.c.ctx.Done():
+		case <-time.After(writeBackPause):
+		}
+	}
+	if len(ws) == 0 {
 		return
 	}
-	fields := []zap.Field{zap.String("reason", reason), zap.String("namespace", n.ns), zap.Int("entries", len(entries)),
-		zap.Int("written", written), zap.Int("already_in_redis", present), zap.Duration("took", time.Since(start))}
+	fields := []zap.Field{zap.String("reason", reason), zap.String("namespace", n.ns), zap.Int("entries", len(ws)),
+		zap.Duration("took", time.Since(start))}
 	if err != nil {
 		n.c.logger.Warn("writing the live sessions back to redis stopped; it is tried again once redis answers",
 			append(fields, zap.Error(err))...)
 		return
 	}
 	n.c.logger.Info("wrote this instance's live sessions back to redis", fields...)
-}
-
-// writeEntries writes entries with SET NX, so that what another instance
-// wrote meanwhile (a newer entry, or a move) wins, and counts the main
-// entries it wrote in their dial's live set. It stops when Redis fails
-// (the circuit then asks for another write back once Redis answers) or
-// the client closes.
-func (n *redisNS) writeEntries(entries []backEntry) (written, present int, err error) {
-	ctx := n.c.ctx
-	sets := make([]*redis.BoolCmd, writeBackBatch)
-	for start := 0; start < len(entries); start += writeBackBatch {
-		if err := ctx.Err(); err != nil {
-			return written, present, err
-		}
-		if !n.c.usable() {
-			return written, present, errors.New("redis is skipped (the circuit is open)")
-		}
-		batch := entries[start:min(start+writeBackBatch, len(entries))]
-		_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-			for i, e := range batch {
-				sets[i] = pipe.SetNX(ctx, n.key(e.key), remoteValue(e.dial, e.alias), e.ttl)
-			}
-			return nil
-		})
-		if err != nil {
-			n.c.failed("write back", err)
-			return written, present, err
-		}
-		now := time.Now()
-		live := 0
-		for i, e := range batch {
-			if !sets[i].Val() {
-				present++
-				continue
-			}
-			written++
-			if !e.alias {
-				live++
-			}
-		}
-		if live > 0 {
-			_, err = n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-				for i, e := range batch {
-					if sets[i].Val() && !e.alias {
-						until := now.Add(e.ttl)
-						pipe.ZAdd(ctx, n.liveKey(e.dial), redis.Z{Score: float64(until.Unix()), Member: strconv.FormatUint(e.key, 16)})
-						// The set lives as long as its longest entry.
-						pipe.ExpireNX(ctx, n.liveKey(e.dial), e.ttl+time.Second)
-						pipe.ExpireGT(ctx, n.liveKey(e.dial), e.ttl+time.Second)
-					}
-				}
-				return nil
-			})
-			if err != nil {
-				n.c.failed("write back", err)
-				return written, present, err
-			}
-		}
-		n.c.worked()
-		select {
-		case <-ctx.Done():
-		case <-time.After(writeBackPause):
-		}
-	}
-	return written, present, nil
 }

@@ -19,8 +19,8 @@ import (
 // used_memory after minus before, over the sessions) at 100k sessions
 // (and 1M with AFFINITY_BENCH_1M=1), and commands per session over one
 // session_ttl (INFO commandstats, every command but INFO) for sessions
-// that alternate between two instances, one request each per eighth of
-// session_ttl, the table clock stepped by hand.
+// used on one instance, or alternating between two, a request per eighth
+// of session_ttl, the table clock stepped by hand.
 //
 //	go test -run '^$' -bench RedisFootprint -benchtime 1x ./affinity/sessions/
 func BenchmarkRedisFootprint(b *testing.B) {
@@ -28,13 +28,22 @@ func BenchmarkRedisFootprint(b *testing.B) {
 	if os.Getenv("AFFINITY_BENCH_1M") != "" {
 		sizes = append(sizes, 1_000_000)
 	}
+	type size struct{ sessions, maxSessions int }
+	var runs []size
 	for _, n := range sizes {
-		b.Run(fmt.Sprintf("bytes/sessions=%d", n), func(b *testing.B) {
+		runs = append(runs, size{n, n})
+	}
+	// The default max_sessions (1M) with a tenth of it live: buckets
+	// hold ~6 entries, their keys' overhead shared by fewer.
+	runs = append(runs, size{100_000, 1_000_000})
+	for _, sz := range runs {
+		n := sz.sessions
+		b.Run(fmt.Sprintf("bytes/sessions=%d/max_sessions=%d", n, sz.maxSessions), func(b *testing.B) {
 			for b.Loop() {
 				rd := testredis.Start(b)
 				c := rd.Client()
 				ids, _ := upstreams(&testing.T{}, 3)
-				h := benchInstance(b, rd.Addr, n)
+				h := benchInstance(b, rd.Addr, sz.maxSessions)
 				before := usedMemory(b, c)
 				now := Now()
 				for i := range n {
@@ -47,43 +56,51 @@ func BenchmarkRedisFootprint(b *testing.B) {
 			}
 		})
 	}
-	b.Run("commands/sessions=1000", func(b *testing.B) {
-		for b.Loop() {
-			rd := testredis.Start(b)
-			c := rd.Client()
-			ids, _ := upstreams(&testing.T{}, 3)
-			const n, ttl = 1000, 800
-			x, y := benchInstanceTTL(b, rd.Addr, n, ttl), benchInstanceTTL(b, rd.Addr, n, ttl)
-			start := Seconds(time.Now())
-			SetClock(start)
-			defer SetClock(0)
-			before := allCommands(b, c)
-			for i := range n {
-				key := uint64(i)*0x9e3779b97f4a7c15 + 1
-				x.Learn(key, ids[i%3], start, nil) // the app issued it on x
+	for _, instances := range []int{1, 2} {
+		b.Run(fmt.Sprintf("commands/instances=%d", instances), func(b *testing.B) {
+			for b.Loop() {
+				b.ReportMetric(commandsPerSession(b, instances), "cmds/session/ttl")
 			}
-			// Requests alternate, eight per session_ttl, for one ttl.
-			for step := uint32(1); step <= 8; step++ {
-				now := start + step*ttl/8
-				SetClock(now)
-				h := x
-				if step%2 == 1 {
-					h = y
-				}
-				for i := range n {
-					key := uint64(i)*0x9e3779b97f4a7c15 + 1
-					id, ok := h.Lookup([]uint64{key}, Query{Now: now, LaterAliases: true}, func(uint32) bool { return true })
-					if !ok || id != ids[i%3] {
-						b.Fatalf("session %d lost at step %d", i, step)
-					}
-					h.Remember([]uint64{key}, id, now, nil)
-				}
-			}
-			b.ReportMetric(float64(allCommands(b, c)-before)/n, "cmds/session/ttl")
-			c.Close()
-			rd.Stop()
+		})
+	}
+}
+
+// commandsPerSession runs 10,000 sessions, issued by the app on instance
+// x, then used by a request every eighth of session_ttl for one TTL, on
+// x alone or alternating between y and x, and returns the Redis commands
+// per session.
+func commandsPerSession(b *testing.B, instances int) float64 {
+	rd := testredis.Start(b)
+	defer rd.Stop()
+	c := rd.Client()
+	defer c.Close()
+	ids, _ := upstreams(&testing.T{}, 3)
+	const n, ttl = 10_000, 800
+	x, y := benchInstanceTTL(b, rd.Addr, 2*n, ttl), benchInstanceTTL(b, rd.Addr, 2*n, ttl)
+	start := Seconds(time.Now())
+	SetClock(start)
+	defer SetClock(0)
+	before := allCommands(b, c)
+	for i := range n {
+		x.Learn(uint64(i)*0x9e3779b97f4a7c15+1, ids[i%3], start, nil)
+	}
+	for step := uint32(1); step <= 8; step++ {
+		now := start + step*ttl/8
+		SetClock(now)
+		h := x
+		if instances == 2 && step%2 == 1 {
+			h = y
 		}
-	})
+		for i := range n {
+			key := uint64(i)*0x9e3779b97f4a7c15 + 1
+			id, ok := h.Lookup([]uint64{key}, Query{Now: now, LaterAliases: true}, func(uint32) bool { return true })
+			if !ok || id != ids[i%3] {
+				b.Fatalf("session %d lost at step %d", i, step)
+			}
+			h.Remember([]uint64{key}, id, now, nil)
+		}
+	}
+	return float64(allCommands(b, c)-before) / n
 }
 
 func benchInstance(b *testing.B, addr string, n int) *Handle {

@@ -3,12 +3,12 @@ package sessions
 import (
 	"context"
 	"fmt"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
@@ -41,6 +41,26 @@ func upstreams(t *testing.T, n int) ([]uint32, []string) {
 		ids[i] = healthcheck.Get(dials[i]).ID
 	}
 	return ids, dials
+}
+
+// entriesIn returns the entries of the bucket hashes whose keys match
+// pattern.
+func entriesIn(t *testing.T, c *redis.Client, pattern string) int64 {
+	t.Helper()
+	ctx := context.Background()
+	keys, err := c.Keys(ctx, pattern).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, k := range keys {
+		l, err := c.HLen(ctx, k).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += l
+	}
+	return n
 }
 
 // lookup is a selection's read: local, then Redis.
@@ -79,9 +99,10 @@ func TestRedisBusySessionStaysShared(t *testing.T) {
 		}
 		a.Remember([]uint64{key}, ids[1], Now(), nil)
 	}
-	pttl, err := c.PTTL(context.Background(), "busy:s:ns:b05e").Result()
-	if err != nil || pttl < 3*time.Second {
-		t.Fatalf("after 12s of a request a second (session_ttl 4s) the Redis entry has %s left (%v)", pttl, err)
+	n := a.remote.(*redisNS)
+	g := n.gen(Now())
+	if ok, err := c.HExists(context.Background(), n.bucketKey(n.bucket(key), g), field(key)).Result(); err != nil || !ok {
+		t.Fatalf("after 12s of a request a second (session_ttl 4s) the Redis entry is not in the current generation (%v)", err)
 	}
 	if id, ok := lookup(b, key); !ok || id != ids[1] {
 		t.Fatalf("the other instance does not find the busy session: %d, %v", id, ok)
@@ -93,7 +114,7 @@ func TestRedisBusySessionStaysShared(t *testing.T) {
 // move the other's session with the same key.
 func TestRedisNamespacesApart(t *testing.T) {
 	rd := testredis.Start(t)
-	ids, _ := upstreams(t, 3)
+	ids, dials := upstreams(t, 3)
 	s := NewStore(1000)
 	defer s.Close()
 	open := func(ns string, scope uint64) *Handle {
@@ -124,7 +145,9 @@ func TestRedisNamespacesApart(t *testing.T) {
 	}
 	c := rd.Client()
 	defer c.Close()
-	if v, _ := c.Get(context.Background(), "sites:s:site-2:c0ffee").Result(); !strings.HasSuffix(v, "-u2:80") {
+	n2 := site2.remote.(*redisNS)
+	v, _ := c.HGet(context.Background(), n2.bucketKey(n2.bucket(key), n2.gen(Now())), field(key)).Result()
+	if _, _, code, ok := parseValue(v); !ok || code != dialCode(dials[2]) {
 		t.Fatalf("site 2's entry in Redis is %q", v)
 	}
 }
@@ -142,17 +165,15 @@ func TestRedisFloodDoesNotReachRedis(t *testing.T) {
 	}
 	c := rd.Client()
 	defer c.Close()
-	ctx := context.Background()
-	if n, _ := c.DBSize(ctx).Result(); n > 2 {
-		t.Fatalf("30000 one-shot keys left %d keys in Redis", n)
+	if n := entriesIn(t, c, "flood:{ns.*.*.*}*"); n != 0 {
+		t.Fatalf("30000 one-shot keys left %d entries in Redis", n)
 	}
 	// Learned ids (the app issued them) are written, up to the bound.
 	for i := range 5000 {
 		h.Learn(uint64(i)*0x51afd7ed558ccd+7, ids[i%2], Now(), nil)
 	}
-	keys, _ := c.Keys(ctx, "flood:s:*").Result()
-	if len(keys) != 1000 {
-		t.Fatalf("5000 learned ids with max_sessions 1000 left %d entries in Redis, want 1000", len(keys))
+	if n := entriesIn(t, c, "flood:{ns.*.*.*}*"); n != 1000 {
+		t.Fatalf("5000 learned ids with max_sessions 1000 left %d entries in Redis, want 1000", n)
 	}
 }
 
@@ -174,17 +195,22 @@ func TestRedisEveryKeyHasTTL(t *testing.T) {
 		n, ok := h.remote.clusterSessions(dials[0])
 		return ok && n == 100
 	})
+	if n := entriesIn(t, c, "ttl:{ns.*.*.*}*"); n != 300 {
+		t.Fatalf("%d entries in Redis, want 300", n)
+	}
 	keys, err := c.Keys(ctx, "ttl:*").Result()
-	if err != nil || len(keys) < 300 {
+	if err != nil || len(keys) < 3 {
 		t.Fatalf("%d keys (%v)", len(keys), err)
 	}
 	for _, k := range keys {
 		if k == "ttl:run" {
 			continue // the run id: one key, it must outlive every session
 		}
+		// Entries live to the end of the next generation, counters one
+		// more: at most three session_ttl.
 		ttl, _ := c.TTL(ctx, k).Result()
-		if ttl <= 0 || ttl > 76*time.Second {
-			t.Fatalf("key %s has TTL %s, want at most session_ttl and a quarter", k, ttl)
+		if ttl <= 0 || ttl > 181*time.Second {
+			t.Fatalf("key %q has TTL %s, want at most 3 x session_ttl", k, ttl)
 		}
 	}
 }
@@ -219,4 +245,63 @@ func TestRedisTimeoutIsTotal(t *testing.T) {
 	if took := time.Since(start); took > 350*time.Millisecond {
 		t.Fatalf("a request's calls took %s with Redis frozen, timeout 200ms", took)
 	}
+}
+
+// The cluster's live counts stay right across generations: sessions
+// carried into a new generation by both instances (one of them finds it
+// done) count once, moves and deletions take their session out of its
+// upstream's count, and sessions nobody used for a whole generation drop
+// out with it.
+func TestRedisCountsAcrossGenerations(t *testing.T) {
+	rd := testredis.Start(t)
+	ids, dials := upstreams(t, 3)
+	const ttl = 100
+	x := instance(t, rd.Addr, "counts", "ns", ttl, 1000)
+	y := instance(t, rd.Addr, "counts", "ns", ttl, 1000)
+	start := (Seconds(time.Now())/ttl + 1) * ttl // a generation's first second
+	SetClock(start)
+	defer SetClock(0)
+	key := func(i int) uint64 { return uint64(i)*0x9e3779b97f4a7c15 + 3 }
+	for i := range 30 {
+		x.Learn(key(i), ids[i%3], start, nil)
+	}
+	expect := func(what string, want ...int64) {
+		t.Helper()
+		n := y.remote.(*redisNS)
+		waitUntil(t, what, func() bool {
+			y.Refresh(dials)
+			for i, d := range dials {
+				if got, ok := n.clusterSessions(d); !ok || got != want[i] {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	expect("10 sessions on each upstream", 10, 10, 10)
+	// The next generation: 21 sessions used on y, then on x.
+	now := start + ttl + 5
+	SetClock(now)
+	for _, h := range []*Handle{y, x} {
+		for i := range 21 {
+			id, ok := lookup(h, key(i))
+			if !ok || id != ids[i%3] {
+				t.Fatalf("session %d: %d, %v", i, id, ok)
+			}
+			h.Remember([]uint64{key(i)}, id, now, nil)
+		}
+	}
+	expect("the carried sessions counted once", 10, 10, 10)
+	// Sessions 0, 3, 6 move from upstream 0 to 1; 2 and 5 are deleted.
+	for _, i := range []int{0, 3, 6} {
+		y.Remember([]uint64{key(i)}, ids[1], now, nil)
+	}
+	for _, i := range []int{2, 5} {
+		x.Forget(key(i), now, nil)
+	}
+	expect("moves and deletions", 7, 13, 8)
+	// A generation later the 9 sessions nobody used since the first
+	// generation have gone.
+	SetClock(start + 2*ttl + 5)
+	expect("the idle sessions gone", 7-3, 13-3, 8-3)
 }

@@ -323,12 +323,18 @@ func (h *Handle) fetch(keys []uint64, q Query, pick func(id uint32) bool) (uint3
 		}
 		if !q.Dry {
 			// Established: it is in the store already, so the next
-			// request does not write it again.
+			// request does not write it again, unless it was last
+			// written in the previous generation: then, as if last
+			// seen then, this request's Remember carries it over.
 			up := rec.ID | EstablishedBit
 			if e.alias {
 				up |= AliasBit
 			}
-			h.table.Restore(h.Key(keys[j]), NewEntry(up, q.Now+h.ttl), q.Now)
+			expires := q.Now + h.ttl
+			if e.prev {
+				expires = h.generation(q.Now)*max(h.ttl, 1) + h.ttl - 1
+			}
+			h.table.Restore(h.Key(keys[j]), NewEntry(up, expires), q.Now)
 		}
 		return rec.ID, true
 	}
@@ -460,13 +466,20 @@ type remoteWrite struct {
 type remoteEntry struct {
 	dial  string
 	alias bool
-	ok    bool
+	// prev is set for an entry last written in the previous generation
+	// of a store that keeps generations: the request writes it again.
+	prev bool
+	ok   bool
 }
 
-// writeBackQuantum is the step of sliding expiries written to a shared
-// store: a live session's expiry is written back when it crosses one,
-// about four times per session_ttl.
+// writeBackQuantum is a quarter of the TTL, the margin of the bound's
+// window (admit).
 func writeBackQuantum(ttl uint32) uint32 { return max(ttl/4, 1) }
+
+// generation returns the generation of table second t: a shared store
+// keeps entries by generations of one session_ttl, and a live session is
+// written once in each it is active in.
+func (h *Handle) generation(t uint32) uint32 { return t / max(h.ttl, 1) }
 
 // due records key -> up (up may carry AliasBit) in the table and returns
 // the write a shared store is due:
@@ -477,9 +490,9 @@ func writeBackQuantum(ttl uint32) uint32 { return max(ttl/4, 1) }
 //   - a key seen the second time (established), or learned, is written
 //     if the bound allows (admit);
 //   - a move is written and published;
-//   - a live entry's expiry when it crossed a quarter of the TTL.
+//   - a live entry is carried into each generation (one session_ttl) it
+//     is active in, once: its first request in a generation writes it.
 func (h *Handle) due(key uint64, up uint32, now uint32, learned bool) (remoteWrite, bool) {
-	q := writeBackQuantum(h.ttl)
 	old, live := h.table.Swap(h.Key(key), up, now, h.ttl)
 	moved := live && old.Ref()&^EstablishedBit != up
 	w := remoteWrite{key: key, alias: up&AliasBit != 0, how: writeSlide}
@@ -497,7 +510,9 @@ func (h *Handle) due(key uint64, up uint32, now uint32, learned bool) (remoteWri
 		if !h.admit(now) {
 			return remoteWrite{}, false
 		}
-	case old.Expires()/q == (now+h.ttl)/q:
+	case h.generation(old.Expires()-min(old.Expires(), h.ttl)) == h.generation(now):
+		// Written in this generation already (or by whoever this
+		// instance read it from).
 		return remoteWrite{}, false
 	}
 	dial, ok := registryDial(up & UpstreamMask)
