@@ -627,6 +627,15 @@ func (n *redisNS) close() {
 	n.c.release()
 }
 
+// within returns a context that ends at deadline; ok is false when
+// Redis is skipped (the circuit is open) or the deadline has passed.
+func (n *redisNS) within(deadline time.Time) (context.Context, context.CancelFunc, bool) {
+	if !n.c.usable() {
+		return nil, nil, false
+	}
+	return deadlineContext(deadline)
+}
+
 // found is an entry as read from Redis: in which generation (0: the
 // current, 1: the one before), and its value.
 type found struct {
@@ -681,10 +690,7 @@ func (n *redisNS) read(ctx context.Context, keys []uint64, g uint32) ([]found, e
 // fetch returns what Redis holds for keys; nil when Redis is skipped,
 // failed or the deadline passed.
 func (n *redisNS) fetch(keys []uint64, deadline time.Time) []remoteEntry {
-	if !n.c.usable() {
-		return nil
-	}
-	ctx, cancel, ok := deadlineContext(deadline)
+	ctx, cancel, ok := n.within(deadline)
 	if !ok {
 		return nil
 	}
@@ -714,10 +720,7 @@ func (n *redisNS) fetch(keys []uint64, deadline time.Time) []remoteEntry {
 // trip; a count whose entry was there already is taken back in a second.
 // Moves read the entry first (rare: a failover).
 func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
-	if !n.c.usable() {
-		return
-	}
-	ctx, cancel, ok := deadlineContext(deadline)
+	ctx, cancel, ok := n.within(deadline)
 	if !ok {
 		return
 	}
@@ -912,10 +915,7 @@ func (n *redisNS) forget(key uint64, _ string, deadline time.Time) {
 }
 
 func (n *redisNS) changeWithin(op byte, key uint64, deadline time.Time) {
-	if !n.c.usable() {
-		return
-	}
-	ctx, cancel, ok := deadlineContext(deadline)
+	ctx, cancel, ok := n.within(deadline)
 	if !ok {
 		return
 	}
