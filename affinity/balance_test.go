@@ -16,6 +16,8 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // counterValue reads a counter.
@@ -27,82 +29,17 @@ func counterValue(c prometheus.Counter) float64 {
 	return m.GetCounter().GetValue()
 }
 
-// recount counts the main entries per upstream the hard way.
-func recount(tb *sessionTable) map[uint32]int64 {
-	counts := map[uint32]int64{}
-	for i := range tb.shards {
-		s := &tb.shards[i]
-		s.mu.Lock()
-		for _, e := range s.slots {
-			if e.key != 0 && !e.alias() {
-				counts[e.upstream()]++
-			}
-		}
-		s.mu.Unlock()
-	}
-	return counts
-}
-
-func TestLiveCountsFollowTheTable(t *testing.T) {
-	// Every way an entry comes, changes and goes, at random, on a small
-	// table that evicts: the live counters always equal a recount, and
-	// after a sweep they equal a recount of what it left.
-	tb := newSessionTable(256 * 4)
-	rng := rand.New(rand.NewPCG(7, 8))
-	now := uint32(1000)
-	for step := 0; step < 60000; step++ {
-		key := rng.Uint64N(3000)
-		up := uint32(rng.IntN(5))
-		if rng.IntN(4) == 0 {
-			up |= aliasBit
-		}
-		switch op := rng.IntN(10); {
-		case op < 5:
-			tb.put(key, up, now, uint32(1+rng.IntN(30)))
-		case op < 6:
-			tb.remove(key)
-		case op < 7:
-			tb.retire(key, now+uint32(rng.IntN(3)))
-		case op < 9:
-			tb.follow(key, now, uint32(rng.IntN(30)), rng.IntN(2) == 0)
-		default:
-			now += uint32(rng.IntN(3))
-		}
-		if step%5000 == 4999 {
-			want := recount(tb)
-			for id := uint32(0); id < 5; id++ {
-				if got := tb.liveCount(id); got != want[id] {
-					t.Fatalf("step %d: upstream %d live count %d, recount %d", step, id, got, want[id])
-				}
-			}
-			tb.sweep(now)
-			swept := recount(tb)
-			for id := uint32(0); id < 5; id++ {
-				if got := tb.liveCount(id); got != swept[id] {
-					t.Fatalf("step %d: after a sweep upstream %d live count %d, recount %d", step, id, got, swept[id])
-				}
-			}
-		}
-	}
-	if tb.evicted() == 0 {
-		t.Fatal("the table never evicted: eviction is not exercised")
-	}
-	if tb.liveCount(1<<20) != 0 {
-		t.Fatal("an ID beyond the counted range has a count")
-	}
-}
-
 func TestAliasesAreFollowedOnlyAsTheFirstKey(t *testing.T) {
-	tb := newSessionTable(1000)
-	tb.put(1, 3|aliasBit, 100, 60)
-	if _, ok := tb.follow(1, 100, 60, false); ok {
+	tb := sessions.NewTable(1000)
+	tb.Put(1, 3|sessions.AliasBit, 100, 60)
+	if _, ok := tb.Follow(1, 100, 60, false); ok {
 		t.Fatal("an alias was followed for a later key")
 	}
-	if up, ok := tb.follow(1, 110, 0, true); !ok || up != 3 {
+	if up, ok := tb.Follow(1, 110, 0, true); !ok || up != 3 {
 		t.Fatalf("alias for a first key: %d, %v", up, ok)
 	}
-	tb.put(2, 4, 100, 60)
-	if up, ok := tb.follow(2, 100, 60, false); !ok || up != 4 {
+	tb.Put(2, 4, 100, 60)
+	if up, ok := tb.Follow(2, 100, 60, false); !ok || up != 4 {
 		t.Fatalf("main entry for a later key: %d, %v", up, ok)
 	}
 }
@@ -190,7 +127,7 @@ func TestUnknownCookieFollowsTheAddressWithoutLearning(t *testing.T) {
 func liveCounts(p *Policy, pool reverseproxy.UpstreamPool) []int64 {
 	out := make([]int64, len(pool))
 	for i, u := range pool {
-		out[i] = p.table.liveCount(healthcheck.Get(u.Dial).ID)
+		out[i] = p.table.LiveCount(healthcheck.Get(u.Dial).ID)
 	}
 	return out
 }
@@ -272,7 +209,7 @@ func TestBalanceFactorUnderSkewedKeys(t *testing.T) {
 		if got := plain.Select(pool, newRequest("sid="+k), nil); got != pool[0] {
 			t.Fatalf("without balance_factor key %s went to %s, not its ring owner", k, got.Dial)
 		}
-		plain.table.remove(sessionIDHash(k)) // the table is process-wide
+		plain.table.Remove(sessionIDHash(k)) // the table is process-wide
 	}
 
 	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, BalanceFactor: c})

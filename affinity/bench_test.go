@@ -13,6 +13,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // The benchmarks put affinity side by side with Caddy's own policies in
@@ -137,14 +139,14 @@ func BenchmarkTableMemory(b *testing.B) {
 				before := heapInUse()
 				// Room for every session: the bound is split over
 				// shards and would round a bound of exactly n down.
-				tb := newSessionTable(2 * n)
+				tb := sessions.NewTable(2 * n)
 				for k := 0; k < n; k++ {
-					tb.put(uint64(k)*0x9E3779B97F4A7C15, uint32(k%16), 0, 1200)
+					tb.Put(uint64(k)*0x9E3779B97F4A7C15, uint32(k%16), 0, 1200)
 				}
 				after := heapInUse()
 				b.ReportMetric(float64(after-before)/float64(n), "B/session")
-				if tb.len() != n {
-					b.Fatalf("table holds %d of %d", tb.len(), n)
+				if tb.Len() != n {
+					b.Fatalf("table holds %d of %d", tb.Len(), n)
 				}
 			}
 		})
@@ -171,7 +173,7 @@ func BenchmarkPinDraining(b *testing.B) {
 		benchSelect(b, aff, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pin))
 	})
 	b.Run("stale/N=16", func(b *testing.B) {
-		pin := aff.PinCookie + "=" + ps.pins.value(3, clockNow()-pinLifetime(aff.ttl)-5)
+		pin := aff.PinCookie + "=" + ps.pins.value(3, sessions.Now()-pinLifetime(aff.ttl)-5)
 		benchSelect(b, aff, pool, benchRequest("theme=dark; "+pin))
 	})
 }

@@ -10,6 +10,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
@@ -209,7 +211,7 @@ func (p *Policy) parseOptions(d *caddyfile.Dispenser, lines optionLines) error {
 			p.TomcatRoutes[route] = dial
 
 		case "store":
-			c, err := parseStore(d)
+			c, err := sessions.ParseCaddyfile(d)
 			if err != nil {
 				return err
 			}

@@ -10,6 +10,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // The config is checked in one place, Validate, whether it came from a
@@ -195,7 +197,7 @@ func (p *Policy) validateSizes() error {
 	}
 	if n := p.MaxSessions; n != 0 && (n < minMaxSessions || n > maxMaxSessions) {
 		return broken("max_sessions", "max_sessions: %d is not between %d (the session table has %d shards) and %d (about 2 GB of memory)",
-			n, minMaxSessions, tableShards, maxMaxSessions)
+			n, minMaxSessions, sessions.Shards, maxMaxSessions)
 	}
 	for _, d := range []struct {
 		name     string

@@ -7,6 +7,8 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // source is a place the policy asks where a session goes, in the order
@@ -111,12 +113,16 @@ type decideInput struct {
 	// it (zero: read it only when hold or slow_start need it).
 	now  uint32
 	wall time.Time
-	// dry is set for the lookup: decide reads what Select reads and
-	// writes nothing (no entry slides or moves, no trouble is noted).
+	// dry is set for the lookup: decide reads what Select reads (the
+	// session store included) and writes nothing (no entry slides or
+	// moves, no trouble is noted).
 	dry bool
 	// recordWalk is set when the decision is to keep the ring walk's
 	// steps (the lookup: it allocates).
 	recordWalk bool
+	// budget is what the request may still wait for a shared session
+	// store, in all.
+	budget *sessions.Budget
 }
 
 // outcome is what a decision did with its request: one row of outcomes.
@@ -401,53 +407,28 @@ func (p *Policy) holds(rec *healthcheck.Upstream, in *decideInput) bool {
 // placed on its own rather than sent after an alias, which many users
 // behind one address (NAT) share.
 func (p *Policy) tableEntry(ps *poolState, in *decideInput, d *decision) int {
-	if p.table == nil {
+	if p.sessions == nil {
 		return -1
 	}
-	laterAliases := !in.learning || in.first == nil || !in.first.kind.learnable()
-	var ttl uint32
-	if !in.dry {
-		ttl = p.ttl // slide the entry
+	q := sessions.Query{
+		Now:          in.now,
+		Dry:          in.dry,
+		LaterAliases: !in.learning || in.first == nil || !in.first.kind.learnable(),
+		Budget:       in.budget,
 	}
-	for j, key := range in.keys {
-		id, ok := p.followScoped(key, in, ttl, j == 0 || laterAliases)
-		if !ok {
-			continue
-		}
-		if i := ps.indexByID(id); i >= 0 {
-			return i
+	chosen := -1
+	p.sessions.Lookup(in.keys, q, func(id uint32) bool {
+		if chosen = ps.indexByID(id); chosen >= 0 {
+			return true
 		}
 		// An upstream this pool does not have (a reload removed it: the
 		// table is per proxy): try the next key; the session moves.
-		if u := healthcheck.ByID(id &^ aliasBit); u != nil && d.gone == "" {
+		if u := healthcheck.ByID(id); u != nil && d.gone == "" {
 			d.gone = u.Dial
 		}
-	}
-	if p.remote != nil && !in.dry && len(in.keys) > 0 {
-		// Unknown here: another instance may know it (one round trip).
-		return p.fetchRemote(ps, in, laterAliases)
-	}
-	return -1
-}
-
-// followScoped follows key in the policy's namespace. On a miss it also
-// looks in the shared one, where entries written before the scope was
-// resolved are (the moment of a reload), and moves what it finds into the
-// policy's namespace, so that the session counts once.
-func (p *Policy) followScoped(key uint64, in *decideInput, ttl uint32, aliases bool) (uint32, bool) {
-	id, ok := p.table.follow(p.tableKey(key), in.now, ttl, aliases)
-	if ok || p.scope.Load() == 0 {
-		return id, ok
-	}
-	e, ok := p.table.peek(key, in.now)
-	if !ok || (!aliases && e.alias()) {
-		return 0, false
-	}
-	if !in.dry {
-		p.table.remove(key)
-		p.table.put(p.tableKey(key), e.up, in.now, p.ttl)
-	}
-	return e.upstream(), true
+		return false
+	})
+	return chosen
 }
 
 // placeOnRing places the request on the ring by its first key; a new
@@ -504,7 +485,7 @@ func (in *decideInput) clockTime() time.Time {
 	if !in.wall.IsZero() {
 		return in.wall
 	}
-	return time.Unix(tableEpoch+int64(in.now), 0)
+	return time.Unix(sessions.Epoch+int64(in.now), 0)
 }
 
 // wallNow returns the wall clock, read once per decision at most.

@@ -12,6 +12,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // Decisions as the lookup endpoint names them: the lookup column of
@@ -136,7 +138,8 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 // out. r's vars are read (a retry's failed upstream) and not written.
 func (p *Policy) explainRequest(ps *poolState, r *http.Request, now time.Time, out *Explanation) {
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
-	in := decideInput{failed: -1, now: tableNow(now), wall: now, dry: true, recordWalk: true}
+	var budget sessions.Budget
+	in := decideInput{failed: -1, now: sessions.Seconds(now), wall: now, dry: true, recordWalk: true, budget: &budget}
 	var keyBuf [maxKeys]uint64
 	var d decision
 	in, _, _ = p.look(ps, r, vars, in, &keyBuf, &d)
@@ -151,15 +154,15 @@ func (p *Policy) explainRequest(ps *poolState, r *http.Request, now time.Time, o
 
 // sessionEntry returns the table's live entry for key, or nil.
 func (p *Policy) sessionEntry(key uint64, now time.Time) *SessionEntry {
-	if p.table == nil {
+	if p.sessions == nil {
 		return nil
 	}
-	e, ok := p.table.peek(p.tableKey(key), tableNow(now))
+	e, ok := p.sessions.Peek(key, sessions.Seconds(now))
 	if !ok {
 		return nil
 	}
-	sess := &SessionEntry{ExpiresIn: int64(e.expires) - int64(tableNow(now)), id: e.upstream()}
-	if u := healthcheck.ByID(e.upstream()); u != nil {
+	sess := &SessionEntry{ExpiresIn: int64(e.Expires()) - int64(sessions.Seconds(now)), id: e.Upstream()}
+	if u := healthcheck.ByID(e.Upstream()); u != nil {
 		sess.Upstream = u.Dial
 	}
 	return sess
@@ -240,7 +243,7 @@ func (p *Policy) explain(ps *poolState, d *decision, after *decision, now time.T
 func (p *Policy) askedWhy(ps *poolState, d *decision, a ask, sess *SessionEntry, now time.Time) string {
 	dial := ps.ups[a.upstream].Dial
 	if a.stale {
-		return p.staleWhy(ps, d, a, tableNow(now))
+		return p.staleWhy(ps, d, a, sessions.Seconds(now))
 	}
 	var said string
 	switch a.from {

@@ -11,6 +11,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // siteOf wraps a policy and its pool as the farm walker would find them.
@@ -167,7 +169,7 @@ func TestExplainWalkMatchesPlaceUnderLoadBound(t *testing.T) {
 	// Sessions on every upstream, more on the first ones.
 	for i, u := range pool {
 		for j := range 40 - 8*i {
-			p.table.put(uint64(i)<<32|uint64(j)+1, ps.recs[ps.index(u)].ID, clockNow(), p.ttl)
+			p.table.Put(uint64(i)<<32|uint64(j)+1, ps.recs[ps.index(u)].ID, sessions.Now(), p.ttl)
 		}
 	}
 	skipped := 0

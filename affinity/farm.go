@@ -10,6 +10,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // farm is what every affinity policy of the process shares, and the one
@@ -32,7 +34,10 @@ import (
 // provisions the new config before it cleans up the old one, so the farm
 // goes on across reloads.
 type farm struct {
-	table *sessionTable
+	// store is the session memory: the table, the snapshot of store
+	// local and the clients of shared stores.
+	store *sessions.Store
+	table *sessions.Table
 
 	mu     sync.Mutex
 	wants  map[*Policy]int          // max_sessions asked by each live policy
@@ -44,9 +49,6 @@ type farm struct {
 	dials map[uint64][]string
 
 	history *history // the status page's chart, sampled by loop
-	// persist writes the table to Caddy's storage for the policies with
-	// store local, and read it back when the first of them arrived.
-	persist *persister
 
 	stop, done chan struct{}
 }
@@ -86,10 +88,10 @@ func acquireFarm(p *Policy) (*farm, error) {
 		releaseSyncer = release
 	}
 	val, _, err := farms.LoadOrNew(farmKey, func() (caddy.Destructor, error) {
-		table := newSessionTable(p.MaxSessions)
+		store := sessions.NewStore(p.MaxSessions)
 		f := &farm{
-			table:   table,
-			persist: newPersister(table),
+			store:   store,
+			table:   store.Table(),
 			wants:   make(map[*Policy]int),
 			probes:  make(map[*Policy]*policyProbe),
 			syncers: make(map[*Policy]func()),
@@ -97,7 +99,7 @@ func acquireFarm(p *Policy) (*farm, error) {
 			done:    make(chan struct{}),
 		}
 		f.history = newHistory()
-		clock.Store(tableNow(time.Now()))
+		sessions.SetClock(sessions.Seconds(time.Now()))
 		go f.loop()
 		liveFarm.Store(f)
 		return f, nil
@@ -115,13 +117,22 @@ func acquireFarm(p *Policy) (*farm, error) {
 		f.mu.Unlock()
 	}
 	f.want(p, p.MaxSessions)
-	// The first policy with store local reads the snapshot back, here in
-	// Provision: before the config serves its first request.
-	if p.Store.persists() {
-		if storage := storageOf(p.ctx); storage != nil {
-			f.persist.want(p, storage, p.Store.interval())
-		}
+	// The policy's namespace, known here in Provision. The first policy
+	// with store local reads the snapshot back, before the config serves
+	// its first request; a shared store's client is the farm's, shared
+	// by the policies that name it.
+	scope, ns := p.namespaces(p.ctx)
+	p.namespace = ns
+	h, err := f.store.Open(sessions.Options{
+		Config: p.Store, Scope: scope, Namespace: ns,
+		TTL: p.ttl, MaxSessions: p.MaxSessions,
+		Logger: p.logger.Named("store"), Storage: storageOf(p.ctx),
+	})
+	if err != nil {
+		f.release(p)
+		return nil, err
 	}
+	p.sessions = h
 	return f, nil
 }
 
@@ -141,8 +152,11 @@ func (f *farm) release(p *Policy) {
 	if releaseSyncer != nil {
 		releaseSyncer()
 	}
-	// The last policy with store local writes the table (shutdown).
-	f.persist.release(p)
+	// The last policy with store local writes the table (shutdown); the
+	// last of a shared store's client closes it.
+	if p.sessions != nil {
+		p.sessions.Close()
+	}
 	f.want(p, 0)
 	_, _ = farms.Delete(farmKey)
 }
@@ -162,7 +176,7 @@ func (f *farm) want(p *Policy, maxSessions int) {
 		largest = max(largest, n)
 	}
 	if largest > 0 {
-		f.table.setMax(largest)
+		f.table.SetMax(largest)
 	}
 }
 
@@ -175,13 +189,13 @@ func (f *farm) loop() {
 		case <-f.stop:
 			return
 		case now := <-tick.C:
-			clock.Store(tableNow(now))
+			sessions.SetClock(sessions.Seconds(now))
 			if n%int(lookInterval/clockInterval) == 0 {
 				f.look(now)
 				f.history.tick(now, f.table)
 			}
 			if n%int(sweepInterval/clockInterval) == 0 {
-				f.table.sweep(tableNow(now))
+				f.table.Sweep(sessions.Seconds(now))
 			}
 		}
 	}
@@ -194,24 +208,36 @@ func (f *farm) loop() {
 // table holds live sessions for them, and every policy's probe follows
 // the policy's upstreams.
 func (f *farm) look(now time.Time) []Site {
-	sites, running := observeRunning(now, func(id uint32) bool { return f.table.liveCount(id) > 0 })
+	sites, running := observeRunning(now, func(id uint32) bool { return f.table.LiveCount(id) > 0 })
 	if !running {
 		return nil
 	}
 	for _, s := range sites {
 		s.Policy.checkSite(s)
 		f.followProbe(s.Policy, siteUpstreams(s), s.Handler.DynamicUpstreams != nil)
-		if s.Policy.remote != nil {
-			// The cluster's session counts, read in the background,
-			// and a write back when Redis lost sessions (restart, outage).
-			dials := make([]string, len(s.Handler.Upstreams))
-			for i, u := range s.Handler.Upstreams {
-				dials[i] = u.Dial
-			}
-			s.Policy.refreshRemote(dials)
+		// A shared store's cluster counts, read in the background, and a
+		// write back when it lost sessions (restart, outage).
+		if s.Policy.sessions != nil {
+			s.Policy.sessions.Refresh(siteDials(s))
 		}
 	}
 	return sites
+}
+
+// siteDials returns a site's upstreams: its configured ones, or those of
+// its policy's last pool when they are dynamic.
+func siteDials(s Site) []string {
+	ups := s.Handler.Upstreams
+	if len(ups) == 0 {
+		if ps := s.Policy.pools.Load(); ps != nil {
+			ups = ps.ups
+		}
+	}
+	dials := make([]string, len(ups))
+	for i, u := range ups {
+		dials[i] = u.Dial
+	}
+	return dials
 }
 
 // replaceDials records pool as the upstreams of the proxy of the given
@@ -292,8 +318,8 @@ func (f *farm) Destruct() error {
 		release()
 	}
 	healthcheck.RunPendingUndrains()
-	f.persist.close()
-	clock.Store(0)
+	f.store.Close()
+	sessions.SetClock(0)
 	return nil
 }
 
@@ -348,9 +374,9 @@ func LiveSessions(id uint32) int64 {
 	if f == nil {
 		return 0
 	}
-	n := max(0, f.table.liveCount(id))
+	n := max(0, f.table.LiveCount(id))
 	if u := healthcheck.ByID(id); u != nil {
-		if c, ok := clusterSessions(u.Dial); ok {
+		if c, ok := f.store.ClusterSessions(u.Dial); ok {
 			n = max(n, c)
 		}
 	}
@@ -370,7 +396,7 @@ func Table() *TableStats {
 	if f == nil {
 		return nil
 	}
-	return &TableStats{Entries: f.table.len(), Evictions: f.table.evicted()}
+	return &TableStats{Entries: f.table.Len(), Evictions: f.table.Evicted()}
 }
 
 var _ caddy.Destructor = (*farm)(nil)

@@ -15,6 +15,7 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
 )
 
 // inProcessAddrs returns a free loopback address for an in-process
@@ -42,7 +43,8 @@ func moduleGoroutines() int {
 		if strings.Contains(g, "testing.tRunner") {
 			continue // a test itself
 		}
-		if strings.Contains(g, "caddy-affinity/affinity.") || strings.Contains(g, "caddy-affinity/healthcheck.") {
+		if strings.Contains(g, "caddy-affinity/affinity.") || strings.Contains(g, "caddy-affinity/affinity/sessions.") ||
+			strings.Contains(g, "caddy-affinity/healthcheck.") || strings.Contains(g, "redis/go-redis") {
 			n++
 		}
 	}
@@ -68,6 +70,22 @@ func settledGoroutines() int {
 // Caddy config (a proxy with a drain probe and a storage syncer) the
 // module runs the same goroutines, no more, and a stop ends them all.
 func TestBackgroundWorkAcrossReloads(t *testing.T) {
+	testBackgroundWork(t, "", 4)
+}
+
+// Under store redis the farm owns the Redis client: one, shared by the
+// policies that name it and kept across reloads (its subscriber and the
+// client's own goroutines), and gone when Caddy stops.
+func TestBackgroundWorkAcrossReloadsStoreRedis(t *testing.T) {
+	rd := testredis.Start(t)
+	testBackgroundWork(t, fmt.Sprintf(`,"store":{"kind":"redis","address":%q}`, rd.Addr), 0)
+}
+
+// testBackgroundWork loads a config whose policy has the given store
+// option, reloads it 10 times, and stops it: the module's goroutines
+// after the first load (want of them, if not 0) stay as they are, and
+// none is left after the stop.
+func testBackgroundWork(t *testing.T, store string, want int) {
 	if n := settledGoroutines(); n != 0 {
 		t.Fatalf("%d module goroutines before Caddy starts", n)
 	}
@@ -77,8 +95,8 @@ func TestBackgroundWorkAcrossReloads(t *testing.T) {
 "storage":{"module":"file_system","root":%q},
 "apps":{"http":{"servers":{"s":{"listen":[%q],"named_routes":{"app":{"handle":[
 {"handler":"reverse_proxy","upstreams":[{"dial":%q}],"load_balancing":{"selection_policy":
-{"policy":"affinity","secret":"s","session_ttl":"%ds","probe":{"path":"/drain","interval":"50ms"}}}}]}},
-"routes":[{"handle":[{"handler":"invoke","name":"app"}]}]}}}}}`, t.TempDir(), listen, dial, ttl))
+{"policy":"affinity","secret":"s","session_ttl":"%ds","probe":{"path":"/drain","interval":"50ms"}%s}}}]}},
+"routes":[{"handle":[{"handler":"invoke","name":"app"}]}]}}}}}`, t.TempDir(), listen, dial, ttl, store))
 	}
 	if err := caddy.Load(config(60), true); err != nil {
 		t.Fatal(err)
@@ -87,9 +105,10 @@ func TestBackgroundWorkAcrossReloads(t *testing.T) {
 	time.Sleep(1500 * time.Millisecond) // the farm's first look starts the probe
 	first := settledGoroutines()
 	// farm loop + store local's writer + storage syncer + one prober
-	if first != 4 {
-		t.Fatalf("%d module goroutines after the first load, want 4 (farm, store writer, syncer, prober)", first)
+	if want != 0 && first != want {
+		t.Fatalf("%d module goroutines after the first load, want %d (farm, store writer, syncer, prober)", first, want)
 	}
+	t.Logf("%d module goroutines after the first load", first)
 	for i := range 10 {
 		if err := caddy.Load(config(61+i), true); err != nil {
 			t.Fatal(err)

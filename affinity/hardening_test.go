@@ -16,6 +16,8 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // One session id under two keys (JSESSIONID=X and ;jsessionid=X, routine
@@ -28,10 +30,10 @@ func TestOneIDUnderTwoKeysIsCounted(t *testing.T) {
 	r.URL.Path = "/shop;jsessionid=ABC123"
 	up := p.Select(pool, r, nil)
 	id := healthcheck.Get(up.Dial).ID
-	if n := p.table.liveCount(id); n != 1 {
+	if n := p.table.LiveCount(id); n != 1 {
 		t.Fatalf("the session counts %d on its upstream, want 1", n)
 	}
-	if e, ok := p.table.peek(sessionIDHash("ABC123"), clockNow()); !ok || e.alias() {
+	if e, ok := p.table.Peek(sessionIDHash("ABC123"), sessions.Now()); !ok || e.Alias() {
 		t.Fatalf("the session's entry is %+v (found %v), want a main entry", e, ok)
 	}
 }
@@ -104,7 +106,7 @@ func TestClientIPFallbackDoesNotTrapOneAddress(t *testing.T) {
 		// The app answers with its new session cookie; the learner
 		// records it for the upstream that served it.
 		h := http.Header{"Set-Cookie": {fmt.Sprintf("connect.sid=s%d; Path=/; HttpOnly", i)}}
-		lw.policy.learn(h, r, lw.up)
+		lw.policy.learn(h, r, lw.up, nil)
 	}
 	most := 0
 	for _, c := range counts {
@@ -173,17 +175,17 @@ func TestScopeFindsEntriesWrittenBeforeIt(t *testing.T) {
 		return r
 	}
 	home := p.Select(pool, req(), nil) // unresolved: the shared namespace
-	p.scope.Store(scopeHash("scope", "late"))
+	p.sessions.SetScope(scopeHash("scope", "late"))
 	id := healthcheck.Get(home.Dial).ID
 	for range 5 {
 		if got := p.Select(pool, req(), nil); got != home {
 			t.Fatalf("session went to %s, want %s", got.Dial, home.Dial)
 		}
 	}
-	if n := p.table.liveCount(id); n != 1 {
+	if n := p.table.LiveCount(id); n != 1 {
 		t.Fatalf("the session counts %d times, want 1", n)
 	}
-	if _, ok := p.table.peek(hashring.HashStringSeed("early", seedHeader), clockNow()); ok {
+	if _, ok := p.table.Peek(hashring.HashStringSeed("early", seedHeader), sessions.Now()); ok {
 		t.Fatal("the entry is still in the shared namespace too")
 	}
 }
@@ -246,7 +248,7 @@ func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
 		return r
 	}()} {
 		d := decision{}
-		in := decideInput{failed: -1, now: clockNow(), dry: true}
+		in := decideInput{failed: -1, now: sessions.Now(), dry: true}
 		var buf [maxKeys]uint64
 		in.keys, in.first = p.requestKeys(r, &buf, false)
 		p.decide(p.poolState(rest), r, &in, &d)

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // The status page's chart: live sessions per upstream and failovers over
@@ -66,7 +68,7 @@ func newHistory() *history {
 // one as soon as the farm knows an upstream (its first look at the
 // config; before it there is nothing to chart). The farm's loop calls it
 // after each look.
-func (h *history) tick(now time.Time, t *sessionTable) {
+func (h *history) tick(now time.Time, t *sessions.Table) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if !h.last.IsZero() && now.Sub(h.last) < historyInterval {
@@ -97,11 +99,11 @@ func (h *history) addLocked(now time.Time, total uint64, ups []upstreamSample, o
 
 // collectSessions appends the live sessions of the known upstreams, by
 // dial address, to dst, and says how many upstreams were left out.
-func collectSessions(dst []upstreamSample, t *sessionTable) ([]upstreamSample, int) {
+func collectSessions(dst []upstreamSample, t *sessions.Table) ([]upstreamSample, int) {
 	all := healthcheck.All()
 	omitted := max(0, len(all)-historyMaxUpstreams)
 	for _, u := range all[:len(all)-omitted] {
-		dst = append(dst, upstreamSample{dial: u.Dial, n: max(0, t.liveCount(u.ID))})
+		dst = append(dst, upstreamSample{dial: u.Dial, n: max(0, t.LiveCount(u.ID))})
 	}
 	return dst, omitted
 }

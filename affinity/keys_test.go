@@ -213,7 +213,7 @@ func TestPlatformCookiesAreTheDefaultKeys(t *testing.T) {
 	pool := testPool(t, 3)
 	w := httptest.NewRecorder()
 	home := p.Select(pool, newRequest("JSESSIONID=J1"), w)
-	if n := p.table.liveCount(healthcheck.Get(home.Dial).ID); n != 1 {
+	if n := p.table.LiveCount(healthcheck.Get(home.Dial).ID); n != 1 {
 		t.Fatalf("the session counts %d, want 1", n)
 	}
 	for range 10 { // the client dropped the pin: its app cookie keeps it

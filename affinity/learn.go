@@ -8,6 +8,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 func init() {
@@ -52,10 +54,6 @@ func (Learn) CaddyModule() caddy.ModuleInfo {
 // costs it one map lookup.
 const learnVar = "affinity.learn"
 
-// retireGrace is how long, in table seconds, the entry of a session id
-// the app replaced stays after the response that replaced it.
-const retireGrace = 30
-
 // ServeHTTP wraps the response writer and passes the request on.
 func (Learn) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	lw := &learnWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}, r: r}
@@ -75,12 +73,16 @@ type learnWriter struct {
 	policy  *Policy
 	up      uint32 // the chosen upstream's healthcheck ID
 	learned bool   // the final header was seen
+	// budget is what the request may still wait for a shared session
+	// store, as Select left it.
+	budget sessions.Budget
 }
 
-// chose records that p sent the request to the upstream with ID id; the
-// last call (the attempt that answered) wins.
-func (lw *learnWriter) chose(p *Policy, id uint32) {
-	lw.policy, lw.up = p, id
+// chose records that p sent the request to the upstream with ID id, and
+// the request's budget for the session store; the last call (the attempt
+// that answered) wins.
+func (lw *learnWriter) chose(p *Policy, id uint32, budget sessions.Budget) {
+	lw.policy, lw.up, lw.budget = p, id, budget
 }
 
 // WriteHeader learns from the final response's headers, then writes
@@ -89,7 +91,7 @@ func (lw *learnWriter) WriteHeader(status int) {
 	if !lw.learned && (status >= 200 || status == http.StatusSwitchingProtocols) {
 		lw.learned = true
 		if lw.policy != nil {
-			lw.policy.learn(lw.Header(), lw.r, lw.up)
+			lw.policy.learn(lw.Header(), lw.r, lw.up, &lw.budget)
 		}
 	}
 	lw.ResponseWriterWrapper.WriteHeader(status)
@@ -123,12 +125,11 @@ func (lw *learnWriter) FlushError() error {
 
 // learn records the session ids a response of upstream id issues: the
 // keys whose kind learns from Set-Cookie or Location (keyKinds).
-func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
-	table := p.table
-	if table == nil {
+func (p *Policy) learn(h http.Header, r *http.Request, id uint32, budget *sessions.Budget) {
+	if p.sessions == nil {
 		return
 	}
-	now := clockNow()
+	now := sessions.Now()
 	issued, issuedBy := "", (*KeySource)(nil)
 	for _, line := range h["Set-Cookie"] {
 		c, ok := parseSetCookie(line)
@@ -138,7 +139,7 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 		for i := range p.Keys {
 			k := &p.Keys[i]
 			if k.kind.learnCookie != nil && k.kind.learnCookie(k, c.name) {
-				p.learnID(table, k, r, c.value, c.deleted, id, now)
+				p.learnID(k, r, c.value, c.deleted, id, now, budget)
 				if !c.deleted && issued == "" {
 					issued, issuedBy = c.value, k
 				}
@@ -159,7 +160,7 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 				continue
 			}
 			if v, ok := k.kind.learnLocation(k, path); ok {
-				p.learnID(table, k, r, v, false, id, now)
+				p.learnID(k, r, v, false, id, now, budget)
 			}
 		}
 	}
@@ -168,29 +169,17 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32) {
 // learnID records a session id that upstream id issued for key k, and
 // retires (or, when the app deleted it, forgets) the id the request came
 // with if it is another one.
-func (p *Policy) learnID(table *sessionTable, k *KeySource, r *http.Request, value string, deleted bool, id, now uint32) {
+func (p *Policy) learnID(k *KeySource, r *http.Request, value string, deleted bool, id, now uint32, budget *sessions.Budget) {
 	old, hadOld := k.value(r)
 	if deleted {
 		if hadOld {
-			if p.remote != nil {
-				p.remote.remove(k.hashValue(old), p.entryDial(p.tableKey(k.hashValue(old))))
-			}
-			table.remove(p.tableKey(k.hashValue(old)))
+			p.sessions.Forget(k.hashValue(old), now, budget)
 		}
 		return
 	}
-	if p.remote != nil {
-		// Stored in Redis before the response that issues the id
-		// leaves, so that its next request finds it on any instance.
-		p.putRemote(k.hashValue(value), id, now)
-	} else {
-		table.put(p.tableKey(k.hashValue(value)), id, now, p.ttl)
-	}
+	p.sessions.Learn(k.hashValue(value), id, now, budget)
 	if hadOld && old != value {
-		if p.remote != nil {
-			p.remote.retire(k.hashValue(old), p.entryDial(p.tableKey(k.hashValue(old))), retireGrace)
-		}
-		table.retire(p.tableKey(k.hashValue(old)), now+retireGrace)
+		p.sessions.Retire(k.hashValue(old), now, budget)
 	}
 }
 

@@ -18,6 +18,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // fakeApp stands for the upstreams behind the proxy: given the upstream
@@ -116,7 +118,7 @@ func TestLearnFollowsTheAppCookieWithoutPin(t *testing.T) {
 func TestLearnReplacedAndDeletedIDs(t *testing.T) {
 	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
 	pool := testPool(t, 3)
-	now := clockNow()
+	now := sessions.Now()
 
 	// The app rotates the session id on every request (as some do on each
 	// privilege change): each new id must lead to the same worker, and the
@@ -135,17 +137,17 @@ func TestLearnReplacedAndDeletedIDs(t *testing.T) {
 		}
 		old := id
 		id += "-r"
-		if _, ok := p.table.get(sessionIDHash(id), now, 0); !ok {
+		if _, ok := p.table.Get(sessionIDHash(id), now, 0); !ok {
 			t.Fatalf("rotation %d: new id %q not recorded", i, id)
 		}
-		if _, ok := p.table.get(sessionIDHash(old), now+retireGrace+2, 0); ok {
+		if _, ok := p.table.Get(sessionIDHash(old), now+sessions.RetireGrace+2, 0); ok {
 			t.Fatalf("rotation %d: old id %q outlives its grace", i, old)
 		}
 	}
 	// Rotations do not inflate the live count: old ids are retired, not
 	// counted twice, once their grace is over.
-	p.table.sweep(now + retireGrace + 2)
-	if n := p.table.liveCount(healthcheck.Get(home.Dial).ID); n != 1 {
+	p.table.Sweep(now + sessions.RetireGrace + 2)
+	if n := p.table.LiveCount(healthcheck.Get(home.Dial).ID); n != 1 {
 		t.Errorf("after 20 rotations and a sweep, %s counts %d live sessions, want 1", home.Dial, n)
 	}
 
@@ -155,7 +157,7 @@ func TestLearnReplacedAndDeletedIDs(t *testing.T) {
 		w.WriteHeader(http.StatusOK)
 	}
 	proxyThrough(t, p, pool, newRequest("sid="+id), 1, logout)
-	if _, ok := p.table.get(sessionIDHash(id), now, 0); ok {
+	if _, ok := p.table.Get(sessionIDHash(id), now, 0); ok {
 		t.Fatal("a deleted session cookie is still in the table")
 	}
 }
@@ -314,7 +316,7 @@ func TestLearnWriterPassesThrough(t *testing.T) {
 	mu.Lock()
 	defer mu.Unlock()
 	for path, id := range map[string]string{"/flush": "flushed", "/plain": "written", "/hijack": "hijacked"} {
-		got, ok := p.table.get(sessionIDHash(id), clockNow(), 0)
+		got, ok := p.table.Get(sessionIDHash(id), sessions.Now(), 0)
 		if !ok {
 			t.Errorf("%s: id %q was not learned", path, id)
 		} else if want := healthcheck.Get(chosen[path].Dial).ID; got != want {

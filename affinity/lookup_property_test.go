@@ -15,11 +15,13 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // lookupWorld is one policy, its pool and what the property test does
 // to them. A store is plugged in by the policy's config (Store): the
-// test writes sessions through Policy.remember, as Select does, whatever
+// test writes sessions through the policy's session handle (Remember), as Select does, whatever
 // the backend.
 type lookupWorld struct {
 	name   string
@@ -135,7 +137,7 @@ func shake(t *testing.T, rng *rand.Rand, p *Policy, pool reverseproxy.UpstreamPo
 		}
 	default: // a session in the table
 		key := hashring.HashStringSeed(fmt.Sprint(rng.IntN(40)), []uint64{seedSessionID, seedHeader}[rng.IntN(2)])
-		p.remember([]uint64{key}, ps.recs[rng.IntN(len(pool))].ID, clockNow())
+		p.sessions.Remember([]uint64{key}, ps.recs[rng.IntN(len(pool))].ID, sessions.Now(), nil)
 	}
 }
 

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // A pin is the proxy's own cookie naming the upstream a session was given,
@@ -25,7 +27,7 @@ import (
 //
 //	token = HMAC-SHA256(secret, "caddy-affinity/pin/v1\x00" + dial)[:18]
 //	        \____ id: bytes 0..5 ____/\______ mac: bytes 6..17 ______/
-//	at    = issue time, seconds since tableEpoch, big-endian uint32
+//	at    = issue time, seconds since sessions.Epoch, big-endian uint32
 //	tag   = HMAC-SHA256(secret, "caddy-affinity/pin/v2\x00" + token + at)[:8]
 //	value = base64url(token || at || tag)                     (40 chars)
 //
@@ -746,7 +748,7 @@ func pinLifetime(ttl uint32) uint32 { return ttl + pinRefresh(ttl) + pinSlack }
 // pins count as live sessions' for one pin lifetime after it.
 var pinUpgradeStart atomic.Uint32
 
-func init() { pinUpgradeStart.Store(tableNow(time.Now())) }
+func init() { pinUpgradeStart.Store(sessions.Seconds(time.Now())) }
 
 // inPinUpgrade reports whether an old pin may still be a live session's
 // at now, for pins of lifetime life.

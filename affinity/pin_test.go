@@ -15,6 +15,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 func TestPinTokenRoundTrip(t *testing.T) {
@@ -122,7 +124,7 @@ func FuzzDecodePin(f *testing.F) {
 // pinAged returns the cookie of a pin naming upstream i of pool, issued
 // age seconds ago to a request without keys.
 func pinAged(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32) string {
-	return p.PinCookie + "=" + p.poolState(pool).pins.value(i, clockNow()-age)
+	return p.PinCookie + "=" + p.poolState(pool).pins.value(i, sessions.Now()-age)
 }
 
 // pinBoundTo returns the cookie of a pin naming upstream i of pool,
@@ -130,7 +132,7 @@ func pinAged(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32) strin
 func pinBoundTo(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32, cookies ...string) string {
 	var buf [maxKeys]uint64
 	keys, _ := p.requestKeys(newRequest(cookies...), &buf, false)
-	return p.PinCookie + "=" + p.poolState(pool).pins.boundValue(i, clockNow()-age, bindOf(keys))
+	return p.PinCookie + "=" + p.poolState(pool).pins.boundValue(i, sessions.Now()-age, bindOf(keys))
 }
 
 // pinV1 returns the cookie of a v1 pin naming upstream i of pool.
@@ -149,7 +151,7 @@ func staleAge(p *Policy) uint32 { return pinLifetime(p.ttl) + 5 }
 
 // decideFor runs decide for a request as Select would, without acting.
 func decideFor(p *Policy, pool reverseproxy.UpstreamPool, cookies ...string) decision {
-	in := decideInput{failed: -1, now: clockNow()}
+	in := decideInput{failed: -1, now: sessions.Now()}
 	var d decision
 	p.decide(p.poolState(pool), newRequest(cookies...), &in, &d)
 	return d
@@ -244,7 +246,7 @@ func TestPinRefresh(t *testing.T) {
 	}
 	issued := strings.TrimPrefix(pinFrom(t, w, DefaultPinCookie), DefaultPinCookie+"=")
 	pin, ok := decoded(issued)
-	if !ok || pin.v1 || !p.poolState(pool).pins.tokens[2].match(&pin) || pin.age(clockNow()) > p.poolState(pool).pins.quantum {
+	if !ok || pin.v1 || !p.poolState(pool).pins.tokens[2].match(&pin) || pin.age(sessions.Now()) > p.poolState(pool).pins.quantum {
 		t.Fatalf("refreshed pin %q: %+v, want a v2 pin for the same upstream issued now", issued, pin)
 	}
 	if !p.poolState(pool).pins.verify(2, &pin) {
@@ -261,7 +263,7 @@ func TestPinForgedTimeFails(t *testing.T) {
 	setState(t, pool[0].Dial, healthcheck.Draining)
 	stale := strings.TrimPrefix(pinAged(p, pool, 0, staleAge(p)), p.PinCookie+"=")
 	raw, _ := base64.RawURLEncoding.DecodeString(stale)
-	binary.BigEndian.PutUint32(raw[18:22], clockNow())
+	binary.BigEndian.PutUint32(raw[18:22], sessions.Now())
 	forged := base64.RawURLEncoding.EncodeToString(raw)
 	raw[29] ^= 1
 	forgedTag := base64.RawURLEncoding.EncodeToString(raw)
@@ -303,7 +305,7 @@ func TestPinV1AcceptedAndUpgraded(t *testing.T) {
 	}
 	saved := pinUpgradeStart.Load()
 	t.Cleanup(func() { pinUpgradeStart.Store(saved) })
-	pinUpgradeStart.Store(clockNow() - pinLifetime(p.ttl) - 1)
+	pinUpgradeStart.Store(sessions.Now() - pinLifetime(p.ttl) - 1)
 	for range 20 {
 		if got := p.Select(pool, newRequest(v1), nil); got == nil || got == pool[1] {
 			t.Fatalf("v1 pin long after the upgrade brought a new session to draining %v", got)
@@ -394,17 +396,17 @@ func TestOldPinsOnlyDuringUpgradeWindow(t *testing.T) {
 	pool := testPool(t, 3)
 	current := strings.TrimPrefix(pinAged(p, pool, 2, 0), DefaultPinCookie+"=")
 	cut := DefaultPinCookie + "=" + current[:pinV1Len]
-	v2 := DefaultPinCookie + "=" + p.poolState(pool).pins.v2Value(2, clockNow())
+	v2 := DefaultPinCookie + "=" + p.poolState(pool).pins.v2Value(2, sessions.Now())
 	setState(t, pool[2].Dial, healthcheck.Draining)
 	saved := pinUpgradeStart.Load()
 	t.Cleanup(func() { pinUpgradeStart.Store(saved) })
-	pinUpgradeStart.Store(clockNow())
+	pinUpgradeStart.Store(sessions.Now())
 	for _, pin := range []string{cut, v2} {
 		if got := p.Select(pool, newRequest(pin), nil); got != pool[2] {
 			t.Fatalf("%s within the upgrade window went to %v, want %s", pin, got, pool[2].Dial)
 		}
 	}
-	pinUpgradeStart.Store(clockNow() - pinLifetime(p.ttl) - 1)
+	pinUpgradeStart.Store(sessions.Now() - pinLifetime(p.ttl) - 1)
 	for range 20 {
 		for _, pin := range []string{cut, v2} {
 			if got := p.Select(pool, newRequest(pin), nil); got == nil || got == pool[2] {

@@ -15,6 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // issuedPin returns the Set-Cookie line of the pin p issues to a new
@@ -87,7 +89,7 @@ func TestPinCookieAttributeStrings(t *testing.T) {
 func TestPinCookieIssueAllocs(t *testing.T) {
 	s := newPinSigner([]byte("s"), "pin", 1200, []string{"a:1", "b:1"})
 	s.style, _ = (&PinCookieAttributes{Domain: "example.com", SameSite: "none", Partitioned: true, MaxAge: caddy.Duration(time.Hour)}).style()
-	now := clockNow()
+	now := sessions.Now()
 	s.setCookie(1, now, false)
 	if n := testing.AllocsPerRun(100, func() { s.setCookie(1, now, false); s.setCookie(0, now, true) }); n != 0 {
 		t.Fatalf("issuing allocated %.1f times", n)

@@ -117,16 +117,12 @@ func (p *Policy) overloaded(ps *poolState, i int, b loadBound) bool {
 }
 
 // sessionsOn returns the live sessions balance_factor counts on upstream
-// i: the session table's, exact; under store redis the cluster's (see
-// redisStore.clusterLoad: this instance's placements exact, the other
-// instances' as read about a second ago), so that instances that each
-// place a share of the sessions bound the cluster-wide loads.
+// i: the session table's, exact; with a shared store the cluster's (this
+// instance's placements exact, the other instances' as read about a
+// second ago), so that instances that each place a share of the
+// sessions bound the cluster-wide loads.
 func (p *Policy) sessionsOn(ps *poolState, i int) int64 {
-	n := max(0, p.table.liveCount(ps.recs[i].ID))
-	if p.remote != nil {
-		n = p.remote.clusterLoad(ps.ups[i].Dial, n)
-	}
-	return n
+	return p.sessions.Sessions(ps.recs[i].ID, ps.ups[i].Dial)
 }
 
 // rampAccepts reports whether an upstream that came back `back` ago takes

@@ -32,6 +32,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
@@ -167,8 +168,8 @@ type Policy struct {
 	// storage on shutdown and every interval while it changes, and reads
 	// it back at start, so that a restart forgets no session; `memory`
 	// keeps it in the process only. The table is process-wide: it is
-	// written while any live policy has store local. See StoreConfig.
-	Store *StoreConfig `json:"store,omitempty"`
+	// written while any live policy has store local. See sessions.Config.
+	Store *sessions.Config `json:"store,omitempty"`
 
 	secret []byte
 	// previousSecrets are PreviousSecrets, loaded; pinStyle is
@@ -186,18 +187,19 @@ type Policy struct {
 	missingLearner atomic.Bool
 	// told are the misconfigurations told at run time (warnings.go).
 	told told
-	// scope is the namespace of the policy's entries in the session
-	// table, XORed into every key it stores or looks up; zero until the
-	// first pool is built (resolveScope).
-	scope      atomic.Uint64
-	scopeTried atomic.Uint32 // the table clock at the last resolveScope
+	// scopeTried is the table clock at the last resolveScope, for a
+	// policy whose place in the config Provision could not tell.
+	scopeTried atomic.Uint32
 
-	// remote is the shared store (store redis), nil for store local and
-	// memory, whose memory is the table alone.
-	remote *redisStore
-	farm   *farm
-	table  *sessionTable
-	logger *zap.Logger
+	// sessions is the policy's namespace in the session memory, whatever
+	// the store: the table, and the shared store behind it if any.
+	sessions *sessions.Handle
+	// namespace names the policy's entries in a shared store (see
+	// namespaces), "" when Provision could not place it.
+	namespace string
+	farm      *farm
+	table     *sessions.Table // the process's, for counts
+	logger    *zap.Logger
 
 	// pools caches the ring and pin tokens of the last pool seen; Caddy
 	// passes the same pool on every request unless upstreams are dynamic.
@@ -268,32 +270,20 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("registering metrics: %v", err)
 	}
 
+	if err := sessions.RegisterMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %v", err)
+	}
 	f, err := acquireFarm(p)
 	if err != nil {
-		return fmt.Errorf("session table: %v", err)
+		return fmt.Errorf("session store: %v", err)
 	}
 	p.farm, p.table = f, f.table
-	if p.Store.kind() == storeRedis {
-		if err := registerStoreMetrics(ctx.GetMetricsRegistry()); err != nil {
-			return fmt.Errorf("registering metrics: %v", err)
-		}
-		remote, err := newRedisStore(p.Store, p.logger.Named("store"), p.applyRemote)
-		if err != nil {
-			return fmt.Errorf("store redis: %v", err)
-		}
-		p.remote = remote
-		liveRemotes.Store(remote, struct{}{})
-	}
 	return nil
 }
 
 // Cleanup stops the policy's probe and lets go of the farm (the shared
 // session table) and the state syncer.
 func (p *Policy) Cleanup() error {
-	if p.remote != nil {
-		liveRemotes.Delete(p.remote)
-		p.remote.close()
-	}
 	if p.farm != nil {
 		p.farm.release(p)
 		p.farm = nil
@@ -308,7 +298,7 @@ const (
 	maxSessionTTL  = 365 * 24 * time.Hour
 	maxHold        = time.Hour
 	maxSlowStart   = 24 * time.Hour
-	minMaxSessions = tableShards
+	minMaxSessions = sessions.Shards
 )
 
 // minSecretLen is the shortest secret that is not logged as weak: pins
@@ -332,7 +322,8 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 		return nil
 	}
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
-	in := decideInput{failed: -1, now: clockNow()}
+	var budget sessions.Budget
+	in := decideInput{failed: -1, now: sessions.Now(), budget: &budget}
 	var keyBuf [maxKeys]uint64
 	var d decision
 	// first is its own variable: it goes into the request vars, and
@@ -348,9 +339,9 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	if d.overflow() {
 		// Busy is not down: this request goes elsewhere once, and the
 		// session stays on its upstream (no entry moves, no new pin).
-		return p.chosen(ps, d.chosen, r, w, false, retry, in.now, 0)
+		return p.chosen(ps, d.chosen, r, w, false, retry, &in, 0)
 	}
-	p.remember(in.keys, ps.recs[d.chosen].ID, in.now)
+	p.sessions.Remember(in.keys, ps.recs[d.chosen].ID, in.now, &budget)
 	if d.failover() {
 		from, why := d.leftDial(ps)
 		p.logFailover(from, ps.ups[d.chosen].Dial, why)
@@ -361,7 +352,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// It is also bound again when the request's first key is not the one
 	// it is bound to (the app gave the session its key since).
 	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh || d.pin.rebind(in.keys))
-	return p.chosen(ps, d.chosen, r, w, issuePin, retry, in.now, pinBindFor(d.failover(), in.keys))
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry, &in, pinBindFor(d.failover(), in.keys))
 }
 
 // look decides where request r goes: what Select and the lookup
@@ -373,7 +364,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 // value: through a pointer, the key hashes (in keyBuf) would go to the
 // heap, and the pinned path allocates nothing.
 func (p *Policy) look(ps *poolState, r *http.Request, vars map[string]any, in decideInput, keyBuf *[maxKeys]uint64, d *decision) (decideInput, *KeySource, bool) {
-	if p.scope.Load() == 0 {
+	if p.sessions.Scope() == 0 {
 		p.resolveScope(in.now)
 	}
 	// An upstream that failed this very request is not selectable on
@@ -528,30 +519,18 @@ next:
 	return keys, first
 }
 
-// remember records (and slides) key -> upstream for every key present;
-// the first is the session's main entry, the others are aliases.
-func (p *Policy) remember(keys []uint64, id uint32, now uint32) {
-	if p.remote != nil {
-		p.rememberRemote(keys, id, now)
-		return
-	}
-	for i, key := range keys {
-		if i > 0 {
-			id |= aliasBit
-		}
-		p.table.put(p.tableKey(key), id, now, p.ttl)
-	}
-}
-
 // chosen records the choice on the request (so that a retry knows it
 // failed) and, when asked, issues the pin cookie for it, replacing the
 // one an earlier attempt of this request issued.
-func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, now, bind uint32) *reverseproxy.Upstream {
+func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, in *decideInput, bind uint32) *reverseproxy.Upstream {
 	up := ps.ups[i]
+	now := in.now
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		vars[triedVar] = up
 		if lw, ok := vars[learnVar].(*learnWriter); ok {
-			lw.chose(p, ps.recs[i].ID)
+			// What the learner writes counts against the request's
+			// budget too.
+			lw.chose(p, ps.recs[i].ID, *in.budget)
 		}
 	}
 	ps.recs[i].CountRequest()

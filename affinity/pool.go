@@ -8,6 +8,8 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // poolState is what the policy derives from one upstream pool: the ring,
@@ -85,7 +87,7 @@ func (p *Policy) poolState(pool reverseproxy.UpstreamPool) *poolState {
 		p.pools.Store(&cp)
 		return &cp
 	}
-	p.resolveScope(clockNow())
+	p.resolveScope(sessions.Now())
 	ps, err := p.buildPoolState(pool)
 	if err != nil {
 		p.logger.Error("cannot build the upstream ring", zap.Error(err))
@@ -186,7 +188,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 	}
 	ps.ring = ring
 	if p.farm != nil && p.secret != nil {
-		for _, dial := range p.farm.replaceDials(p.scope.Load(), pool) {
+		for _, dial := range p.farm.replaceDials(p.sessions.Scope(), pool) {
 			if ps.has(dial) {
 				continue
 			}

@@ -14,6 +14,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
 // storageOf returns the config's storage, or nil for a context that
@@ -116,7 +118,7 @@ func (p *Policy) loadPinUpgrade(ctx caddy.Context) {
 	defer cancel()
 	if b, err := storage.Load(sctx, pinUpgradeKey); err == nil {
 		if since, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err == nil && since > 0 {
-			pinUpgradeStart.Store(tableNow(time.Unix(since, 0)))
+			pinUpgradeStart.Store(sessions.Seconds(time.Unix(since, 0)))
 			return
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
@@ -128,5 +130,5 @@ func (p *Policy) loadPinUpgrade(ctx caddy.Context) {
 		p.logger.Warn("cannot record the pin upgrade window in storage; old pins count as live for one session_ttl after this start", zap.Error(err))
 		return
 	}
-	pinUpgradeStart.Store(tableNow(now))
+	pinUpgradeStart.Store(sessions.Seconds(now))
 }

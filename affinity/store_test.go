@@ -2,140 +2,15 @@ package affinity
 
 import (
 	"context"
-	"fmt"
-	"math/rand/v2"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
-
-// fakeDials numbers dials "up<id>:80" one way and maps them back with an
-// offset the other, as a restarted process whose registry met its
-// upstreams in another order would.
-func fakeDial(id uint32) (string, bool) { return fmt.Sprintf("up%d:80", id), true }
-
-func shiftedID(dial string) uint32 {
-	var id uint32
-	_, _ = fmt.Sscanf(dial, "up%d:80", &id)
-	return id + 100
-}
-
-func TestSnapshotRoundTrip(t *testing.T) {
-	const now = 1000
-	src := newSessionTable(10_000)
-	src.put(1, 3, now, 600)          // main, probationary
-	src.put(2, 4|aliasBit, now, 600) // alias
-	src.put(3, 5, now, 300)
-	src.put(3, 5, now, 300)    // a second put establishes it
-	src.put(4, 3, now-100, 50) // expired at now
-	src.put(0, 6, now, 600)    // key 0 is stored as zeroKey
-	src.put(5, 7, now, 3600)   // retired below
-	src.retire(5, now+30)      // keeps its retirement
-	b := encodeSnapshot(src, now, fakeDial)
-
-	dst := newSessionTable(10_000)
-	st, err := decodeSnapshot(b, dst, now+10, shiftedID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st.entries != 5 || st.restored != 5 || st.savedAt != now {
-		t.Fatalf("stats %+v, want 5 entries restored, saved at %d", st, now)
-	}
-	check := func(key uint64, up uint32, expires uint32, alias, established bool) {
-		t.Helper()
-		e, ok := dst.peek(key, now+10)
-		if !ok {
-			t.Fatalf("key %d not restored", key)
-		}
-		if e.upstream() != up || e.expires != expires || e.alias() != alias || e.established() != established {
-			t.Errorf("key %d: up %d expires %d alias %v established %v; want %d %d %v %v",
-				key, e.upstream(), e.expires, e.alias(), e.established(), up, expires, alias, established)
-		}
-	}
-	check(1, 103, now+600, false, false)
-	check(2, 104, now+600, true, false)
-	check(3, 105, now+300, false, true)
-	check(0, 106, now+600, false, false)
-	check(5, 107, now+30, true, false) // retired: an alias, no longer a session
-	if _, ok := dst.peek(4, now+10); ok {
-		t.Error("an entry expired when the snapshot was written came back")
-	}
-	// Live counts follow the restored main entries, by the new IDs.
-	if dst.liveCount(103) != 1 || dst.liveCount(104) != 0 || dst.liveCount(105) != 1 {
-		t.Errorf("live counts 103=%d 104=%d 105=%d, want 1 0 1", dst.liveCount(103), dst.liveCount(104), dst.liveCount(105))
-	}
-	// Entries that expired while the process was down stay out.
-	late := newSessionTable(10_000)
-	st, err = decodeSnapshot(b, late, now+301, shiftedID)
-	if err != nil || st.restored != 3 || st.expired != 2 {
-		t.Fatalf("read after 301s: %+v, %v; want 3 restored, 2 expired", st, err)
-	}
-}
-
-func TestSnapshotKeepsNewerEntries(t *testing.T) {
-	const now = 500
-	src := newSessionTable(1000)
-	src.put(9, 1, now, 600)
-	b := encodeSnapshot(src, now, fakeDial)
-	dst := newSessionTable(1000)
-	dst.put(9, 2, now, 600) // written since: newer
-	st, err := decodeSnapshot(b, dst, now, func(string) uint32 { return 1 })
-	if err != nil || st.kept != 1 || st.restored != 0 {
-		t.Fatalf("%+v, %v", st, err)
-	}
-	if up, _ := dst.get(9, now, 0); up != 2 {
-		t.Fatalf("the snapshot overwrote a newer entry: up %d", up)
-	}
-}
-
-func TestSnapshotRejectsDamage(t *testing.T) {
-	src := newSessionTable(1000)
-	for k := uint64(1); k <= 50; k++ {
-		src.put(k, uint32(k%3), 100, 600)
-	}
-	good := encodeSnapshot(src, 100, fakeDial)
-	cases := map[string][]byte{
-		"empty":     nil,
-		"magic":     append([]byte("XXXX"), good[4:]...),
-		"truncated": good[:len(good)/2],
-		"flipped":   func() []byte { b := append([]byte(nil), good...); b[40] ^= 1; return b }(),
-		"version":   func() []byte { b := append([]byte(nil), good...); b[4] = 9; return b }(),
-	}
-	for name, b := range cases {
-		dst := newSessionTable(1000)
-		if _, err := decodeSnapshot(b, dst, 100, shiftedID); err == nil {
-			t.Errorf("%s: no error", name)
-		}
-		if dst.len() != 0 {
-			t.Errorf("%s: %d entries recorded from a damaged snapshot", name, dst.len())
-		}
-	}
-	// An upstream without a dial (never happens with the registry) is
-	// left out rather than written under a wrong name.
-	b := encodeSnapshot(src, 100, func(id uint32) (string, bool) { return "a:1", id != 1 })
-	dst := newSessionTable(1000)
-	if st, err := decodeSnapshot(b, dst, 100, shiftedID); err != nil || st.entries != 50-17 {
-		t.Fatalf("%+v, %v", st, err)
-	}
-}
-
-// TestSnapshotFuzzedBytes: random bytes never panic the reader.
-func TestSnapshotFuzzedBytes(t *testing.T) {
-	rng := rand.New(rand.NewPCG(3, 4))
-	src := newSessionTable(1000)
-	src.put(1, 1, 10, 60)
-	good := encodeSnapshot(src, 10, fakeDial)
-	for range 2000 {
-		b := append([]byte(nil), good[:rng.IntN(len(good)+1)]...)
-		if len(b) > 0 {
-			b[rng.IntN(len(b))] = byte(rng.Uint32())
-		}
-		_, _ = decodeSnapshot(b, newSessionTable(1000), 10, shiftedID)
-	}
-}
 
 // TestStoreLocalPersists goes through Caddy's file storage: a policy
 // with store local on a fresh farm writes the table when it lets go (the
@@ -157,20 +32,20 @@ func TestStoreLocalPersists(t *testing.T) {
 	// hand the farm the test's.
 	start := func() *Policy {
 		p := provision()
-		p.farm.persist.want(p, storage, time.Hour)
+		p.sessions.PersistTo(storage, time.Hour)
 		return p
 	}
 	p := start()
 	pool := testPool(t, 3)
 	ps := p.poolState(pool)
-	now := clockNow()
+	now := sessions.Now()
 	p.resolveScope(now)
 	key := p.tableKey(12345)
-	p.table.put(key, ps.recs[2].ID, now, 600)
+	p.table.Put(key, ps.recs[2].ID, now, 600)
 	if err := p.Cleanup(); err != nil { // the last policy: the farm stops
 		t.Fatal(err)
 	}
-	if b, err := storage.Load(context.Background(), snapshotStorageKey); err != nil || len(b) == 0 {
+	if b, err := storage.Load(context.Background(), sessions.SnapshotStorageKey); err != nil || len(b) == 0 {
 		t.Fatalf("no snapshot written at shutdown: %v", err)
 	}
 
@@ -179,45 +54,14 @@ func TestStoreLocalPersists(t *testing.T) {
 	if p2.table == p.table {
 		t.Fatal("the farm did not start afresh")
 	}
-	e, ok := p2.table.peek(key, now)
-	if !ok || e.upstream() != ps.recs[2].ID {
+	e, ok := p2.table.Peek(key, now)
+	if !ok || e.Upstream() != ps.recs[2].ID {
 		t.Fatalf("after the restart: %+v, %v; want upstream %d (%s)", e, ok, ps.recs[2].ID, ps.recs[2].Dial)
 	}
 }
 
-// TestStoreLocalWritesPeriodically: a crash (no shutdown) loses at most
-// an interval, and nothing is written while nothing changes.
-func TestStoreLocalWritesPeriodically(t *testing.T) {
-	storage := &certmagic.FileStorage{Path: t.TempDir()}
-	tb := newSessionTable(1000)
-	ps := newPersister(tb)
-	defer ps.close()
-	p := new(Policy)
-	ps.want(p, storage, time.Second)
-	tb.put(77, 1, clockNow(), 600)
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if b, err := storage.Load(context.Background(), snapshotStorageKey); err == nil && len(b) > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("no snapshot within 5s at an interval of 1s")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	info, err := storage.Stat(context.Background(), snapshotStorageKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(2500 * time.Millisecond)
-	again, err := storage.Stat(context.Background(), snapshotStorageKey)
-	if err != nil || !again.Modified.Equal(info.Modified) {
-		t.Fatalf("the snapshot was written again although the table did not change (%v)", err)
-	}
-}
-
 func TestStoreCaddyfile(t *testing.T) {
-	good := map[string]StoreConfig{
+	good := map[string]sessions.Config{
 		"store local":                      {Kind: "local"},
 		"store local {\n interval 10s\n }": {Kind: "local", Interval: caddy.Duration(10 * time.Second)},
 		"store memory":                     {Kind: "memory"},
@@ -261,47 +105,9 @@ func TestStoreCaddyfile(t *testing.T) {
 			t.Errorf("%q: error %v, want one with %q and the line", line, err, want)
 		}
 	}
-	for _, c := range []StoreConfig{{Kind: "disk"}, {Kind: "memory", Interval: 1}, {Kind: "local", Address: "x"}, {Kind: "redis"}} {
+	for _, c := range []sessions.Config{{Kind: "disk"}, {Kind: "memory", Interval: 1}, {Kind: "local", Address: "x"}, {Kind: "redis"}} {
 		if err := c.Validate(); err == nil {
 			t.Errorf("%+v: valid", c)
 		}
-	}
-}
-
-// BenchmarkSnapshotLoad reads back a snapshot of 1M sessions into an
-// empty table bounded at 1M, as a restart does; it reports the time per
-// load (the goal is at most a second) and the snapshot's size.
-func BenchmarkSnapshotLoad(b *testing.B) {
-	const n = 1_000_000
-	src := newSessionTable(n)
-	rng := rand.New(rand.NewPCG(5, 6))
-	for i := range n {
-		src.put(rng.Uint64(), uint32(i%5), 1000, 1200)
-	}
-	snap := encodeSnapshot(src, 1000, fakeDial)
-	b.ResetTimer()
-	for range b.N {
-		dst := newSessionTable(n)
-		st, err := decodeSnapshot(snap, dst, 1000, shiftedID)
-		if err != nil || st.restored < n*99/100 {
-			b.Fatalf("%+v, %v", st, err)
-		}
-	}
-	b.StopTimer()
-	b.ReportMetric(float64(len(snap))/(1<<20), "MiB")
-	b.Logf("loaded %d sessions (%d MiB) in %s per load", n, len(snap)>>20, b.Elapsed()/time.Duration(b.N))
-}
-
-// BenchmarkSnapshotWrite encodes 1M sessions, as the periodic write does.
-func BenchmarkSnapshotWrite(b *testing.B) {
-	const n = 1_000_000
-	src := newSessionTable(n)
-	rng := rand.New(rand.NewPCG(7, 8))
-	for i := range n {
-		src.put(rng.Uint64(), uint32(i%5), 1000, 1200)
-	}
-	b.ResetTimer()
-	for range b.N {
-		_ = encodeSnapshot(src, 1000, fakeDial)
 	}
 }

@@ -28,9 +28,9 @@ mkdir -p "$out"
 work=$(mktemp -d "${TMPDIR:-/tmp}/affinity-micro.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-pkgs=(affinity hashring)
+pkgs=(affinity affinity/sessions hashring)
 for p in "${pkgs[@]}"; do
-	go test -c -o "$work/$p.test" "./$p/"
+	go test -c -o "$work/${p//\//-}.test" "./$p/"
 done
 
 {
@@ -46,7 +46,7 @@ for pass in $(seq "$passes"); do
 	for p in "${pkgs[@]}"; do
 		# A failing benchmark fails its package's binary after the others
 		# ran: report it and go on.
-		if ! (cd "$p" && "$work/$p.test" -test.run '^$' -test.bench "$pattern" -test.benchmem \
+		if ! (cd "$p" && "$work/${p//\//-}.test" -test.run '^$' -test.bench "$pattern" -test.benchmem \
 			-test.count 1 -test.benchtime "$benchtime" -test.timeout 30m) >"$work/pass.txt" 2>&1; then
 			echo "warning: $p pass $pass failed:" >&2
 			grep -A3 -- '--- FAIL' "$work/pass.txt" >&2 || tail -5 "$work/pass.txt" >&2
@@ -59,7 +59,7 @@ echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/env.t
 
 # The table's bound under a flood of random keys is a test, not a
 # benchmark: run it too, so that the report says whether it holds.
-if (cd affinity && "$work/affinity.test" -test.run '^TestTableIsBoundedUnderRandomKeyFlood$' -test.v -test.count 1) >"$out/flood.txt" 2>&1; then
+if (cd affinity/sessions && "$work/affinity-sessions.test" -test.run '^TestTableIsBoundedUnderRandomKeyFlood$' -test.v -test.count 1) >"$out/flood.txt" 2>&1; then
 	echo "flood test: PASS (TestTableIsBoundedUnderRandomKeyFlood)" | tee -a "$out/env.txt"
 else
 	echo "flood test: FAIL (TestTableIsBoundedUnderRandomKeyFlood), see $out/flood.txt" | tee -a "$out/env.txt"

@@ -164,7 +164,7 @@ func main() {
 		add("session table memory, "+n+" sessions (BenchmarkTableMemory)", "≤ 64 B/session",
 			get("affinity.BenchmarkTableMemory/sessions="+n, "B/session"), "%.1f B", func(v float64) bool { return v <= 64 })
 		add("session table memory, max_sessions "+n+", full (BenchmarkTableBytes)", "≤ 64 B/session",
-			get("affinity.BenchmarkTableBytes/sessions="+n, "B/session"), "%.1f B", func(v float64) bool { return v <= 64 })
+			get("sessions.BenchmarkTableBytes/sessions="+n, "B/session"), "%.1f B", func(v float64) bool { return v <= 64 })
 	}
 
 	fmt.Println("| goal | measured: median (range over passes) | target | |")
@@ -274,18 +274,18 @@ func tables(rs results) {
 	}
 
 	fmt.Println()
-	fmt.Println("Session table by live sessions (affinity.BenchmarkTableScale, BenchmarkSelectSessions, BenchmarkTableBytes):")
+	fmt.Println("Session table by live sessions (sessions.BenchmarkTableScale, affinity.BenchmarkSelectSessions, sessions.BenchmarkTableBytes):")
 	fmt.Println()
 	fmt.Println("| sessions | get (hit) | put (known key) | put (new key, table full: evicts) | Select pinned, N=16, sessions taking turns | heap B/session (table full) |")
 	fmt.Println("|---|---|---|---|---|---|")
 	for _, n := range []int{1_000, 100_000, 1_000_000} {
-		t := "affinity.BenchmarkTableScale/"
+		t := "sessions.BenchmarkTableScale/"
 		fmt.Printf("| %d | %s | %s | %s | %s | %s |\n", n,
 			cell(rs, fmt.Sprintf("%sget/sessions=%d", t, n), "ns/op"),
 			cell(rs, fmt.Sprintf("%sput/known/sessions=%d", t, n), "ns/op"),
 			cell(rs, fmt.Sprintf("%sput/new-full/sessions=%d", t, n), "ns/op"),
 			cell(rs, fmt.Sprintf("affinity.BenchmarkSelectSessions/affinity/pinned/N=16/sessions=%d", n), "ns/op"),
-			cell(rs, fmt.Sprintf("affinity.BenchmarkTableBytes/sessions=%d", n), "B/session"))
+			cell(rs, fmt.Sprintf("sessions.BenchmarkTableBytes/sessions=%d", n), "B/session"))
 	}
 }
 

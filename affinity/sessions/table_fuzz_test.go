@@ -1,4 +1,4 @@
-package affinity
+package sessions
 
 import "testing"
 
@@ -27,7 +27,7 @@ type modelEntry struct {
 // established entries, 60, is out of reach too), and the array grows
 // from 16 slots to 128.
 func runTableOps(t *testing.T, ops []byte) {
-	tb := newSessionTable(tableShards * 100)
+	tb := NewTable(Shards * 100)
 	tb.seed = [3]uint64{1, 2, 3}
 	keys := keysInShard(tb, 0, 48)
 	model := map[uint64]modelEntry{}
@@ -40,31 +40,31 @@ func runTableOps(t *testing.T, ops []byte) {
 			checkKey(t, tb, model, k)
 		}
 		checkShard(t, tb, 0)
-		if tb.len() != len(model) {
-			t.Fatalf("table holds %d entries, model %d", tb.len(), len(model))
+		if tb.Len() != len(model) {
+			t.Fatalf("table holds %d entries, model %d", tb.Len(), len(model))
 		}
 	}
 }
 
 // applyOp applies one operation to the table and the model.
-func applyOp(tb *sessionTable, model map[uint64]modelEntry, now *uint32, op byte, key uint64, arg uint32) {
+func applyOp(tb *Table, model map[uint64]modelEntry, now *uint32, op byte, key uint64, arg uint32) {
 	m, had := model[key]
 	switch op % 8 {
 	case 0, 1, 2:
 		up := arg % 5
 		if arg&8 != 0 {
-			up |= aliasBit
+			up |= AliasBit
 		}
-		tb.put(key, up, *now, arg%64)
+		tb.Put(key, up, *now, arg%64)
 		model[key] = modelEntry{up: up, expires: *now + arg%64, established: had && m.expires >= *now}
 	case 3:
 		aliases := arg&1 != 0
-		tb.follow(key, *now, arg%32, aliases)
+		tb.Follow(key, *now, arg%32, aliases)
 		switch {
 		case !had:
 		case m.expires < *now:
 			delete(model, key)
-		case aliases || m.up&aliasBit == 0:
+		case aliases || m.up&AliasBit == 0:
 			m.established = true
 			if arg%32 > 0 {
 				m.expires = *now + arg%32
@@ -72,12 +72,12 @@ func applyOp(tb *sessionTable, model map[uint64]modelEntry, now *uint32, op byte
 			model[key] = m
 		}
 	case 4:
-		tb.remove(key)
+		tb.Remove(key)
 		delete(model, key)
 	case 5:
-		tb.retire(key, *now+arg%3)
+		tb.Retire(key, *now+arg%3)
 		if had {
-			m.up |= aliasBit // counts no more
+			m.up |= AliasBit // counts no more
 			if m.expires > *now+arg%3 {
 				m.expires = *now + arg%3
 			}
@@ -86,7 +86,7 @@ func applyOp(tb *sessionTable, model map[uint64]modelEntry, now *uint32, op byte
 	case 6:
 		*now += arg % 4
 	case 7:
-		tb.sweep(*now)
+		tb.Sweep(*now)
 		for k, m := range model {
 			if m.expires < *now {
 				delete(model, k)
@@ -97,22 +97,22 @@ func applyOp(tb *sessionTable, model map[uint64]modelEntry, now *uint32, op byte
 
 // checkKey compares key's slot in the table, expired or not, with the
 // model.
-func checkKey(t *testing.T, tb *sessionTable, model map[uint64]modelEntry, key uint64) {
+func checkKey(t *testing.T, tb *Table, model map[uint64]modelEntry, key uint64) {
 	t.Helper()
 	h := tb.place(key)
 	s := tb.shard(h)
 	s.mu.Lock()
 	i := s.find(key, h)
-	var e tableEntry
+	var e Entry
 	if i >= 0 {
-		e = s.slots[i].tableEntry
+		e = s.slots[i].Entry
 	}
 	s.mu.Unlock()
 	m, ok := model[key]
 	if (i >= 0) != ok {
 		t.Fatalf("key %d: in the table %v, in the model %v", key, i >= 0, ok)
 	}
-	if ok && (e.up&^establishedBit != m.up || e.expires != m.expires || e.established() != m.established) {
+	if ok && (e.up&^EstablishedBit != m.up || e.expires != m.expires || e.established() != m.established) {
 		t.Fatalf("key %d: table %+v (established %v), model %+v", key, e, e.established(), m)
 	}
 }

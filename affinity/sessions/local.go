@@ -1,4 +1,4 @@
-package affinity
+package sessions
 
 import (
 	"context"
@@ -13,8 +13,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
-
-	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
 // `store local`: the session table written to Caddy's storage (a compact
@@ -25,18 +23,18 @@ import (
 // snapshot names upstreams by dial address and maps them to this
 // process's IDs when it is read.
 
-// snapshotStorageKey is where the snapshot is kept in Caddy's storage.
+// SnapshotStorageKey is where the snapshot is kept in Caddy's storage.
 // It names no instance: a restarted instance (whose container may get a
 // fresh instance ID) finds it; instances sharing one storage read the
 // last one written, whose entries name the same upstreams.
-const snapshotStorageKey = "caddy-affinity/sessions/table"
+const SnapshotStorageKey = "caddy-affinity/sessions/table"
 
 // Snapshot format, little endian:
 //
 //	magic "CAST", version u8, 3 zero bytes, saved-at u32 (table seconds)
 //	entry count u32, then per entry 16 bytes:
 //	    key u64 (as the table stores it: hashed, scoped)
-//	    ref u32: dial index | aliasBit | establishedBit
+//	    ref u32: dial index | AliasBit | EstablishedBit
 //	    expires u32 (table seconds: the entry keeps the time it had left,
 //	         less the time the process was down, as the app's own
 //	         sessions age meanwhile)
@@ -58,8 +56,8 @@ const (
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // encodeSnapshot writes every entry of t live at now.
-func encodeSnapshot(t *sessionTable, now uint32, dialOf func(id uint32) (string, bool)) []byte {
-	buf := make([]byte, snapshotHeader+4, snapshotHeader+4+snapshotEntry*t.len()+1024)
+func encodeSnapshot(t *Table, now uint32, dialOf func(id uint32) (string, bool)) []byte {
+	buf := make([]byte, snapshotHeader+4, snapshotHeader+4+snapshotEntry*t.Len()+1024)
 	copy(buf, snapshotMagic)
 	buf[4] = snapshotVersion
 	binary.LittleEndian.PutUint32(buf[8:], now)
@@ -68,8 +66,8 @@ func encodeSnapshot(t *sessionTable, now uint32, dialOf func(id uint32) (string,
 	var ref []int32
 	var dials []string
 	count := uint32(0)
-	t.export(now, func(key uint64, e tableEntry) {
-		id := e.upstream()
+	t.Export(now, func(key uint64, e Entry) {
+		id := e.Upstream()
 		for int(id) >= len(ref) {
 			ref = append(ref, 0)
 		}
@@ -83,10 +81,10 @@ func encodeSnapshot(t *sessionTable, now uint32, dialOf func(id uint32) (string,
 		if ref[id] < 0 {
 			return
 		}
-		flags := e.up &^ upstreamMask
+		flags := e.Ref() &^ UpstreamMask
 		buf = binary.LittleEndian.AppendUint64(buf, key)
 		buf = binary.LittleEndian.AppendUint32(buf, uint32(ref[id]-1)|flags)
-		buf = binary.LittleEndian.AppendUint32(buf, e.expires)
+		buf = binary.LittleEndian.AppendUint32(buf, e.Expires())
 		count++
 	})
 	binary.LittleEndian.PutUint32(buf[snapshotHeader:], count)
@@ -108,7 +106,7 @@ type snapshotStats struct {
 
 // decodeSnapshot records the entries of snapshot b live at now in t,
 // mapping its dials to IDs with idOf. A corrupt snapshot records nothing.
-func decodeSnapshot(b []byte, t *sessionTable, now uint32, idOf func(dial string) uint32) (snapshotStats, error) {
+func decodeSnapshot(b []byte, t *Table, now uint32, idOf func(dial string) uint32) (snapshotStats, error) {
 	var st snapshotStats
 	if len(b) < snapshotHeader+4+4+4 || string(b[:4]) != snapshotMagic {
 		return st, errors.New("not a session snapshot")
@@ -151,15 +149,15 @@ func decodeSnapshot(b []byte, t *sessionTable, now uint32, idOf func(dial string
 		key := binary.LittleEndian.Uint64(e)
 		ref := binary.LittleEndian.Uint32(e[8:])
 		expires := binary.LittleEndian.Uint32(e[12:])
-		di := ref & upstreamMask
-		if int(di) >= len(ids) || ids[di] > upstreamMask {
+		di := ref & UpstreamMask
+		if int(di) >= len(ids) || ids[di] > UpstreamMask {
 			st.unknownDials++
 			continue
 		}
 		switch {
 		case expires < now:
 			st.expired++
-		case t.restore(key, tableEntry{up: ids[di] | ref&^upstreamMask, expires: expires}, now):
+		case t.Restore(key, NewEntry(ids[di]|ref&^UpstreamMask, expires), now):
 			st.restored++
 		default:
 			st.kept++ // the key has a newer entry already
@@ -168,32 +166,21 @@ func decodeSnapshot(b []byte, t *sessionTable, now uint32, idOf func(dial string
 	return st, nil
 }
 
-// registryDial and registryID map IDs and dials through the process's
-// healthcheck registry.
-func registryDial(id uint32) (string, bool) {
-	if u := healthcheck.ByID(id); u != nil {
-		return u.Dial, true
-	}
-	return "", false
-}
-
-func registryID(dial string) uint32 { return healthcheck.Get(dial).ID }
-
 // persister writes the farm's table to Caddy's storage for the policies
 // with store local, and reads it back once, when the first of them
 // arrives. Its loop runs apart from the farm's, so that writing a large
 // table never delays the table clock.
 type persister struct {
-	table  *sessionTable
+	table  *Table
 	logger *zap.Logger
 
 	mu     sync.Mutex
-	wants  map[*Policy]persistWant // live policies with store local
+	wants  map[*Handle]persistWant // live policies with store local
 	loaded bool                    // the snapshot was read (or tried)
 	// last is the newest wanting policy's storage and interval; saving
 	// goes there.
 	last  persistWant
-	saved uint64    // table.changes() at the last write
+	saved uint64    // table.Changes() at the last write
 	at    time.Time // when the last write was, or the loop started
 	// failing is set after a failed write, so that a storage that stays
 	// broken is logged once, not every interval.
@@ -217,11 +204,11 @@ const persistTick = time.Second
 // hung storage cannot hold up a start or a stop for long.
 const persistTimeout = 10 * time.Second
 
-func newPersister(t *sessionTable) *persister {
+func newPersister(t *Table) *persister {
 	ps := &persister{
 		table:  t,
 		logger: caddy.Log().Named("affinity.store"),
-		wants:  make(map[*Policy]persistWant),
+		wants:  make(map[*Handle]persistWant),
 		at:     time.Now(),
 		stop:   make(chan struct{}),
 		done:   make(chan struct{}),
@@ -232,7 +219,7 @@ func newPersister(t *sessionTable) *persister {
 
 // want records that p persists the table to storage every interval; the
 // first call reads the snapshot back into the table, before p serves.
-func (ps *persister) want(p *Policy, storage certmagic.Storage, interval time.Duration) {
+func (ps *persister) want(p *Handle, storage certmagic.Storage, interval time.Duration) {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	w := persistWant{storage: storage, interval: interval}
@@ -249,26 +236,26 @@ func (ps *persister) load(storage certmagic.Storage) {
 	ctx, cancel := context.WithTimeout(context.Background(), persistTimeout)
 	defer cancel()
 	start := time.Now()
-	b, err := storage.Load(ctx, snapshotStorageKey)
+	b, err := storage.Load(ctx, SnapshotStorageKey)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return
 	case err != nil:
 		ps.logger.Error("reading the session snapshot; starting with an empty session table",
-			zap.String("key", snapshotStorageKey), zap.Error(err))
+			zap.String("key", SnapshotStorageKey), zap.Error(err))
 		return
 	}
-	now := tableNow(time.Now())
+	now := Seconds(time.Now())
 	st, err := decodeSnapshot(b, ps.table, now, registryID)
 	if err != nil {
 		ps.logger.Error("the session snapshot is unreadable; starting with an empty session table",
-			zap.String("key", snapshotStorageKey), zap.Int("bytes", len(b)), zap.Error(err))
+			zap.String("key", SnapshotStorageKey), zap.Int("bytes", len(b)), zap.Error(err))
 		return
 	}
 	// What was read is saved: no write until something changes.
-	ps.saved = ps.table.changes()
+	ps.saved = ps.table.Changes()
 	ps.logger.Info("restored the session table from storage",
-		zap.String("key", snapshotStorageKey),
+		zap.String("key", SnapshotStorageKey),
 		zap.Int("sessions", st.restored),
 		zap.Int("expired", st.expired),
 		zap.Int("newer_in_table", st.kept),
@@ -280,7 +267,7 @@ func (ps *persister) load(storage certmagic.Storage) {
 // release records that p no longer persists the table. When it was the
 // last policy that did (the process stops, or a reload turned store local
 // off), the table is written once more.
-func (ps *persister) release(p *Policy) {
+func (ps *persister) release(p *Handle) {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	if _, ok := ps.wants[p]; !ok {
@@ -317,30 +304,30 @@ func (ps *persister) saveLocked(final bool) {
 	if ps.last.storage == nil {
 		return
 	}
-	changes := ps.table.changes()
+	changes := ps.table.Changes()
 	if changes == ps.saved {
 		return
 	}
 	start := time.Now()
-	b := encodeSnapshot(ps.table, tableNow(start), registryDial)
+	b := encodeSnapshot(ps.table, Seconds(start), registryDial)
 	ctx, cancel := context.WithTimeout(context.Background(), persistTimeout)
 	defer cancel()
-	if err := ps.last.storage.Store(ctx, snapshotStorageKey, b); err != nil {
+	if err := ps.last.storage.Store(ctx, SnapshotStorageKey, b); err != nil {
 		if !ps.failing || final {
 			ps.logger.Error("writing the session snapshot; sessions learned since the last write are lost if the process stops now",
-				zap.String("key", snapshotStorageKey), zap.Error(err))
+				zap.String("key", SnapshotStorageKey), zap.Error(err))
 		}
 		ps.failing = true
 		return
 	}
 	if ps.failing {
-		ps.logger.Info("writing the session snapshot works again", zap.String("key", snapshotStorageKey))
+		ps.logger.Info("writing the session snapshot works again", zap.String("key", SnapshotStorageKey))
 	}
 	ps.failing = false
 	ps.saved = changes
 	if final {
 		ps.logger.Info("wrote the session table to storage",
-			zap.String("key", snapshotStorageKey),
+			zap.String("key", SnapshotStorageKey),
 			zap.Int("bytes", len(b)),
 			zap.Duration("took", time.Since(start)))
 	}

@@ -1,4 +1,4 @@
-package affinity
+package sessions
 
 import (
 	"fmt"
@@ -9,17 +9,17 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
-// Kinds of session store (StoreConfig.Kind).
+// Kinds of session store (Config.Kind).
 const (
-	// storeLocal: the process's session table, written to Caddy's storage
+	// KindLocal: the process's session table, written to Caddy's storage
 	// periodically and on shutdown and read back at start, so that a
 	// restart forgets no session. The default.
-	storeLocal = "local"
-	// storeMemory: the process's session table only, forgotten when the
+	KindLocal = "local"
+	// KindMemory: the process's session table only, forgotten when the
 	// process stops (the module's behaviour before stores existed).
-	storeMemory = "memory"
-	// storeRedis: a Redis server that every instance using it shares.
-	storeRedis = "redis"
+	KindMemory = "memory"
+	// KindRedis: a Redis server that every instance using it shares.
+	KindRedis = "redis"
 )
 
 // Defaults of the stores.
@@ -29,22 +29,28 @@ const (
 	DefaultStoreInterval = caddy.Duration(30 * time.Second)
 	// DefaultRedisKeyPrefix prefixes every key `store redis` writes.
 	DefaultRedisKeyPrefix = "caddy-affinity"
-	// DefaultRedisTimeout bounds every Redis round trip of a request.
-	DefaultRedisTimeout = caddy.Duration(50 * time.Millisecond)
+	// DefaultRedisTimeout bounds the total a request waits for Redis,
+	// whatever it asks (a lookup, then its writes). 500ms: at 50ms a
+	// burst of 200 new sessions alternating between two instances on a
+	// busy 2-core machine broke 12-14 sessions in 3 of 6 runs (slow
+	// answers while connections are dialled and the CPU is contended),
+	// at 500ms none in 4; a Redis that hangs costs a request at most this
+	// once, and the circuit then skips Redis (see redisTrip).
+	DefaultRedisTimeout = caddy.Duration(500 * time.Millisecond)
 )
 
 // minStoreInterval keeps a misconfigured interval from writing a large
 // table to storage many times a second.
 const minStoreInterval = time.Second
 
-// StoreConfig is where a policy's session memory lives besides the
+// Config is where a policy's session memory lives besides the
 // process: the `store` option. The zero value is `store local`.
 //
 // JSON: {"kind": "local", "interval": "30s"}, {"kind": "memory"} or
 // {"kind": "redis", "address": "127.0.0.1:6379", "username": "...",
 // "password": "{env.REDIS_PASSWORD}", "db": 0, "tls": true,
-// "key_prefix": "caddy-affinity", "timeout": "50ms"}.
-type StoreConfig struct {
+// "key_prefix": "caddy-affinity", "timeout": "500ms"}.
+type Config struct {
 	// Kind is "local" (default), "memory" or "redis".
 	Kind string `json:"kind,omitempty"`
 
@@ -66,25 +72,35 @@ type StoreConfig struct {
 	TLS bool `json:"tls,omitempty"`
 	// KeyPrefix (redis) prefixes every key. Default "caddy-affinity".
 	KeyPrefix string `json:"key_prefix,omitempty"`
-	// Timeout (redis) bounds a request's wait for Redis; past it the
-	// local table decides alone. Default 50ms.
+	// Timeout (redis) bounds the total a request waits for Redis, all
+	// its round trips together; past it the local table decides alone.
+	// Default 500ms.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
 }
 
+// oneArg returns the line's one argument.
+func oneArg(d *caddyfile.Dispenser) (string, error) {
+	opt := d.Val()
+	if !d.NextArg() {
+		return "", d.Errf("store: %s: need a value", opt)
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return "", d.Errf("store: %s: takes one value, got more (%q)", opt, d.Val())
+	}
+	return v, nil
+}
+
 // kind returns the store's kind, local when not set.
-func (c *StoreConfig) kind() string {
+func (c *Config) kind() string {
 	if c == nil || c.Kind == "" {
-		return storeLocal
+		return KindLocal
 	}
 	return c.Kind
 }
 
-// persists reports whether the store writes the table to Caddy's
-// storage.
-func (c *StoreConfig) persists() bool { return c.kind() == storeLocal }
-
 // interval returns how often `store local` writes the table.
-func (c *StoreConfig) interval() time.Duration {
+func (c *Config) interval() time.Duration {
 	if c == nil || c.Interval == 0 {
 		return time.Duration(DefaultStoreInterval)
 	}
@@ -92,23 +108,23 @@ func (c *StoreConfig) interval() time.Duration {
 }
 
 // Validate checks the store's options.
-func (c *StoreConfig) Validate() error {
+func (c *Config) Validate() error {
 	if c == nil {
 		return nil
 	}
 	switch c.kind() {
-	case storeLocal:
+	case KindLocal:
 		if c.Interval != 0 && time.Duration(c.Interval) < minStoreInterval {
 			return fmt.Errorf("store local: interval must be at least %s, got %s", minStoreInterval, time.Duration(c.Interval))
 		}
 		if c.Address != "" || c.Username != "" || c.Password != "" || c.DB != 0 || c.TLS || c.KeyPrefix != "" || c.Timeout != 0 {
 			return fmt.Errorf("store local: takes only interval; address, username, password, db, tls, key_prefix and timeout are options of store redis")
 		}
-	case storeMemory:
-		if *c != (StoreConfig{Kind: storeMemory}) {
+	case KindMemory:
+		if *c != (Config{Kind: KindMemory}) {
 			return fmt.Errorf("store memory: takes no options")
 		}
-	case storeRedis:
+	case KindRedis:
 		if c.Address == "" {
 			return fmt.Errorf("store redis: need the server's address (store redis 127.0.0.1:6379)")
 		}
@@ -127,7 +143,7 @@ func (c *StoreConfig) Validate() error {
 	return nil
 }
 
-// parseStore parses a `store` line and its block:
+// ParseCaddyfile parses a `store` line and its block:
 //
 //	store local [{
 //		interval <duration>
@@ -141,17 +157,17 @@ func (c *StoreConfig) Validate() error {
 //		key_prefix <prefix>
 //		timeout <duration>
 //	}]
-func parseStore(d *caddyfile.Dispenser) (*StoreConfig, error) {
+func ParseCaddyfile(d *caddyfile.Dispenser) (*Config, error) {
 	if !d.NextArg() {
 		return nil, d.Err("store: need a kind: local, memory or redis")
 	}
-	c := &StoreConfig{Kind: d.Val()}
+	c := &Config{Kind: d.Val()}
 	switch c.Kind {
-	case storeLocal, storeMemory:
+	case KindLocal, KindMemory:
 		if d.NextArg() {
 			return nil, d.Errf("store %s: takes no arguments, got %q", c.Kind, d.Val())
 		}
-	case storeRedis:
+	case KindRedis:
 		if !d.NextArg() {
 			return nil, d.Err("store redis: need the server's address (store redis 127.0.0.1:6379)")
 		}
@@ -169,10 +185,10 @@ func parseStore(d *caddyfile.Dispenser) (*StoreConfig, error) {
 			return nil, d.Errf("store %s: %s specified more than once", c.Kind, opt)
 		}
 		seen[opt] = true
-		if c.Kind == storeMemory {
+		if c.Kind == KindMemory {
 			return nil, d.Errf("store memory: takes no options, got %q", opt)
 		}
-		if c.Kind == storeLocal && opt != "interval" {
+		if c.Kind == KindLocal && opt != "interval" {
 			return nil, d.Errf("store local: unrecognized option %q (want interval)", opt)
 		}
 		if opt == "tls" {

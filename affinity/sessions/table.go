@@ -1,4 +1,4 @@
-package affinity
+package sessions
 
 import (
 	"crypto/rand"
@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// sessionTable remembers which upstream each session key was given, so
+// Table remembers which upstream each session key was given, so
 // that a session stays where it is even when the ring would place its key
 // elsewhere (after a failover, or when the client dropped the pin cookie).
 //
@@ -35,8 +35,8 @@ import (
 // if it sees one, otherwise a probationary (seen once) entry, and only
 // when it finds none nearby the established entry closest to expiry
 // among those it looked at.
-type sessionTable struct {
-	shards [tableShards]tableShard
+type Table struct {
+	shards [Shards]tableShard
 
 	// seed keys placement (see place).
 	seed [3]uint64
@@ -52,7 +52,7 @@ type sessionTable struct {
 }
 
 const (
-	tableShards = 256
+	Shards = 256
 
 	// minSlots is a shard's first array: a table that holds a few
 	// sessions does not allocate its bound up front.
@@ -95,48 +95,59 @@ type tableShard struct {
 // see slotKey) and its entry. Sixteen bytes.
 type tableSlot struct {
 	key uint64
-	tableEntry
+	Entry
 }
 
-// tableEntry is what the table keeps per session: the upstream (by its
-// process-wide healthcheck ID, with aliasBit and establishedBit) and when
-// the entry expires, in seconds since tableEpoch. Eight bytes.
-type tableEntry struct {
+// Entry is what the table keeps per session: the upstream (by its
+// process-wide healthcheck ID, with AliasBit and EstablishedBit) and when
+// the entry expires, in seconds since Epoch. Eight bytes.
+type Entry struct {
 	up      uint32
 	expires uint32
 }
 
-// aliasBit marks an entry recorded under a key that is not the session's
+// AliasBit marks an entry recorded under a key that is not the session's
 // main key (the first key present in its request), such as the client IP
 // of a session that also has an app cookie. A session is recorded under
 // every key it shows; only its main entry counts as a live session.
-const aliasBit = 1 << 31
+const AliasBit = 1 << 31
 
-// establishedBit marks an entry seen on a second request (a hit, or a
+// EstablishedBit marks an entry seen on a second request (a hit, or a
 // second put of its key); entries without it are probationary and are
-// evicted first.
-const establishedBit = 1 << 30
+// Evicted first.
+const EstablishedBit = 1 << 30
 
-// upstreamMask keeps the upstream ID of an entry's up field: IDs are
+// UpstreamMask keeps the upstream ID of an entry's up field: IDs are
 // below 1<<30, under the flag bits.
-const upstreamMask = establishedBit - 1
+const UpstreamMask = EstablishedBit - 1
 
 // upstream returns the entry's upstream ID.
-func (e tableEntry) upstream() uint32 { return e.up & upstreamMask }
+func (e Entry) Upstream() uint32 { return e.up & UpstreamMask }
 
 // alias reports whether the entry is an alias (not the session's main
 // entry).
-func (e tableEntry) alias() bool { return e.up&aliasBit != 0 }
+func (e Entry) Alias() bool { return e.up&AliasBit != 0 }
 
 // established reports whether the entry was seen on two requests or more.
-func (e tableEntry) established() bool { return e.up&establishedBit != 0 }
+func (e Entry) established() bool { return e.up&EstablishedBit != 0 }
 
-// tableEpoch is the zero of entry times; uint32 seconds from here last
+// NewEntry returns the entry of upstream ref (an ID with its AliasBit and
+// EstablishedBit) that expires at expires, as a snapshot read back holds it.
+func NewEntry(ref, expires uint32) Entry { return Entry{up: ref, expires: expires} }
+
+// Expires returns when the entry expires, in table seconds.
+func (e Entry) Expires() uint32 { return e.expires }
+
+// Ref returns the entry's upstream ID with its AliasBit and
+// EstablishedBit.
+func (e Entry) Ref() uint32 { return e.up }
+
+// Epoch is the zero of entry times; uint32 seconds from here last
 // beyond 2150.
-var tableEpoch = time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC).Unix()
+var Epoch = time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC).Unix()
 
-// tableNow returns a time in table seconds.
-func tableNow(now time.Time) uint32 { return uint32(now.Unix() - tableEpoch) }
+// Seconds returns a time in table seconds.
+func Seconds(now time.Time) uint32 { return uint32(now.Unix() - Epoch) }
 
 // clock is the current time in table seconds, kept by the farm's loop
 // so that the request path does not read the system clock (which costs
@@ -144,31 +155,35 @@ func tableNow(now time.Time) uint32 { return uint32(now.Unix() - tableEpoch) }
 // Zero when no farm runs.
 var clock atomic.Uint32
 
-// clockNow returns the current time in table seconds, to within a
+// Now returns the current time in table seconds, to within a
 // quarter of a second while the farm runs.
-func clockNow() uint32 {
+func Now() uint32 {
 	if now := clock.Load(); now != 0 {
 		return now
 	}
-	return tableNow(time.Now())
+	return Seconds(time.Now())
 }
 
-func newSessionTable(maxSessions int) *sessionTable {
-	t := new(sessionTable)
+// SetClock sets the table clock, in table seconds: the farm's loop sets
+// it every quarter second while it runs, and 0 when it stops.
+func SetClock(now uint32) { clock.Store(now) }
+
+func NewTable(maxSessions int) *Table {
+	t := new(Table)
 	var b [24]byte
 	_, _ = rand.Read(b[:]) // never fails (it crashes the process instead)
 	for i := range t.seed {
 		t.seed[i] = binary.LittleEndian.Uint64(b[8*i:])
 	}
-	t.setMax(maxSessions)
+	t.SetMax(maxSessions)
 	return t
 }
 
-// setMax sets the bound on live entries. It applies to inserts from now
+// SetMax sets the bound on live entries. It applies to inserts from now
 // on; a table larger than a lowered bound shrinks as entries expire or
 // are evicted (its arrays keep their size).
-func (t *sessionTable) setMax(maxSessions int) {
-	per := int64(maxSessions / tableShards)
+func (t *Table) SetMax(maxSessions int) {
+	per := int64(maxSessions / Shards)
 	if per < 1 {
 		per = 1
 	}
@@ -202,15 +217,15 @@ func slotKey(key uint64) uint64 {
 // runtime map hash where AES is not available (wyhash's multiply-and-fold,
 // keyed with three random words), whose output a client cannot predict
 // without the seed.
-func (t *sessionTable) place(key uint64) uint64 {
+func (t *Table) place(key uint64) uint64 {
 	hi, lo := bits.Mul64(key^t.seed[0], bits.RotateLeft64(key, 32)^t.seed[1])
 	hi, lo = bits.Mul64(hi^lo^t.seed[2], 0x1d8e4e27c47d124f)
 	return hi ^ lo
 }
 
 // shard returns the shard of placement hash h.
-func (t *sessionTable) shard(h uint64) *tableShard {
-	return &t.shards[h&(tableShards-1)]
+func (t *Table) shard(h uint64) *tableShard {
+	return &t.shards[h&(Shards-1)]
 }
 
 // home returns the first slot of an array of n slots that h may be in:
@@ -257,17 +272,17 @@ func (s *tableShard) insert(sl tableSlot, h uint64) {
 	}
 }
 
-// get returns the upstream recorded for key if the entry is live at now,
+// Get returns the upstream recorded for key if the entry is live at now,
 // and, when ttl > 0, slides its expiry to now+ttl.
-func (t *sessionTable) get(key uint64, now, ttl uint32) (uint32, bool) {
-	return t.follow(key, now, ttl, true)
+func (t *Table) Get(key uint64, now, ttl uint32) (uint32, bool) {
+	return t.Follow(key, now, ttl, true)
 }
 
-// follow is get for one of a request's keys: an alias entry counts only
+// Follow is get for one of a request's keys: an alias entry counts only
 // when aliases is true, and one that does not count is left untouched
 // (see Select for when aliases are followed). An entry that counts is
 // established from then on.
-func (t *sessionTable) follow(key uint64, now, ttl uint32, aliases bool) (uint32, bool) {
+func (t *Table) Follow(key uint64, now, ttl uint32, aliases bool) (uint32, bool) {
 	key = slotKey(key)
 	h := t.place(key)
 	s := t.shard(h)
@@ -278,47 +293,47 @@ func (t *sessionTable) follow(key uint64, now, ttl uint32, aliases bool) (uint32
 		return 0, false
 	}
 	sl := &s.slots[i]
-	e := sl.tableEntry
+	e := sl.Entry
 	switch {
 	case e.expires < now:
 		s.expired.Add(1)
 		t.deleteLocked(s, i)
 		s.mu.Unlock()
 		return 0, false
-	case !aliases && e.alias():
+	case !aliases && e.Alias():
 		s.mu.Unlock()
 		return 0, false
 	}
 	if !e.established() && t.mayEstablish(s) {
-		sl.up |= establishedBit
+		sl.up |= EstablishedBit
 		s.established++
 	}
 	if ttl > 0 {
 		sl.expires = now + ttl
 	}
 	s.mu.Unlock()
-	return e.upstream(), true
+	return e.Upstream(), true
 }
 
-// peek returns key's entry if it is live at now, without sliding it or
+// Peek returns key's entry if it is live at now, without sliding it or
 // establishing it.
-func (t *sessionTable) peek(key uint64, now uint32) (tableEntry, bool) {
+func (t *Table) Peek(key uint64, now uint32) (Entry, bool) {
 	key = slotKey(key)
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if i := s.find(key, h); i >= 0 && s.slots[i].expires >= now {
-		return s.slots[i].tableEntry, true
+		return s.slots[i].Entry, true
 	}
-	return tableEntry{}, false
+	return Entry{}, false
 }
 
-// put records key -> up, live until now+ttl. up may carry aliasBit. A
+// Put records key -> up, live until now+ttl. up may carry AliasBit. A
 // second put of a live key establishes its entry.
-func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
+func (t *Table) Put(key uint64, up uint32, now, ttl uint32) {
 	key = slotKey(key)
-	e := tableEntry{up: up &^ establishedBit, expires: now + ttl}
+	e := Entry{up: up &^ EstablishedBit, expires: now + ttl}
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()
@@ -329,7 +344,7 @@ func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
 		return
 	}
 	t.makeRoomLocked(s, h, now)
-	s.insert(tableSlot{key: key, tableEntry: e}, h)
+	s.insert(tableSlot{key: key, Entry: e}, h)
 	t.live.add(e, 1)
 	s.mu.Unlock()
 }
@@ -337,12 +352,12 @@ func (t *sessionTable) put(key uint64, up uint32, now, ttl uint32) {
 // replaceLocked writes e over the entry in slot i of s, which is locked:
 // established if the old entry was live, a new probationary entry if it
 // had expired.
-func (t *sessionTable) replaceLocked(s *tableShard, i int, e tableEntry, now uint32) {
+func (t *Table) replaceLocked(s *tableShard, i int, e Entry, now uint32) {
 	sl := &s.slots[i]
 	if sl.expires < now {
 		s.expired.Add(1)
 	} else if sl.established() || t.mayEstablish(s) {
-		e.up |= establishedBit
+		e.up |= EstablishedBit
 		if !sl.established() {
 			s.established++
 		}
@@ -350,17 +365,17 @@ func (t *sessionTable) replaceLocked(s *tableShard, i int, e tableEntry, now uin
 	if sl.established() && !e.established() {
 		s.established-- // an expired established entry replaced by a new one
 	}
-	if sl.up&^establishedBit != e.up&^establishedBit {
-		t.live.add(sl.tableEntry, -1)
+	if sl.up&^EstablishedBit != e.up&^EstablishedBit {
+		t.live.add(sl.Entry, -1)
 		t.live.add(e, 1)
 	}
-	sl.tableEntry = e
+	sl.Entry = e
 }
 
 // makeRoomLocked makes s, which is locked, ready for one more entry,
 // whose placement hash is h: it evicts while s is at its bound, otherwise
 // grows its array if the entry would load it beyond 3/4.
-func (t *sessionTable) makeRoomLocked(s *tableShard, h uint64, now uint32) {
+func (t *Table) makeRoomLocked(s *tableShard, h uint64, now uint32) {
 	per := t.perShard.Load()
 	for int64(s.count) >= per {
 		t.evictLocked(s, h, now)
@@ -378,7 +393,7 @@ func (t *sessionTable) makeRoomLocked(s *tableShard, h uint64, now uint32) {
 
 // growLocked moves the entries of s, which is locked, to an array of n
 // slots.
-func (t *sessionTable) growLocked(s *tableShard, n int) {
+func (t *Table) growLocked(s *tableShard, n int) {
 	old := s.slots
 	s.slots, s.count, s.established = make([]tableSlot, n), 0, 0
 	for _, sl := range old {
@@ -388,8 +403,8 @@ func (t *sessionTable) growLocked(s *tableShard, n int) {
 	}
 }
 
-// remove forgets key.
-func (t *sessionTable) remove(key uint64) {
+// Remove forgets key.
+func (t *Table) Remove(key uint64) {
 	key = slotKey(key)
 	h := t.place(key)
 	s := t.shard(h)
@@ -401,38 +416,57 @@ func (t *sessionTable) remove(key uint64) {
 	s.mu.Unlock()
 }
 
-// retire makes key's entry expire at until at the latest: a session id
-// the app replaced stays usable a moment longer, for requests already on
-// their way with it, then goes. It stops counting as a session at once:
-// it becomes an alias (which a request whose first key it is still
-// follows), so that the session counts once, by the id that replaced it.
-// A request that still uses it slides it again.
-func (t *sessionTable) retire(key uint64, until uint32) {
+// Establish marks key's live entry as established (seen twice): an
+// entry the shared store has already, which its next request must not
+// write again.
+func (t *Table) Establish(key uint64, now uint32) {
+	t.update(key, func(s *tableShard, i int) {
+		if sl := &s.slots[i]; sl.expires >= now && !sl.established() {
+			sl.up |= EstablishedBit
+			s.established++
+		}
+	})
+}
+
+// update calls f with key's slot in its shard, locked, if key has one.
+func (t *Table) update(key uint64, f func(s *tableShard, i int)) {
 	key = slotKey(key)
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()
 	if i := s.find(key, h); i >= 0 {
+		f(s, i)
+	}
+	s.mu.Unlock()
+}
+
+// Retire makes key's entry expire at until at the latest: a session id
+// the app replaced stays usable a moment longer, for requests already on
+// their way with it, then goes. It stops counting as a session at once:
+// it becomes an alias (which a request whose first key it is still
+// follows), so that the session counts once, by the id that replaced it.
+// A request that still uses it slides it again.
+func (t *Table) Retire(key uint64, until uint32) {
+	t.update(key, func(s *tableShard, i int) {
 		sl := &s.slots[i]
-		if !sl.alias() {
-			t.live.add(sl.tableEntry, -1)
-			sl.up |= aliasBit
+		if !sl.Alias() {
+			t.live.add(sl.Entry, -1)
+			sl.up |= AliasBit
 			s.writes++
 		}
 		if sl.expires > until {
 			sl.expires = until
 			s.writes++
 		}
-	}
-	s.mu.Unlock()
+	})
 }
 
 // deleteLocked empties slot i of s, which is locked, and moves back the
 // entries after it that their probe would otherwise no longer reach
 // (backward-shift deletion: the array never holds tombstones, so lookups
 // stay short however many deletions it has seen).
-func (t *sessionTable) deleteLocked(s *tableShard, i int) {
-	t.live.add(s.slots[i].tableEntry, -1)
+func (t *Table) deleteLocked(s *tableShard, i int) {
+	t.live.add(s.slots[i].Entry, -1)
 	s.count--
 	if s.slots[i].established() {
 		s.established--
@@ -482,14 +516,14 @@ func dist(from, to, n int) int {
 // sessions that fill less than half the table may exceed half its bound
 // by about that much (with max_sessions 2560, 10 a shard, one shard in
 // five has 6 of 300 sessions).
-func (t *sessionTable) mayEstablish(s *tableShard) bool {
+func (t *Table) mayEstablish(s *tableShard) bool {
 	per := t.perShard.Load()
 	return int64(s.established) < per/2+int64(math.Sqrt(float64(per)))
 }
 
 // evictLocked deletes one entry of s, which is locked and not empty, to
 // make room for an entry whose placement hash is h.
-func (t *sessionTable) evictLocked(s *tableShard, h uint64, now uint32) {
+func (t *Table) evictLocked(s *tableShard, h uint64, now uint32) {
 	i := s.victim(bits.RotateLeft64(h, 32), now)
 	if s.slots[i].expires < now {
 		s.expired.Add(1)
@@ -521,7 +555,7 @@ func (s *tableShard) victim(r uint64, now uint32) int {
 		r = r*6364136223846793005 + 1442695040888963407
 		probation := -1
 		for i, end := home(r, n), 0; end < min(evictWindow, n); end++ {
-			if e := s.slots[i].tableEntry; s.slots[i].key != 0 {
+			if e := s.slots[i].Entry; s.slots[i].key != 0 {
 				switch {
 				case e.expires < now:
 					return i
@@ -554,13 +588,13 @@ func (s *tableShard) victim(r uint64, now uint32) int {
 	return i
 }
 
-// len returns the number of entries, live or not yet swept.
-func (t *sessionTable) len() int {
+// Len returns the number of entries, live or not yet swept.
+func (t *Table) Len() int {
 	return int(t.sumShards(func(s *tableShard) uint64 { return uint64(s.count) }))
 }
 
 // sumShards adds up f over the shards, each read under its lock.
-func (t *sessionTable) sumShards(f func(s *tableShard) uint64) uint64 {
+func (t *Table) sumShards(f func(s *tableShard) uint64) uint64 {
 	var n uint64
 	for i := range t.shards {
 		s := &t.shards[i]
@@ -571,8 +605,8 @@ func (t *sessionTable) sumShards(f func(s *tableShard) uint64) uint64 {
 	return n
 }
 
-// evicted returns how many live entries were evicted to make room.
-func (t *sessionTable) evicted() uint64 {
+// Evicted returns how many live entries were evicted to make room.
+func (t *Table) Evicted() uint64 {
 	var n uint64
 	for i := range t.shards {
 		n += t.shards[i].evictions.Load()
@@ -580,10 +614,10 @@ func (t *sessionTable) evicted() uint64 {
 	return n
 }
 
-// expiredCount returns how many entries were removed because their TTL
+// ExpiredCount returns how many entries were removed because their TTL
 // had passed: by a sweep, by a lookup or put that found them expired, or
 // by an eviction that found them expired.
-func (t *sessionTable) expiredCount() uint64 {
+func (t *Table) ExpiredCount() uint64 {
 	var n uint64
 	for i := range t.shards {
 		n += t.shards[i].expired.Load()
@@ -591,9 +625,9 @@ func (t *sessionTable) expiredCount() uint64 {
 	return n
 }
 
-// sweep deletes expired entries and returns how many it deleted. It
+// Sweep deletes expired entries and returns how many it deleted. It
 // holds one shard's lock at a time, so requests on other shards go on.
-func (t *sessionTable) sweep(now uint32) int {
+func (t *Table) Sweep(now uint32) int {
 	removed := 0
 	for i := range t.shards {
 		s := &t.shards[i]
@@ -607,7 +641,7 @@ func (t *sessionTable) sweep(now uint32) int {
 }
 
 // sweepLocked deletes the expired entries of s, which is locked.
-func (t *sessionTable) sweepLocked(s *tableShard, now uint32) int {
+func (t *Table) sweepLocked(s *tableShard, now uint32) int {
 	removed := 0
 	// A deletion moves the next entries back by one: slot j is looked
 	// at again until it holds a live entry or none. An entry that moves
@@ -668,17 +702,17 @@ func loadOrNew[T any](p *atomic.Pointer[T], create bool) *T {
 
 // add adds d to the live count of e's upstream if e is a main entry.
 // Called with e's shard locked, so the counts follow the slots exactly.
-func (c *upstreamCounts) add(e tableEntry, d int64) {
-	if !e.alias() {
-		c.counter(e.upstream(), true).Add(d)
+func (c *upstreamCounts) add(e Entry, d int64) {
+	if !e.Alias() {
+		c.counter(e.Upstream(), true).Add(d)
 	}
 }
 
-// liveCount returns the number of main entries (sessions) naming upstream
+// LiveCount returns the number of main entries (sessions) naming upstream
 // id. It is exact at every moment, except that entries expired but not
 // yet swept still count, for at most a sweep interval.
-func (t *sessionTable) liveCount(id uint32) int64 {
-	if id > upstreamMask {
+func (t *Table) LiveCount(id uint32) int64 {
+	if id > UpstreamMask {
 		return 0
 	}
 	if c := t.live.counter(id, false); c != nil {
@@ -687,27 +721,27 @@ func (t *sessionTable) liveCount(id uint32) int64 {
 	return 0
 }
 
-// export calls fn with every entry live at now (key as slots store it),
+// Export calls fn with every entry live at now (key as slots store it),
 // one shard at a time under its lock: fn must be quick and must not call
 // back into the table. Requests on other shards go on meanwhile.
-func (t *sessionTable) export(now uint32, fn func(key uint64, e tableEntry)) {
+func (t *Table) Export(now uint32, fn func(key uint64, e Entry)) {
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
 		for _, sl := range s.slots {
 			if sl.key != 0 && sl.expires >= now {
-				fn(sl.key, sl.tableEntry)
+				fn(sl.key, sl.Entry)
 			}
 		}
 		s.mu.Unlock()
 	}
 }
 
-// restore records an entry read back from a snapshot: e keeps its flags
+// Restore records an entry read back from a snapshot: e keeps its flags
 // and its expiry. A key that already has a live entry keeps it (it was
 // written since, so it is newer); an entry expired at now is dropped. It
 // reports whether e was recorded. The table's bound applies as for put.
-func (t *sessionTable) restore(key uint64, e tableEntry, now uint32) bool {
+func (t *Table) Restore(key uint64, e Entry, now uint32) bool {
 	if e.expires < now {
 		return false
 	}
@@ -723,36 +757,36 @@ func (t *sessionTable) restore(key uint64, e tableEntry, now uint32) bool {
 		t.deleteLocked(s, i)
 	}
 	t.makeRoomLocked(s, h, now)
-	s.insert(tableSlot{key: key, tableEntry: e}, h)
+	s.insert(tableSlot{key: key, Entry: e}, h)
 	t.live.add(e, 1)
 	return true
 }
 
-// changes returns how many puts, removals and retirements the table has
+// Changes returns how many puts, removals and retirements the table has
 // seen: the snapshot is written again only when it moved.
-func (t *sessionTable) changes() uint64 {
+func (t *Table) Changes() uint64 {
 	return t.sumShards(func(s *tableShard) uint64 { return s.writes })
 }
 
-// swap is put that also returns the entry key had, and whether it was
+// Swap is put that also returns the entry key had, and whether it was
 // live at now: `store redis` writes an entry to Redis only when it is
 // new, moved, or its sliding expiry is due to be written back.
-func (t *sessionTable) swap(key uint64, up uint32, now, ttl uint32) (tableEntry, bool) {
+func (t *Table) Swap(key uint64, up uint32, now, ttl uint32) (Entry, bool) {
 	key = slotKey(key)
-	e := tableEntry{up: up &^ establishedBit, expires: now + ttl}
+	e := Entry{up: up &^ EstablishedBit, expires: now + ttl}
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()
 	s.writes++
 	if i := s.find(key, h); i >= 0 {
-		old := s.slots[i].tableEntry
+		old := s.slots[i].Entry
 		t.replaceLocked(s, i, e, now)
 		s.mu.Unlock()
 		return old, old.expires >= now
 	}
 	t.makeRoomLocked(s, h, now)
-	s.insert(tableSlot{key: key, tableEntry: e}, h)
+	s.insert(tableSlot{key: key, Entry: e}, h)
 	t.live.add(e, 1)
 	s.mu.Unlock()
-	return tableEntry{}, false
+	return Entry{}, false
 }

@@ -1,4 +1,4 @@
-package affinity
+package sessions
 
 import (
 	"fmt"
@@ -9,87 +9,87 @@ import (
 )
 
 func TestTableSlidingTTL(t *testing.T) {
-	tb := newSessionTable(1000)
-	tb.put(1, 7, 100, 60)
-	if up, ok := tb.get(1, 150, 60); !ok || up != 7 {
+	tb := NewTable(1000)
+	tb.Put(1, 7, 100, 60)
+	if up, ok := tb.Get(1, 150, 60); !ok || up != 7 {
 		t.Fatalf("live entry: got %d, %v", up, ok)
 	}
 	// The get at 150 slid the expiry to 210.
-	if _, ok := tb.get(1, 200, 0); !ok {
+	if _, ok := tb.Get(1, 200, 0); !ok {
 		t.Fatal("entry expired although it was touched within its TTL")
 	}
-	if _, ok := tb.get(1, 211, 60); ok {
+	if _, ok := tb.Get(1, 211, 60); ok {
 		t.Fatal("entry outlived its TTL")
 	}
-	if tb.len() != 0 {
+	if tb.Len() != 0 {
 		t.Fatal("expired entry not deleted on read")
 	}
 }
 
 func TestTableIsBoundedUnderRandomKeyFlood(t *testing.T) {
 	const bound = 256 * 40
-	tb := newSessionTable(bound)
+	tb := NewTable(bound)
 	rng := rand.New(rand.NewPCG(1, 2))
 	// A long-lived session, touched now and then, among a flood of
 	// one-shot random keys (a client sending a new cookie every time).
-	tb.put(42, 1, 0, 3600)
+	tb.Put(42, 1, 0, 3600)
 	for i := 0; i < 20*bound; i++ {
-		tb.put(rng.Uint64(), 2, uint32(i/1000), 60)
+		tb.Put(rng.Uint64(), 2, uint32(i/1000), 60)
 		if i%500 == 0 {
-			tb.get(42, uint32(i/1000), 3600)
+			tb.Get(42, uint32(i/1000), 3600)
 		}
 	}
-	if n := tb.len(); n > bound {
+	if n := tb.Len(); n > bound {
 		t.Fatalf("table holds %d entries, bound %d", n, bound)
 	}
-	if tb.evicted() == 0 {
+	if tb.Evicted() == 0 {
 		t.Fatal("no eviction counted")
 	}
-	if up, ok := tb.get(42, 200, 0); !ok || up != 1 {
+	if up, ok := tb.Get(42, 200, 0); !ok || up != 1 {
 		t.Fatal("the flood evicted a live, recently used session with a long TTL")
 	}
 }
 
 func TestTableSweepCounts(t *testing.T) {
-	tb := newSessionTable(1000)
+	tb := NewTable(1000)
 	for k := uint64(0); k < 30; k++ {
-		tb.put(k, uint32(k%3), 0, uint32(10+k))
+		tb.Put(k, uint32(k%3), 0, uint32(10+k))
 	}
-	if removed := tb.sweep(25); removed != 15 { // keys with 10+k < 25 (k < 15) are expired
+	if removed := tb.Sweep(25); removed != 15 { // keys with 10+k < 25 (k < 15) are expired
 		t.Fatalf("sweep removed %d entries, want 15", removed)
 	}
-	total := tb.liveCount(0) + tb.liveCount(1) + tb.liveCount(2)
-	if total != 15 || tb.liveCount(0) != 5 {
+	total := tb.LiveCount(0) + tb.LiveCount(1) + tb.LiveCount(2)
+	if total != 15 || tb.LiveCount(0) != 5 {
 		t.Fatalf("live counts %d, %d, %d after a sweep, want 15 live, 5 per upstream",
-			tb.liveCount(0), tb.liveCount(1), tb.liveCount(2))
+			tb.LiveCount(0), tb.LiveCount(1), tb.LiveCount(2))
 	}
-	if tb.len() != 15 {
-		t.Fatalf("sweep left %d entries, want 15", tb.len())
+	if tb.Len() != 15 {
+		t.Fatalf("sweep left %d entries, want 15", tb.Len())
 	}
 	// An alias entry (another key of a session) is not a session.
-	tb.put(100, 1|aliasBit, 25, 60)
-	if up, ok := tb.get(100, 25, 0); !ok || up != 1 {
+	tb.Put(100, 1|AliasBit, 25, 60)
+	if up, ok := tb.Get(100, 25, 0); !ok || up != 1 {
 		t.Fatalf("alias entry reads as %d, %v; want upstream 1", up, ok)
 	}
-	if tb.sweep(25); tb.liveCount(1) != 5 {
-		t.Fatalf("an alias entry was counted as a session: upstream 1 has %d", tb.liveCount(1))
+	if tb.Sweep(25); tb.LiveCount(1) != 5 {
+		t.Fatalf("an alias entry was counted as a session: upstream 1 has %d", tb.LiveCount(1))
 	}
 }
 
 func TestTableSeedsPlacement(t *testing.T) {
 	// Two tables place the same keys in different shards and slots, and
 	// neither by the key's own low byte, which anyone can compute.
-	a, b := newSessionTable(1000), newSessionTable(1000)
+	a, b := NewTable(1000), NewTable(1000)
 	sameShard, lowByte := 0, 0
 	for k := uint64(1); k <= 1000; k++ {
 		ha, hb := a.place(k*0x9e3779b97f4a7c15), b.place(k*0x9e3779b97f4a7c15)
 		if ha == hb {
 			t.Fatalf("key %d: both tables hash it to %#x", k, ha)
 		}
-		if ha%tableShards == hb%tableShards {
+		if ha%Shards == hb%Shards {
 			sameShard++
 		}
-		if ha%tableShards == k*0x9e3779b97f4a7c15%tableShards {
+		if ha%Shards == k*0x9e3779b97f4a7c15%Shards {
 			lowByte++
 		}
 	}
@@ -103,8 +103,8 @@ func TestTableSeedsPlacement(t *testing.T) {
 	for k := uint64(1); k <= 5000; k++ {
 		aimed[a.shard(a.place(k<<8))] = true
 	}
-	if len(aimed) < tableShards*9/10 {
-		t.Fatalf("5000 keys with one low byte land in %d shards of %d", len(aimed), tableShards)
+	if len(aimed) < Shards*9/10 {
+		t.Fatalf("5000 keys with one low byte land in %d shards of %d", len(aimed), Shards)
 	}
 }
 
@@ -112,33 +112,33 @@ func TestTableFloodSparesEstablishedSessions(t *testing.T) {
 	// Established sessions fill 40 % of the table; a flood of
 	// 10 × max_sessions one-shot keys, with TTLs longer than theirs (so
 	// that "closest to expiry" alone would pick them), evicts none.
-	const bound = tableShards * 390 // max_sessions 100k
-	tb := newSessionTable(bound)
+	const bound = Shards * 390 // max_sessions 100k
+	tb := NewTable(bound)
 	rng := rand.New(rand.NewPCG(3, 4))
 	established := make([]uint64, bound*4/10)
 	for i := range established {
 		established[i] = rng.Uint64()
-		tb.put(established[i], uint32(i%7), 0, 600)
-		tb.put(established[i], uint32(i%7), 1, 600) // its second request
+		tb.Put(established[i], uint32(i%7), 0, 600)
+		tb.Put(established[i], uint32(i%7), 1, 600) // its second request
 	}
 	for i := 0; i < 10*bound; i++ {
-		tb.put(rng.Uint64(), 9, uint32(i/bound), 3600)
+		tb.Put(rng.Uint64(), 9, uint32(i/bound), 3600)
 	}
 	lost := 0
 	for i, k := range established {
-		if e, ok := tb.peek(k, 100); !ok || e.upstream() != uint32(i%7) {
+		if e, ok := tb.Peek(k, 100); !ok || e.Upstream() != uint32(i%7) {
 			lost++
 		}
 	}
 	t.Logf("max_sessions %d, %d established sessions, %d one-shot keys: %d established evicted, %d evictions in all",
-		bound, len(established), 10*bound, lost, tb.evicted())
+		bound, len(established), 10*bound, lost, tb.Evicted())
 	if lost > 0 {
 		t.Fatalf("the flood evicted %d of %d established sessions", lost, len(established))
 	}
-	if n := tb.len(); n > bound {
+	if n := tb.Len(); n > bound {
 		t.Fatalf("table holds %d entries, bound %d", n, bound)
 	}
-	if ev := tb.evicted(); ev < uint64(9*bound) {
+	if ev := tb.Evicted(); ev < uint64(9*bound) {
 		t.Fatalf("%d evictions counted, want at least %d", ev, 9*bound)
 	}
 	checkTable(t, tb)
@@ -147,23 +147,23 @@ func TestTableFloodSparesEstablishedSessions(t *testing.T) {
 func TestTableMemoryDoesNotGrowUnderChurn(t *testing.T) {
 	// A table at its bound, then 4 × max_sessions new keys, each evicting
 	// one: the heap does not grow and stays under 24 bytes per session.
-	const bound = tableShards * 1000
+	const bound = Shards * 1000
 	rng := rand.New(rand.NewPCG(5, 6))
 	before := heapAlloc()
-	tb := newSessionTable(bound)
-	for tb.len() < bound {
+	tb := NewTable(bound)
+	for tb.Len() < bound {
 		for range 1000 {
-			tb.put(rng.Uint64(), 1, 0, 600)
+			tb.Put(rng.Uint64(), 1, 0, 600)
 		}
 	}
 	full := heapAlloc()
 	for i := 0; i < 4*bound; i++ {
-		tb.put(rng.Uint64(), 1, 1, 600)
+		tb.Put(rng.Uint64(), 1, 1, 600)
 	}
 	after := heapAlloc()
 	for i := range tb.shards {
-		if n := len(tb.shards[i].slots); n != slotsFor(bound/tableShards) {
-			t.Fatalf("shard %d has %d slots, want %d", i, n, slotsFor(bound/tableShards))
+		if n := len(tb.shards[i].slots); n != slotsFor(bound/Shards) {
+			t.Fatalf("shard %d has %d slots, want %d", i, n, slotsFor(bound/Shards))
 		}
 	}
 	if grew := int64(after) - int64(full); grew > 256<<10 {
@@ -195,29 +195,29 @@ func TestTableDeletionMatchesAMap(t *testing.T) {
 }
 
 func TestTableLiveCountsAnyID(t *testing.T) {
-	tb := newSessionTable(1000)
-	ids := []uint32{0, 1023, 65535, 65536, 70_000, 1 << 20, 1<<29 + 7, upstreamMask}
+	tb := NewTable(1000)
+	ids := []uint32{0, 1023, 65535, 65536, 70_000, 1 << 20, 1<<29 + 7, UpstreamMask}
 	for i, id := range ids {
 		for k := 0; k <= i; k++ {
-			tb.put(uint64(i)<<32|uint64(k)+1, id, 0, 60)
+			tb.Put(uint64(i)<<32|uint64(k)+1, id, 0, 60)
 		}
-		tb.put(uint64(i)<<32|0xffff, id|aliasBit, 0, 60) // not a session
+		tb.Put(uint64(i)<<32|0xffff, id|AliasBit, 0, 60) // not a session
 	}
 	for i, id := range ids {
-		if got := tb.liveCount(id); got != int64(i+1) {
+		if got := tb.LiveCount(id); got != int64(i+1) {
 			t.Fatalf("upstream %d: live count %d, want %d", id, got, i+1)
 		}
 	}
 	// An entry that moves to another upstream moves its count.
-	tb.put(uint64(4)<<32|1, 1<<20, 0, 60)
-	if tb.liveCount(70_000) != 4 || tb.liveCount(1<<20) != 7 {
-		t.Fatalf("after a move: %d and %d, want 4 and 7", tb.liveCount(70_000), tb.liveCount(1<<20))
+	tb.Put(uint64(4)<<32|1, 1<<20, 0, 60)
+	if tb.LiveCount(70_000) != 4 || tb.LiveCount(1<<20) != 7 {
+		t.Fatalf("after a move: %d and %d, want 4 and 7", tb.LiveCount(70_000), tb.LiveCount(1<<20))
 	}
-	tb.remove(uint64(7)<<32 | 1)
-	if got := tb.liveCount(upstreamMask); got != 7 {
+	tb.Remove(uint64(7)<<32 | 1)
+	if got := tb.LiveCount(UpstreamMask); got != 7 {
 		t.Fatalf("after a removal: %d, want 7", got)
 	}
-	if tb.liveCount(upstreamMask+1) != 0 || tb.liveCount(aliasBit|65536) != 0 {
+	if tb.LiveCount(UpstreamMask+1) != 0 || tb.LiveCount(AliasBit|65536) != 0 {
 		t.Fatal("an ID with flag bits has a count")
 	}
 }
@@ -225,7 +225,7 @@ func TestTableLiveCountsAnyID(t *testing.T) {
 func TestTableLiveCountsUnderConcurrency(t *testing.T) {
 	// Goroutines put, follow, retire and remove shared keys on a table
 	// that evicts; afterwards the counters equal a recount.
-	tb := newSessionTable(tableShards * 4)
+	tb := NewTable(Shards * 4)
 	ids := []uint32{3, 65536, 70_000, 1 << 20}
 	var wg sync.WaitGroup
 	for g := range 4 {
@@ -235,22 +235,22 @@ func TestTableLiveCountsUnderConcurrency(t *testing.T) {
 				key := rng.Uint64N(2000)
 				up := ids[rng.IntN(len(ids))]
 				if rng.IntN(4) == 0 {
-					up |= aliasBit
+					up |= AliasBit
 				}
 				now := uint32(step / 100)
 				switch rng.IntN(8) {
 				case 0, 1, 2:
-					tb.put(key, up, now, uint32(1+rng.IntN(20)))
+					tb.Put(key, up, now, uint32(1+rng.IntN(20)))
 				case 3:
-					tb.remove(key)
+					tb.Remove(key)
 				case 4:
-					tb.retire(key, now)
+					tb.Retire(key, now)
 				case 5:
 					if step%1000 == 0 {
-						tb.sweep(now)
+						tb.Sweep(now)
 					}
 				default:
-					tb.follow(key, now, 10, rng.IntN(2) == 0)
+					tb.Follow(key, now, 10, rng.IntN(2) == 0)
 				}
 			}
 		})
@@ -258,103 +258,103 @@ func TestTableLiveCountsUnderConcurrency(t *testing.T) {
 	wg.Wait()
 	want := recount(tb)
 	for _, id := range ids {
-		if got := tb.liveCount(id); got != want[id] {
+		if got := tb.LiveCount(id); got != want[id] {
 			t.Fatalf("upstream %d: live count %d, recount %d", id, got, want[id])
 		}
 	}
-	if tb.evicted() == 0 {
+	if tb.Evicted() == 0 {
 		t.Fatal("the table never evicted: eviction is not exercised")
 	}
 	checkTable(t, tb)
 }
 
 func TestTableCountsEvictionsAndExpiries(t *testing.T) {
-	tb := newSessionTable(tableShards * 4) // 4 entries per shard
+	tb := NewTable(Shards * 4) // 4 entries per shard
 	keys := keysInShard(tb, 0, 9)
 	for _, k := range keys[:4] {
-		tb.put(k, 1, 0, 10)
+		tb.Put(k, 1, 0, 10)
 	}
 	// At 20 the four are expired: new entries take their room, and that
 	// is no eviction.
 	for _, k := range keys[4:8] {
-		tb.put(k, 1, 20, 100)
+		tb.Put(k, 1, 20, 100)
 	}
-	if ev, ex := tb.evicted(), tb.expiredCount(); ev != 0 || ex != 4 {
+	if ev, ex := tb.Evicted(), tb.ExpiredCount(); ev != 0 || ex != 4 {
 		t.Fatalf("replacing expired entries: %d evicted, %d expired; want 0 and 4", ev, ex)
 	}
 	// The shard holds four live entries: the next one evicts one.
-	tb.put(keys[8], 1, 20, 100)
-	if ev, ex := tb.evicted(), tb.expiredCount(); ev != 1 || ex != 4 {
+	tb.Put(keys[8], 1, 20, 100)
+	if ev, ex := tb.Evicted(), tb.ExpiredCount(); ev != 1 || ex != 4 {
 		t.Fatalf("evicting a live entry: %d evicted, %d expired; want 1 and 4", ev, ex)
 	}
 	// A lookup that finds an entry expired, and a sweep.
 	other := keysInShard(tb, 1, 3)
 	for _, k := range other {
-		tb.put(k, 2, 20, 5)
+		tb.Put(k, 2, 20, 5)
 	}
-	if _, ok := tb.get(other[0], 30, 0); ok {
+	if _, ok := tb.Get(other[0], 30, 0); ok {
 		t.Fatal("an expired entry was found")
 	}
-	if n := tb.sweep(30); n != 2 {
+	if n := tb.Sweep(30); n != 2 {
 		t.Fatalf("sweep removed %d, want 2", n)
 	}
-	if ev, ex := tb.evicted(), tb.expiredCount(); ev != 1 || ex != 7 {
+	if ev, ex := tb.Evicted(), tb.ExpiredCount(); ev != 1 || ex != 7 {
 		t.Fatalf("after a lookup and a sweep: %d evicted, %d expired; want 1 and 7", ev, ex)
 	}
 	// Expired entries go first, even established ones next to a live
 	// probationary one.
 	third := keysInShard(tb, 2, 5)
 	for _, k := range third[:3] {
-		tb.put(k, 3, 0, 10)
-		tb.put(k, 3, 0, 10)
+		tb.Put(k, 3, 0, 10)
+		tb.Put(k, 3, 0, 10)
 	}
-	tb.put(third[3], 3, 0, 100)
-	tb.put(third[4], 3, 20, 100)
-	if _, ok := tb.peek(third[3], 20); !ok {
+	tb.Put(third[3], 3, 0, 100)
+	tb.Put(third[4], 3, 20, 100)
+	if _, ok := tb.Peek(third[3], 20); !ok {
 		t.Fatal("a live probationary entry was evicted before expired ones")
 	}
-	if ev, ex := tb.evicted(), tb.expiredCount(); ev != 1 || ex != 8 {
+	if ev, ex := tb.Evicted(), tb.ExpiredCount(); ev != 1 || ex != 8 {
 		t.Fatalf("evicting an expired established entry: %d evicted, %d expired; want 1 and 8", ev, ex)
 	}
 }
 
 func TestTableKeyZero(t *testing.T) {
-	tb := newSessionTable(1000)
-	tb.put(0, 5, 0, 60)
-	if up, ok := tb.get(0, 1, 0); !ok || up != 5 {
+	tb := NewTable(1000)
+	tb.Put(0, 5, 0, 60)
+	if up, ok := tb.Get(0, 1, 0); !ok || up != 5 {
 		t.Fatalf("key 0 reads as %d, %v", up, ok)
 	}
-	tb.remove(0)
-	if _, ok := tb.get(0, 1, 0); ok || tb.len() != 0 {
+	tb.Remove(0)
+	if _, ok := tb.Get(0, 1, 0); ok || tb.Len() != 0 {
 		t.Fatal("key 0 was not removed")
 	}
 }
 
 func TestTableEstablishesOnSecondSight(t *testing.T) {
-	tb := newSessionTable(1000)
-	tb.put(1, 1, 0, 60)
-	tb.put(2, 1, 0, 60)
-	tb.put(3, 1|aliasBit, 0, 60)
-	if e, _ := tb.peek(1, 0); e.established() {
+	tb := NewTable(1000)
+	tb.Put(1, 1, 0, 60)
+	tb.Put(2, 1, 0, 60)
+	tb.Put(3, 1|AliasBit, 0, 60)
+	if e, _ := tb.Peek(1, 0); e.established() {
 		t.Fatal("an entry seen once is established")
 	}
-	tb.put(1, 1, 1, 60)        // a second put
-	tb.follow(2, 1, 60, true)  // a hit
-	tb.follow(3, 1, 60, false) // an alias not followed: untouched
+	tb.Put(1, 1, 1, 60)        // a second put
+	tb.Follow(2, 1, 60, true)  // a hit
+	tb.Follow(3, 1, 60, false) // an alias not followed: untouched
 	for k, want := range map[uint64]bool{1: true, 2: true, 3: false} {
-		if e, _ := tb.peek(k, 1); e.established() != want {
+		if e, _ := tb.Peek(k, 1); e.established() != want {
 			t.Fatalf("key %d: established %v, want %v", k, e.established(), want)
 		}
 	}
 	// A put over an expired entry starts a new, probationary one.
-	tb.put(1, 1, 100, 60)
-	if e, _ := tb.peek(1, 100); e.established() {
+	tb.Put(1, 1, 100, 60)
+	if e, _ := tb.Peek(1, 100); e.established() {
 		t.Fatal("a put over an expired entry kept it established")
 	}
 }
 
 // keysInShard returns n distinct keys that tb places in shard i.
-func keysInShard(tb *sessionTable, i, n int) []uint64 {
+func keysInShard(tb *Table, i, n int) []uint64 {
 	var keys []uint64
 	for k := uint64(1); len(keys) < n; k++ {
 		if tb.shard(tb.place(k)) == &tb.shards[i] {
@@ -367,7 +367,7 @@ func keysInShard(tb *sessionTable, i, n int) []uint64 {
 // checkTable checks that every shard's count matches its slots and that
 // every entry is reachable from its home slot without crossing an empty
 // one, which backward-shift deletion must keep true.
-func checkTable(t testing.TB, tb *sessionTable) {
+func checkTable(t testing.TB, tb *Table) {
 	t.Helper()
 	for i := range tb.shards {
 		checkShard(t, tb, i)
@@ -375,7 +375,7 @@ func checkTable(t testing.TB, tb *sessionTable) {
 }
 
 // checkShard is checkTable for shard i.
-func checkShard(t testing.TB, tb *sessionTable, i int) {
+func checkShard(t testing.TB, tb *Table, i int) {
 	t.Helper()
 	s := &tb.shards[i]
 	s.mu.Lock()
@@ -406,22 +406,22 @@ func checkShard(t testing.TB, tb *sessionTable, i int) {
 func TestTableLoweredBound(t *testing.T) {
 	// A shard beyond a lowered bound evicts down to it on its next
 	// insert, and keeps its array.
-	tb := newSessionTable(tableShards * 100)
+	tb := NewTable(Shards * 100)
 	keys := keysInShard(tb, 0, 51)
 	for _, k := range keys[:50] {
-		tb.put(k, 1, 0, 60)
+		tb.Put(k, 1, 0, 60)
 	}
 	slots := len(tb.shards[0].slots)
-	tb.setMax(tableShards * 10)
-	tb.put(keys[50], 1, 0, 60)
-	if n := tb.len(); n != 10 {
+	tb.SetMax(Shards * 10)
+	tb.Put(keys[50], 1, 0, 60)
+	if n := tb.Len(); n != 10 {
 		t.Fatalf("the shard holds %d entries after an insert under a bound of 10", n)
 	}
-	if ev := tb.evicted(); ev != 41 {
+	if ev := tb.Evicted(); ev != 41 {
 		t.Fatalf("%d evictions counted, want 41", ev)
 	}
-	if tb.liveCount(1) != 10 || len(tb.shards[0].slots) != slots {
-		t.Fatalf("live count %d, %d slots; want 10 and %d", tb.liveCount(1), len(tb.shards[0].slots), slots)
+	if tb.LiveCount(1) != 10 || len(tb.shards[0].slots) != slots {
+		t.Fatalf("live count %d, %d slots; want 10 and %d", tb.LiveCount(1), len(tb.shards[0].slots), slots)
 	}
 	checkTable(t, tb)
 }
@@ -435,20 +435,20 @@ func TestTableLoweredBound(t *testing.T) {
 func TestTableFewRequestSessionsSpareEstablished(t *testing.T) {
 	const bound = 2560
 	for _, perKey := range []int{2, 3, 5, 10} {
-		tb := newSessionTable(bound)
+		tb := NewTable(bound)
 		rng := rand.New(rand.NewPCG(7, uint64(perKey)))
 		real := make([]uint64, 300)
 		for i := range real {
 			real[i] = rng.Uint64()
-			tb.put(real[i], 1, 0, 1200)
-			tb.follow(real[i], 5, 1200, true)
-			tb.put(real[i], 1, 5, 1200)
+			tb.Put(real[i], 1, 0, 1200)
+			tb.Follow(real[i], 5, 1200, true)
+			tb.Put(real[i], 1, 5, 1200)
 		}
 		requests, firstLoss := 0, -1
 		for requests < 100*bound {
 			if firstLoss < 0 && requests%bound < perKey {
 				for _, k := range real {
-					if e, ok := tb.peek(k, 10); !ok || e.upstream() != 1 {
+					if e, ok := tb.Peek(k, 10); !ok || e.Upstream() != 1 {
 						firstLoss = requests
 						break
 					}
@@ -456,17 +456,17 @@ func TestTableFewRequestSessionsSpareEstablished(t *testing.T) {
 			}
 			key := rng.Uint64()
 			now := uint32(10 + requests/bound) // the attacker's clock goes on
-			tb.put(key, 2, now, 1200)
+			tb.Put(key, 2, now, 1200)
 			for r := 1; r < perKey; r++ {
 				// later requests of the key, seconds apart
-				tb.follow(key, now+uint32(r)*3, 1200, true)
-				tb.put(key, 2, now+uint32(r)*3, 1200)
+				tb.Follow(key, now+uint32(r)*3, 1200, true)
+				tb.Put(key, 2, now+uint32(r)*3, 1200)
 			}
 			requests += perKey
 		}
 		lost := 0
 		for _, k := range real {
-			if e, ok := tb.peek(k, 200); !ok || e.upstream() != 1 {
+			if e, ok := tb.Peek(k, 200); !ok || e.Upstream() != 1 {
 				lost++
 			}
 		}
@@ -475,7 +475,7 @@ func TestTableFewRequestSessionsSpareEstablished(t *testing.T) {
 			first = fmt.Sprintf("the first after %d requests (%.1f × max_sessions)", firstLoss, float64(firstLoss)/bound)
 		}
 		t.Logf("max_sessions %d, 300 established sessions, %d requests in sessions of %d requests: %d established evicted, %s (%d evictions in all)",
-			bound, requests, perKey, lost, first, tb.evicted())
+			bound, requests, perKey, lost, first, tb.Evicted())
 		if lost > 0 {
 			t.Errorf("sessions of %d requests evicted %d of 300 established sessions", perKey, lost)
 		}
@@ -487,21 +487,86 @@ func TestTableFewRequestSessionsSpareEstablished(t *testing.T) {
 // once, and is still followed by a request whose first key it is until
 // its grace ends.
 func TestRetiredIDCountsNoMore(t *testing.T) {
-	tb := newSessionTable(tableShards * 10)
-	tb.put(1001, 7, 100, 600)
-	tb.put(1002, 7, 100, 600) // the id that replaced it
-	if n := tb.liveCount(7); n != 2 {
+	tb := NewTable(Shards * 10)
+	tb.Put(1001, 7, 100, 600)
+	tb.Put(1002, 7, 100, 600) // the id that replaced it
+	if n := tb.LiveCount(7); n != 2 {
 		t.Fatalf("live %d, want 2", n)
 	}
-	tb.retire(1001, 130)
-	if n := tb.liveCount(7); n != 1 {
+	tb.Retire(1001, 130)
+	if n := tb.LiveCount(7); n != 1 {
 		t.Fatalf("live %d after the retirement, want 1", n)
 	}
-	if up, ok := tb.follow(1001, 110, 0, true); !ok || up != 7 {
+	if up, ok := tb.Follow(1001, 110, 0, true); !ok || up != 7 {
 		t.Fatalf("the retired id within its grace: %d %v", up, ok)
 	}
-	if _, ok := tb.follow(1001, 131, 0, true); ok {
+	if _, ok := tb.Follow(1001, 131, 0, true); ok {
 		t.Fatal("the retired id after its grace is still followed")
 	}
 	checkTable(t, tb)
+}
+
+// recount counts the main entries per upstream the hard way.
+func recount(tb *Table) map[uint32]int64 {
+	counts := map[uint32]int64{}
+	for i := range tb.shards {
+		s := &tb.shards[i]
+		s.mu.Lock()
+		for _, e := range s.slots {
+			if e.key != 0 && !e.Alias() {
+				counts[e.Upstream()]++
+			}
+		}
+		s.mu.Unlock()
+	}
+	return counts
+}
+
+func TestLiveCountsFollowTheTable(t *testing.T) {
+	// Every way an entry comes, changes and goes, at random, on a small
+	// table that evicts: the live counters always equal a recount, and
+	// after a sweep they equal a recount of what it left.
+	tb := NewTable(256 * 4)
+	rng := rand.New(rand.NewPCG(7, 8))
+	now := uint32(1000)
+	for step := 0; step < 60000; step++ {
+		key := rng.Uint64N(3000)
+		up := uint32(rng.IntN(5))
+		if rng.IntN(4) == 0 {
+			up |= AliasBit
+		}
+		switch op := rng.IntN(10); {
+		case op < 5:
+			tb.Put(key, up, now, uint32(1+rng.IntN(30)))
+		case op < 6:
+			tb.Remove(key)
+		case op < 7:
+			tb.Retire(key, now+uint32(rng.IntN(3)))
+		case op < 9:
+			tb.Follow(key, now, uint32(rng.IntN(30)), rng.IntN(2) == 0)
+		default:
+			now += uint32(rng.IntN(3))
+		}
+		if step%5000 == 4999 {
+			want := recount(tb)
+			for id := uint32(0); id < 5; id++ {
+				if got := tb.LiveCount(id); got != want[id] {
+					t.Fatalf("step %d: upstream %d live count %d, recount %d", step, id, got, want[id])
+				}
+			}
+			tb.Sweep(now)
+			swept := recount(tb)
+			for id := uint32(0); id < 5; id++ {
+				if got := tb.LiveCount(id); got != swept[id] {
+					t.Fatalf("step %d: after a sweep upstream %d live count %d, recount %d", step, id, got, swept[id])
+				}
+			}
+		}
+	}
+	if tb.Evicted() == 0 {
+		t.Fatal("the table never evicted: eviction is not exercised")
+	}
+	if tb.LiveCount(1<<20) != 0 {
+		t.Fatal("an ID beyond the counted range has a count")
+	}
 }
