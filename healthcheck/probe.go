@@ -113,6 +113,11 @@ type Probe struct {
 
 	// undrainGrace replaces the grace of prober.Destruct; tests only.
 	undrainGrace time.Duration
+	// undrainAfter replaces time.AfterFunc for the undrain after the
+	// grace; tests only (they end the grace themselves, not the wall
+	// clock, so that a loaded machine cannot stretch their restarts
+	// past it).
+	undrainAfter func(time.Duration, func()) *time.Timer
 }
 
 // UnmarshalCaddyfile parses a probe from Caddyfile tokens; d is
@@ -378,6 +383,14 @@ func (p Probe) grace() time.Duration {
 	return max(3*time.Duration(p.Interval), minUndrainGrace)
 }
 
+// afterGrace runs f after the grace d (see unwatch).
+func (p Probe) afterGrace(d time.Duration, f func()) *time.Timer {
+	if p.undrainAfter != nil {
+		return p.undrainAfter(d, f)
+	}
+	return time.AfterFunc(d, f)
+}
+
 // Start probes every dial address until stop is called or ctx is done,
 // whichever comes first; stop may be called more than once. A dial
 // already probed with the same configuration (by another policy, or by
@@ -490,7 +503,7 @@ func watch(k watchKey) {
 // probe had drained u, u is undrained after grace unless a prober for it
 // starts in the meantime. A timer, not a goroutine: nothing runs (or
 // counts as running) until it fires, and a new prober stops it.
-func unwatch(k watchKey, u *Upstream, grace time.Duration) {
+func unwatch(k watchKey, u *Upstream, grace time.Duration, after func(time.Duration, func()) *time.Timer) {
 	watchers.mu.Lock()
 	defer watchers.mu.Unlock()
 	if watchers.n[k]--; watchers.n[k] > 0 {
@@ -504,7 +517,7 @@ func unwatch(k watchKey, u *Upstream, grace time.Duration) {
 		t.Stop()
 	}
 	var t *time.Timer
-	t = time.AfterFunc(grace, func() {
+	t = after(grace, func() {
 		watchers.mu.Lock()
 		defer watchers.mu.Unlock()
 		if watchers.pending[k] != t {
@@ -581,7 +594,7 @@ func (pr *prober) Destruct() error {
 	pr.cancel()
 	<-pr.done
 	pr.client.CloseIdleConnections()
-	unwatch(watchKey{pr.reg, pr.key.dial}, pr.up, pr.cfg.grace())
+	unwatch(watchKey{pr.reg, pr.key.dial}, pr.up, pr.cfg.grace(), pr.cfg.afterGrace)
 	return nil
 }
 
