@@ -2,6 +2,7 @@ package healthcheck
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/pem"
 	"io"
 	"log"
@@ -718,6 +719,11 @@ func TestProbeTLS(t *testing.T) {
 	srv := newTLSDrainServer(t)
 	srv.drain.Store(true)
 	dial := srv.Listener.Addr().String() // 127.0.0.1:port, an IP SAN of the certificate
+	// The process reads the system roots once, at their first use: under
+	// -race on a loaded machine that took longer than fastProbe's timeout,
+	// and the "system roots" probe failed on the timeout instead of on
+	// the certificate. Read them before any probe.
+	_, _ = x509.SystemCertPool()
 
 	withTLS := func(f func(p *Probe)) *Probe {
 		p := fastProbe()
