@@ -433,9 +433,15 @@ func TestSlowStartRamp(t *testing.T) {
 	p := newTestPolicy(t, &Policy{SlowStart: caddy.Duration(10 * time.Second)})
 	pool := testPool(t, 3)
 	back := healthcheck.Get(pool[0].Dial)
-	share := func() float64 {
+	// share measures pool[0]'s share of new sessions when it came back
+	// ago before each decision: slow start reads the wall clock, so the
+	// upstream is marked back again before every Select, or the ramp
+	// would advance while 6000 decisions run (over a second under -race
+	// on a loaded machine, a tenth of the ramp).
+	share := func(ago time.Duration) float64 {
 		n := 0
 		for i := 0; i < 6000; i++ {
+			back.MarkBack(time.Now().Add(-ago))
 			if p.Select(pool, newRequest(), nil) == pool[0] {
 				n++
 			}
@@ -448,16 +454,13 @@ func TestSlowStartRamp(t *testing.T) {
 	for _, u := range pool[1:] {
 		healthcheck.Get(u.Dial).MarkBack(time.Now().Add(-time.Hour))
 	}
-	back.MarkBack(time.Now())
-	if s := share(); s > 0.02 {
+	if s := share(0); s > 0.02 {
 		t.Errorf("just back: share %.3f, want about 0", s)
 	}
-	back.MarkBack(time.Now().Add(-5 * time.Second))
-	if s := share(); s < 0.12 || s > 0.22 {
+	if s := share(5 * time.Second); s < 0.12 || s > 0.22 {
 		t.Errorf("half way through the ramp: share %.3f, want about 1/6", s)
 	}
-	back.MarkBack(time.Now().Add(-time.Minute))
-	if s := share(); s < 0.28 || s > 0.39 {
+	if s := share(time.Minute); s < 0.28 || s > 0.39 {
 		t.Errorf("after the ramp: share %.3f, want about 1/3", s)
 	}
 	// Pinned sessions are never affected by the ramp.

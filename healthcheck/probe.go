@@ -120,6 +120,11 @@ type Probe struct {
 	// Fails probes takes the upstream out, since Caddy's active health
 	// checks never run there.
 	takesDown bool
+	// undrainAfter replaces time.AfterFunc for the undrain after the
+	// grace; tests only (they end the grace themselves, not the wall
+	// clock, so that a loaded machine cannot stretch their restarts
+	// past it).
+	undrainAfter func(time.Duration, func()) *time.Timer
 }
 
 // UnmarshalCaddyfile parses a probe from Caddyfile tokens; d is
@@ -385,6 +390,14 @@ func (p Probe) grace() time.Duration {
 	return max(3*time.Duration(p.Interval), minUndrainGrace)
 }
 
+// afterGrace runs f after the grace d (see unwatch).
+func (p Probe) afterGrace(d time.Duration, f func()) *time.Timer {
+	if p.undrainAfter != nil {
+		return p.undrainAfter(d, f)
+	}
+	return time.AfterFunc(d, f)
+}
+
 // Start probes every dial address until stop is called or ctx is done,
 // whichever comes first; stop may be called more than once. A dial
 // already probed with the same configuration (by another policy, or by
@@ -510,7 +523,7 @@ func watch(k watchKey) {
 // probe had drained u, u is undrained after grace unless a prober for it
 // starts in the meantime. A timer, not a goroutine: nothing runs (or
 // counts as running) until it fires, and a new prober stops it.
-func unwatch(k watchKey, u *Upstream, grace time.Duration) {
+func unwatch(k watchKey, u *Upstream, grace time.Duration, after func(time.Duration, func()) *time.Timer) {
 	watchers.mu.Lock()
 	defer watchers.mu.Unlock()
 	if watchers.n[k]--; watchers.n[k] > 0 {
@@ -524,7 +537,7 @@ func unwatch(k watchKey, u *Upstream, grace time.Duration) {
 		t.Stop()
 	}
 	var t *time.Timer
-	t = time.AfterFunc(grace, func() {
+	t = after(grace, func() {
 		watchers.mu.Lock()
 		defer watchers.mu.Unlock()
 		if watchers.pending[k] != t {
@@ -606,7 +619,7 @@ func (pr *prober) Destruct() error {
 		// passive checks and lb_retries find it as they did before.
 		pr.logger.Load().Info("probe stopped: dynamic upstream no longer taken out", zap.String("upstream", pr.up.Dial))
 	}
-	unwatch(watchKey{pr.reg, pr.key.dial}, pr.up, pr.cfg.grace())
+	unwatch(watchKey{pr.reg, pr.key.dial}, pr.up, pr.cfg.grace(), pr.cfg.afterGrace)
 	return nil
 }
 

@@ -2,6 +2,7 @@ package healthcheck
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/pem"
 	"io"
 	"log"
@@ -13,6 +14,7 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -479,14 +481,23 @@ func TestProbeValidate(t *testing.T) {
 // do so again before the first grace is over. The drain the probe set
 // holds across every gap, never Up, whether the new prober has the same
 // configuration or not; it is undone only once no prober has watched
-// the dial for a whole grace.
+// the dial for a whole grace. The test ends each grace itself (see
+// graceTimers): with sleeps a fraction of a grace apart, a loaded
+// machine stretched a gap past the grace.
 func TestProbeRestartWithinGraceKeepsDrain(t *testing.T) {
 	t.Parallel()
 	in := newInstance(t, "a")
 	srv := newDrainServer(t, "")
 	srv.drain.Store(true)
+	graces := newGraceTimers(t)
+	probe := func(passes int) *Probe {
+		p := fastProbe()
+		p.Passes = passes
+		p.undrainAfter = graces.afterFunc
+		return p
+	}
 	u := in.reg.get(srv.dial())
-	stop := in.startProbe(t, fastProbe(), srv.dial())
+	stop := in.startProbe(t, probe(2), srv.dial())
 	waitFor(t, 3*time.Second, "drained", func() bool { return u.State() == Draining })
 
 	// Sample the state every millisecond from here on.
@@ -511,20 +522,29 @@ func TestProbeRestartWithinGraceKeepsDrain(t *testing.T) {
 		<-sampled
 		return notDraining.Load()
 	}
+	stillDraining := func(when string) {
+		t.Helper()
+		if s := u.State(); s != Draining {
+			t.Fatalf("%s: %s, want still draining", when, s)
+		}
+	}
 
-	// Stop at 0, restart at 2/3 grace, stop again at 5/6 grace, restart
-	// at 3/2 grace: the first stop's undrain (due at 1 grace) must not
-	// fire although no prober runs at that moment.
+	// Stop, restart within the grace, stop again; the first stop's grace
+	// ends while no prober runs: its undrain must not fire. Then restart
+	// with another configuration (a reload that changed the probe: another
+	// prober) before the second stop's grace ends.
 	stop()
-	time.Sleep(testGrace * 2 / 3)
-	stop = in.startProbe(t, fastProbe(), srv.dial())
-	time.Sleep(testGrace / 6)
+	first := graces.started(t, 1)
+	stop = in.startProbe(t, probe(2), srv.dial())
+	time.Sleep(testGrace / 6) // the restarted prober probes
 	stop()
-	time.Sleep(testGrace * 2 / 3)
-	other := fastProbe()
-	other.Passes = 3 // a reload that changed the probe: another prober
-	stop = in.startProbe(t, other, srv.dial())
-	time.Sleep(2 * testGrace)
+	second := graces.started(t, 2)
+	graces.end(first)
+	stillDraining("the first stop's grace over, no prober running")
+	stop = in.startProbe(t, probe(3), srv.dial())
+	graces.end(second)
+	stillDraining("the second stop's grace over, the new prober running")
+	time.Sleep(2 * testGrace) // the new prober probes
 	if n := endSampling(); n != 0 {
 		t.Fatalf("the upstream was not draining in %d samples (1 ms apart) across the restarts", n)
 	}
@@ -544,15 +564,13 @@ func TestProbeRestartWithinGraceKeepsDrain(t *testing.T) {
 	// Stopped for good: the drain holds for the grace, then is undone.
 	srv.drain.Store(true)
 	waitFor(t, 3*time.Second, "drained again", func() bool { return u.State() == Draining })
-	stopped := time.Now()
 	stop()
+	last := graces.started(t, 3)
 	time.Sleep(testGrace / 2)
-	if s := u.State(); s != Draining {
-		t.Fatalf("%s half a grace after the last stop, want still draining", s)
-	}
-	took := waitFor(t, 3*time.Second, "undrained after the grace", func() bool { return u.State() == Up })
-	if since := time.Since(stopped); since < testGrace || since > testGrace+took+200*time.Millisecond {
-		t.Errorf("undrained %s after the stop, grace %s", since, testGrace)
+	stillDraining("half a grace after the last stop")
+	graces.end(last)
+	if s := u.State(); s != Up {
+		t.Fatalf("%s once the grace after the last stop is over, want up", s)
 	}
 	in.waitLastChange(t, u.Dial, "probe stopped")
 	watchers.mu.Lock()
@@ -560,6 +578,65 @@ func TestProbeRestartWithinGraceKeepsDrain(t *testing.T) {
 	watchers.mu.Unlock()
 	if n != 0 || pending != nil {
 		t.Errorf("left behind: %d watchers, pending undrain %v", n, pending != nil)
+	}
+}
+
+// graceTimers stands in for time.AfterFunc in Probe.undrainAfter: the
+// timers it starts do not fire by themselves (they are real timers, a
+// day long, so that the code's Stop has its real effect); end fires one,
+// as its grace ending would, unless the code stopped it.
+type graceTimers struct {
+	mu     sync.Mutex
+	timers []graceTimer
+}
+
+type graceTimer struct {
+	d time.Duration
+	t *time.Timer
+	f func()
+}
+
+func newGraceTimers(t *testing.T) *graceTimers {
+	g := new(graceTimers)
+	t.Cleanup(func() {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		for _, gt := range g.timers {
+			gt.t.Stop()
+		}
+	})
+	return g
+}
+
+// afterFunc is called under watchers.mu: it must not take it.
+func (g *graceTimers) afterFunc(d time.Duration, f func()) *time.Timer {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	gt := graceTimer{d: d, t: time.AfterFunc(24*time.Hour, func() {}), f: f}
+	g.timers = append(g.timers, gt)
+	return gt.t
+}
+
+// started checks that n undrain timers were started, the last one for
+// the probe's grace, and returns it.
+func (g *graceTimers) started(t *testing.T, n int) graceTimer {
+	t.Helper()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.timers) != n {
+		t.Fatalf("%d undrain timers started, want %d", len(g.timers), n)
+	}
+	gt := g.timers[n-1]
+	if gt.d != testGrace {
+		t.Fatalf("undrain timer of %s, want the grace %s", gt.d, testGrace)
+	}
+	return gt
+}
+
+// end ends a timer's grace: it fires unless it was stopped.
+func (g *graceTimers) end(gt graceTimer) {
+	if gt.t.Stop() {
+		gt.f()
 	}
 }
 
@@ -642,6 +719,11 @@ func TestProbeTLS(t *testing.T) {
 	srv := newTLSDrainServer(t)
 	srv.drain.Store(true)
 	dial := srv.Listener.Addr().String() // 127.0.0.1:port, an IP SAN of the certificate
+	// The process reads the system roots once, at their first use: under
+	// -race on a loaded machine that took longer than fastProbe's timeout,
+	// and the "system roots" probe failed on the timeout instead of on
+	// the certificate. Read them before any probe.
+	_, _ = x509.SystemCertPool()
 
 	withTLS := func(f func(p *Probe)) *Probe {
 		p := fastProbe()

@@ -373,6 +373,10 @@ func TestRedisStatesPendingSurvivesStorageSync(t *testing.T) {
 	b.acquireRedis(t, conn, "p", SyncInterval)
 	a.acquire(t, &certmagic.FileStorage{Path: t.TempDir()})
 	a.acquireRedis(t, conn, "p", time.Hour) // only the first read and messages
+	// With no Redis round for an hour, only b's message can reach a: it
+	// must be published once a listens (a subscribes in its loop, after
+	// the first read).
+	waitSubscribers(t, rd.Client(), "p"+redisChangedSuffix, 2)
 	if err := b.post(t, dial, Draining); err != nil {
 		t.Fatal(err)
 	}
