@@ -15,6 +15,7 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
+	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
@@ -27,6 +28,11 @@ type lookupWorld struct {
 	name   string
 	policy func() *Policy
 	n      int // upstreams
+	// redis: the policy has store redis on a server the test starts, and
+	// half the sessions shake writes are another instance's: in Redis
+	// only, unknown to this instance's table (the lookup must read Redis
+	// as Select does, and copy nothing into the table).
+	redis bool
 }
 
 // TestLookupIsSelectWithoutWrites drives random requests (a session
@@ -40,7 +46,7 @@ func TestLookupIsSelectWithoutWrites(t *testing.T) {
 	worlds := []lookupWorld{
 		{"pin and table", func() *Policy {
 			return &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}}, Hold: caddy.Duration(10 * time.Second)}
-		}, 4},
+		}, 4, false},
 		{"weights, slow start, balance factor", func() *Policy {
 			return &Policy{
 				Keys:      []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}},
@@ -48,16 +54,30 @@ func TestLookupIsSelectWithoutWrites(t *testing.T) {
 				SlowStart: caddy.Duration(time.Minute), BalanceFactor: 1.25,
 				Hold: caddy.Duration(10 * time.Second),
 			}
-		}, 5},
+		}, 5, false},
 		{"pin off, client address, learner", func() *Policy {
 			return &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip", IPv4Bits: 24}}, DisablePinCookie: true, Hold: caddy.Duration(10 * time.Second)}
-		}, 3},
+		}, 3, false},
 	}
 	for _, w := range worlds {
 		t.Run(w.name, func(t *testing.T) {
 			checkLookupIsSelect(t, w, 3000)
 		})
 	}
+}
+
+// TestLookupIsSelectWithoutWritesStoreRedis is the property test under
+// store redis, with sessions that only another instance (Redis) knows.
+func TestLookupIsSelectWithoutWritesStoreRedis(t *testing.T) {
+	rd := testredis.Start(t)
+	checkLookupIsSelect(t, lookupWorld{"store redis", func() *Policy {
+		return &Policy{
+			Keys:  []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}},
+			Hold:  caddy.Duration(10 * time.Second),
+			Scope: "lookup-redis",
+			Store: &sessions.Config{Kind: sessions.KindRedis, Address: rd.Addr, KeyPrefix: "test-lookup"},
+		}
+	}, 4, true}, 1500)
 }
 
 func checkLookupIsSelect(t *testing.T, w lookupWorld, rounds int) {
@@ -70,6 +90,7 @@ func checkLookupIsSelect(t *testing.T, w lookupWorld, rounds int) {
 	}
 	rng := rand.New(rand.NewPCG(1, uint64(len(w.name))))
 	seen := map[string]int{}
+	fromStore := 0
 	for round := range rounds {
 		now := time.Now()
 		shake(t, rng, p, pool, ps, now)
@@ -81,6 +102,9 @@ func checkLookupIsSelect(t *testing.T, w lookupWorld, rounds int) {
 		p.explainRequest(ps, spec.build(), now, &out)
 		if after := p.sessionEntry(key, now); hasKey && !sameEntry(before, after) {
 			t.Fatalf("round %d: the lookup changed the table entry: %+v -> %+v", round, before, after)
+		}
+		if hasKey && before == nil && out.Decision == DecidedTable {
+			fromStore++ // by another key, or by the shared store alone
 		}
 
 		r := spec.build()
@@ -102,7 +126,10 @@ func checkLookupIsSelect(t *testing.T, w lookupWorld, rounds int) {
 				round, spec, out.Decision, got, want, chose, out.Reason, out.Walk)
 		}
 	}
-	t.Logf("decisions: %v", seen)
+	t.Logf("decisions: %v; %d by the table with no local entry for the first key", seen, fromStore)
+	if w.redis && fromStore == 0 {
+		t.Errorf("no round was decided by an entry only Redis had: the test did not reach the store's read")
+	}
 	for _, must := range []string{DecidedPin, DecidedRing, DecidedFailover, DecidedHold} {
 		if seen[must] == 0 && !(must == DecidedPin && p.DisablePinCookie) {
 			t.Errorf("no round decided %s: the test did not reach it (%v)", must, seen)
@@ -137,7 +164,14 @@ func shake(t *testing.T, rng *rand.Rand, p *Policy, pool reverseproxy.UpstreamPo
 		}
 	default: // a session in the table
 		key := hashring.HashStringSeed(fmt.Sprint(rng.IntN(40)), []uint64{seedSessionID, seedHeader}[rng.IntN(2)])
-		p.sessions.Remember([]uint64{key}, ps.recs[rng.IntN(len(pool))].ID, sessions.Now(), nil)
+		id := ps.recs[rng.IntN(len(pool))].ID
+		if p.Store != nil && p.Store.Kind == sessions.KindRedis && rng.IntN(2) == 0 {
+			// Another instance's session: in Redis, not in this table.
+			p.sessions.Learn(key, id, sessions.Now(), nil)
+			p.table.Remove(p.sessions.Key(key))
+			return
+		}
+		p.sessions.Remember([]uint64{key}, id, sessions.Now(), nil)
 	}
 }
 
