@@ -352,6 +352,13 @@ func (c *redisClient) worked() {
 	}
 }
 
+// runKeyTTL is how long the run id outlives the last instance that
+// reads it: every instance renews it every second while it runs, so no
+// running instance finds it gone, and nothing of the store's stays in
+// Redis forever. An instance that starts after it went finds none and
+// writes a new one, which is no loss: a first read is never a resync.
+const runKeyTTL = 24 * time.Hour
+
 // checkRun reads Redis's run id (writing one if there is none) at most
 // once a second; when Redis lost its data (another run id), or when the
 // circuit opened since the last write back, every namespace writes back.
@@ -373,8 +380,13 @@ func (c *redisClient) checkRun(first bool) {
 	_, err := c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
 		// A fresh candidate each time: an instance whose own id was the
 		// run id before a restart must not find it again.
-		set = pipe.SetNX(ctx, c.runKey, c.nonce+"."+strconv.FormatInt(now.UnixNano(), 36), 0)
+		set = pipe.SetNX(ctx, c.runKey, c.nonce+"."+strconv.FormatInt(now.UnixNano(), 36), runKeyTTL)
 		get = pipe.Get(ctx, c.runKey)
+		// Kept while any instance runs; gone a day after the last one
+		// stopped, like everything else the store wrote (an instance
+		// that then finds none writes a new one and loses nothing:
+		// there is nothing left to write back).
+		pipe.Expire(ctx, c.runKey, runKeyTTL)
 		return nil
 	})
 	if err != nil {

@@ -204,7 +204,12 @@ func TestRedisEveryKeyHasTTL(t *testing.T) {
 	}
 	for _, k := range keys {
 		if k == "ttl:run" {
-			continue // the run id: one key, it must outlive every session
+			// The run id: renewed while an instance runs, gone a day
+			// after the last one stopped.
+			if ttl, _ := c.TTL(ctx, k).Result(); ttl <= 0 || ttl > runKeyTTL {
+				t.Fatalf("the run id has TTL %s, want at most %s", ttl, runKeyTTL)
+			}
+			continue
 		}
 		// Entries live to the end of the next generation, counters one
 		// more: at most three session_ttl.
