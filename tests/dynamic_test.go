@@ -146,11 +146,17 @@ func ipsOf(bs []*backend) []net.IP {
 // with lb_retries and no passive health checks (fail_duration unset), and
 // Caddy's active health check lines, which do nothing there.
 func dynamicSite(dns *dnsServer, port, policy string) func(sitePort, adminPort int, storage string) string {
+	return dynamicSiteWith(dns, port, "", policy)
+}
+
+// dynamicSiteWith is dynamicSite with siteLines (e.g. affinity_learn)
+// before the reverse_proxy.
+func dynamicSiteWith(dns *dnsServer, port, siteLines, policy string) func(sitePort, adminPort int, storage string) string {
 	return func(sitePort, adminPort int, storage string) string {
 		return globalOptions(adminPort, storage, "") + fmt.Sprintf(`
 http://127.0.0.1:%d {
 	bind 127.0.0.1
-	reverse_proxy {
+%s	reverse_proxy {
 		dynamic a %s %s {
 			resolvers %s
 			refresh 1s
@@ -165,7 +171,7 @@ http://127.0.0.1:%d {
 		health_timeout 1s
 	}
 }
-`, sitePort, strings.TrimSuffix(dnsName, "."), port, dns.addr(), indent(policy, "\t\t\t"), healthInterval)
+`, sitePort, indent(siteLines, "\t"), strings.TrimSuffix(dnsName, "."), port, dns.addr(), indent(policy, "\t\t\t"), healthInterval)
 	}
 }
 

@@ -1053,6 +1053,10 @@ func (n *redisNS) clusterLoad(dial string, local int64) int64 {
 // asked for while another runs is run once more after it. from is the
 // table second since which entries changed (0: all of them).
 func (n *redisNS) startResync(reason string, from uint32) {
+	// Redis may have lost the keys whose TTL this instance set in this
+	// generation (flushed, restarted): the write back sets them again,
+	// or they would live forever.
+	n.marks.Store(nil)
 	if !n.resyncing.CompareAndSwap(false, true) {
 		if from == 0 || n.againFrom.Load() == 0 {
 			n.againFrom.Store(from)
