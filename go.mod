@@ -3,7 +3,6 @@ module github.com/caddy-affinity/caddy-affinity
 go 1.26.8
 
 require (
-	github.com/alexedwards/scs/v2 v2.9.0
 	github.com/caddyserver/caddy/v2 v2.11.9
 	github.com/caddyserver/certmagic v0.25.6
 	github.com/cespare/xxhash/v2 v2.3.0

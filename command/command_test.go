@@ -31,7 +31,7 @@ func TestDemoCaddyfileAdapts(t *testing.T) {
 	if err := o.check(); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := o.caddyfile()
+	cfg, err := o.caddyfile(o.workerAddrs(), "/tmp/caddy-affinity-demo-test")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,10 +52,14 @@ func TestDemoCaddyfileAdapts(t *testing.T) {
 		`"JSESSIONID"`,
 		`"listen":["127.0.0.1:8080"]`,
 		`"listen":"127.0.0.1:2019"`,
+		`"root":"/tmp/caddy-affinity-demo-test"`,
 	} {
 		if !strings.Contains(js, want) {
 			t.Errorf("adapted config lacks %s:\n%s", want, js)
 		}
+	}
+	if strings.Contains(js, "client_ip") {
+		t.Errorf("the demo keys on the client IP: new sessions from one machine would all land on one worker:\n%s", js)
 	}
 	if strings.Contains(js, "9004") {
 		t.Errorf("a fourth upstream in a 3-worker config:\n%s", js)
@@ -84,7 +88,7 @@ func TestDemoOptionsCheck(t *testing.T) {
 	}
 	o := defaultDemoOptions()
 	o.Listen = ":8080"
-	cfg, err := o.caddyfile()
+	cfg, err := o.caddyfile(o.workerAddrs(), "/tmp/x")
 	if err != nil || strings.Contains(string(cfg), "bind") {
 		t.Errorf(":8080 renders a bind line or fails (%v):\n%s", err, cfg)
 	}
@@ -95,7 +99,7 @@ func TestDemoControl(t *testing.T) {
 	if err := w.Start("127.0.0.1:0"); err != nil {
 		t.Fatal(err)
 	}
-	d := &demo{workers: []*demoapp.Worker{w}}
+	d := &demo{workers: []*demoapp.Worker{w}, healthy: func(string) (bool, bool) { return true, true }}
 	defer d.stopWorkers()
 	srv := httptest.NewServer(d.controlHandler())
 	defer srv.Close()
@@ -104,6 +108,10 @@ func TestDemoControl(t *testing.T) {
 		t.Helper()
 		req, _ := http.NewRequest(method, srv.URL+path, nil)
 		for i := 0; i+1 < len(headers); i += 2 {
+			if headers[i] == "Host" {
+				req.Host = headers[i+1]
+				continue
+			}
 			req.Header.Set(headers[i], headers[i+1])
 		}
 		resp, err := http.DefaultClient.Do(req)
@@ -126,6 +134,14 @@ func TestDemoControl(t *testing.T) {
 	if c := do(http.MethodPost, "/__demo/kill/A", "Sec-Fetch-Site", "cross-site"); c != http.StatusForbidden || !w.Running() {
 		t.Fatalf("cross-site kill (Sec-Fetch-Site): %d, running %v", c, w.Running())
 	}
+	// DNS rebinding: a foreign name resolving to 127.0.0.1, the page's
+	// own origin, and a browser saying same-origin.
+	if c := do(http.MethodPost, "/__demo/kill/A", "Host", "evil.example:8081", "Origin", "http://evil.example:8081", "Sec-Fetch-Site", "same-origin"); c != http.StatusForbidden || !w.Running() {
+		t.Fatalf("kill through a rebound name: %d, running %v", c, w.Running())
+	}
+	if c := do(http.MethodPost, "/__demo/kill/A", "Host", "localhost.evil.example"); c != http.StatusForbidden || !w.Running() {
+		t.Fatalf("kill with a foreign Host: %d, running %v", c, w.Running())
+	}
 	if c := post("/__demo/kill/a"); c != 200 || w.Running() {
 		t.Fatalf("kill: %d, running %v", c, w.Running())
 	}
@@ -140,5 +156,35 @@ func TestDemoControl(t *testing.T) {
 	}
 	if c := get("/__demo/"); c != 200 {
 		t.Fatalf("list: %d", c)
+	}
+}
+
+func TestDrainProgressOnlyOnATerminal(t *testing.T) {
+	var buf strings.Builder
+	p := newDrainProgress(&buf, "127.0.0.1:9002")
+	p.update(3)
+	p.clear()
+	if buf.Len() != 0 || p.tty {
+		t.Fatalf("progress written to a pipe: %q", buf.String())
+	}
+	p.tty = true
+	p.update(3)
+	if s := buf.String(); !strings.Contains(s, "3 live sessions left, waited 0s") || !strings.HasPrefix(s, "\r") {
+		t.Fatalf("progress on a terminal: %q", s)
+	}
+	p.clear()
+	if !strings.HasSuffix(buf.String(), "\r\033[K") {
+		t.Fatalf("progress line not cleared: %q", buf.String())
+	}
+}
+
+func TestCookieHeader(t *testing.T) {
+	if cs := cookieHeader("Cookie: a=1; caddy_affinity=xyz"); len(cs) != 2 || cs[1].Value != "xyz" {
+		t.Fatalf("header: %v", cs)
+	}
+	for _, key := range []string{"hw6hNbNK", "abc==", "=x"} {
+		if cs := cookieHeader(key); cs != nil && key != "abc==" {
+			t.Errorf("%q read as a cookie header: %v", key, cs)
+		}
 	}
 }

@@ -232,6 +232,8 @@ func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait 
 	}
 	// Session counts are exact when read; once a second is often enough.
 	deadline := time.Now().Add(wait)
+	progress := newDrainProgress(out, dial)
+	defer progress.clear()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
@@ -245,6 +247,7 @@ func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait 
 			return err
 		}
 		v, listed := findUpstream(ups, dial)
+		progress.clear()
 		switch {
 		case !listed:
 			return fmt.Errorf("%s is no longer listed by the admin API (removed from the config?): cannot wait for it to drain", dial)
@@ -255,6 +258,8 @@ func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait 
 			return nil
 		case time.Now().After(deadline):
 			return fmt.Errorf("%s still holds %d live sessions after %s", dial, v.Sessions, wait)
+		default:
+			progress.update(v.Sessions)
 		}
 	}
 }

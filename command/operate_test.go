@@ -98,7 +98,7 @@ func TestAdminCallErrors(t *testing.T) {
 
 func TestDemoConfigLetsBrowsersIn(t *testing.T) {
 	o := defaultDemoOptions()
-	cfg, err := o.caddyfile()
+	cfg, err := o.caddyfile(o.workerAddrs(), "/tmp/x")
 	if err != nil {
 		t.Fatal(err)
 	}

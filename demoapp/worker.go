@@ -10,7 +10,9 @@ package demoapp
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -23,9 +25,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-
-	"github.com/alexedwards/scs/v2"
-	"github.com/alexedwards/scs/v2/memstore"
 )
 
 // DefaultCookieName is the session cookie's name when NewWorker is given "".
@@ -36,9 +35,9 @@ const DefaultCookieName = "session_id"
 const (
 	sessionLifetime    = 24 * time.Hour
 	sessionIdleTimeout = 20 * time.Minute
-	// cleanupInterval only bounds the memory held by expired sessions;
+	// sweepInterval only bounds the memory held by expired sessions;
 	// expired ones are never served whatever it is.
-	cleanupInterval = time.Minute
+	sweepInterval = time.Minute
 )
 
 // Worker is one instance of the app: a name, a session store in its own
@@ -59,10 +58,83 @@ type Worker struct {
 	addr string       // last listen address, kept after Kill for restarts
 }
 
-// sessionStore is one life of a worker's session memory.
+// session is one visitor's state, as an InProc session would hold it.
+type session struct {
+	visits  int
+	created time.Time
+	seen    time.Time
+}
+
+// live reports whether the session may still be served at now.
+func (s *session) live(now time.Time) bool {
+	return now.Sub(s.seen) < sessionIdleTimeout && now.Sub(s.created) < sessionLifetime
+}
+
+// sessionStore is one life of a worker's session memory: token → session.
+// The standard library is all it needs, so that a production Caddy, which
+// links this package for `caddy affinity demo`, carries no session
+// library of its own.
 type sessionStore struct {
-	store   *memstore.MemStore
-	handler http.Handler // the app wrapped in this store's LoadAndSave
+	mu        sync.Mutex
+	byToken   map[string]*session
+	nextSweep time.Time
+}
+
+func newSessionStore() *sessionStore {
+	return &sessionStore{byToken: map[string]*session{}, nextSweep: time.Now().Add(sweepInterval)}
+}
+
+// visit counts one visit of the session named by token (a new session,
+// with a new token, when it names none that is live) and returns the
+// token and the count.
+func (st *sessionStore) visit(token string, now time.Time) (string, int) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.sweepLocked(now)
+	s := st.byToken[token]
+	if s == nil || !s.live(now) {
+		delete(st.byToken, token)
+		token = newToken()
+		s = &session{created: now}
+		st.byToken[token] = s
+	}
+	s.visits++
+	s.seen = now
+	return token, s.visits
+}
+
+// sweepLocked drops expired sessions, at most once a sweepInterval.
+func (st *sessionStore) sweepLocked(now time.Time) {
+	if now.Before(st.nextSweep) {
+		return
+	}
+	st.nextSweep = now.Add(sweepInterval)
+	for token, s := range st.byToken {
+		if !s.live(now) {
+			delete(st.byToken, token)
+		}
+	}
+}
+
+// live returns the number of live sessions.
+func (st *sessionStore) live() int {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	now, n := time.Now(), 0
+	for _, s := range st.byToken {
+		if s.live(now) {
+			n++
+		}
+	}
+	return n
+}
+
+// newToken returns a session token: 32 random bytes, as session
+// libraries make them.
+func newToken() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
 }
 
 // NewWorker returns a worker called name whose session cookie is
@@ -74,7 +146,7 @@ func NewWorker(name, cookieName string) *Worker {
 		cookieName = DefaultCookieName
 	}
 	w := &Worker{name: name, cookieName: cookieName}
-	w.sessions.Store(w.newSessionStore())
+	w.sessions.Store(newSessionStore())
 	return w
 }
 
@@ -94,42 +166,13 @@ func (w *Worker) Handler() http.Handler {
 			return
 		}
 		w.requests.Add(1)
-		w.sessions.Load().handler.ServeHTTP(rw, r)
+		w.visit(rw, r)
 	})
 }
 
-// newSessionStore makes an empty session memory and the session manager
-// over it.
-func (w *Worker) newSessionStore() *sessionStore {
-	store := memstore.NewWithCleanupInterval(cleanupInterval)
-	sm := scs.New()
-	sm.Store = store
-	sm.Lifetime = sessionLifetime
-	sm.IdleTimeout = sessionIdleTimeout
-	sm.Cookie.Name = w.cookieName
-	// A browser-session cookie, like ASP.NET's and Tomcat's: closing the
-	// browser ends the session as far as the client is concerned.
-	sm.Cookie.Persist = false
-	return &sessionStore{
-		store:   store,
-		handler: sm.LoadAndSave(w.visit(sm)),
-	}
-}
-
-// swapSessions installs an empty session memory and empties the old one
-// so that its memory is freed now. The old store's cleanup goroutine is
-// left to idle: memstore sets the field StopCleanup reads from inside that
-// goroutine, so stopping a young store is a data race.
-func (w *Worker) swapSessions() {
-	old := w.sessions.Swap(w.newSessionStore())
-	if old == nil {
-		return
-	}
-	all, _ := old.store.All()
-	for token := range all {
-		_ = old.store.Delete(token)
-	}
-}
+// swapSessions installs an empty session memory; the old one is dropped
+// with every session in it.
+func (w *Worker) swapSessions() { w.sessions.Store(newSessionStore()) }
 
 // visitReply is the JSON body of a visit.
 type visitReply struct {
@@ -149,35 +192,31 @@ var visitPage = template.Must(template.New("visit").Parse(`<!doctype html>
 </body></html>
 `))
 
-// visit counts one visit in the request's session and reports it.
-func (w *Worker) visit(sm *scs.SessionManager) http.Handler {
-	return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
-		ctx := r.Context()
-		n := sm.GetInt(ctx, "visits") + 1
-		sm.Put(ctx, "visits", n)
-		// A new session has no token until it is committed, and the reply
-		// names the session; committing now costs one more store write
-		// than letting LoadAndSave do it alone, which commits again.
-		token, _, err := sm.Commit(ctx)
-		if err != nil {
-			http.Error(rw, "session store: "+err.Error(), http.StatusInternalServerError)
-			return
-		}
-		sum := sha256.Sum256([]byte(token))
-		reply := visitReply{Worker: w.name, Visits: n, Session: hex.EncodeToString(sum[:4])}
+// visit counts one visit in the request's session and reports it. The
+// session cookie is set on every visit (as session libraries do when the
+// session changed): a browser-session cookie, like ASP.NET's and
+// Tomcat's.
+func (w *Worker) visit(rw http.ResponseWriter, r *http.Request) {
+	var token string
+	if c, err := r.Cookie(w.cookieName); err == nil {
+		token = c.Value
+	}
+	token, n := w.sessions.Load().visit(token, time.Now())
+	sum := sha256.Sum256([]byte(token))
+	reply := visitReply{Worker: w.name, Visits: n, Session: hex.EncodeToString(sum[:4])}
 
-		h := rw.Header()
-		h.Set("X-Worker", w.name)
-		// The counter changes on every visit: nothing on the way may cache it.
-		h.Set("Cache-Control", "no-store")
-		if strings.Contains(r.Header.Get("Accept"), "text/html") {
-			h.Set("Content-Type", "text/html; charset=utf-8")
-			_ = visitPage.Execute(rw, reply)
-			return
-		}
-		h.Set("Content-Type", "application/json")
-		_ = json.NewEncoder(rw).Encode(reply)
-	})
+	h := rw.Header()
+	http.SetCookie(rw, &http.Cookie{Name: w.cookieName, Value: token, Path: "/", HttpOnly: true, SameSite: http.SameSiteLaxMode})
+	h.Set("X-Worker", w.name)
+	// The counter changes on every visit: nothing on the way may cache it.
+	h.Set("Cache-Control", "no-store")
+	if strings.Contains(r.Header.Get("Accept"), "text/html") {
+		h.Set("Content-Type", "text/html; charset=utf-8")
+		_ = visitPage.Execute(rw, reply)
+		return
+	}
+	h.Set("Content-Type", "application/json")
+	_ = json.NewEncoder(rw).Encode(reply)
 }
 
 // Start listens on addr ("127.0.0.1:0" picks a free port) and serves
@@ -270,13 +309,7 @@ func (w *Worker) Shutdown(ctx context.Context) error {
 
 // Sessions returns the number of live (unexpired) sessions in the
 // worker's memory.
-func (w *Worker) Sessions() int {
-	all, err := w.sessions.Load().store.All()
-	if err != nil {
-		return 0
-	}
-	return len(all)
-}
+func (w *Worker) Sessions() int { return w.sessions.Load().live() }
 
 // Requests returns the number of visits the worker has served since
 // NewWorker, across restarts. Health checks (/healthz) are not counted.

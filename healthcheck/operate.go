@@ -41,12 +41,15 @@ func (r *registry) operateDial(ctx context.Context, dial string, s State) (*Upst
 		return nil, fmt.Errorf("%w %q: no affinity policy in this process has used it", ErrUnknownUpstream, dial)
 	}
 	rec := r.operate(u, s)
+	ctx, cancel := context.WithTimeout(ctx, syncTimeout)
+	defer cancel()
+	var errs []error
 	if sy := r.currentSyncer(); sy != nil {
-		ctx, cancel := context.WithTimeout(ctx, syncTimeout)
-		defer cancel()
-		if err := sy.write(ctx, u.Dial, rec, u.seen.Load()); err != nil {
-			return u, StorageError{Dial: u.Dial, State: s, Err: err}
-		}
+		errs = append(errs, sy.write(ctx, u.Dial, rec, u.seen.Load()))
+	}
+	errs = append(errs, r.shareThroughRedis(ctx, u.Dial, rec, u.seen.Load()))
+	if err := errors.Join(errs...); err != nil {
+		return u, StorageError{Dial: u.Dial, State: s, Err: err}
 	}
 	return u, nil
 }

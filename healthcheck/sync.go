@@ -63,6 +63,10 @@ type storedRecord struct {
 	// Seen is when an instance last used the upstream (unix
 	// nanoseconds); see statesPrefix.
 	Seen int64 `json:"seen,omitempty"`
+	// viaRedis is the RedisStates (redis_states.go) that kept the record
+	// aside, nil if none: it keeps its own entries up to date, and
+	// setPending leaves them.
+	viaRedis *RedisStates
 }
 
 // syncers holds one Syncer per storage, shared by every policy (and every
@@ -140,8 +144,7 @@ type Syncer struct {
 	reg      *registry
 	interval time.Duration
 
-	mu    sync.Mutex
-	holds []*heldStorage // the users' storage values; the newest is used
+	holds holds[heldStorage] // the users' storage values; the newest is used
 
 	base   context.Context
 	cancel context.CancelFunc
@@ -150,22 +153,23 @@ type Syncer struct {
 
 	// Used by one round at a time only (the first synchronous round,
 	// then the loop).
-	lastErr string
+	outcome roundOutcome
 	bad     map[string]string // key -> problem already logged
 }
 
 func newSyncer(reg *registry, h *heldStorage, interval time.Duration) *Syncer {
 	base, cancel := context.WithCancel(context.Background())
-	return &Syncer{
+	s := &Syncer{
 		reg:      reg,
 		interval: interval,
-		holds:    []*heldStorage{h},
 		base:     base,
 		cancel:   cancel,
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 		bad:      make(map[string]string),
 	}
+	s.holds.add(h)
+	return s
 }
 
 // start reads the stored states once, makes the syncer the registry's
@@ -182,28 +186,15 @@ func (s *Syncer) start() {
 	go s.loop()
 }
 
-func (s *Syncer) hold(h *heldStorage) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.holds = append(s.holds, h)
-}
-
-func (s *Syncer) unhold(h *heldStorage) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if i := slices.Index(s.holds, h); i >= 0 {
-		s.holds = slices.Delete(s.holds, i, i+1)
-	}
-}
+func (s *Syncer) hold(h *heldStorage)   { s.holds.add(h) }
+func (s *Syncer) unhold(h *heldStorage) { s.holds.remove(h) }
 
 // storage returns the newest storage value still held, or nil.
 func (s *Syncer) storage() certmagic.Storage {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.holds) == 0 {
-		return nil
+	if h := s.holds.newest(); h != nil {
+		return h.Storage
 	}
-	return s.holds[len(s.holds)-1].Storage
+	return nil
 }
 
 func (s *Syncer) logger() *zap.Logger { return s.reg.logger().Named("sync") }
@@ -228,16 +219,7 @@ func (s *Syncer) loop() {
 func (s *Syncer) round() {
 	ctx, cancel := context.WithTimeout(s.base, syncTimeout)
 	defer cancel()
-	err := s.syncOnce(ctx)
-	switch {
-	case err != nil && err.Error() != s.lastErr:
-		s.lastErr = err.Error()
-		s.logger().Warn("cannot sync upstream states with storage; retrying every interval",
-			zap.Duration("interval", s.interval), zap.Error(err))
-	case err == nil && s.lastErr != "":
-		s.lastErr = ""
-		s.logger().Info("syncing upstream states with storage works again")
-	}
+	s.outcome.log(s.logger(), "storage", s.interval, s.syncOnce(ctx))
 }
 
 // syncOnce applies every stored operator state newer than the one known
@@ -280,9 +262,7 @@ func (s *Syncer) syncOnce(ctx context.Context) error {
 				errs = append(errs, fmt.Errorf("deleting %s: %w", key, err))
 				continue
 			}
-			s.logger().Info("deleted the stored state of an upstream no instance has used",
-				zap.String("upstream", rec.Upstream), zap.String("state", rec.State.String()),
-				zap.Time("last_used", time.Unix(0, rec.lastUse())), zap.Duration("grace", stateGrace))
+			logStaleDeleted(s.logger(), *rec)
 			continue
 		}
 		stored[rec.Upstream] = *rec
@@ -292,23 +272,15 @@ func (s *Syncer) syncOnce(ctx context.Context) error {
 	}
 	s.reg.setPending(stored)
 	for _, u := range s.reg.all() {
-		seen := u.seen.Load()
-		if now.UnixNano()-seen > int64(stateGrace) {
-			// Kept here for its live sessions alone: not a use to
-			// vouch for, nor a state to write back.
+		if !usedWithinGrace(u, now) {
 			continue
 		}
 		rec, ok := stored[u.Dial]
-		var write operatorRecord
-		switch op := u.operator.Load(); {
-		case op != nil && (!ok || rec.Since < op.Since):
-			write = *op
-		case ok && seen-rec.Seen >= int64(seenRefresh):
-			write = rec.operatorRecord // only seen is new
-		default:
+		write, seen, due := writeBack(u, rec, ok)
+		if !due {
 			continue
 		}
-		if err := writeRecord(ctx, st, u.Dial, write, max(seen, rec.Seen)); err != nil {
+		if err := writeRecord(ctx, st, u.Dial, write, seen); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -328,6 +300,11 @@ func (r *registry) setPending(stored map[string]storedRecord) {
 	defer r.mu.Unlock()
 	for dial, rec := range stored {
 		if r.byDial[dial] == nil {
+			pending[dial] = rec
+		}
+	}
+	for dial, rec := range r.pending {
+		if rec.viaRedis != nil && rec.Since > pending[dial].Since {
 			pending[dial] = rec
 		}
 	}

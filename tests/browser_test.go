@@ -138,16 +138,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 	}
 
 	page := p.Admin + "/affinity/"
-	if err := chromedp.Do(bctx,
-		chromedp.Navigate(page),
-		chromedp.WaitVisible(chromedp.CSS(`#upstreams tbody tr[data-upstream]`)),
-	); err != nil {
-		t.Fatalf("opening %s: %v", page, err)
-	}
-	rows, err := chromedp.Run(bctx, chromedp.Evaluate[int](`document.querySelectorAll('#upstreams tbody tr[data-upstream]').length`))
-	if err != nil || rows != 3 {
-		t.Fatalf("%s shows %d upstream rows (%v), want 3", page, rows, err)
-	}
+	openStatusPage(t, bctx, page, 3)
 	// Wait for one refresh of the script, so that what is clicked is the
 	// script's own rendering too.
 	if err := chromedp.Do(bctx, chromedp.Poll[chromedp.Void](
