@@ -99,10 +99,6 @@ func (c *Config) kind() string {
 	return c.Kind
 }
 
-// persists reports whether the store writes the table to Caddy's
-// storage.
-func (c *Config) persists() bool { return c.kind() == KindLocal }
-
 // interval returns how often `store local` writes the table.
 func (c *Config) interval() time.Duration {
 	if c == nil || c.Interval == 0 {

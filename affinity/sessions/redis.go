@@ -627,6 +627,15 @@ func (n *redisNS) close() {
 	n.c.release()
 }
 
+// within returns a context that ends at deadline; ok is false when
+// Redis is skipped (the circuit is open) or the deadline has passed.
+func (n *redisNS) within(deadline time.Time) (context.Context, context.CancelFunc, bool) {
+	if !n.c.usable() {
+		return nil, nil, false
+	}
+	return deadlineContext(deadline)
+}
+
 // found is an entry as read from Redis: in which generation (0: the
 // current, 1: the one before), and its value.
 type found struct {
@@ -681,10 +690,7 @@ func (n *redisNS) read(ctx context.Context, keys []uint64, g uint32) ([]found, e
 // fetch returns what Redis holds for keys; nil when Redis is skipped,
 // failed or the deadline passed.
 func (n *redisNS) fetch(keys []uint64, deadline time.Time) []remoteEntry {
-	if !n.c.usable() {
-		return nil
-	}
-	ctx, cancel, ok := deadlineContext(deadline)
+	ctx, cancel, ok := n.within(deadline)
 	if !ok {
 		return nil
 	}
@@ -714,10 +720,7 @@ func (n *redisNS) fetch(keys []uint64, deadline time.Time) []remoteEntry {
 // trip; a count whose entry was there already is taken back in a second.
 // Moves read the entry first (rare: a failover).
 func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
-	if !n.c.usable() {
-		return
-	}
-	ctx, cancel, ok := deadlineContext(deadline)
+	ctx, cancel, ok := n.within(deadline)
 	if !ok {
 		return
 	}
@@ -743,9 +746,10 @@ func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
 			b := n.bucket(w.key)
 			sets[i] = pipe.HSetNX(ctx, n.bucketKey(b, g), field(w.key), entryValue(flag, kind, dialCode(w.dial)))
 			// A new entry is counted at once (another instance seldom
-			// wrote it first); one carried over only once this write
-			// won (instances that share the session each carry it at
-			// its first request of the generation: one wins).
+			// wrote it first); one carried over, or written back, only
+			// once this write won (instances that share the session
+			// each carry it at its first request of the generation: one
+			// wins; a write back mostly finds the entry there).
 			if !w.alias && w.how == writeNew {
 				pipe.HIncrBy(ctx, n.counterKey(g), string(kind)+codeString(dialCode(w.dial)), 1)
 			}
@@ -762,16 +766,19 @@ func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
 	// carried ones that this write carried: counted.
 	var count []remoteWrite
 	for i, w := range ws {
-		if sets[i] != nil && !w.alias && sets[i].Val() == (w.how == writeSlide) {
+		if sets[i] != nil && !w.alias && sets[i].Val() == (w.how != writeNew) {
 			count = append(count, w)
 		}
 	}
 	if len(count) > 0 {
 		_, err = n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
 			for _, w := range count {
-				if w.how == writeSlide {
+				switch w.how {
+				case writeSlide:
 					pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindCarry))+codeString(dialCode(w.dial)), 1)
-				} else {
+				case writeBack:
+					pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindNew))+codeString(dialCode(w.dial)), 1)
+				default:
 					pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindNew))+codeString(dialCode(w.dial)), -1)
 				}
 			}
@@ -908,10 +915,7 @@ func (n *redisNS) forget(key uint64, _ string, deadline time.Time) {
 }
 
 func (n *redisNS) changeWithin(op byte, key uint64, deadline time.Time) {
-	if !n.c.usable() {
-		return
-	}
-	ctx, cancel, ok := deadlineContext(deadline)
+	ctx, cancel, ok := n.within(deadline)
 	if !ok {
 		return
 	}
@@ -1095,7 +1099,7 @@ func (n *redisNS) writeBack(reason string, from uint32) {
 		if !ok || (from != 0 && e.Expires() < from+ttl) {
 			return
 		}
-		ws = append(ws, remoteWrite{key: k ^ scope, dial: dial, alias: e.Alias(), how: writeNew})
+		ws = append(ws, remoteWrite{key: k ^ scope, dial: dial, alias: e.Alias(), how: writeBack})
 	})
 	var err error
 	for i := 0; i < len(ws) && err == nil; i += writeBackBatch {

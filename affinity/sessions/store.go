@@ -451,6 +451,9 @@ const (
 	writeSlide
 	// writeMove: the session moved (failover): overwrite and publish.
 	writeMove
+	// writeBack: an entry written back after an outage, kept if the
+	// store has one.
+	writeBack
 )
 
 // remoteWrite is one entry a write sends: key -> dial (from is the dial

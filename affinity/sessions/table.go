@@ -402,12 +402,21 @@ func (t *Table) Remove(key uint64) {
 // entry the shared store has already, which its next request must not
 // write again.
 func (t *Table) Establish(key uint64, now uint32) {
+	t.update(key, func(s *tableShard, i int) {
+		if s.slots[i].expires >= now {
+			s.slots[i].up |= EstablishedBit
+		}
+	})
+}
+
+// update calls f with key's slot in its shard, locked, if key has one.
+func (t *Table) update(key uint64, f func(s *tableShard, i int)) {
 	key = slotKey(key)
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()
-	if i := s.find(key, h); i >= 0 && s.slots[i].expires >= now {
-		s.slots[i].up |= EstablishedBit
+	if i := s.find(key, h); i >= 0 {
+		f(s, i)
 	}
 	s.mu.Unlock()
 }
@@ -417,15 +426,12 @@ func (t *Table) Establish(key uint64, now uint32) {
 // their way with it, then goes. A request that still uses it slides it
 // again.
 func (t *Table) Retire(key uint64, until uint32) {
-	key = slotKey(key)
-	h := t.place(key)
-	s := t.shard(h)
-	s.mu.Lock()
-	if i := s.find(key, h); i >= 0 && s.slots[i].expires > until {
-		s.slots[i].expires = until
-		s.writes++
-	}
-	s.mu.Unlock()
+	t.update(key, func(s *tableShard, i int) {
+		if s.slots[i].expires > until {
+			s.slots[i].expires = until
+			s.writes++
+		}
+	})
 }
 
 // deleteLocked empties slot i of s, which is locked, and moves back the
