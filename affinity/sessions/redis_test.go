@@ -21,7 +21,7 @@ func instance(t *testing.T, addr, prefix, ns string, ttl uint32, maxSessions int
 	s := NewStore(maxSessions)
 	t.Cleanup(s.Close)
 	h, err := s.Open(Options{
-		Config:    &Config{Kind: KindRedis, Address: addr, KeyPrefix: prefix},
+		Config:    &Config{Kind: KindRedis, RedisConn: RedisConn{Address: addr}, KeyPrefix: prefix},
 		Scope:     0x5eed,
 		Namespace: ns,
 		TTL:       ttl, MaxSessions: maxSessions,
@@ -118,7 +118,7 @@ func TestRedisNamespacesApart(t *testing.T) {
 	s := NewStore(1000)
 	defer s.Close()
 	open := func(ns string, scope uint64) *Handle {
-		h, err := s.Open(Options{Config: &Config{Kind: KindRedis, Address: rd.Addr, KeyPrefix: "sites"},
+		h, err := s.Open(Options{Config: &Config{Kind: KindRedis, RedisConn: RedisConn{Address: rd.Addr}, KeyPrefix: "sites"},
 			Scope: scope, Namespace: ns, TTL: 600, MaxSessions: 1000})
 		if err != nil {
 			t.Fatal(err)
@@ -223,8 +223,8 @@ func TestRedisTimeoutIsTotal(t *testing.T) {
 	ids, _ := upstreams(t, 2)
 	s := NewStore(1000)
 	defer s.Close()
-	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, Address: rd.Addr, KeyPrefix: "frozen",
-		Timeout: caddy.Duration(200 * time.Millisecond)}, Namespace: "ns", TTL: 600, MaxSessions: 1000})
+	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, KeyPrefix: "frozen",
+		RedisConn: RedisConn{Address: rd.Addr, Timeout: caddy.Duration(200 * time.Millisecond)}}, Namespace: "ns", TTL: 600, MaxSessions: 1000})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,8 +314,8 @@ func TestRedisWriteBackOnlyWhatChanged(t *testing.T) {
 	ids, dials := upstreams(t, 2)
 	s := NewStore(100_000)
 	defer s.Close()
-	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, Address: rd.Addr, KeyPrefix: "blip",
-		Timeout: caddy.Duration(100 * time.Millisecond)}, Namespace: "ns", TTL: 600, MaxSessions: 100_000})
+	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, KeyPrefix: "blip",
+		RedisConn: RedisConn{Address: rd.Addr, Timeout: caddy.Duration(100 * time.Millisecond)}}, Namespace: "ns", TTL: 600, MaxSessions: 100_000})
 	if err != nil {
 		t.Fatal(err)
 	}
