@@ -80,7 +80,8 @@ func statusOf(u *healthcheck.Upstream) UpstreamStatus {
 		Sessions: affinity.LiveSessions(u.ID),
 		Requests: u.Requests(),
 	}
-	s.Drained = st == healthcheck.Draining && s.Sessions == 0
+	// Under store redis, drained only once the cluster's count says so.
+	s.Drained = st == healthcheck.Draining && s.Sessions == 0 && affinity.ClusterCountKnown(u.ID)
 	if o, ok := u.LastOrder(); ok {
 		s.LastOrder = &OrderStatus{State: o.State, By: o.By, At: o.Since.UTC().Format("2006-01-02T15:04:05.000Z07:00")}
 	}

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -986,6 +987,13 @@ func (n *redisNS) clusterSessions(dial string) (int64, bool) {
 	}
 	c, ok := (*m)[dial]
 	return c.n, ok
+}
+
+// serves reports whether dial was among the upstreams of the last
+// refresh.
+func (n *redisNS) serves(dial string) bool {
+	d := n.dials.Load()
+	return d != nil && slices.Contains(*d, dial)
 }
 
 // clusterLoad is what balance_factor bounds under store redis: the
