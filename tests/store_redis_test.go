@@ -2,14 +2,20 @@ package tests
 
 import (
 	"fmt"
-	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
 	"io"
 	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
 )
 
 // `store redis`: several instances share a Redis, and every one of them
@@ -342,4 +348,132 @@ func TestStoreRedisBurstAlternating(t *testing.T) {
 			t.Errorf("instance %d logged %d failed lookups", i+1, n)
 		}
 	}
+}
+
+// TestStoreRedisSitesApart (issue 15, fault 8): two sites, each served
+// by two instances (processes X and Y) sharing a Redis with the default
+// key_prefix, and their users' keys are equal (the same X-User header on
+// both sites). A reload removes worker C from site 1 on X only: its
+// sessions on C fail over, and the moves X publishes must not move site
+// 2's sessions on Y (17 of 17 of site 2's sessions on C broke when
+// namespaces stopped at the process).
+func TestStoreRedisSitesApart(t *testing.T) {
+	needCaddy(t)
+	rd := testredis.Start(t)
+	bs := startCookieBackends(t, 3, expressCookie)
+	site1 := addrsOf(bs)
+	// Caddy names servers in the order of their sorted listeners, and
+	// the server's name is part of the site's namespace: site 2's port
+	// sorts after site 1's on both instances, as one Caddyfile deployed
+	// on two machines would have it.
+	renderWith := func(site1 *[]string) func(sitePort, adminPort int, storage string) string {
+		site2Port := 0
+		return func(sitePort, adminPort int, storage string) string {
+			for site2Port <= sitePort {
+				site2Port = freePort(t)
+			}
+			site := func(port int, ups []string) string {
+				return fmt.Sprintf(`
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	reverse_proxy %s {
+		lb_policy affinity {
+			key header X-User
+			pin_cookie off
+			store redis %s
+		}
+		lb_retries 2
+		lb_try_duration 3s
+	}
+}
+`, port, strings.Join(ups, " "), rd.Addr)
+			}
+			return globalOptions(adminPort, storage, "") + site(sitePort, *site1) + site(site2Port, addrsOf(bs))
+		}
+	}
+	all := addrsOf(bs)
+	renderX := renderWith(&site1)
+	x := startCaddySite(t, "sitesX", renderX)
+	y := startCaddySite(t, "sitesY", renderWith(&all))
+	site2Y := fmt.Sprintf("http://127.0.0.1:%d", site2PortOf(t, y))
+	const n = 60
+	users1, users2 := newClients(t, n), newClients(t, n)
+	visit := func(c *client, base string, user int) visitResult {
+		var cookies []string
+		for _, ck := range c.jar.Cookies(mustURL(t, base+"/")) {
+			cookies = append(cookies, ck.Name+"="+ck.Value)
+		}
+		return c.visitWith(base, strings.Join(cookies, "; "), http.Header{"X-User": {fmt.Sprintf("user-%d", user)}})
+	}
+	phase := func(clients []*client, base string) *stats {
+		s := newStats()
+		forEach(clients, 10, func(c *client) {
+			for range 2 {
+				s.record(c, visit(c, base, c.id%n))
+			}
+		})
+		return s
+	}
+	expectClean(t, "site 2 on Y, 60 users", phase(users2, site2Y))
+	expectClean(t, "site 1 on X, the same 60 users", phase(users1, x.URL))
+	onC := 0
+	for _, c := range users2 {
+		if c.worker == "C" {
+			onC++
+		}
+	}
+	// Site 1 loses C on X.
+	site1 = site1[:2]
+	if err := os.WriteFile(x.File, []byte(renderX(mustPort(t, x.URL), mustPort(t, x.Admin), filepath.Join(x.dir, "storage"))), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(caddyBin, "reload", "--force", "--config", x.File, "--adapter", "caddyfile", "--address", strings.TrimPrefix(x.Admin, "http://"))
+	cmd.Dir, cmd.Env = x.dir, isolatedEnv(x.dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("caddy reload: %v\n%s", err, out)
+	}
+	s1 := phase(users1, x.URL)
+	t.Logf("site 1 on X after the reload that removed C: %s", s1)
+	if s1.moved == 0 {
+		t.Fatal("no session of site 1 moved: the run shows nothing")
+	}
+	time.Sleep(300 * time.Millisecond) // the moves published reach every subscriber
+	s2 := phase(users2, site2Y)
+	t.Logf("site 2 on Y (%d sessions on C) after site 1's moves: %s", onC, s2)
+	if onC == 0 {
+		t.Fatal("no session of site 2 on C: the run shows nothing")
+	}
+	if s2.broken != 0 || s2.failed != 0 {
+		t.Errorf("%d of site 2's sessions broke (%d failed) when site 1 moved its own", s2.broken, s2.failed)
+	}
+}
+
+// site2PortOf returns the port of the second site of a Caddyfile.
+func site2PortOf(t *testing.T, p *caddyProc) int {
+	t.Helper()
+	blocks := strings.Split(p.Config, "http://127.0.0.1:")
+	if len(blocks) < 3 {
+		t.Fatalf("no second site in %s", p.Config)
+	}
+	port, err := strconv.Atoi(blocks[2][:strings.Index(blocks[2], " ")])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return port
+}
+
+func mustURL(t *testing.T, raw string) *url.URL {
+	u, err := url.Parse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
+func mustPort(t *testing.T, raw string) int {
+	n, err := strconv.Atoi(mustURL(t, raw).Port())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
