@@ -101,6 +101,19 @@ func TestStoreRedisStatesAcrossInstances(t *testing.T) {
 		t.Errorf("the instances disagree on who set the drain: %q vs %q", a.By, b.By)
 	}
 
+	// Instance one served no request: the sessions on the victim are
+	// instance two's, and it knows them only through the store's count.
+	// drain --wait through instance one waits for them, so it fails.
+	if u := one.affinity(t)[victim.addr]; u.Sessions == 0 || u.Drained {
+		t.Errorf("caddy one (no request served) says %s: want the sessions instance two placed there, not drained", u)
+	}
+	start := time.Now()
+	code, out, errOut := runCLI(t, "affinity", "drain", "--wait", "1s", "--address", strings.TrimPrefix(one.Admin, "http://"), victim.addr)
+	t.Logf("caddy affinity drain --wait 1s through instance one: exit %d after %s: %s%s", code, time.Since(start).Round(10*time.Millisecond), out, errOut)
+	if code == 0 || !strings.Contains(out+errOut, "still holds") {
+		t.Errorf("drain --wait through instance one said drained while instance two has sessions on %s", victim.addr)
+	}
+
 	// Back up through instance two: instance one follows.
 	two.setState(t, victim.addr, "up")
 	back := waitUntil(t, "instance one to see `up` set on instance two", 5*time.Second, 10*time.Millisecond, func() (bool, string) {
