@@ -35,25 +35,17 @@ func TestStoreRedisStatesAcrossInstances(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-			r := newClient(t).visit(two.URL)
-			if r.failed() {
-				failed.Add(1)
-				continue
-			}
-			placed.Add(1)
-			if r.Worker == victim.name {
-				lastOnVictim.Store(time.Now().UnixNano())
-			}
+	go everyUntil(stop, 20*time.Millisecond, wg.Done, func() {
+		r := newClient(t).visit(two.URL)
+		if r.failed() {
+			failed.Add(1)
+			return
 		}
-	}()
+		placed.Add(1)
+		if r.Worker == victim.name {
+			lastOnVictim.Store(time.Now().UnixNano())
+		}
+	})
 	time.Sleep(time.Second)
 	if lastOnVictim.Load() == 0 {
 		close(stop)
@@ -126,6 +118,19 @@ func TestStoreRedisStatesAcrossInstances(t *testing.T) {
 	}
 }
 
+// everyUntil runs fn every interval until stop is closed, then done.
+func everyUntil(stop <-chan struct{}, interval time.Duration, done, fn func()) {
+	defer done()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-time.After(interval):
+		}
+		fn()
+	}
+}
+
 // orderStatus is last_order of GET /affinity/upstreams.
 type orderStatus struct {
 	State string `json:"state"`
@@ -193,20 +198,12 @@ func haFailover(t *testing.T, store string, kill func() time.Duration) {
 	// cannot learn it while Redis is unreachable).
 	during := newStats()
 	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-			c := newClient(t)
-			for i := range 2 {
-				during.record(c, c.visit(ps[(c.id+i)%len(ps)].URL))
-			}
+	go everyUntil(stop, 20*time.Millisecond, wg.Done, func() {
+		c := newClient(t)
+		for i := range 2 {
+			during.record(c, c.visit(ps[(c.id+i)%len(ps)].URL))
 		}
-	}()
+	})
 	time.Sleep(time.Second)
 	took := kill()
 	time.Sleep(2 * time.Second)

@@ -18,19 +18,7 @@ import (
 // own (table, clients) and a handle in namespace ns.
 func instance(t *testing.T, addr, prefix, ns string, ttl uint32, maxSessions int) *Handle {
 	t.Helper()
-	s := NewStore(maxSessions)
-	t.Cleanup(s.Close)
-	h, err := s.Open(Options{
-		Config:    &Config{Kind: KindRedis, RedisConn: RedisConn{Address: addr}, KeyPrefix: prefix},
-		Scope:     0x5eed,
-		Namespace: ns,
-		TTL:       ttl, MaxSessions: maxSessions,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
-	return h
+	return instanceOn(t, RedisConn{Address: addr}, prefix, ns, ttl, maxSessions)
 }
 
 // upstreams registers n dials with healthcheck and returns their IDs.
