@@ -2,6 +2,7 @@ package adminapi
 
 import (
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity"
@@ -34,11 +35,16 @@ func handleLookup(w http.ResponseWriter, r *http.Request) error {
 	}
 	q := r.URL.Query()
 	value, source, name := q.Get("key"), q.Get("source"), q.Get("name")
+	sources, named := []string{}, map[string]bool{}
+	for _, k := range affinity.KeyKinds() {
+		sources = append(sources, k.Name)
+		named[k.Name] = k.Named
+	}
 	if value == "" {
 		return apiError(http.StatusBadRequest,
-			"missing key: GET %s?key=<value>[&source=cookie|header|query|client_ip|pin|...][&name=<cookie, header or query name>]", LookupPath)
+			"missing key: GET %s?key=<value>[&source=%s|pin][&name=<cookie, header, query or path parameter name>]", LookupPath, strings.Join(sources, "|"))
 	}
-	if name != "" && (source == "client_ip" || source == "pin") {
+	if name != "" && source != "" && !named[source] {
 		return apiError(http.StatusBadRequest, "source %s takes no name", source)
 	}
 	resp := lookupResponse{Source: source, Name: name, Policies: []affinity.Explanation{}}

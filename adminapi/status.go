@@ -38,6 +38,11 @@ type statusResponse struct {
 	// failovers, for the page's chart; null before any policy is
 	// provisioned.
 	History *affinity.HistorySnapshot `json:"history"`
+	// States is every lifecycle state an operator can set (the page's
+	// buttons and their wording); KeySources the kinds of session key a
+	// lookup can name (its form).
+	States     []healthcheck.StateInfo `json:"states"`
+	KeySources []affinity.KeyKindInfo  `json:"key_sources"`
 }
 
 // upstreamRow is one upstream on the status page.
@@ -72,6 +77,7 @@ func collectStatus(now time.Time) statusResponse {
 	st.Failovers, st.FailoversTotal = affinity.Failovers()
 	st.SessionTable = affinity.Table()
 	st.History = affinity.History()
+	st.States, st.KeySources = healthcheck.States, affinity.KeyKinds()
 	return st
 }
 
@@ -87,8 +93,9 @@ var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
 		}
 		return fmt.Sprintf("%.1f%%", 100**f)
 	},
-	"share": func(f float64) string { return fmt.Sprintf("%.1f%%", 100*f) },
-	"when":  func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05Z") },
+	"share":  func(f float64) string { return fmt.Sprintf("%.1f%%", 100*f) },
+	"colour": func(s healthcheck.State) string { i, _ := s.Info(); return i.Colour },
+	"when":   func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05Z") },
 	"since": func(s *string) string {
 		if s == nil {
 			return "–"
@@ -100,8 +107,11 @@ var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
 // handleStatus serves GET /affinity/.
 func handleStatus(w http.ResponseWriter, r *http.Request) error {
 	if r.URL.Path != StatusPath {
-		return apiError(http.StatusNotFound, "no affinity endpoint %s: see %s, %s, %s and %s",
-			r.URL.Path, StatusPath, UpstreamsPath, StatePath, LookupPath)
+		var paths []string
+		for _, route := range (API{}).Routes() {
+			paths = append(paths, route.Pattern)
+		}
+		return apiError(http.StatusNotFound, "no affinity endpoint %s: see %s", r.URL.Path, strings.Join(paths, ", "))
 	}
 	if err := allowOnly(w, r, http.MethodGet, http.MethodHead); err != nil {
 		return err

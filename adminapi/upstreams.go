@@ -19,7 +19,8 @@ const maxStateBody = 64 << 10
 type UpstreamStatus struct {
 	// Upstream is the dial address.
 	Upstream string `json:"upstream"`
-	// State is the lifecycle state: up, draining or maintenance.
+	// State is the lifecycle state (healthcheck.States): up, draining or
+	// maintenance.
 	State healthcheck.State `json:"state"`
 	// SetBy says who put the upstream in its state: "operator" (the
 	// admin API, here or on an instance sharing storage), "probe" (the
@@ -39,8 +40,9 @@ type UpstreamStatus struct {
 	// Requests is the number of requests the affinity policy sent to it
 	// since the process started.
 	Requests uint64 `json:"requests"`
-	// Drained is true when the upstream is draining and has no live
-	// session left: it can be taken down without cutting a session.
+	// Drained is true when the upstream is in a state that drains
+	// (draining) and has no live session left: it can be taken down
+	// without cutting a session.
 	Drained bool `json:"drained"`
 	// Since is when the state last changed (RFC 3339, UTC), or null if
 	// it never did.
@@ -80,8 +82,9 @@ func statusOf(u *healthcheck.Upstream) UpstreamStatus {
 		Sessions: affinity.LiveSessions(u.ID),
 		Requests: u.Requests(),
 	}
+	info, _ := st.Info()
 	// Under store redis, drained only once the cluster's count says so.
-	s.Drained = st == healthcheck.Draining && s.Sessions == 0 && affinity.ClusterCountKnown(u.ID)
+	s.Drained = info.Drains() && s.Sessions == 0 && affinity.ClusterCountKnown(u.ID)
 	if o, ok := u.LastOrder(); ok {
 		s.LastOrder = &OrderStatus{State: o.State, By: o.By, At: o.Since.UTC().Format("2006-01-02T15:04:05.000Z07:00")}
 	}
@@ -169,7 +172,7 @@ func decodeStateRequest(w http.ResponseWriter, r *http.Request) (stateRequest, e
 	var req stateRequest
 	if err := dec.Decode(&req); err != nil {
 		if errors.Is(err, io.EOF) {
-			return req, apiError(http.StatusBadRequest, `empty body: want {"upstream":"<dial address>","state":"up|draining|maintenance"}`)
+			return req, apiError(http.StatusBadRequest, `empty body: want {"upstream":"<dial address>","state":"%s"}`, healthcheck.StateNames("|", "|"))
 		}
 		return req, apiError(http.StatusBadRequest, "invalid JSON body: %v", err)
 	}
@@ -182,7 +185,7 @@ func decodeStateRequest(w http.ResponseWriter, r *http.Request) (stateRequest, e
 	case req.Upstream == "":
 		return req, apiError(http.StatusBadRequest, `missing field "upstream": the dial address, as listed by GET %s`, UpstreamsPath)
 	case req.State == "":
-		return req, apiError(http.StatusBadRequest, `missing field "state": want up, draining or maintenance`)
+		return req, apiError(http.StatusBadRequest, `missing field "state": want %s`, healthcheck.StateNames(", ", " or "))
 	}
 	return req, nil
 }

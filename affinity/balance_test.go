@@ -386,12 +386,12 @@ func TestNewOptionsCaddyfile(t *testing.T) {
 		t.Fatalf("parsed %+v", p)
 	}
 	for _, tc := range []struct{ input, want string }{
-		{"affinity {\n key cookie a\n balance_factor 1\n}", `balance_factor: "1" is not a number more than 1`},
+		{"affinity {\n key cookie a\n balance_factor 1\n}", "balance_factor: 1 is not more than 1"},
 		{"affinity {\n key cookie a\n balance_factor x\n}", `balance_factor: "x"`},
-		{"affinity {\n key cookie a\n balance_factor +Inf\n}", `balance_factor: "+Inf"`},
+		{"affinity {\n key cookie a\n balance_factor +Inf\n}", "balance_factor: +Inf is not"},
 		{"affinity {\n key none\n balance_factor 1.25\n}", "Testfile:3"},
-		{"affinity {\n key none\n key cookie a\n}", "no key line may go with `key none`"},
-		{"affinity {\n key cookie a\n key none\n}", "key none: no other key line may go with it"},
+		{"affinity {\n key none\n key cookie a\n}", "key none (no_default_keys) goes with no other key line"},
+		{"affinity {\n key cookie a\n key none\n}", "key none (no_default_keys) goes with no other key line"},
 		{"affinity {\n key client_ip\n tomcat_route a 1.2.3.4:80\n}", "Testfile:3"},
 		{"affinity {\n key cookie a\n tomcat_route a\n}", "tomcat_route: need a route and an upstream"},
 		{"affinity {\n key cookie a\n tomcat_route a b\n tomcat_route a c\n}", `route "a" given twice`},
@@ -411,7 +411,8 @@ func TestNewOptionsCaddyfile(t *testing.T) {
 	}{
 		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: 0.5, Keys: []KeySource{{From: "cookie", Name: "a"}}}, "more than 1"},
 		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: math.NaN(), Keys: []KeySource{{From: "cookie", Name: "a"}}}, "more than 1"},
-		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: 2}, "needs at least one key"},
+		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: 2, NoDefaultKeys: true}, "needs a key"},
+		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: 101, Keys: []KeySource{{From: "cookie", Name: "a"}}}, "at most 100"},
 		{&Policy{PinCookie: "x", SessionTTL: 1e9, TomcatRoutes: map[string]string{"a": "b"}, Keys: []KeySource{{From: "header", Name: "a"}}}, "tomcat_route needs"},
 		{&Policy{PinCookie: "x", SessionTTL: 1e9, TomcatRoutes: map[string]string{"a": ""}, Keys: []KeySource{{From: "cookie", Name: "a"}}}, "must both be given"},
 	} {

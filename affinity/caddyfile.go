@@ -1,11 +1,10 @@
 package affinity
 
 import (
-	"math"
-	"slices"
+	"errors"
+	"fmt"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -61,51 +60,82 @@ import (
 // (the dispenser adds them).
 func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the policy name
+	lines := optionLines{"": d.WrapErr}
 	if d.NextArg() {
 		return d.Errf("affinity takes no arguments on the lb_policy line, got %q; options go in a block", d.Val())
 	}
+	if err := p.parseOptions(d, lines); err != nil {
+		return err
+	}
+	// The rules: Validate, reported at the line of the option that
+	// breaks them.
+	return lines.at(p.Validate())
+}
+
+// optionLines records where each option was written: for an option (as
+// optionAt names it), a function that puts its file and line on an
+// error. "" is the lb_policy line, for rules broken by defaults.
+type optionLines map[string]func(error) error
+
+// note records the current line as where option at was written.
+func (l optionLines) note(d *caddyfile.Dispenser, at string) {
+	if _, ok := l[at]; ok {
+		return
+	}
+	file, line := d.File(), d.Line()
+	l[at] = func(err error) error { return fmt.Errorf("%w, at %s:%d", err, file, line) }
+}
+
+// at puts the line of the option that broke a rule on Validate's error.
+func (l optionLines) at(err error) error {
+	var ce *configError
+	if err == nil || !errors.As(err, &ce) {
+		return err
+	}
+	if wrap, ok := l[ce.at]; ok {
+		return wrap(err)
+	}
+	if opt, _, ok := strings.Cut(ce.at, "#"); ok && l[opt] != nil {
+		return l[opt](err)
+	}
+	if opt, _, ok := strings.Cut(ce.at, " "); ok && l[opt] != nil {
+		return l[opt](err)
+	}
+	return l[""](err)
+}
+
+// parseOptions reads the block's options: their syntax only.
+func (p *Policy) parseOptions(d *caddyfile.Dispenser, lines optionLines) error {
 	seen := make(map[string]bool)
-	// Options that need a key line, which may come later in the block,
-	// keep their error (naming their line) until the block is read.
-	var needKey, needIDKey error
-	// The cookie keys' names, with the error (naming the key's line) if
-	// one turns out to be the pin cookie's, which may be named later.
-	var pinKey map[string]error
 	for d.NextBlock(0) {
 		opt := d.Val()
 		if opt != "key" && opt != "tomcat_route" && seen[opt] {
 			return d.Errf("%s specified more than once", opt)
 		}
 		seen[opt] = true
+		lines.note(d, opt)
 		switch opt {
 		case "key":
-			if d.CountRemainingArgs() == 1 && d.Val() == "key" {
+			if d.CountRemainingArgs() == 1 {
 				if d.NextArg(); d.Val() == "none" {
-					if len(p.Keys) > 0 || p.NoDefaultKeys {
-						return d.Err("key none: no other key line may go with it")
+					if p.NoDefaultKeys {
+						return d.Err("key none specified more than once")
 					}
+					lines.note(d, "key none")
 					p.NoDefaultKeys = true
 					break
 				}
 				d.Prev()
 			}
-			if p.NoDefaultKeys {
-				return d.Err("key: no key line may go with `key none`")
-			}
+			lines.note(d, optionAt("key", len(p.Keys)))
 			k, err := parseKey(d)
 			if err != nil {
 				return err
 			}
 			p.Keys = append(p.Keys, k)
-			if k.From == "cookie" && pinKey == nil {
-				pinKey = map[string]error{}
-			}
-			if k.From == "cookie" {
-				pinKey[k.Name] = d.Errf("key cookie %s: that is the pin cookie's name; key on the app's session cookie, or rename the pin with pin_cookie <name>", k.Name)
-			}
 
 		case "pin_cookie":
-			if err := p.parsePinCookie(d); err != nil {
+			if err := p.parsePinCookie(d, lines); err != nil {
 				return err
 			}
 
@@ -113,11 +143,6 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			args := d.RemainingArgs()
 			if len(args) == 0 {
 				return d.Err("secret: need a value: secret <current> [<previous>...]")
-			}
-			for i, a := range args[1:] {
-				if a == args[0] || slices.Contains(args[1:i+1], a) {
-					return d.Errf("secret: %q is given twice", a)
-				}
 			}
 			p.Secret = args[0]
 			if len(args) > 1 {
@@ -134,22 +159,19 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			p.Scope = s
 
-		case "session_ttl":
+		case "session_ttl", "hold", "slow_start":
 			s, err := oneArg(d)
 			if err != nil {
 				return err
 			}
 			dur, err := caddy.ParseDuration(s)
 			if err != nil {
-				return d.Errf("session_ttl: invalid duration %q: %v", s, err)
+				return d.Errf("%s: invalid duration %q: %v", opt, s, err)
 			}
-			if dur < 1e9 {
-				return d.Errf("session_ttl: %q is too short, the least is 1s", s)
+			if dur <= 0 {
+				return d.Errf("%s: %q is not a positive duration", opt, s)
 			}
-			if dur > maxSessionTTL {
-				return d.Errf("session_ttl: %q is too long, the most is %s", s, maxSessionTTL)
-			}
-			p.SessionTTL = caddy.Duration(dur)
+			*map[string]*caddy.Duration{"session_ttl": &p.SessionTTL, "hold": &p.Hold, "slow_start": &p.SlowStart}[opt] = caddy.Duration(dur)
 
 		case "max_sessions":
 			s, err := oneArg(d)
@@ -160,28 +182,7 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil || n <= 0 {
 				return d.Errf("max_sessions: %q is not a positive whole number", s)
 			}
-			if n < minMaxSessions {
-				return d.Errf("max_sessions: %d is too small, the least is %d (the session table has %d shards)", n, minMaxSessions, sessions.Shards)
-			}
 			p.MaxSessions = n
-
-		case "hold", "slow_start":
-			s, err := oneArg(d)
-			if err != nil {
-				return err
-			}
-			dur, err := caddy.ParseDuration(s)
-			if err != nil || dur <= 0 {
-				return d.Errf("%s: %q is not a positive duration", opt, s)
-			}
-			if most := map[string]time.Duration{"hold": maxHold, "slow_start": maxSlowStart}[opt]; dur > most {
-				return d.Errf("%s: %q is too long, the most is %s", opt, s, most)
-			}
-			if opt == "hold" {
-				p.Hold = caddy.Duration(dur)
-			} else {
-				p.SlowStart = caddy.Duration(dur)
-			}
 
 		case "balance_factor":
 			s, err := oneArg(d)
@@ -189,11 +190,10 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			c, err := strconv.ParseFloat(s, 64)
-			if err != nil || !(c > 1) || math.IsInf(c, 0) {
-				return d.Errf("balance_factor: %q is not a number more than 1 (1.25 is a sensible value)", s)
+			if err != nil {
+				return d.Errf("balance_factor: %q is not a number (1.25 is a sensible value)", s)
 			}
 			p.BalanceFactor = c
-			needKey = d.Err("balance_factor needs a key line: live sessions are counted in the session table, by key")
 
 		case "tomcat_route":
 			args := d.RemainingArgs()
@@ -201,19 +201,14 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("tomcat_route: need a route and an upstream address (tomcat_route node1 10.0.0.1:8080), got %d arguments", len(args))
 			}
 			route, dial := args[0], args[1]
-			if strings.ContainsAny(route, " ;,=") {
-				return d.Errf("tomcat_route: route %q has a space, ';', ',' or '='", route)
-			}
 			if _, dup := p.TomcatRoutes[route]; dup {
 				return d.Errf("tomcat_route: route %q given twice", route)
 			}
+			lines.note(d, optionAt("tomcat_route", route))
 			if p.TomcatRoutes == nil {
 				p.TomcatRoutes = make(map[string]string)
 			}
 			p.TomcatRoutes[route] = dial
-			if needIDKey == nil {
-				needIDKey = d.Err(errTomcatRouteKey)
-			}
 
 		case "store":
 			c, err := sessions.ParseCaddyfile(d)
@@ -235,7 +230,7 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			for _, a := range args {
 				w, err := strconv.Atoi(a)
-				if err != nil || w < 0 {
+				if err != nil {
 					return d.Errf("weights: %q is not a whole number >= 0", a)
 				}
 				p.Weights = append(p.Weights, w)
@@ -244,19 +239,6 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		default:
 			return d.Errf("unrecognized affinity option %q (want key, pin_cookie, secret, session_ttl, max_sessions, weights, hold, slow_start, balance_factor, tomcat_route, scope, store or probe)", opt)
 		}
-	}
-	if needKey != nil && p.NoDefaultKeys {
-		return needKey
-	}
-	pin := p.PinCookie
-	if pin == "" {
-		pin = DefaultPinCookie
-	}
-	if err := pinKey[pin]; err != nil && !p.DisablePinCookie {
-		return err
-	}
-	if needIDKey != nil && !p.readsTomcatRoutes() {
-		return needIDKey
 	}
 	return nil
 }
@@ -277,19 +259,13 @@ func parseKey(d *caddyfile.Dispenser) (KeySource, error) {
 	if err := k.setArgs(args[1:]); err != nil {
 		return k, d.Err(err.Error())
 	}
-	probe := k
-	if err := probe.provision(); err != nil {
-		return k, d.Err(err.Error())
-	}
-	k.kind = nil // set again at provision time
+	k.kind = nil // set at provision time
 	return k, nil
 }
 
-// parsePinCookie parses a pin_cookie line and its block. Each attribute
-// is checked on its own line; the combinations (secure auto with
-// same_site none or partitioned) once the block is read, naming the
-// secure line.
-func (p *Policy) parsePinCookie(d *caddyfile.Dispenser) error {
+// parsePinCookie parses a pin_cookie line and its block, recording each
+// attribute's line: Validate checks the values and their combinations.
+func (p *Policy) parsePinCookie(d *caddyfile.Dispenser, lines optionLines) error {
 	args := d.RemainingArgs()
 	if len(args) > 1 {
 		return d.Errf("pin_cookie: takes one value (a name or off), got %d", len(args))
@@ -305,12 +281,8 @@ func (p *Policy) parsePinCookie(d *caddyfile.Dispenser) error {
 		p.DisablePinCookie = true
 		return nil
 	}
-	if name != "" && !validCookieName(name) {
-		return d.Errf("pin_cookie: %q is not a valid cookie name", name)
-	}
 	p.PinCookie = name
 	var a PinCookieAttributes
-	var secureAuto error // the secure auto line's error, if it turns out one
 	seen := map[string]bool{}
 	block := false
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
@@ -320,6 +292,7 @@ func (p *Policy) parsePinCookie(d *caddyfile.Dispenser) error {
 			return d.Errf("pin_cookie: %s specified more than once", opt)
 		}
 		seen[opt] = true
+		lines.note(d, optionAt("pin_cookie", opt))
 		if opt == "partitioned" {
 			if d.NextArg() {
 				return d.Errf("pin_cookie partitioned takes no value, got %q", d.Val())
@@ -331,17 +304,15 @@ func (p *Policy) parsePinCookie(d *caddyfile.Dispenser) error {
 		if err != nil {
 			return err
 		}
-		var probe PinCookieAttributes // checks this line alone
 		switch opt {
 		case "domain":
-			a.Domain, probe.Domain = v, v
+			a.Domain = v
 		case "path":
-			a.Path, probe.Path = v, v
+			a.Path = v
 		case "same_site":
-			a.SameSite, probe.SameSite = v, v
+			a.SameSite = v
 		case "secure":
-			a.Secure, probe.Secure = v, v
-			secureAuto = d.Err(errSecureAuto)
+			a.Secure = v
 		case "max_age":
 			dur, err := caddy.ParseDuration(v)
 			if err != nil {
@@ -350,12 +321,9 @@ func (p *Policy) parsePinCookie(d *caddyfile.Dispenser) error {
 			if dur <= 0 {
 				return d.Errf("pin_cookie max_age: %q is not a positive duration; leave max_age out for a browser-session cookie", v)
 			}
-			a.MaxAge, probe.MaxAge = caddy.Duration(dur), caddy.Duration(dur)
+			a.MaxAge = caddy.Duration(dur)
 		default:
 			return d.Errf("pin_cookie: unrecognized attribute %q (want domain, path, same_site, secure, max_age or partitioned)", opt)
-		}
-		if _, err := probe.style(); err != nil {
-			return d.Err(err.Error())
 		}
 	}
 	if !block {
@@ -363,12 +331,6 @@ func (p *Policy) parsePinCookie(d *caddyfile.Dispenser) error {
 			return d.Err("pin_cookie: need a value (a name or off), or a block of attributes")
 		}
 		return nil
-	}
-	if _, err := a.style(); err != nil {
-		if err.Error() == errSecureAuto && secureAuto != nil {
-			return secureAuto
-		}
-		return d.Err(err.Error())
 	}
 	p.PinCookieAttributes = &a
 	return nil

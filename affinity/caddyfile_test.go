@@ -66,12 +66,12 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"affinity {\n key cookie a b\n}", "key cookie: need exactly one name"},
 		{"affinity {\n key jwt sub\n}", `unknown source "jwt"`},
 		{"affinity {\n scope\n}", "scope: need a value"},
-		{"affinity {\n session_ttl 400d\n}", "session_ttl: \"400d\" is too long"},
-		{"affinity {\n hold 2h\n}", "hold: \"2h\" is too long, the most is 1h0m0s"},
-		{"affinity {\n slow_start 25h\n}", "slow_start: \"25h\" is too long"},
-		{"affinity {\n max_sessions 100\n}", "max_sessions: 100 is too small, the least is 256"},
-		{"affinity {\n key cookie caddy_affinity\n}", "key cookie caddy_affinity: that is the pin cookie's name"},
-		{"affinity {\n key cookie sid\n pin_cookie sid\n}", "key cookie sid: that is the pin cookie's name"},
+		{"affinity {\n session_ttl 400d\n}", "session_ttl: 9600h0m0s is not between 1s and 8760h0m0s"},
+		{"affinity {\n hold 2h\n}", "hold: 2h0m0s is not between 0 and 1h0m0s"},
+		{"affinity {\n slow_start 25h\n}", "slow_start: 25h0m0s is not between 0 and 24h0m0s"},
+		{"affinity {\n max_sessions 100\n}", "max_sessions: 100 is not between 256"},
+		{"affinity {\n key cookie caddy_affinity\n}", "key cookie caddy_affinity: reads the pin cookie caddy_affinity"},
+		{"affinity {\n key cookie sid\n pin_cookie sid\n}", "key cookie sid: reads the pin cookie sid"},
 		{"affinity {\n scope a b\n}", "scope: takes one value"},
 		{"affinity {\n scope a\n scope b\n}", "scope specified more than once"},
 		{"affinity {\n key client_ip 33\n}", `prefix length "33" is not in 1..32`},
@@ -83,10 +83,14 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"affinity {\n pin_cookie a b\n}", "takes one value"},
 		{"affinity {\n pin_cookie a=b\n}", "not a valid cookie name"},
 		{"affinity {\n session_ttl soon\n}", `session_ttl: invalid duration "soon"`},
-		{"affinity {\n session_ttl 10ms\n}", "too short"},
+		{"affinity {\n session_ttl 10ms\n}", "is not between 1s"},
+		{"affinity {\n pin_cookie JSESSIONID\n}", "pin_cookie JSESSIONID: the default keys (platform_cookies) read that cookie"},
+		{"affinity {\n key none\n pin_cookie off\n}", "pin_cookie off with key none"},
+		{"affinity {\n max_sessions 99999999999999\n}", "max_sessions: 99999999999999 is not between"},
+		{"affinity {\n key cookie a\n balance_factor 1e308\n}", "balance_factor: 1e+308 is not more than 1 and at most 100"},
 		{"affinity {\n max_sessions -5\n}", `max_sessions: "-5" is not a positive`},
 		{"affinity {\n weights\n}", "weights: need one weight per upstream"},
-		{"affinity {\n weights 1 -2\n}", `weights: "-2" is not a whole number >= 0`},
+		{"affinity {\n weights 1 -2\n}", "weights: weight -2 (upstream 2) is negative"},
 		{"affinity {\n secret a\n secret b\n}", "secret specified more than once"},
 	} {
 		_, err := parse(tc.input)
@@ -108,7 +112,7 @@ func TestValidate(t *testing.T) {
 		p    *Policy
 		want string
 	}{
-		{&Policy{DisablePinCookie: true, PinCookie: "x", SessionTTL: caddy.Duration(time.Minute)}, "at least one key"},
+		{&Policy{DisablePinCookie: true, NoDefaultKeys: true, PinCookie: "x", SessionTTL: caddy.Duration(time.Minute)}, "nothing would tell sessions apart"},
 		{&Policy{PinCookie: "x y", SessionTTL: caddy.Duration(time.Minute)}, "not a valid cookie name"},
 		{&Policy{PinCookie: "x", SessionTTL: caddy.Duration(time.Minute), Weights: []int{1, -1}}, "negative"},
 	} {

@@ -39,20 +39,10 @@ type ask struct {
 	// ended and the upstream takes no new sessions freely (gate says
 	// why): the request is a new session, not one that leaves.
 	stale bool
-	gate  gate
+	// gate is why the upstream takes no new sessions freely (see
+	// Policy.gate), Serves if it does.
+	gate healthcheck.Verdict
 }
-
-// gate says whether an upstream takes new sessions freely, and if not
-// why: only then must a pin prove that its session is live.
-type gate uint8
-
-const (
-	gateOpen   gate = iota // takes new sessions as the ring gives them
-	gateState              // its verdict for a new session is not Serves
-	gateWeight             // weight 0
-	gateRamp               // in slow start
-	gateFailed             // this request's attempt on it failed
-)
 
 // decision is what the policy decides for one request: the sources it
 // asked in order, what each named and why it was passed over, and what
@@ -98,6 +88,12 @@ type decision struct {
 	// skippedState and skippedLoad are set when the ring walk passed
 	// over upstreams for their lifecycle state or balance_factor bound.
 	skippedState, skippedLoad bool
+	// fallback is Ramping or AtBound when every upstream the ring walk
+	// visited declined and the first that declined for that reason took
+	// the session anyway; Serves otherwise.
+	fallback healthcheck.Verdict
+	// walk is the ring walk's steps, when the input asked for them.
+	walk []walkStep
 }
 
 // decideInput is what decide reads besides the request.
@@ -117,18 +113,19 @@ type decideInput struct {
 	// it (zero: read it only when hold or slow_start need it).
 	now  uint32
 	wall time.Time
-	// dry is set for explanations: nothing is slid, noted or counted
-	// (the session store is read as Select reads it, and not written).
+	// dry is set for the lookup: decide reads what Select reads (the
+	// session store included) and writes nothing (no entry slides or
+	// moves, no trouble is noted).
 	dry bool
+	// recordWalk is set when the decision is to keep the ring walk's
+	// steps (the lookup: it allocates).
+	recordWalk bool
 	// budget is what the request may still wait for a shared session
 	// store, in all.
 	budget *sessions.Budget
-	// walk, if not nil, is told every upstream the ring walk visits.
-	walk func(i int, d decline)
 }
 
-// outcome is what a decision did with its request, as the request vars
-// (affinity.decision), the metrics and the logs name it.
+// outcome is what a decision did with its request: one row of outcomes.
 type outcome uint8
 
 const (
@@ -140,12 +137,36 @@ const (
 	outcomeFailover                // a session whose upstream could not serve it, placed anew
 	outcomeHeld                    // a session waiting for its upstream under hold
 	outcomeOverflow                // its upstream is at max_requests: elsewhere once, the session stays
+	numOutcomes
 )
 
-var outcomeNames = [...]string{"none", "route", "pin", "table", "placed", "failover", "held", "overflow"}
+// outcomeRow is everything said of one outcome, wherever it is said.
+type outcomeRow struct {
+	// value is the request var {http.vars.affinity.decision}.
+	value string
+	// lookup is the decision GET /affinity/lookup names (Decided*).
+	lookup string
+	// label is the outcome label of caddy_affinity_selections_total.
+	label string
+	// words says what happened, for operators (the lookup's reason
+	// starts from it).
+	words string
+}
+
+// outcomes is the one table of outcomes.
+var outcomes = [numOutcomes]outcomeRow{
+	outcomeNone:     {"none", DecidedNone, "no_upstream", "no upstream may take it now (down, full, draining or in maintenance): Caddy retries per lb_try_duration, then answers 502"},
+	outcomeRoute:    {"route", DecidedRoute, "pinned", "the session id's Tomcat route names an upstream that may serve it"},
+	outcomePin:      {"pin", DecidedPin, "pinned", "a valid pin names an upstream that may serve it"},
+	outcomeTable:    {"table", DecidedTable, "pinned", "the session table names an upstream that may serve it"},
+	outcomePlaced:   {"placed", DecidedRing, "placed", "a new session: the ring walk places it"},
+	outcomeFailover: {"failover", DecidedFailover, "failover", "its upstream cannot serve it: the session fails over to where the ring walk places it, and stays there"},
+	outcomeHeld:     {"held", DecidedHold, "held", "its upstream is in trouble: under hold its requests wait for it to come back, then fail over"},
+	outcomeOverflow: {"overflow", DecidedOverflow, "overflow", "its upstream is at max_requests: busy is not down, this request goes elsewhere once and the session stays"},
+}
 
 // String names the outcome: the value of {http.vars.affinity.decision}.
-func (o outcome) String() string { return outcomeNames[o] }
+func (o outcome) String() string { return outcomes[o].value }
 
 // outcome returns what the decision does with its request.
 func (d *decision) outcome() outcome {
@@ -239,6 +260,32 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 	p.placeOnRing(ps, in, d)
 }
 
+// routeIndex returns the upstream a request's Tomcat route names, or -1:
+// the first session id among the cookie and path_param keys that ends in
+// a configured route.
+func (p *Policy) routeIndex(ps *poolState, r *http.Request) int {
+	for i := range p.Keys {
+		k := &p.Keys[i]
+		if !k.kind.tomcatRoute {
+			continue
+		}
+		id, ok := k.value(r)
+		if !ok {
+			continue
+		}
+		route, ok := routeSuffix(id)
+		if !ok {
+			continue
+		}
+		for _, rt := range ps.routes {
+			if rt.route == route {
+				return rt.index
+			}
+		}
+	}
+	return -1
+}
+
 // settle asks about a session pinned to upstream i by source from. It
 // reports whether that decides the request: i serves it, or the session
 // waits for i under `hold`.
@@ -246,14 +293,14 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 	// A pin naming an upstream that takes no new sessions freely must be
 	// a live session's; one that does serves pinned sessions too, so the
 	// pinned path asks Caddy's verdict once, as before.
-	g, v := gateOpen, healthcheck.Serves
+	g, v := healthcheck.Serves, healthcheck.Serves
 	if from == fromPin {
 		g = p.gate(ps, in, i)
 	}
-	if from != fromPin || g != gateOpen {
+	if from != fromPin || g != healthcheck.Serves {
 		v = ps.recs[i].ForPinned(ps.ups[i])
 	}
-	if g != gateOpen && !p.pinLive(ps, in, d, i) {
+	if g != healthcheck.Serves && !p.pinLive(ps, in, d, i) {
 		if d.pinRejected {
 			return false // a forged time: no pin at all
 		}
@@ -291,21 +338,23 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 	return true
 }
 
-// gate says whether upstream i takes new sessions freely now (gateOpen)
+// gate says whether upstream i takes new sessions freely now (Serves)
 // and if not, why. A pin naming an upstream that does is honoured on its
 // token alone: it can bring no session there that the ring could not.
-func (p *Policy) gate(ps *poolState, in *decideInput, i int) gate {
-	switch {
-	case i == in.failed:
-		return gateFailed
-	case ps.recs[i].ForNew(ps.ups[i]) != healthcheck.Serves:
-		return gateState
-	case ps.weights[i] <= 0:
-		return gateWeight
-	case p.SlowStart > 0 && ps.recs[i].BackFor(in.clockTime()) < time.Duration(p.SlowStart):
-		return gateRamp
+func (p *Policy) gate(ps *poolState, in *decideInput, i int) healthcheck.Verdict {
+	if i == in.failed {
+		return healthcheck.Failed
 	}
-	return gateOpen
+	if v := ps.recs[i].ForNew(ps.ups[i]); v != healthcheck.Serves {
+		return v
+	}
+	switch {
+	case ps.weights[i] <= 0:
+		return healthcheck.ZeroWeight
+	case p.SlowStart > 0 && ps.recs[i].BackFor(in.clockTime()) < time.Duration(p.SlowStart):
+		return healthcheck.Ramping
+	}
+	return healthcheck.Serves
 }
 
 // pinLive reports whether the pin naming upstream i is a live session's:
@@ -336,7 +385,7 @@ func (p *Policy) holds(rec *healthcheck.Upstream, in *decideInput) bool {
 		return false
 	}
 	if in.dry {
-		return rec.WouldHold(hold)
+		return rec.WouldHold(in.wallNow(), hold)
 	}
 	return rec.Holds(in.wallNow(), hold)
 }
@@ -396,17 +445,13 @@ func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 	if p.SlowStart > 0 {
 		now = in.wallNow()
 	}
-	choice, _ := p.walkPlacement(ps, key, in.failed, now, func(i int, dc decline) {
-		switch dc {
-		case declineState:
-			d.skippedState = true
-		case declineLoad:
-			d.skippedLoad = true
-		}
-		if in.walk != nil {
-			in.walk(i, dc)
-		}
-	})
+	var steps *[]walkStep
+	if in.recordWalk {
+		steps = &d.walk
+	}
+	choice, fallback, skipped := p.walkPlacement(ps, key, in.failed, now, steps)
+	d.skippedState, d.skippedLoad = skipped.state, skipped.load
+	d.fallback = fallback
 	// A retry goes back to the upstream that failed when nothing else
 	// may take the request and Caddy still calls it available (a single
 	// backend, or the others draining mid rolling deploy), as Caddy's own

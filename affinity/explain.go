@@ -9,12 +9,15 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
-// Decisions as the lookup endpoint names them.
+// Decisions as the lookup endpoint names them: the lookup column of
+// the outcomes table, and DecidedRandom.
 const (
 	DecidedRoute    = "tomcat_route"  // the session id's route names an upstream that may serve it
 	DecidedPin      = "pin_cookie"    // a valid pin naming an upstream that may serve it
@@ -23,8 +26,10 @@ const (
 	DecidedFailover = "failover"      // its upstream cannot serve it: the ring walk places it anew
 	DecidedHold     = "hold"          // its upstream is in trouble: requests wait under `hold`, then fail over
 	DecidedOverflow = "overflow"      // its upstream is at max_requests: this request goes elsewhere once
-	DecidedRandom   = "random"        // no session key: placed at random, like a first visit
 	DecidedNone     = "none"          // no upstream may take it now
+	// DecidedRandom is a new session with no key to place it by: Select
+	// places it by its connection, which a lookup has none of.
+	DecidedRandom = "random"
 )
 
 // Explanation is where one policy sends a request that carries a key,
@@ -80,9 +85,10 @@ type WalkStep struct {
 // and no pin cookie, and why, without changing anything a request would
 // notice (no entry slides, no counter moves). source picks the policy's
 // key of that kind (default: its first key) and name the one of that
-// name; source "pin" reads value as a pin cookie. It asks decide, as
-// Select does, with a request that carries the value where the key
-// reads it, so that the two can never disagree.
+// name; source "pin" reads value as a pin cookie. It builds a request
+// that carries the value where the key reads it and asks it as Select
+// does (Policy.look) with the writes turned off, so that the two cannot
+// disagree.
 func Explain(s Site, source, name, value string, now time.Time) Explanation {
 	p := s.Policy
 	out := Explanation{Site: s}
@@ -92,8 +98,7 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 		return out
 	}
 	r := &http.Request{Method: http.MethodGet, URL: &url.URL{Path: "/"}, Header: http.Header{}}
-	r = r.WithContext(context.Background())
-	in := decideInput{failed: -1, now: sessions.Seconds(now), wall: now, dry: true}
+	var hash uint64
 	if source == "pin" {
 		if p.DisablePinCookie {
 			out.Error = "this proxy's pin cookie is off"
@@ -112,27 +117,39 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 			out.Error = err.Error()
 			return out
 		}
-		hash, ok := k.hash(r)
+		h, ok := k.hash(r)
 		if !ok {
 			out.Error = fmt.Sprintf("%q is not a value the key %s reads", value, out.Key)
 			return out
 		}
-		in.keys, in.first = []uint64{hash}, k
+		hash = h
 		out.Session = p.sessionEntry(hash, now)
 		if owner := ps.ring.Lookup(hash); owner >= 0 {
 			out.RingOwner = ps.ups[ps.member[owner]].Dial
 		}
 	}
+	r = r.WithContext(context.WithValue(context.Background(), caddyhttp.VarsCtxKey, map[string]any{}))
+	p.explainRequest(ps, r, now, &out)
+	return out
+}
+
+// explainRequest decides where request r goes as Select would (through
+// Policy.look, with the writes turned off) and words the decision into
+// out. r's vars are read (a retry's failed upstream) and not written.
+func (p *Policy) explainRequest(ps *poolState, r *http.Request, now time.Time, out *Explanation) {
+	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
+	var budget sessions.Budget
+	in := decideInput{failed: -1, now: sessions.Seconds(now), wall: now, dry: true, recordWalk: true, budget: &budget}
+	var keyBuf [maxKeys]uint64
 	var d decision
-	var walk walkRecorder
-	in.walk = walk.step
-	p.decide(ps, r, &in, &d)
+	in, _, _ = p.look(ps, r, vars, in, &keyBuf, &d)
+	var after *decision
 	if d.held {
 		// Where it goes once the hold is over: the ring walk.
-		p.placeOnRing(ps, &in, &decision{chosen: -1, pinned: -1, failed: -1})
+		after = &decision{chosen: -1, pinned: -1, failed: -1, busy: -1}
+		p.placeOnRing(ps, &in, after)
 	}
-	p.explain(ps, &d, &walk, now, &out)
-	return out
+	p.explain(ps, &d, after, now, out)
 }
 
 // sessionEntry returns the table's live entry for key, or nil.
@@ -151,19 +168,9 @@ func (p *Policy) sessionEntry(key uint64, now time.Time) *SessionEntry {
 	return sess
 }
 
-// walkRecorder keeps the ring walk's steps, for the explanation.
-type walkRecorder struct {
-	visited []int
-	why     []decline
-}
-
-func (w *walkRecorder) step(i int, d decline) {
-	w.visited = append(w.visited, i)
-	w.why = append(w.why, d)
-}
-
-// explain words decision d for an operator.
-func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now time.Time, out *Explanation) {
+// explain words decision d for an operator; after is where a held
+// session goes once the hold is over.
+func (p *Policy) explain(ps *poolState, d *decision, after *decision, now time.Time, out *Explanation) {
 	var whys []string
 	for _, a := range d.asked[:d.nasked] {
 		whys = append(whys, p.askedWhy(ps, d, a, out.Session, now))
@@ -176,61 +183,60 @@ func (p *Policy) explain(ps *poolState, d *decision, walk *walkRecorder, now tim
 	if d.pinRejected {
 		whys = append(whys, "not a valid pin for this proxy's upstreams (forged, its time forged, signed with another secret, or naming an upstream it no longer has): it is counted as a rejected pin")
 	}
-	why := strings.Join(whys, "; ")
-	if d.by != fromRing && !d.held {
-		out.Decision = map[source]string{fromRoute: DecidedRoute, fromPin: DecidedPin, fromTable: DecidedTable}[d.by]
+	o := d.outcome()
+	out.Decision = outcomes[o].lookup
+	if d.chosen >= 0 {
 		out.Upstream = strPtr(ps.ups[d.chosen].Dial)
+	}
+	walked := d
+	if after != nil {
+		walked = after
+	}
+	if d.by == fromRing || after != nil {
+		p.explainWalk(ps, walked, now, out)
+	}
+	why := strings.Join(whys, "; ")
+	var to string
+	switch c := walked.chosen; {
+	case c < 0:
+		to = outcomes[outcomeNone].words
+	case walked.randomKey:
+		to = "the request is placed like a new session, by its connection"
+	default:
+		to = "the ring walk places it on " + ps.ups[c].Dial
+	}
+	switch o {
+	case outcomeRoute, outcomePin, outcomeTable:
 		out.Reason = why
-		if d.by == fromTable && out.RingOwner != "" && out.RingOwner != ps.ups[d.chosen].Dial {
+		if o == outcomeTable && out.RingOwner != "" && out.RingOwner != ps.ups[d.chosen].Dial {
 			out.Reason += fmt.Sprintf("; the ring would place a new session on %s, but a session stays where it is", out.RingOwner)
 		}
-		return
-	}
-	choice := p.explainWalk(ps, walk, now, out)
-	var to string
-	switch {
-	case choice < 0:
-		to = "no upstream may take a new session now (down, full, draining or in maintenance): Caddy retries per lb_try_duration, then answers 502"
-	case d.randomKey:
-		to = "the request is placed like a new session, at random"
-	default:
-		to = "the ring walk places it on " + ps.ups[choice].Dial
-		out.Upstream = strPtr(ps.ups[choice].Dial)
-	}
-	switch {
-	case d.busy >= 0 && !d.held:
-		out.Decision = DecidedOverflow
+	case outcomeOverflow:
 		out.Reason = fmt.Sprintf("%s; busy is not down: this request goes elsewhere once (%s), and the session stays on %s",
 			why, to, ps.ups[d.busy].Dial)
-	case d.held:
-		out.Decision = DecidedHold
-		out.Reason = fmt.Sprintf("%s; under hold %s its requests wait for it to come back, and once the hold is over %s",
-			why, time.Duration(p.Hold), to)
-	case hadUpstream(d):
-		out.Decision = DecidedFailover
+	case outcomeHeld:
+		at := "it is full now: Caddy tries it again per lb_try_interval"
+		if d.chosen >= 0 {
+			at = "this request tries it"
+		}
+		out.Reason = fmt.Sprintf("%s; under hold %s its requests wait for it to come back (%s), and once the hold is over %s",
+			why, time.Duration(p.Hold), at, to)
+	case outcomeFailover:
 		out.Reason = fmt.Sprintf("%s: the session fails over, %s, and stays there", why, to)
+	case outcomeNone:
+		out.Reason = strings.TrimPrefix(why+"; "+to, "; ")
 	default:
-		out.Decision = DecidedRing
 		if d.randomKey {
-			out.Decision = DecidedRandom
+			out.Decision, out.Upstream = DecidedRandom, nil
 		}
 		switch {
 		case why != "":
 			to = why + "; a new session: " + to
-		case choice >= 0:
+		case d.chosen >= 0:
 			to = "no live session for this key: a new session; " + to
 		}
 		out.Reason = to
 	}
-	if choice < 0 {
-		out.Decision = DecidedNone
-	}
-}
-
-// hadUpstream reports whether the session had an upstream it leaves.
-func hadUpstream(d *decision) bool {
-	from, _ := d.left()
-	return from >= 0 || d.gone != ""
 }
 
 // askedWhy words what one source named.
@@ -261,17 +267,7 @@ func (p *Policy) askedWhy(ps *poolState, d *decision, a ask, sess *SessionEntry,
 // its upstream takes no new sessions freely.
 func (p *Policy) staleWhy(ps *poolState, d *decision, a ask, now uint32) string {
 	dial := ps.ups[a.upstream].Dial
-	var shut string
-	switch a.gate {
-	case gateState:
-		shut = ps.recs[a.upstream].ForNew(ps.ups[a.upstream]).String()
-	case gateWeight:
-		shut = "weight 0"
-	case gateRamp:
-		shut = "in slow start"
-	default:
-		shut = healthcheck.Failed.String()
-	}
+	shut := a.gate.String()
 	life := fmt.Sprintf("session_ttl %s + refresh %s + %ds", time.Duration(p.ttl)*time.Second,
 		time.Duration(pinRefresh(p.ttl))*time.Second, pinSlack)
 	var age string
@@ -284,48 +280,31 @@ func (p *Policy) staleWhy(ps *poolState, d *decision, a ask, now uint32) string 
 		dial, age, dial, shut)
 }
 
-// explainWalk turns the recorded ring walk into steps, with why it
-// passed over each upstream before the one it chose. It returns the
-// choice, or -1.
-func (p *Policy) explainWalk(ps *poolState, walk *walkRecorder, now time.Time, out *Explanation) int {
-	choice, fallback, fallbackAt := -1, accepts, -1
-	for n, i := range walk.visited {
-		step := WalkStep{Upstream: ps.ups[i].Dial}
-		switch walk.why[n] {
-		case declineDown:
-			step.Skipped = ps.recs[i].ForNew(ps.ups[i]).String()
-		case declineState:
-			step.Skipped = ps.recs[i].State().String()
-		case declineLoad:
-			step.Skipped = fmt.Sprintf("balance_factor: holds %d live sessions, at its bound", p.sessionsOn(ps, i))
-			if fallbackAt < 0 || fallback == declineLoad {
-				fallback, fallbackAt = declineLoad, n
-			}
-		case declineRamp:
-			back, ramp := max(ps.recs[i].BackFor(now), 0), time.Duration(p.SlowStart)
-			step.Skipped = fmt.Sprintf("slow start: back for %s of %s, takes %d%% of its new sessions, not this one",
-				back.Round(time.Second), ramp, 100*back/ramp)
-			if fallback != declineRamp {
-				fallback, fallbackAt = declineRamp, n
-			}
+// explainWalk prints the ring walk's steps of d, with why it passed
+// over each upstream before the one it chose.
+func (p *Policy) explainWalk(ps *poolState, d *decision, now time.Time, out *Explanation) {
+	for _, st := range d.walk {
+		step := WalkStep{Upstream: ps.ups[st.upstream].Dial}
+		switch st.why {
+		case healthcheck.Serves:
+			step.Chosen = true
+		case healthcheck.AtBound:
+			step.Skipped = fmt.Sprintf("%s: holds %d live sessions", st.why, p.sessionsOn(ps, st.upstream))
+		case healthcheck.Ramping:
+			back, ramp := max(ps.recs[st.upstream].BackFor(now), 0), time.Duration(p.SlowStart)
+			step.Skipped = fmt.Sprintf("%s: back for %s of %s, takes %d%% of its new sessions, not this one",
+				st.why, back.Round(time.Second), ramp, 100*back/ramp)
 		default:
-			step.Chosen, choice = true, i
+			step.Skipped = st.why.String()
+		}
+		if st.why == d.fallback && st.upstream == d.chosen && d.fallback != healthcheck.Serves {
+			// Every candidate declined: the first that declined by ramp,
+			// else by load, takes it anyway (walkPlacement).
+			step.Skipped, step.Chosen = "", true
+			step.Note = fmt.Sprintf("every candidate declined: the first declined for %s takes it", d.fallback)
 		}
 		out.Walk = append(out.Walk, step)
 	}
-	// Every candidate declined only by its ramp or its load: the first
-	// that declined by ramp, else by load, takes the session anyway.
-	if choice < 0 && fallbackAt >= 0 {
-		st := &out.Walk[fallbackAt]
-		st.Skipped, st.Chosen = "", true
-		choice = walk.visited[fallbackAt]
-		if fallback == declineRamp {
-			st.Note = "every candidate declined: the first in slow start takes it"
-		} else {
-			st.Note = "every candidate declined: the first at its balance_factor bound takes it"
-		}
-	}
-	return choice
 }
 
 // poolFor returns the pool state a request to the site's proxy would
@@ -369,10 +348,10 @@ func (p *Policy) keyFor(source, name string) (*KeySource, error) {
 	return nil, fmt.Errorf("this proxy reads no key %q; its keys: %s", want, strings.Join(have, ", "))
 }
 
-// sameKeyName compares key names the way requests match them: header
-// names case-insensitively, the others exactly.
+// sameKeyName compares key names the way requests match them: by the
+// kind's foldsCase.
 func sameKeyName(k *KeySource, name string) bool {
-	if k.From == "header" {
+	if kk := kindNamed(k.From); kk != nil && kk.foldsCase {
 		return strings.EqualFold(k.Name, name)
 	}
 	return k.Name == name

@@ -102,9 +102,23 @@ func TestLookupWalkExplainsSkips(t *testing.T) {
 // explainedWalk walks the ring from key as a placement does, and returns
 // the choice the explanation of that walk shows next to the walk's own.
 func explainedWalk(p *Policy, ps *poolState, key uint64, now time.Time) (explained, placed int, out Explanation) {
-	var walk walkRecorder
-	placed, _ = p.walkPlacement(ps, key, -1, now, walk.step)
-	explained = p.explainWalk(ps, &walk, now, &out)
+	d := decision{chosen: -1}
+	placed, d.fallback, _ = p.walkPlacement(ps, key, -1, now, &d.walk)
+	d.chosen = placed
+	p.explainWalk(ps, &d, now, &out)
+	explained = -1
+	for _, step := range out.Walk {
+		if step.Chosen {
+			if explained >= 0 {
+				panic("two upstreams chosen")
+			}
+			for i, u := range ps.ups {
+				if u.Dial == step.Upstream {
+					explained = i
+				}
+			}
+		}
+	}
 	return explained, placed, out
 }
 

@@ -1,6 +1,7 @@
 package affinity
 
 import (
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,7 +23,11 @@ import (
 //     every second (Sites: every reverse_proxy that uses the policy, with
 //     its upstreams) so that healthcheck knows the upstreams and their
 //     health before any request, starts and follows each policy's drain
-//     probe, and sweeps expired sessions every two seconds.
+//     probe, and sweeps expired sessions every two seconds;
+//   - the state syncer of each live policy's storage (healthcheck's,
+//     shared by the policies of one storage), and the probes' pending
+//     undrains, which it runs at once when it stops rather than leaving
+//     timers behind.
 //
 // It lives in a caddy.UsagePool: the first policy provisioned starts it,
 // the last one cleaned up stops it, with everything it started. A reload
@@ -37,6 +42,8 @@ type farm struct {
 	mu     sync.Mutex
 	wants  map[*Policy]int          // max_sessions asked by each live policy
 	probes map[*Policy]*policyProbe // the running probe of each policy
+	// syncers releases the state syncer each live policy joined.
+	syncers map[*Policy]func()
 	// dials is the last pool's upstreams of each proxy, by scope: the
 	// upstreams a reload removes are told apart from unknown ones.
 	dials map[uint64][]string
@@ -68,17 +75,28 @@ const (
 	sweepInterval = 2 * time.Second
 )
 
-// acquireFarm joins (or starts) the farm for policy p.
+// acquireFarm joins (or starts) the farm for policy p, and joins the
+// state syncer of p's storage: states set through the admin API on any
+// instance sharing it apply here too.
 func acquireFarm(p *Policy) (*farm, error) {
+	var releaseSyncer func()
+	if storageOf(p.ctx) != nil {
+		release, err := healthcheck.AcquireSyncer(p.ctx)
+		if err != nil {
+			return nil, fmt.Errorf("upstream state syncer: %v", err)
+		}
+		releaseSyncer = release
+	}
 	val, _, err := farms.LoadOrNew(farmKey, func() (caddy.Destructor, error) {
 		store := sessions.NewStore(p.MaxSessions)
 		f := &farm{
-			store:  store,
-			table:  store.Table(),
-			wants:  make(map[*Policy]int),
-			probes: make(map[*Policy]*policyProbe),
-			stop:   make(chan struct{}),
-			done:   make(chan struct{}),
+			store:   store,
+			table:   store.Table(),
+			wants:   make(map[*Policy]int),
+			probes:  make(map[*Policy]*policyProbe),
+			syncers: make(map[*Policy]func()),
+			stop:    make(chan struct{}),
+			done:    make(chan struct{}),
 		}
 		f.history = newHistory()
 		sessions.SetClock(sessions.Seconds(time.Now()))
@@ -87,9 +105,17 @@ func acquireFarm(p *Policy) (*farm, error) {
 		return f, nil
 	})
 	if err != nil {
+		if releaseSyncer != nil {
+			releaseSyncer()
+		}
 		return nil, err
 	}
 	f := val.(*farm)
+	if releaseSyncer != nil {
+		f.mu.Lock()
+		f.syncers[p] = releaseSyncer
+		f.mu.Unlock()
+	}
 	f.want(p, p.MaxSessions)
 	// The policy's namespace, known here in Provision. The first policy
 	// with store local reads the snapshot back, before the config serves
@@ -110,15 +136,21 @@ func acquireFarm(p *Policy) (*farm, error) {
 	return f, nil
 }
 
-// release lets go of the farm for policy p: its probe stops, its bound
-// no longer counts, and the last release stops the farm.
+// release lets go of the farm for policy p: its probe stops, its
+// syncer is released, its bound no longer counts, and the last release
+// stops the farm.
 func (f *farm) release(p *Policy) {
 	f.mu.Lock()
 	pr := f.probes[p]
 	delete(f.probes, p)
+	releaseSyncer := f.syncers[p]
+	delete(f.syncers, p)
 	f.mu.Unlock()
 	if pr != nil {
 		pr.stop()
+	}
+	if releaseSyncer != nil {
+		releaseSyncer()
 	}
 	// The last policy with store local writes the table (shutdown); the
 	// last of a shared store's client closes it.
@@ -249,18 +281,24 @@ func (f *farm) followProbe(p *Policy, ups reverseproxy.UpstreamPool) {
 	}
 }
 
-// Destruct stops the loop and every probe when the last policy lets go.
+// Destruct stops the loop, every probe and syncer when the last policy
+// lets go, and runs the probes' pending undrains now: no config probes
+// them any more, and no timer of the module may outlive it.
 func (f *farm) Destruct() error {
 	liveFarm.CompareAndSwap(f, nil)
 	close(f.stop)
 	<-f.done
 	f.mu.Lock()
-	probes := f.probes
-	f.probes = nil
+	probes, syncers := f.probes, f.syncers
+	f.probes, f.syncers = nil, nil
 	f.mu.Unlock()
 	for _, pr := range probes {
 		pr.stop()
 	}
+	for _, release := range syncers {
+		release()
+	}
+	healthcheck.RunPendingUndrains()
 	f.store.Close()
 	sessions.SetClock(0)
 	return nil

@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
 
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
 )
 
@@ -113,9 +114,17 @@ func testBackgroundWork(t *testing.T, store string, want int) {
 			t.Fatal(err)
 		}
 	}
+	stopAfterReloads(t, first, 10)
+}
+
+// stopAfterReloads checks that the module runs as many goroutines after
+// the reloads as after the first load, stops Caddy, and checks that none
+// is left.
+func stopAfterReloads(t *testing.T, first, reloads int) {
+	t.Helper()
 	time.Sleep(1500 * time.Millisecond)
 	if n := settledGoroutines(); n != first {
-		t.Fatalf("%d module goroutines after 10 reloads, %d after the first load", n, first)
+		t.Fatalf("%d module goroutines after %d reloads, %d after the first load", n, reloads, first)
 	}
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
@@ -126,3 +135,62 @@ func testBackgroundWork(t *testing.T, store string, want int) {
 		t.Fatalf("%d module goroutines after Caddy stopped:\n%s", n, b.String())
 	}
 }
+
+// With every feature on (store local, a storage syncer, a drain probe
+// that drains its upstream, balance_factor, slow_start, hold, tomcat
+// routes, two proxies), goroutines stay flat across reloads, among them
+// reloads that change the probe (its prober is replaced, and the old
+// one's undrain waits for its grace on a timer); a stop ends every
+// goroutine and leaves no pending undrain: the farm runs it.
+func TestBackgroundWorkEveryFeatureAcrossReloads(t *testing.T) {
+	if n := settledGoroutines(); n != 0 {
+		t.Fatalf("%d module goroutines before Caddy starts", n)
+	}
+	draining := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/drain") {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	t.Cleanup(draining.Close)
+	drainDial := strings.TrimPrefix(draining.URL, "http://")
+	listen, dial := inProcessAddrs(t)
+	listen2, _ := inProcessAddrs(t)
+	storage := t.TempDir()
+	config := func(i int) []byte {
+		policy := fmt.Sprintf(`{"policy":"affinity","secret":"s","session_ttl":"%ds",
+"keys":[{"from":"cookie","name":"JSESSIONID"}],"balance_factor":1.5,"slow_start":"10s","hold":"2s",
+"tomcat_routes":{"n1":%q},"store":{"kind":"local","interval":"1s"},
+"probe":{"path":"/drain%d","interval":"50ms","passes":1}}`, 60+i, dial, i%2)
+		proxy := fmt.Sprintf(`{"handler":"reverse_proxy","upstreams":[{"dial":%q},{"dial":%q}],
+"load_balancing":{"try_duration":"3s","selection_policy":%s}}`, dial, drainDial, policy)
+		return []byte(fmt.Sprintf(`{"admin":{"disabled":true,"config":{"persist":false}},
+"storage":{"module":"file_system","root":%q},
+"apps":{"http":{"servers":{
+"a":{"listen":[%q],"routes":[{"handle":[%s]}]},
+"b":{"listen":[%q],"routes":[{"handle":[%s]}]}}}}}`, storage, listen, proxy, listen2, proxy))
+	}
+	if err := caddy.Load(config(0), true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	time.Sleep(1500 * time.Millisecond)
+	first := settledGoroutines()
+	if got := healthcheckState(drainDial); got != "draining" {
+		t.Fatalf("the probe did not drain %s: %s", drainDial, got)
+	}
+	for i := 1; i <= 6; i++ {
+		if err := caddy.Load(config(i), true); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	stopAfterReloads(t, first, 6)
+	if n := healthcheck.PendingUndrains(); n != 0 {
+		t.Fatalf("%d undrain timers outlive the farm", n)
+	}
+	if got := healthcheckState(drainDial); got != "up" {
+		t.Fatalf("%s stays %s though no probe runs any more", drainDial, got)
+	}
+}
+
+func healthcheckState(dial string) string { return healthcheck.Get(dial).State().String() }

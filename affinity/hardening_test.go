@@ -197,11 +197,13 @@ func TestValidateRefusesUnworkableValues(t *testing.T) {
 		p    *Policy
 		want string
 	}{
-		{&Policy{MaxSessions: 100}, "max_sessions must be at least 256"},
-		{&Policy{SessionTTL: caddy.Duration(400 * 24 * time.Hour)}, "session_ttl must be between 1s and"},
-		{&Policy{Hold: caddy.Duration(2 * time.Hour)}, "hold must be at most 1h0m0s"},
-		{&Policy{SlowStart: caddy.Duration(48 * time.Hour)}, "slow_start at most 24h0m0s"},
-		{&Policy{Keys: []KeySource{{From: "cookie", Name: DefaultPinCookie}}}, "that is the pin cookie's name"},
+		{&Policy{MaxSessions: 100}, "max_sessions: 100 is not between 256"},
+		{&Policy{SessionTTL: caddy.Duration(400 * 24 * time.Hour)}, "session_ttl: 9600h0m0s is not between 1s and"},
+		{&Policy{Hold: caddy.Duration(2 * time.Hour)}, "hold: 2h0m0s is not between 0 and 1h0m0s"},
+		{&Policy{SlowStart: caddy.Duration(48 * time.Hour)}, "slow_start: 48h0m0s is not between 0 and 24h0m0s"},
+		{&Policy{Keys: []KeySource{{From: "cookie", Name: DefaultPinCookie}}}, "reads the pin cookie caddy_affinity"},
+		{&Policy{MaxSessions: 99999999999999}, "max_sessions: 99999999999999 is not between 256"},
+		{&Policy{PinCookie: "JSESSIONID"}, "the default keys (platform_cookies) read that cookie"},
 	} {
 		p := tc.p
 		if p.PinCookie == "" {
@@ -240,7 +242,7 @@ func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
 			rest = append(rest, u)
 		}
 	}
-	failed, rejected := testutil.ToFloat64(metrics.failover), testutil.ToFloat64(metrics.rejectedPins)
+	failed, rejected := testutil.ToFloat64(metrics.byOutcome[outcomeFailover]), testutil.ToFloat64(metrics.rejectedPins)
 	for name, r := range map[string]*http.Request{"pin and table": req(pin), "table": req(), "pin": func() *http.Request {
 		r := newRequest(pin)
 		return r
@@ -258,9 +260,9 @@ func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
 	if got == nil || got == home {
 		t.Fatalf("after the reload: %v", got)
 	}
-	if testutil.ToFloat64(metrics.failover) != failed+1 || testutil.ToFloat64(metrics.rejectedPins) != rejected {
+	if testutil.ToFloat64(metrics.byOutcome[outcomeFailover]) != failed+1 || testutil.ToFloat64(metrics.rejectedPins) != rejected {
 		t.Fatalf("counted failovers +%v, rejected pins +%v; want +1, +0",
-			testutil.ToFloat64(metrics.failover)-failed, testutil.ToFloat64(metrics.rejectedPins)-rejected)
+			testutil.ToFloat64(metrics.byOutcome[outcomeFailover])-failed, testutil.ToFloat64(metrics.rejectedPins)-rejected)
 	}
 	if es, _ := failovers.snapshot(); es[0].From != home.Dial || es[0].Reason != "removed: no longer in the proxy's upstreams" {
 		t.Fatalf("failover log: %+v", es[0])

@@ -82,13 +82,8 @@ func (h *history) tick(now time.Time, t *sessions.Table) {
 	h.addLocked(now, failovers.count(), h.scratch, omitted)
 }
 
-// add records a sample taken at now, with the failover total then.
-func (h *history) add(now time.Time, total uint64, ups []upstreamSample, omitted int) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.addLocked(now, total, ups, omitted)
-}
-
+// addLocked records a sample taken at now, with the failover total
+// then; h.mu is held.
 func (h *history) addLocked(now time.Time, total uint64, ups []upstreamSample, omitted int) {
 	s := &h.samples[h.next]
 	s.at = now

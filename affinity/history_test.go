@@ -151,3 +151,10 @@ func TestHistoryFromTheFarm(t *testing.T) {
 		t.Error("a history after the farm stopped")
 	}
 }
+
+// add records a sample taken at now, with the failover total then.
+func (h *history) add(now time.Time, total uint64, ups []upstreamSample, omitted int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.addLocked(now, total, ups, omitted)
+}

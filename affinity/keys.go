@@ -53,6 +53,9 @@ type keyKind struct {
 	name string
 	// named: the source needs a Name (a cookie, header... name).
 	named bool
+	// foldsCase: the Name matches requests whatever its case (header
+	// names), so the lookup finds the key by any case of it.
+	foldsCase bool
 	// seed is the hash seed of the kind's values, so that equal strings
 	// from different sources are different keys. Every session-id kind
 	// shares seedSessionID, so that one id is one key wherever it is read.
@@ -68,6 +71,9 @@ type keyKind struct {
 	read func(k *KeySource, r *http.Request) (string, bool)
 	// hash replaces hashing read's value (client_ip hashes an address).
 	hash func(k *KeySource, r *http.Request) (uint64, bool)
+	// readsCookie reports whether the key reads a request cookie of that
+	// name (nil: it reads none). The pin cookie may not be one of them.
+	readsCookie func(k *KeySource, name string) bool
 	// learnCookie reports whether a Set-Cookie of that name issues this
 	// key (affinity_learn); nil: cookies never do.
 	learnCookie func(k *KeySource, name string) bool
@@ -106,6 +112,7 @@ var keyKinds = []*keyKind{
 	{
 		name: "cookie", named: true, seed: seedSessionID, tomcatRoute: true,
 		read:        func(k *KeySource, r *http.Request) (string, bool) { return cookieValue(r.Header, k.Name) },
+		readsCookie: func(k *KeySource, name string) bool { return name == k.Name },
 		learnCookie: func(k *KeySource, name string) bool { return name == k.Name },
 		inject: func(k *KeySource, r *http.Request, v string) error {
 			if strings.ContainsAny(v, ";\r\n") {
@@ -116,7 +123,7 @@ var keyKinds = []*keyKind{
 		},
 	},
 	{
-		name: "header", named: true, seed: seedHeader,
+		name: "header", named: true, foldsCase: true, seed: seedHeader,
 		read: func(k *KeySource, r *http.Request) (string, bool) {
 			if vs := r.Header[k.Name]; len(vs) > 0 && vs[0] != "" {
 				return vs[0], true
@@ -193,6 +200,7 @@ var keyKinds = []*keyKind{
 		// when it is given none (see platformCookie).
 		name: "platform_cookies", seed: seedSessionID,
 		read:        func(_ *KeySource, r *http.Request) (string, bool) { return platformCookieValue(r.Header) },
+		readsCookie: func(_ *KeySource, name string) bool { return platformCookie(name) },
 		learnCookie: func(_ *KeySource, name string) bool { return platformCookie(name) },
 		inject: func(_ *KeySource, r *http.Request, v string) error {
 			if strings.ContainsAny(v, ";\r\n") {
@@ -202,6 +210,24 @@ var keyKinds = []*keyKind{
 			return nil
 		},
 	},
+}
+
+// KeyKindInfo is a kind of key source as the admin API and the status
+// page offer it to a lookup.
+type KeyKindInfo struct {
+	// Name is the source's name (KeySource.From).
+	Name string `json:"name"`
+	// Named: a key of the kind has a name (a cookie, header... name).
+	Named bool `json:"named"`
+}
+
+// KeyKinds lists every kind of key source, from keyKinds.
+func KeyKinds() []KeyKindInfo {
+	kinds := make([]KeyKindInfo, len(keyKinds))
+	for i, kk := range keyKinds {
+		kinds[i] = KeyKindInfo{Name: kk.name, Named: kk.named}
+	}
+	return kinds
 }
 
 // kindNamed returns the kind called name, or nil.
@@ -234,8 +260,11 @@ func (kk *keyKind) learnable() bool {
 	return kk != nil && (kk.learnCookie != nil || kk.learnLocation != nil)
 }
 
-// sessionID reports whether the kind's values are app session ids.
-func (kk *keyKind) sessionID() bool { return kk.seed == seedSessionID }
+// readsCookieNamed reports whether key k, of this kind, reads the
+// request cookie called name.
+func (kk *keyKind) readsCookieNamed(k *KeySource, name string) bool {
+	return kk != nil && kk.readsCookie != nil && kk.readsCookie(k, name)
+}
 
 // setArgs takes the Caddyfile arguments after the source's name.
 func (k *KeySource) setArgs(args []string) error {
@@ -302,10 +331,14 @@ func (k *KeySource) hash(r *http.Request) (uint64, bool) {
 		return k.kind.hash(k, r)
 	}
 	if v, ok := k.kind.read(k, r); ok {
-		return hashring.HashStringSeed(v, k.kind.seed), true
+		return k.hashValue(v), true
 	}
 	return 0, false
 }
+
+// hashValue is the key hash of a value of the key, read from a request
+// or learned from a response (affinity_learn): the kind's seed.
+func (k *KeySource) hashValue(v string) uint64 { return hashring.HashStringSeed(v, k.kind.seed) }
 
 // value returns the key's value in the request (not for kinds that hash
 // something else). It does not allocate.
@@ -314,13 +347,6 @@ func (k *KeySource) value(r *http.Request) (string, bool) {
 		return "", false
 	}
 	return k.kind.read(k, r)
-}
-
-// sessionIDHash is the key hash of an app's session id, wherever it was
-// read (cookie, path parameter, cookieless URL) or learned (Set-Cookie,
-// Location).
-func sessionIDHash(v string) uint64 {
-	return hashring.HashStringSeed(v, seedSessionID)
 }
 
 func clientIPArgs(k *KeySource, args []string) error {

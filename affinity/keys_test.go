@@ -1,12 +1,14 @@
 package affinity
 
 import (
+	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestCookieValue(t *testing.T) {
@@ -246,5 +248,87 @@ func TestValidCookieValueEveryByte(t *testing.T) {
 				t.Fatalf("byte %#x at %d: %v, want %v", b, pos, got, want)
 			}
 		}
+	}
+}
+
+// sessionIDHash is the key hash of an app's session id, wherever it was
+// read (cookie, path parameter, cookieless URL) or learned.
+func sessionIDHash(v string) uint64 {
+	return hashring.HashStringSeed(v, seedSessionID)
+}
+
+// TestKindsHashAsTheyLearn: for every kind that reads a value, a request
+// carrying it (the kind's inject) hashes to the key the learner records
+// for that value (hashValue, the kind's seed), and the kind's descriptor
+// says what it reads: adding a kind is adding its entry.
+func TestKindsHashAsTheyLearn(t *testing.T) {
+	for _, kk := range keyKinds {
+		k := KeySource{From: kk.name}
+		if kk.named {
+			k.Name = "JSESSIONID"
+		}
+		if err := k.provision(); err != nil {
+			t.Fatalf("%s: %v", kk.name, err)
+		}
+		r := httptest.NewRequest("GET", "http://example.com/", nil)
+		value := "ABCDEF0123456789"
+		if kk.name == "client_ip" {
+			value = "192.0.2.7"
+		}
+		if err := kk.inject(&k, r, value); err != nil {
+			t.Fatalf("%s: inject: %v", kk.name, err)
+		}
+		h, ok := k.hash(r)
+		if !ok {
+			t.Fatalf("%s: a request carrying the value has no key", kk.name)
+		}
+		if kk.read != nil && h != k.hashValue(value) {
+			t.Errorf("%s: the request's key %x is not the learned one %x", kk.name, h, k.hashValue(value))
+		}
+		if kk.readsCookieNamed(&k, "JSESSIONID") != (kk.name == "cookie" || kk.name == "platform_cookies") {
+			t.Errorf("%s: readsCookie says %v for JSESSIONID", kk.name, kk.readsCookieNamed(&k, "JSESSIONID"))
+		}
+		if kk.learnable() && kk.seed != seedSessionID {
+			t.Errorf("%s: learnable with seed %d: an id learned from a cookie would not be the key read from the path", kk.name, kk.seed)
+		}
+	}
+}
+
+// TestAddingAKeyKind adds a kind of key source as its one entry in
+// keyKinds and uses it everywhere a kind is used: the Caddyfile, Validate,
+// Select, the lookup, and the list the admin API offers.
+func TestAddingAKeyKind(t *testing.T) {
+	saved := keyKinds
+	t.Cleanup(func() { keyKinds = saved })
+	keyKinds = append(saved[:len(saved):len(saved)], &keyKind{
+		name: "user_agent", seed: 42,
+		read: func(_ *KeySource, r *http.Request) (string, bool) {
+			ua := r.Header.Get("User-Agent")
+			return ua, ua != ""
+		},
+		inject: func(_ *KeySource, r *http.Request, v string) error { r.Header.Set("User-Agent", v); return nil },
+	})
+	p, err := parse("affinity {\n key user_agent\n}")
+	if err != nil {
+		t.Fatalf("the Caddyfile does not take the new kind: %v", err)
+	}
+	if _, err := parse("affinity {\n key user_agent x\n}"); err == nil || !strings.Contains(err.Error(), "takes no arguments") {
+		t.Fatalf("the new kind's arguments are not checked: %v", err)
+	}
+	p = newTestPolicy(t, p)
+	pool := testPool(t, 3)
+	r := newRequest()
+	r.Header.Set("User-Agent", "curl/8")
+	up := p.Select(pool, r, httptest.NewRecorder())
+	got := Explain(siteOf(p, pool), "user_agent", "", "curl/8", time.Now())
+	if got.Error != "" || got.Upstream == nil || *got.Upstream != up.Dial || got.Decision != DecidedTable {
+		t.Fatalf("the lookup by the new kind: %+v, Select chose %s", got, up.Dial)
+	}
+	listed := false
+	for _, k := range KeyKinds() {
+		listed = listed || k.Name == "user_agent"
+	}
+	if !listed {
+		t.Fatal("KeyKinds does not list the new kind")
 	}
 }

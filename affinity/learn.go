@@ -164,13 +164,13 @@ func (p *Policy) learnID(k *KeySource, r *http.Request, value string, deleted bo
 	old, hadOld := k.value(r)
 	if deleted {
 		if hadOld {
-			p.sessions.Forget(sessionIDHash(old), now, budget)
+			p.sessions.Forget(k.hashValue(old), now, budget)
 		}
 		return
 	}
-	p.sessions.Learn(sessionIDHash(value), id, now, budget)
+	p.sessions.Learn(k.hashValue(value), id, now, budget)
 	if hadOld && old != value {
-		p.sessions.Retire(sessionIDHash(old), now, budget)
+		p.sessions.Retire(k.hashValue(old), now, budget)
 	}
 }
 

@@ -2,6 +2,9 @@ package affinity
 
 import (
 	"errors"
+	"fmt"
+	"slices"
+	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -9,16 +12,11 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
-// The values of the selections metric's `outcome` label.
+// The values of the selections metric's `outcome` label that are not an
+// outcome's (outcomeRow.label): counted besides the request's outcome.
 const (
-	labelPinned       = "pinned"        // a valid pin or table entry was honoured
-	labelPlaced       = "placed"        // a new session was placed on the ring
-	labelFailover     = "failover"      // a pinned session moved because its upstream could not serve it
 	labelDrainSkip    = "drain_skip"    // placement walked past a draining or maintenance upstream
-	labelNoUpstream   = "no_upstream"   // nothing could take the request
-	labelHeld         = "held"          // a pinned session waited for its upstream (hold)
 	labelOverloadSkip = "overload_skip" // placement walked past an upstream at its balance_factor bound
-	labelOverflow     = "overflow"      // a pinned session's upstream was at max_requests: elsewhere once
 )
 
 // metrics are process-wide: the counters are registered into every new
@@ -29,16 +27,12 @@ const (
 // when the registry forgets it (healthcheck.Expire: 10 minutes after its
 // last use, once it has no live session). No label is ever per session.
 var metrics = struct {
-	once           sync.Once
-	selections     *prometheus.CounterVec
-	pinned         prometheus.Counter
-	placed         prometheus.Counter
-	failover       prometheus.Counter
+	once       sync.Once
+	selections *prometheus.CounterVec
+	// byOutcome is the counter of each outcome's label (outcomes).
+	byOutcome      [numOutcomes]prometheus.Counter
 	drainSkip      prometheus.Counter
-	noUpstream     prometheus.Counter
-	held           prometheus.Counter
 	overloadSkip   prometheus.Counter
-	overflow       prometheus.Counter
 	rejectedPins   prometheus.Counter
 	upstreamGauges *upstreamCollector
 }{}
@@ -47,24 +41,41 @@ func initMetrics() {
 	metrics.once.Do(func() {
 		metrics.selections = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "affinity", Name: "selections_total",
-			Help: "Upstream selections by outcome: pinned, placed, failover, drain_skip, overload_skip, held, overflow, no_upstream.",
+			Help: "Upstream selections by outcome: " + outcomeLabels() + "; and drain_skip, overload_skip for placements that walked past an upstream for its state or its balance_factor bound.",
 		}, []string{"outcome"})
 		// Resolved once, so that counting on the request path is one
 		// atomic add and no label lookup.
-		metrics.pinned = metrics.selections.WithLabelValues(labelPinned)
-		metrics.placed = metrics.selections.WithLabelValues(labelPlaced)
-		metrics.failover = metrics.selections.WithLabelValues(labelFailover)
+		for o := range metrics.byOutcome {
+			metrics.byOutcome[o] = metrics.selections.WithLabelValues(outcomes[o].label)
+		}
 		metrics.drainSkip = metrics.selections.WithLabelValues(labelDrainSkip)
-		metrics.noUpstream = metrics.selections.WithLabelValues(labelNoUpstream)
-		metrics.held = metrics.selections.WithLabelValues(labelHeld)
 		metrics.overloadSkip = metrics.selections.WithLabelValues(labelOverloadSkip)
-		metrics.overflow = metrics.selections.WithLabelValues(labelOverflow)
 		metrics.rejectedPins = prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "affinity", Name: "rejected_pins_total",
 			Help: "Pin cookies that were present but not valid (forged, stale secret, unknown upstream).",
 		})
 		metrics.upstreamGauges = new(upstreamCollector)
 	})
+}
+
+// stateValues lists the values of the state gauge: "0 up, 1 draining...".
+func stateValues() string {
+	values := make([]string, len(healthcheck.States))
+	for i, st := range healthcheck.States {
+		values[i] = fmt.Sprintf("%d %s", st.State, st.Name)
+	}
+	return strings.Join(values, ", ")
+}
+
+// outcomeLabels lists the outcomes' labels, each once, for the help.
+func outcomeLabels() string {
+	var labels []string
+	for _, row := range outcomes {
+		if !slices.Contains(labels, row.label) {
+			labels = append(labels, row.label)
+		}
+	}
+	return strings.Join(labels, ", ")
 }
 
 // registerMetrics registers the collectors into a config's registry,
@@ -89,7 +100,7 @@ var (
 	descSessions = prometheus.NewDesc("caddy_affinity_sessions",
 		"Live sessions pinned to the upstream (session-table entries within their TTL).", []string{"upstream"}, nil)
 	descState = prometheus.NewDesc("caddy_affinity_upstream_state",
-		"Lifecycle state of the upstream: 0 up, 1 draining, 2 maintenance.", []string{"upstream"}, nil)
+		"Lifecycle state of the upstream: "+stateValues()+".", []string{"upstream"}, nil)
 	descTableSize = prometheus.NewDesc("caddy_affinity_session_table_entries",
 		"Entries in the session table.", nil, nil)
 	descEvictions = prometheus.NewDesc("caddy_affinity_session_table_evictions_total",

@@ -139,15 +139,15 @@ func TestStalePinStartsNoNewSession(t *testing.T) {
 		name   string
 		policy func() *Policy
 		shut   func(t *testing.T, pool reverseproxy.UpstreamPool)
-		gate   gate
+		gate   healthcheck.Verdict
 	}{
 		{"draining", func() *Policy { return &Policy{} }, func(t *testing.T, pool reverseproxy.UpstreamPool) {
 			setState(t, pool[0].Dial, healthcheck.Draining)
-		}, gateState},
-		{"weight 0", func() *Policy { return &Policy{Weights: []int{0, 1, 1}} }, func(*testing.T, reverseproxy.UpstreamPool) {}, gateWeight},
+		}, healthcheck.NoNewSessions},
+		{"weight 0", func() *Policy { return &Policy{Weights: []int{0, 1, 1}} }, func(*testing.T, reverseproxy.UpstreamPool) {}, healthcheck.ZeroWeight},
 		{"slow start", func() *Policy { return &Policy{SlowStart: caddy.Duration(time.Hour)} }, func(t *testing.T, pool reverseproxy.UpstreamPool) {
 			healthcheck.Get(pool[0].Dial).MarkBack(time.Now())
-		}, gateRamp},
+		}, healthcheck.Ramping},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -2,35 +2,35 @@ package affinity
 
 import (
 	"math"
-	"net/http"
 	"time"
 
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
-// decline says why a placement walk passes over an upstream.
-type decline uint8
+// walkStep is one upstream the ring walk visited and its verdict for a
+// new session (Serves: it took it).
+type walkStep struct {
+	upstream int
+	why      healthcheck.Verdict
+}
 
-const (
-	accepts      decline = iota // takes the session
-	declineDown                 // failed this request, or Caddy says unavailable
-	declineState                // draining or maintenance
-	declineLoad                 // at its balance_factor bound
-	declineRamp                 // in slow start, and this key is not in its share
-)
+// walkSkips says which kinds of upstream a ring walk passed over, for
+// the metrics: for their lifecycle state, or their balance_factor bound.
+type walkSkips struct{ state, load bool }
 
 // walkPlacement walks the ring from key to the first upstream that may
-// take a new session, calling step for every upstream it visits with why
-// it passed over it (or accepts). Under balance_factor, an upstream at its
-// bound of live sessions declines; under slow_start, an upstream that came
-// back recently accepts only its ramped share of the keys that reach it.
-// If every candidate declined, the first that declined by ramp, else by
-// load, takes the session anyway (the load bound always leaves room on
-// some candidate, so the latter needs loads that changed during the walk);
-// fallback then says which. now matters only under slow_start. Both
-// Select and the lookup endpoint place through here, so they agree.
-func (p *Policy) walkPlacement(ps *poolState, key uint64, failed int, now time.Time, step func(i int, d decline)) (choice int, fallback decline) {
+// take a new session. Under balance_factor, an upstream at its bound of
+// live sessions declines (AtBound); under slow_start, an upstream that
+// came back recently accepts only its ramped share of the keys that
+// reach it (Ramping). If every candidate declined, the first that
+// declined by ramp, else by load, takes the session anyway (the load
+// bound always leaves room on some candidate, so the latter needs loads
+// that changed during the walk); fallback then says which, else it is
+// Serves. When steps is not nil, every upstream visited is appended to
+// it with its verdict (the lookup prints them; Select passes nil and
+// allocates nothing). now matters only under slow_start.
+func (p *Policy) walkPlacement(ps *poolState, key uint64, failed int, now time.Time, steps *[]walkStep) (choice int, fallback healthcheck.Verdict, skipped walkSkips) {
 	choice, ramped, loaded := -1, -1, -1
 	bound := loadBound{total: -1}
 	if p.BalanceFactor > 0 {
@@ -38,38 +38,40 @@ func (p *Policy) walkPlacement(ps *poolState, key uint64, failed int, now time.T
 	}
 	ps.ring.Walk(key, func(m int) bool {
 		i := ps.member[m]
-		d := accepts
 		v := ps.recs[i].ForNew(ps.ups[i])
 		switch {
-		case i == failed || v == healthcheck.Down || v == healthcheck.Full:
-			d = declineDown
+		case i == failed:
+			v = healthcheck.Failed
+		case v == healthcheck.Down || v == healthcheck.Full:
 		case v != healthcheck.Serves:
-			d = declineState
+			skipped.state = true
 		case bound.total >= 0 && p.overloaded(ps, i, bound):
-			d = declineLoad
+			v, skipped.load = healthcheck.AtBound, true
 			if loaded < 0 {
 				loaded = i
 			}
 		case p.SlowStart > 0 && !rampAccepts(ps.recs[i].BackFor(now), time.Duration(p.SlowStart), key, i):
-			d = declineRamp
+			v = healthcheck.Ramping
 			if ramped < 0 {
 				ramped = i
 			}
 		default:
 			choice = i
 		}
-		step(i, d)
-		return d != accepts
+		if steps != nil {
+			*steps = append(*steps, walkStep{upstream: i, why: v})
+		}
+		return v != healthcheck.Serves
 	})
 	switch {
 	case choice >= 0:
-		return choice, accepts
+		return choice, healthcheck.Serves, skipped
 	case ramped >= 0:
-		return ramped, declineRamp
+		return ramped, healthcheck.Ramping, skipped
 	case loaded >= 0:
-		return loaded, declineLoad
+		return loaded, healthcheck.AtBound, skipped
 	}
-	return -1, accepts
+	return -1, healthcheck.Serves, skipped
 }
 
 // loadBound is what balance_factor needs to know of a pool for one
@@ -121,32 +123,6 @@ func (p *Policy) overloaded(ps *poolState, i int, b loadBound) bool {
 // sessions bound the cluster-wide loads.
 func (p *Policy) sessionsOn(ps *poolState, i int) int64 {
 	return p.sessions.Sessions(ps.recs[i].ID, ps.ups[i].Dial)
-}
-
-// routeIndex returns the upstream a request's Tomcat route names, or -1:
-// the first session id among the cookie and path_param keys that ends in
-// a configured route.
-func (p *Policy) routeIndex(ps *poolState, r *http.Request) int {
-	for i := range p.Keys {
-		k := &p.Keys[i]
-		if !k.kind.tomcatRoute {
-			continue
-		}
-		id, ok := k.value(r)
-		if !ok {
-			continue
-		}
-		route, ok := routeSuffix(id)
-		if !ok {
-			continue
-		}
-		for _, rt := range ps.routes {
-			if rt.route == route {
-				return rt.index
-			}
-		}
-	}
-	return -1
 }
 
 // rampAccepts reports whether an upstream that came back `back` ago takes

@@ -20,9 +20,7 @@
 package affinity
 
 import (
-	"errors"
 	"fmt"
-	"math"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -34,9 +32,8 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
 
-	"github.com/caddy-affinity/caddy-affinity/healthcheck"
-
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
 func init() {
@@ -190,7 +187,6 @@ type Policy struct {
 	// policy whose place in the config Provision could not tell.
 	scopeTried atomic.Uint32
 
-	releaseSyncer func()
 	// sessions is the policy's namespace in the session memory, whatever
 	// the store: the table, and the shared store behind it if any.
 	sessions *sessions.Handle
@@ -218,6 +214,12 @@ func (*Policy) CaddyModule() caddy.ModuleInfo {
 func (p *Policy) Provision(ctx caddy.Context) error {
 	p.ctx = ctx
 	p.logger = ctx.Logger()
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	if err := p.checkHandler(ctx); err != nil {
+		return err
+	}
 	if p.PinCookie == "" {
 		p.PinCookie = DefaultPinCookie
 	}
@@ -227,17 +229,12 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 	if p.MaxSessions == 0 {
 		p.MaxSessions = DefaultMaxSessions
 	}
-	if len(p.Keys) == 0 && !p.NoDefaultKeys {
-		p.Keys = []KeySource{{From: "platform_cookies"}}
-	}
+	p.Keys = p.keysInEffect()
 	for i := range p.Keys {
 		if err := p.Keys[i].provision(); err != nil {
 			return err
 		}
 		p.learns = p.learns || p.Keys[i].kind.learnable()
-	}
-	if err := p.Validate(); err != nil {
-		return err
 	}
 	p.ttl = uint32(time.Duration(p.SessionTTL) / time.Second)
 
@@ -268,16 +265,6 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("registering metrics: %v", err)
 	}
 
-	// States set through the admin API on any instance sharing this
-	// storage apply here too.
-	if storageOf(ctx) != nil {
-		release, err := healthcheck.AcquireSyncer(ctx)
-		if err != nil {
-			return fmt.Errorf("upstream state syncer: %v", err)
-		}
-		p.releaseSyncer = release
-	}
-
 	if err := sessions.RegisterMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("registering metrics: %v", err)
 	}
@@ -289,92 +276,9 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// Validate checks the configuration.
-func (p *Policy) Validate() error {
-	if len(p.Keys) > maxKeys {
-		return fmt.Errorf("at most %d key lines, got %d", maxKeys, len(p.Keys))
-	}
-	if p.NoDefaultKeys && len(p.Keys) > 0 {
-		return errors.New("no_default_keys (key none) goes with no key: drop one or the other")
-	}
-	if p.DisablePinCookie && len(p.Keys) == 0 {
-		return errors.New("with the pin cookie off, at least one key is needed: nothing would tell sessions apart")
-	}
-	if !validCookieName(p.PinCookie) {
-		return fmt.Errorf("pin_cookie: %q is not a valid cookie name", p.PinCookie)
-	}
-	if _, err := p.PinCookieAttributes.style(); err != nil {
-		return err
-	}
-	if p.DisablePinCookie && p.PinCookieAttributes != nil {
-		return errors.New("pin_cookie_attributes are given but the pin cookie is off")
-	}
-	for i, prev := range p.PreviousSecrets {
-		if prev == "" || prev == p.Secret {
-			return fmt.Errorf("previous_secrets[%d]: empty, or the same as the current secret", i)
-		}
-	}
-	if len(p.PreviousSecrets) > maxPreviousSecrets {
-		return fmt.Errorf("previous_secrets: at most %d, got %d (each costs a token comparison on a pin of no current upstream)", maxPreviousSecrets, len(p.PreviousSecrets))
-	}
-	if time.Duration(p.SessionTTL) < time.Second || time.Duration(p.SessionTTL) > maxSessionTTL {
-		return fmt.Errorf("session_ttl must be between 1s and %s, got %s", maxSessionTTL, time.Duration(p.SessionTTL))
-	}
-	if p.MaxSessions < 0 || (p.MaxSessions > 0 && p.MaxSessions < minMaxSessions) {
-		return fmt.Errorf("max_sessions must be at least %d (the session table has %d shards), got %d", minMaxSessions, sessions.Shards, p.MaxSessions)
-	}
-	if time.Duration(p.Hold) > maxHold || time.Duration(p.SlowStart) > maxSlowStart {
-		return fmt.Errorf("hold must be at most %s and slow_start at most %s, got %s and %s",
-			maxHold, maxSlowStart, time.Duration(p.Hold), time.Duration(p.SlowStart))
-	}
-	for i := range p.Keys {
-		if k := &p.Keys[i]; !p.DisablePinCookie && k.From == "cookie" && k.Name == p.PinCookie {
-			return fmt.Errorf("key cookie %s: that is the pin cookie's name; key on the app's session cookie, or rename the pin with pin_cookie <name>", k.Name)
-		}
-	}
-	for i, w := range p.Weights {
-		if w < 0 {
-			return fmt.Errorf("weights: weight %d (upstream %d) is negative", w, i+1)
-		}
-	}
-	if p.Hold < 0 || p.SlowStart < 0 {
-		return errors.New("hold and slow_start must not be negative")
-	}
-	if p.BalanceFactor != 0 {
-		if !(p.BalanceFactor > 1) || math.IsInf(p.BalanceFactor, 0) {
-			return fmt.Errorf("balance_factor must be more than 1, got %v", p.BalanceFactor)
-		}
-		if len(p.Keys) == 0 {
-			return errors.New("balance_factor needs at least one key: live sessions are counted in the session table")
-		}
-	}
-	if len(p.TomcatRoutes) > 0 {
-		if !p.readsTomcatRoutes() {
-			return errors.New(errTomcatRouteKey)
-		}
-		for route, dial := range p.TomcatRoutes {
-			if route == "" || dial == "" {
-				return fmt.Errorf("tomcat_route: route %q and upstream %q must both be given", route, dial)
-			}
-		}
-	}
-	if err := p.Store.Validate(); err != nil {
-		return err
-	}
-	if p.Probe != nil {
-		if err := p.Probe.Validate(); err != nil {
-			return err // it says "probe: ..." itself
-		}
-	}
-	return nil
-}
-
 // Cleanup stops the policy's probe and lets go of the farm (the shared
 // session table) and the state syncer.
 func (p *Policy) Cleanup() error {
-	if p.releaseSyncer != nil {
-		p.releaseSyncer()
-	}
 	if p.farm != nil {
 		p.farm.release(p)
 		p.farm = nil
@@ -396,21 +300,6 @@ const (
 // are HMACs, which a short secret lets a client forge by brute force.
 const minSecretLen = 16
 
-// errTomcatRouteKey is the error for tomcat_route lines without a key
-// that carries a Java session id.
-const errTomcatRouteKey = "tomcat_route needs a `key cookie` or `key path_param` line: the route is read from that session id"
-
-// readsTomcatRoutes reports whether a key of the policy carries a Java
-// session id, from which tomcat_route reads the route.
-func (p *Policy) readsTomcatRoutes() bool {
-	for i := range p.Keys {
-		if kk := kindNamed(p.Keys[i].From); kk != nil && kk.tomcatRoute {
-			return true
-		}
-	}
-	return false
-}
-
 // validCookieName reports whether s is a cookie name: an RFC 6265
 // cookie-name is an RFC 7230 token, the same rule as a header field name.
 func validCookieName(s string) bool { return httpguts.ValidHeaderFieldName(s) }
@@ -428,31 +317,14 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 		return nil
 	}
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
-	// An upstream that failed this very request is not selectable on
-	// the retry, even if Caddy's health checks have not caught up.
 	var budget sessions.Budget
 	in := decideInput{failed: -1, now: sessions.Now(), budget: &budget}
-	if p.sessions.Scope() == 0 {
-		p.resolveScope(in.now)
-	}
-	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
-	if retry {
-		in.failed = ps.index(prev)
-	}
-	_, in.learning = vars[learnVar].(*learnWriter)
-	if p.DisablePinCookie && p.learns && !in.learning {
-		p.noteMissingLearner()
-	}
 	var keyBuf [maxKeys]uint64
+	var d decision
 	// first is its own variable: it goes into the request vars, and
 	// passing in.first there would move all of in, and keyBuf with it, to
 	// the heap.
-	keys, first := p.requestKeys(r, &keyBuf, in.learning)
-	in.keys, in.first = keys, first
-	in.conn = r.RemoteAddr
-
-	var d decision
-	p.decide(ps, r, &in, &d)
+	in, first, retry := p.look(ps, r, vars, in, &keyBuf, &d)
 	p.count(&d)
 	p.tell(vars, ps, &d, first)
 	if d.chosen < 0 {
@@ -473,6 +345,35 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// interval): a live session's pin never gets old.
 	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh)
 	return p.chosen(ps, d.chosen, r, w, issuePin, retry, &in)
+}
+
+// look decides where request r goes: what Select and the lookup
+// endpoint both ask, so that they agree by construction. With in.dry it
+// writes nothing (decide slides no entry and notes no trouble, and no
+// warning is noted); Select then acts on the decision (Policy.Select),
+// the lookup words it (Explain). It returns the source of the request's
+// first key and whether the request is a retry. in comes and goes by
+// value: through a pointer, the key hashes (in keyBuf) would go to the
+// heap, and the pinned path allocates nothing.
+func (p *Policy) look(ps *poolState, r *http.Request, vars map[string]any, in decideInput, keyBuf *[maxKeys]uint64, d *decision) (decideInput, *KeySource, bool) {
+	if p.sessions.Scope() == 0 {
+		p.resolveScope(in.now)
+	}
+	// An upstream that failed this very request is not selectable on
+	// the retry, even if Caddy's health checks have not caught up.
+	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
+	if retry {
+		in.failed = ps.index(prev)
+	}
+	_, in.learning = vars[learnVar].(*learnWriter)
+	if !in.dry && p.DisablePinCookie && p.learns && !in.learning {
+		p.noteMissingLearner()
+	}
+	keys, first := p.requestKeys(r, keyBuf, in.learning)
+	in.keys, in.first = keys, first
+	in.conn = r.RemoteAddr
+	p.decide(ps, r, &in, d)
+	return in, first, retry
 }
 
 // noteMissingLearner records, and logs once, that the policy serves
@@ -520,20 +421,7 @@ func (p *Policy) count(d *decision) {
 	if d.skippedLoad && d.chosen >= 0 {
 		metrics.overloadSkip.Inc()
 	}
-	switch d.outcome() {
-	case outcomeHeld:
-		metrics.held.Inc()
-	case outcomeNone:
-		metrics.noUpstream.Inc()
-	case outcomeRoute, outcomePin, outcomeTable:
-		metrics.pinned.Inc()
-	case outcomeFailover:
-		metrics.failover.Inc()
-	case outcomeOverflow:
-		metrics.overflow.Inc()
-	default:
-		metrics.placed.Inc()
-	}
+	metrics.byOutcome[d.outcome()].Inc()
 }
 
 // The request vars Select leaves for placeholders, so that access logs,

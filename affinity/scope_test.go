@@ -27,10 +27,11 @@ func TestNamespacesKnownAtProvision(t *testing.T) {
 	// Free ports are picked, then bound by Caddy: another test's server
 	// may take one in between; try again then.
 	var err error
-	for range 3 {
+	for range 5 {
 		if err = caddy.Load(namespacesConfig(t), true); err == nil {
 			break
 		}
+		t.Logf("loading the config: %v; again on other ports", err)
 	}
 	if err != nil {
 		t.Fatal(err)

@@ -22,9 +22,7 @@ var subcommands = []func() *cobra.Command{
 	demoCommand,
 	statusCommand,
 	lookupCommand,
-	drainCommand,
-	maintenanceCommand,
-	upCommand,
+	// and a command per lifecycle state (operate.go's stateCommands)
 }
 
 func init() {

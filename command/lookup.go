@@ -28,8 +28,8 @@ with the upstreams it passed over. Nothing changes: the entry's expiry
 does not slide.
 
 The argument is a key value, read as each proxy's first key (--source
-and --name pick another: cookie, header, query, client_ip, path_param,
-aspnet_cookieless; --source pin reads it as a pin cookie), or a whole
+and --name pick another: ` + keySourceNames() + `;
+--source pin reads it as a pin cookie), or a whole
 Cookie header as a browser sends it ('Cookie: a=1; caddy_affinity=...'
 or 'a=1; b=2'): then each cookie is looked up by its name, the pin
 cookie first, as a request would be decided.
@@ -55,6 +55,15 @@ cookie first, as a request would be decided.
 	cmd.Flags().String("name", "", "The cookie, header or query name of --source")
 	cmd.Flags().Bool("json", false, "Print the admin API's JSON")
 	return cmd
+}
+
+// keySourceNames lists the kinds of key source (affinity.KeyKinds).
+func keySourceNames() string {
+	var names []string
+	for _, k := range affinity.KeyKinds() {
+		names = append(names, k.Name)
+	}
+	return strings.Join(names, ", ")
 }
 
 // lookupQuery is one lookup to ask: a value, read as source and name.

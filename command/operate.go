@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -19,16 +20,18 @@ import (
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
 	"github.com/caddy-affinity/caddy-affinity/adminapi"
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
-// The operator commands: `caddy affinity status|drain|maintenance|up`.
+// The operator commands: `caddy affinity status` and one per lifecycle
+// state (drain, maintenance, up: healthcheck.States).
 // They talk to a running Caddy's admin API (GET /affinity/upstreams,
 // POST /affinity/upstreams/state) the way `caddy stop` and `caddy reload`
 // do: the address comes from --address, else from the admin block of
 // --config, else Caddy's default (localhost:2019).
 
 // upstreamStatus is one upstream as GET /affinity/upstreams lists it
-// (healthcheck.UpstreamStatus, decoded loosely so that this command keeps
+// (adminapi.UpstreamStatus, decoded loosely so that this command keeps
 // working against a server with more fields).
 type upstreamStatus struct {
 	Upstream string  `json:"upstream"`
@@ -114,13 +117,31 @@ func printWarnings(ctx context.Context, out io.Writer, addr string) {
 	}
 }
 
-// stateCommand builds `caddy affinity drain|maintenance|up <upstream>`.
-func stateCommand(verb, state, short, long string) func() *cobra.Command {
-	return func() *cobra.Command {
-		cmd := &cobra.Command{
-			Use:   verb + " [--address <admin>] [--config <file>] <upstream>",
-			Short: short,
-			Long: long + `
+// stateCommands build a `caddy affinity <verb> <upstream>` subcommand
+// for every lifecycle state (healthcheck.States): drain, maintenance, up.
+func stateCommands() []func() *cobra.Command {
+	cmds := make([]func() *cobra.Command, len(healthcheck.States))
+	for i, st := range healthcheck.States {
+		cmds[i] = func() *cobra.Command { return stateCommand(st) }
+	}
+	return cmds
+}
+
+func init() { subcommands = append(subcommands, stateCommands()...) }
+
+// stateCommand builds `caddy affinity <verb> <upstream>` for state st.
+func stateCommand(st healthcheck.StateInfo) *cobra.Command {
+	long := "\n" + st.Help + "\n"
+	if st.Drains() {
+		long += `With --wait, the command waits for it to be drained and fails if it
+is not in time, so that a deploy script can go on with
+'` + st.Verb + ` --wait 30m <upstream> && stop the worker'.
+`
+	}
+	cmd := &cobra.Command{
+		Use:   st.Verb + " [--address <admin>] [--config <file>] <upstream>",
+		Short: st.Short,
+		Long: long + `
 <upstream> is the dial address as listed by 'caddy affinity status'
 (127.0.0.1:9001); a unique suffix of it, such as :9001 or 9001, will do.
 The state applies to every affinity proxy of that Caddy dialing the
@@ -130,50 +151,22 @@ reloads. The command prints the upstream's new status.
 The admin API address is --address, else the one in --config's admin
 block, else localhost:2019.
 `,
-			Args: cobra.ExactArgs(1),
-			RunE: func(cmd *cobra.Command, args []string) error {
-				addr, err := adminAddress(cmd)
-				if err != nil {
-					return err
-				}
-				wait, _ := cmd.Flags().GetDuration("wait")
-				return setState(cmd.Context(), cmd.OutOrStdout(), addr, args[0], state, wait)
-			},
-		}
-		addAdminFlags(cmd)
-		if state == "draining" {
-			cmd.Flags().Duration("wait", 0, "Wait up to this long (e.g. 10m) for the upstream to be drained; fail if it is not")
-		}
-		return cmd
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			addr, err := adminAddress(cmd)
+			if err != nil {
+				return err
+			}
+			wait, _ := cmd.Flags().GetDuration("wait")
+			return setState(cmd.Context(), cmd.OutOrStdout(), addr, args[0], st, wait)
+		},
 	}
+	addAdminFlags(cmd)
+	if st.Drains() {
+		cmd.Flags().Duration("wait", 0, "Wait up to this long (e.g. 10m) for the upstream to be drained; fail if it is not")
+	}
+	return cmd
 }
-
-var (
-	drainCommand = stateCommand("drain", "draining",
-		"Drains an upstream: it keeps its sessions and takes no new ones",
-		`
-Puts an upstream in the draining state: the sessions pinned to it stay
-there, new sessions go to the other upstreams, and once its last session
-has ended (session_ttl after its last request) it is drained: it can be
-stopped or deployed without cutting a session. With --wait, the command
-waits for that and fails if it does not happen in time, so that a deploy
-script can go on with 'drain --wait 30m <upstream> && stop the worker'.
-`)
-	maintenanceCommand = stateCommand("maintenance", "maintenance",
-		"Takes an upstream out of service now: its sessions fail over",
-		`
-Puts an upstream in maintenance: it takes no request at all. Its
-sessions fail over on their next request, once, and stay where they
-land, also when the upstream comes back.
-`)
-	upCommand = stateCommand("up", "up",
-		"Puts an upstream back in service",
-		`
-Puts an upstream back in the up state: it takes new sessions again
-(ramped under slow_start) and serves the sessions still pinned to it.
-Sessions that failed over away from it stay where they are.
-`)
-)
 
 // addAdminFlags adds the flags that find the admin API, as `caddy stop`
 // has them.
@@ -212,13 +205,13 @@ func listUpstreams(ctx context.Context, addr string, all bool) ([]upstreamStatus
 
 // setState resolves the upstream, sets its state and prints the result;
 // for a drain with wait > 0 it then waits until the upstream is drained.
-func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait time.Duration) error {
+func setState(ctx context.Context, out io.Writer, addr, arg string, st healthcheck.StateInfo, wait time.Duration) error {
 	ups, err := listUpstreams(ctx, addr, true)
 	if err != nil {
 		return err
 	}
 	dial := resolveUpstream(ups, arg)
-	body, _ := json.Marshal(map[string]string{"upstream": dial, "state": state})
+	body, _ := json.Marshal(map[string]string{"upstream": dial, "state": st.Name})
 	var u upstreamStatus
 	if err := adminCall(ctx, addr, http.MethodPost, adminapi.StatePath, body, &u); err != nil {
 		return err
@@ -227,7 +220,7 @@ func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait 
 	if err := printTable(out, []upstreamStatus{u}, time.Now()); err != nil {
 		return err
 	}
-	if state != "draining" || wait <= 0 || u.Drained {
+	if !st.Drains() || wait <= 0 || u.Drained {
 		return nil
 	}
 	// Session counts are exact when read; once a second is often enough.
@@ -251,8 +244,8 @@ func setState(ctx context.Context, out io.Writer, addr, arg, state string, wait 
 		switch {
 		case !listed:
 			return fmt.Errorf("%s is no longer listed by the admin API (removed from the config?): cannot wait for it to drain", dial)
-		case v.State != "draining":
-			return fmt.Errorf("%s is %s now, no longer draining: someone changed its state", dial, v.State)
+		case v.State != st.Name:
+			return fmt.Errorf("%s is %s now, no longer %s: someone changed its state", dial, v.State, st.Name)
 		case v.Drained:
 			fmt.Fprintf(out, "%s is drained: no session left\n", dial)
 			return nil
@@ -295,16 +288,18 @@ func resolveUpstream(ups []upstreamStatus, arg string) string {
 
 // describeChange says what the new state means, in a line.
 func describeChange(u upstreamStatus) string {
-	switch u.State {
-	case "draining":
-		if u.Drained {
-			return fmt.Sprintf("%s is now draining, and drained: it holds no session", u.Upstream)
-		}
-		return fmt.Sprintf("%s is now draining: it keeps its %d live sessions and takes no new ones", u.Upstream, u.Sessions)
-	case "maintenance":
-		return fmt.Sprintf("%s is now in maintenance: its sessions fail over on their next request", u.Upstream)
+	st, err := healthcheck.ParseState(u.State)
+	info, _ := st.Info()
+	switch {
+	case err != nil:
+		return fmt.Sprintf("%s is now %s", u.Upstream, u.State)
+	case u.Drained:
+		return fmt.Sprintf("%s is now %s, and drained: it holds no session", u.Upstream, info.Is)
+	case info.Now == "":
+		return fmt.Sprintf("%s is now %s", u.Upstream, info.Is)
 	}
-	return fmt.Sprintf("%s is now %s", u.Upstream, u.State)
+	now := strings.ReplaceAll(info.Now, "{sessions}", strconv.FormatInt(u.Sessions, 10))
+	return fmt.Sprintf("%s is now %s: %s", u.Upstream, info.Is, now)
 }
 
 // printTable writes the upstreams as an aligned table.
@@ -317,7 +312,7 @@ func printTable(out io.Writer, ups []upstreamStatus, now time.Time) error {
 			healthy = "NO"
 		}
 		drained := "-"
-		if u.State == "draining" {
+		if st, err := healthcheck.ParseState(u.State); err == nil && st.Drains() {
 			drained = "no"
 			if u.Drained {
 				drained = "yes"

@@ -13,6 +13,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
 func TestResolveUpstream(t *testing.T) {
@@ -83,7 +85,7 @@ func TestAdminCallErrors(t *testing.T) {
 	defer srv.Close()
 	addr := strings.TrimPrefix(srv.URL, "http://")
 	var out bytes.Buffer
-	err := setState(context.Background(), &out, addr, "9009", "draining", 0)
+	err := setState(context.Background(), &out, addr, "9009", healthcheck.States[healthcheck.Draining], 0)
 	if err == nil || err.Error() != `unknown upstream "9009"` {
 		t.Fatalf("unknown upstream: %v", err)
 	}
@@ -148,8 +150,54 @@ func TestDrainWaitStopsWhenTheUpstreamIsNoLongerListed(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var out bytes.Buffer
-	err := setState(ctx, &out, strings.TrimPrefix(srv.URL, "http://"), "9001", "draining", time.Hour)
+	err := setState(ctx, &out, strings.TrimPrefix(srv.URL, "http://"), "9001", healthcheck.States[healthcheck.Draining], time.Hour)
 	if err == nil || !strings.Contains(err.Error(), "no longer listed") {
 		t.Fatalf("got %v, want an error saying the upstream is no longer listed", err)
+	}
+}
+
+// TestStateCommandsFromTheTable: every lifecycle state, and one a test
+// adds to healthcheck.States, is a subcommand named by its verb, with
+// its help, and --wait where the state drains.
+func TestStateCommandsFromTheTable(t *testing.T) {
+	saved := healthcheck.States
+	t.Cleanup(func() { healthcheck.States = saved })
+	healthcheck.States = append(saved[:len(saved):len(saved)], healthcheck.StateInfo{
+		State: healthcheck.State(len(saved)), Name: "quarantine", Verb: "quarantine", Is: "quarantined",
+		Short: "Quarantines an upstream", Help: "Takes nothing, for a test.", KeepsPinned: true,
+	})
+	cmds := map[string]bool{}
+	for _, build := range stateCommands() {
+		cmd := build()
+		verb := strings.Fields(cmd.Use)[0]
+		cmds[verb] = true
+		var st healthcheck.StateInfo
+		for _, s := range healthcheck.States {
+			if s.Verb == verb {
+				st = s
+			}
+		}
+		if cmd.Short != st.Short || !strings.Contains(cmd.Long, st.Help) {
+			t.Errorf("%s: help is not its row's: %q", verb, cmd.Short)
+		}
+		if (cmd.Flags().Lookup("wait") != nil) != st.Drains() {
+			t.Errorf("%s: --wait offered %v, the state drains %v", verb, cmd.Flags().Lookup("wait") != nil, st.Drains())
+		}
+	}
+	for _, want := range []string{"drain", "maintenance", "up", "quarantine"} {
+		if !cmds[want] {
+			t.Errorf("no subcommand %s: %v", want, cmds)
+		}
+	}
+	for u, want := range map[upstreamStatus]string{
+		{Upstream: "u:1", State: "quarantine", Sessions: 2}:  "u:1 is now quarantined",
+		{Upstream: "u:1", State: "draining", Sessions: 3}:    "u:1 is now draining: it keeps its 3 live sessions and takes no new ones",
+		{Upstream: "u:1", State: "draining", Drained: true}:  "u:1 is now draining, and drained: it holds no session",
+		{Upstream: "u:1", State: "maintenance", Sessions: 3}: "u:1 is now in maintenance: its sessions fail over on their next request",
+		{Upstream: "u:1", State: "up"}:                       "u:1 is now up",
+	} {
+		if got := describeChange(u); got != want {
+			t.Errorf("describeChange: %q, want %q", got, want)
+		}
 	}
 }

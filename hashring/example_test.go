@@ -12,14 +12,13 @@ func Example() {
 		{Name: "10.0.0.2:8080", Weight: 1},
 		{Name: "10.0.0.3:8080", Weight: 2}, // twice the share of keys
 	}
-	var live hashring.Live
-	ring, _, err := live.Update(upstreams)
+	ring, err := hashring.New(upstreams)
 	if err != nil {
 		panic(err)
 	}
 
 	// Every process given these members sends a session to the same place.
-	key := hashring.HashString("session-4b1d")
+	key := hashring.HashStringSeed("session-4b1d", 1)
 	owner := ring.Lookup(key)
 	fmt.Println("owner:", upstreams[owner].Name)
 
@@ -34,12 +33,12 @@ func Example() {
 		return false
 	})
 
-	// Listing the same members in another order rebuilds nothing.
+	// Listing the same members in another order moves no key.
 	reordered := []hashring.Member{upstreams[2], upstreams[0], upstreams[1]}
-	ring, rebuilt, _ := live.Update(reordered)
-	fmt.Println("rebuilt:", rebuilt, "owner:", reordered[ring.Lookup(key)].Name)
+	ring, _ = hashring.New(reordered)
+	fmt.Println("owner:", reordered[ring.Lookup(key)].Name)
 	// Output:
 	// owner: 10.0.0.1:8080
 	// failover: 10.0.0.2:8080
-	// rebuilt: false owner: 10.0.0.1:8080
+	// owner: 10.0.0.1:8080
 }

@@ -2,17 +2,9 @@ package hashring
 
 import "github.com/zeebo/xxh3"
 
-// Hash returns the 64-bit xxh3 hash of b. It has no per-process seed, so
-// a key hashes the same everywhere, which is what keeps the mapping
-// identical across processes and machines.
-func Hash(b []byte) uint64 {
-	return xxh3.Hash(b)
-}
-
-// HashString returns Hash([]byte(s)) without converting s.
-func HashString(s string) uint64 {
-	return xxh3.HashString(s)
-}
+// Hashes have no per-process seed, so a key hashes the same everywhere,
+// which is what keeps the mapping identical across processes and
+// machines.
 
 // HashSeed returns the xxh3 hash of b with the given seed. Callers that
 // draw keys from several sources (cookie, header, client address) can use

@@ -85,7 +85,7 @@ type Member struct {
 // Ring is an immutable Maglev lookup table over a set of members. It is
 // safe for concurrent use. Member indexes in its API (results of Lookup
 // and Walk, arguments of Share and Member) are positions in the slice that
-// was given to New or Live.Update.
+// was given to New.
 type Ring struct {
 	// The fields below depend only on the member set, and are shared by
 	// rings that differ only in the order members were listed in.
@@ -438,31 +438,4 @@ func (r *Ring) Walk(h uint64, yield func(member int) bool) {
 // keys, owned by the member at index i. It panics if i is out of range.
 func (r *Ring) Share(i int) float64 {
 	return float64(r.owned[r.pos[i]]) / TableSize
-}
-
-// sameSet reports whether members is the ring's member set, in any order.
-// When it is, it also returns the caller's indexes in name order, or nil
-// when the order is the ring's own.
-func (r *Ring) sameSet(members []Member) (same bool, idx []uint16) {
-	if len(members) != len(r.members) {
-		return false, nil
-	}
-	if slices.Equal(members, r.members) {
-		return true, nil
-	}
-	// Find every member by name among the sorted ones. Equal lengths and
-	// no name found twice mean the sets are equal.
-	idx = make([]uint16, len(members))
-	found := make([]bool, len(members))
-	for i, m := range members {
-		p, ok := slices.BinarySearchFunc(r.sorted, m.Name, func(a Member, name string) int {
-			return strings.Compare(a.Name, name)
-		})
-		if !ok || found[p] || r.sorted[p].Weight != m.Weight {
-			return false, nil
-		}
-		found[p] = true
-		idx[p] = uint16(i)
-	}
-	return true, idx
 }

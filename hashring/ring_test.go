@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 )
 
@@ -579,98 +578,6 @@ func TestNoAllocs(t *testing.T) {
 	}
 }
 
-func TestLive(t *testing.T) {
-	var l Live
-	if l.Load() != nil {
-		t.Fatal("zero Live holds a Ring")
-	}
-	ms := upstreams(10)
-	r1, rebuilt, err := l.Update(ms)
-	if err != nil || !rebuilt || l.Load() != r1 {
-		t.Fatalf("first Update: rebuilt %v, err %v", rebuilt, err)
-	}
-	if r, rebuilt, _ := l.Update(slices.Clone(ms)); rebuilt || r != r1 {
-		t.Error("Update with the same members rebuilt or replaced the Ring")
-	}
-
-	// Another order: no rebuild, same table, indexes in the new order.
-	sh := slices.Clone(ms)
-	slices.Reverse(sh)
-	r2, rebuilt, err := l.Update(sh)
-	if err != nil || rebuilt {
-		t.Fatalf("reordered Update: rebuilt %v, err %v", rebuilt, err)
-	}
-	if r2.slots != r1.slots {
-		t.Error("reordered Update did not share the table")
-	}
-	for i := range sh {
-		if r2.Member(i) != sh[i] {
-			t.Fatalf("reordered Ring: Member(%d) = %v, want %v", i, r2.Member(i), sh[i])
-		}
-	}
-	for _, h := range keyHashes(8, 1000) {
-		if owner(r1, h) != owner(r2, h) {
-			t.Fatal("reordered Ring maps a key elsewhere")
-		}
-	}
-	if l.Load() != r2 {
-		t.Error("reordered Ring not stored")
-	}
-
-	// A weight change rebuilds.
-	sh[3].Weight = 2
-	r3, rebuilt, err := l.Update(sh)
-	if err != nil || !rebuilt || r3 == r2 || l.Load() != r3 {
-		t.Fatalf("weight change: rebuilt %v, err %v", rebuilt, err)
-	}
-	// So does a rename with equal length, and a duplicate is an error.
-	sh2 := slices.Clone(sh)
-	sh2[0].Name = "10.9.9.9:8080"
-	if _, rebuilt, _ := l.Update(sh2); !rebuilt {
-		t.Error("renamed member did not rebuild")
-	}
-	dup := slices.Clone(sh2)
-	dup[1] = dup[0]
-	if r, _, err := l.Update(dup); err == nil || r != nil {
-		t.Error("Update accepted a duplicate name")
-	}
-	if l.Load().Member(0).Name != "10.9.9.9:8080" {
-		t.Error("failed Update replaced the Ring")
-	}
-}
-
-// TestLiveConcurrent runs readers against updates, for the race detector.
-func TestLiveConcurrent(t *testing.T) {
-	var l Live
-	a, b := upstreams(8), upstreams(9)
-	if _, _, err := l.Update(a); err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	for g := range 2 {
-		wg.Go(func() {
-			for i := range 2000 {
-				r := l.Load()
-				m := r.Lookup(uint64(i*g) * 0x9e3779b97f4a7c15)
-				if m < 0 || m >= r.Len() {
-					t.Errorf("index %d out of range", m)
-					return
-				}
-			}
-		})
-	}
-	for i := range 6 {
-		ms := a
-		if i%2 == 1 {
-			ms = b
-		}
-		if _, _, err := l.Update(ms); err != nil {
-			t.Error(err)
-		}
-	}
-	wg.Wait()
-}
-
 // TestScheduleReference checks the table against a plain simulation of
 // the fill that populate describes: round after round, every member in
 // turn order (heavier first, then by name) examines one entry if its
@@ -741,3 +648,7 @@ func referenceSlots(r *Ring) []int {
 	}
 	return table
 }
+
+// Hash and HashString hash test keys without a seed.
+func Hash(b []byte) uint64       { return HashSeed(b, 0) }
+func HashString(s string) uint64 { return HashStringSeed(s, 0) }

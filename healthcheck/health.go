@@ -6,10 +6,13 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 )
 
-// Verdict says whether an upstream may serve a session now and, if not,
-// why. It is the one place that combines Caddy's health verdict with the
-// lifecycle state, and its String is the one wording of why an upstream
-// cannot serve (logs, the failover log, the lookup, the status page).
+// Verdict says whether an upstream may take a request now and, if not,
+// why: the one reason type. Caddy's health verdict and the lifecycle
+// state (ForPinned, ForNew), the selection policy's gate on a pin and
+// its ring walk's declines (weight 0, slow start, the balance_factor
+// bound) are all Verdicts, and its String is the one wording of why an
+// upstream cannot take a request (logs, the failover log, the lookup,
+// the status page).
 type Verdict uint8
 
 const (
@@ -30,6 +33,13 @@ const (
 	// Removed: the proxy no longer has it (a reload removed it from the
 	// upstreams); its sessions move.
 	Removed
+	// ZeroWeight: its weight is 0; the ring gives it no new sessions.
+	ZeroWeight
+	// Ramping: it came back recently and, in slow start, takes only a
+	// share of the new sessions that reach it.
+	Ramping
+	// AtBound: it holds its balance_factor bound of live sessions.
+	AtBound
 )
 
 var verdictWords = [...]string{
@@ -40,6 +50,9 @@ var verdictWords = [...]string{
 	NoNewSessions: "draining",
 	InMaintenance: "maintenance",
 	Removed:       "removed: no longer in the proxy's upstreams",
+	ZeroWeight:    "weight 0",
+	Ramping:       "slow start",
+	AtBound:       "balance_factor: at its bound of live sessions",
 }
 
 // String says why an upstream cannot serve, for operators.
@@ -67,10 +80,10 @@ func (u *Upstream) ForNew(cu *reverseproxy.Upstream) Verdict {
 	if v := caddyVerdict(cu); v != Serves {
 		return v
 	}
-	switch u.State() {
-	case Up:
+	switch st := u.State(); {
+	case st.AcceptsNew():
 		return Serves
-	case Draining:
+	case st.AcceptsPinned():
 		return NoNewSessions
 	}
 	return InMaintenance
@@ -142,9 +155,24 @@ func (u *Upstream) Holds(now time.Time, hold time.Duration) bool {
 }
 
 // WouldHold is Holds without noting anything: whether a session pinned
-// to the upstream would wait for it, for explanations.
-func (u *Upstream) WouldHold(hold time.Duration) bool {
-	return hold > 0 && u.State().AcceptsPinned()
+// to the upstream would wait for it at now, for the lookup. It reads
+// the incident as Holds would find it: a report of trouble now either
+// goes on the current incident (within 2 × hold + TroubleGap of the last
+// one), whose age then decides, or starts a new one, which holds.
+func (u *Upstream) WouldHold(now time.Time, hold time.Duration) bool {
+	if hold <= 0 || !u.State().AcceptsPinned() {
+		return false
+	}
+	ns := now.UnixNano()
+	last := u.troubleLast.Load()
+	if last == 0 || ns-last > int64(2*hold+TroubleGap) {
+		return true // a new incident
+	}
+	start := u.troubleStart.Load()
+	if start == 0 || start > ns {
+		return true
+	}
+	return time.Duration(ns-start) < hold
 }
 
 // MarkBack records that the upstream just became able to take new

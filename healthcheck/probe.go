@@ -518,6 +518,32 @@ func unwatch(k watchKey, u *Upstream, grace time.Duration) {
 	watchers.pending[k] = t
 }
 
+// RunPendingUndrains undoes now the drains that wait for their grace
+// (see unwatch), and reports how many there were: the affinity farm,
+// which owns the module's background work, calls it when it stops, so
+// that no timer outlives it and no upstream stays drained by a probe
+// nobody runs any more.
+func RunPendingUndrains() int {
+	watchers.mu.Lock()
+	defer watchers.mu.Unlock()
+	n := 0
+	for k, t := range watchers.pending {
+		if t.Stop() {
+			n++
+			k.reg.probeUndrain(k.reg.get(k.dial), reasonProbeStopped)
+		}
+		delete(watchers.pending, k)
+	}
+	return n
+}
+
+// PendingUndrains is how many drains wait for their grace to be undone.
+func PendingUndrains() int {
+	watchers.mu.Lock()
+	defer watchers.mu.Unlock()
+	return len(watchers.pending)
+}
+
 func acquireProber(reg *registry, cfg Probe, dial string, logger *zap.Logger) (*prober, error) {
 	k := proberKey{reg: reg, dial: dial, cfg: cfg.key()}
 	v, _, err := probers.LoadOrNew(k, func() (caddy.Destructor, error) {

@@ -23,6 +23,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +36,8 @@ import (
 // State is an upstream's lifecycle state, set by an operator (admin API)
 // or by the upstream itself (drain probe). Health (Caddy's active and
 // passive checks) is separate: an upstream in state Up may still be down.
+// What a state means and how it is named, offered and worded everywhere
+// (admin API, CLI, status page, metrics, verdicts) is its row of States.
 type State uint32
 
 const (
@@ -48,24 +51,114 @@ const (
 	Maintenance
 )
 
-var stateNames = [...]string{Up: "up", Draining: "draining", Maintenance: "maintenance"}
+// StateInfo is everything said of one lifecycle state. Adding a state is
+// adding a constant and its row to States.
+type StateInfo struct {
+	State State `json:"-"`
+	// Name is the state's name in the admin API, storage and logs.
+	Name string `json:"name"`
+	// Verb is the `caddy affinity <verb> <upstream>` subcommand and the
+	// status page's button that put an upstream in the state.
+	Verb string `json:"verb"`
+	// Short is the subcommand's one-line help.
+	Short string `json:"-"`
+	// Help says what the state does, for the subcommand's help and the
+	// status page's legend.
+	Help string `json:"help"`
+	// TakesNew: the upstream may be given a session it has not seen
+	// before. KeepsPinned: it serves the sessions already pinned to it.
+	TakesNew    bool `json:"takes_new"`
+	KeepsPinned bool `json:"keeps_pinned"`
+	// Is is how the state reads after "<upstream> is now": "in
+	// maintenance".
+	Is string `json:"is"`
+	// Now words what the change means, after "<upstream> is now <Is>: ";
+	// {sessions} stands for the upstream's live sessions. Empty for
+	// nothing more.
+	Now string `json:"now,omitempty"`
+	// Colour is how the status page shows it: "ok", "warn" or "bad".
+	Colour string `json:"colour"`
+	// Confirm is the question the status page asks before the change;
+	// empty for none.
+	Confirm string `json:"confirm,omitempty"`
+}
+
+// Drains reports whether an upstream in state s empties as its sessions
+// end (see StateInfo.Drains).
+func (s State) Drains() bool { i, _ := s.Info(); return i.Drains() }
+
+// Drains reports whether an upstream in the state empties as its
+// sessions end (keeps them, takes no new ones): it is drained once it
+// holds none, and can be waited for.
+func (i StateInfo) Drains() bool { return i.KeepsPinned && !i.TakesNew }
+
+// States is every lifecycle state, in order of their values.
+var States = []StateInfo{
+	{
+		State: Up, Name: "up", Verb: "up", Is: "up", Colour: "ok",
+		Short:    "Puts an upstream back in service",
+		TakesNew: true, KeepsPinned: true,
+		Help: `Puts an upstream back in the up state: it takes new sessions again
+(ramped under slow_start) and serves the sessions still pinned to it.
+Sessions that failed over away from it stay where they are.`,
+	},
+	{
+		State: Draining, Name: "draining", Verb: "drain", Is: "draining", Colour: "warn",
+		Short:       "Drains an upstream: it keeps its sessions and takes no new ones",
+		KeepsPinned: true,
+		Now:         "it keeps its {sessions} live sessions and takes no new ones",
+		Help: `Puts an upstream in the draining state: the sessions pinned to it stay
+there, new sessions go to the other upstreams, and once its last session
+has ended (session_ttl after its last request) it is drained: it can be
+stopped or deployed without cutting a session.`,
+	},
+	{
+		State: Maintenance, Name: "maintenance", Verb: "maintenance", Is: "in maintenance", Colour: "bad",
+		Short:   "Takes an upstream out of service now: its sessions fail over",
+		Now:     "its sessions fail over on their next request",
+		Confirm: "Its sessions fail over on their next request and stay where they land.",
+		Help: `Puts an upstream in maintenance: it takes no request at all. Its
+sessions fail over on their next request, once, and stay where they
+land, also when the upstream comes back.`,
+	},
+}
+
+// Info returns the state's row of States.
+func (s State) Info() (StateInfo, bool) {
+	if int(s) < len(States) {
+		return States[s], true
+	}
+	return StateInfo{}, false
+}
 
 // String returns the state's name as used in the admin API.
 func (s State) String() string {
-	if int(s) < len(stateNames) {
-		return stateNames[s]
+	if i, ok := s.Info(); ok {
+		return i.Name
 	}
 	return fmt.Sprintf("state(%d)", uint32(s))
 }
 
+// StateNames lists the states' names: "up, draining or maintenance".
+func StateNames(sep, last string) string {
+	names := make([]string, len(States))
+	for i, st := range States {
+		names[i] = st.Name
+	}
+	if len(names) == 1 {
+		return names[0]
+	}
+	return strings.Join(names[:len(names)-1], sep) + last + names[len(names)-1]
+}
+
 // ParseState parses a state name ("up", "draining", "maintenance").
 func ParseState(name string) (State, error) {
-	for i, n := range stateNames {
-		if n == name {
-			return State(i), nil
+	for _, i := range States {
+		if i.Name == name {
+			return i.State, nil
 		}
 	}
-	return 0, fmt.Errorf("unknown state %q: want one of up, draining, maintenance", name)
+	return 0, fmt.Errorf("unknown state %q: want one of %s", name, StateNames(", ", ", "))
 }
 
 // MarshalJSON writes the state's name.
@@ -87,11 +180,12 @@ func (s *State) UnmarshalJSON(b []byte) error {
 
 // AcceptsNew reports whether an upstream in this state may be given a
 // session it has not seen before.
-func (s State) AcceptsNew() bool { return s == Up }
+// (On the request path: an indexed load, no copy of the row.)
+func (s State) AcceptsNew() bool { return int(s) < len(States) && States[s].TakesNew }
 
 // AcceptsPinned reports whether an upstream in this state may go on
 // serving the sessions already pinned to it.
-func (s State) AcceptsPinned() bool { return s == Up || s == Draining }
+func (s State) AcceptsPinned() bool { return int(s) < len(States) && States[s].KeepsPinned }
 
 // Upstream is the affinity-specific record of one dial address. Its
 // methods are safe for concurrent use; reads on the request path are

@@ -109,6 +109,15 @@ func TestBadCaddyfile(t *testing.T) {
 		{"store redis cluster node without port", []string{"key cookie " + appCookie, "store redis {", "!cluster 10.0.0.1", "}"}, []string{"cluster", "10.0.0.1"}},
 		{"store redis db on a cluster", []string{"key cookie " + appCookie, "!store redis {", "cluster 10.0.0.1:6379", "db 2", "}"}, []string{"database 0"}},
 		{"store redis address and cluster", []string{"key cookie " + appCookie, "!store redis 10.0.0.1:6379 {", "cluster 10.0.0.2:6379", "}"}, []string{"not several"}},
+		// Rules of the config (Validate), reported at the line that breaks them.
+		{"pin cookie is a default key's cookie", []string{"secret s3cr3t", "!pin_cookie JSESSIONID"}, []string{"pin_cookie JSESSIONID", "platform_cookies"}},
+		{"pin cookie is a key's cookie", []string{"!key cookie sid", "pin_cookie sid"}, []string{"key cookie sid", "pin cookie sid"}},
+		{"key none with the pin cookie off", []string{"key none", "!pin_cookie off"}, []string{"pin_cookie off", "key none"}},
+		{"max_sessions beyond its bound", []string{"key cookie " + appCookie, "!max_sessions 99999999999999"}, []string{"max_sessions", "99999999999999"}},
+		{"balance_factor beyond its bound", []string{"key cookie " + appCookie, "!balance_factor 1e308", "session_ttl 10m"}, []string{"balance_factor", "at most 100"}},
+		{"session_ttl too long", []string{"!session_ttl 400d"}, []string{"session_ttl", "8760h"}},
+		{"tomcat_route without a session id key", []string{"key header X-Session", "!tomcat_route n1 127.0.0.1:9001"}, []string{"tomcat_route", "key cookie"}},
+		{"secure auto with same_site none", []string{"pin_cookie {", "\tsame_site none", "!\tsecure auto", "}"}, []string{"secure always"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -140,5 +149,39 @@ func TestBadCaddyfile(t *testing.T) {
 			}
 			t.Logf("%s", strings.TrimSpace(stderr))
 		})
+	}
+}
+
+// TestHoldNeedsTryDuration: hold waits for its upstream by Caddy's
+// retries, so a reverse_proxy without lb_try_duration cannot hold. The
+// policy's parser sees only its own block, so the check runs when the
+// config loads: `caddy validate` fails with the fix, and passes once
+// lb_try_duration is there.
+func TestHoldNeedsTryDuration(t *testing.T) {
+	needCaddy(t)
+	text, _ := badSite("key cookie "+appCookie, "hold 10s")
+	dir := t.TempDir()
+	file := filepath.Join(dir, "Caddyfile")
+	if _, stderr, err := adapt(t, file, text); err != nil {
+		t.Fatalf("caddy adapt: %v\n%s", err, stderr)
+	}
+	validate := func() (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, caddyBin, "validate", "--config", file, "--adapter", "caddyfile")
+		cmd.Env = isolatedEnv(dir)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	out, err := validate()
+	if err == nil || !strings.Contains(out, "lb_try_duration 10s") {
+		t.Fatalf("caddy validate of hold without lb_try_duration: %v, want an error giving the fix (lb_try_duration 10s):\n%s", err, out)
+	}
+	text = strings.Replace(text, "lb_retries 2", "lb_retries 2\n\t\tlb_try_duration 10s", 1)
+	if err := os.WriteFile(file, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := validate(); err != nil {
+		t.Fatalf("caddy validate with lb_try_duration: %v\n%s", err, out)
 	}
 }
