@@ -2,6 +2,8 @@ package tests
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -93,6 +95,14 @@ func TestStoreRedisStatesAcrossInstances(t *testing.T) {
 		t.Errorf("the instances disagree on who set the drain: %q vs %q", a.By, b.By)
 	}
 
+	// The status page of instance two says who set it and when.
+	if o := lastOrderOf(t, two, victim.addr); o != nil {
+		status, page, err := statusPageHTML(two.Admin)
+		if want := "draining set on " + o.By + " at " + o.At; err != nil || status != http.StatusOK || !strings.Contains(page, want) {
+			t.Errorf("caddy two's status page (%d, %v) lacks %q", status, err, want)
+		}
+	}
+
 	// Instance one served no request: the sessions on the victim are
 	// instance two's, and it knows them only through the store's count.
 	// drain --wait through instance one waits for them, so it fails.
@@ -116,6 +126,22 @@ func TestStoreRedisStatesAcrossInstances(t *testing.T) {
 	if back > 2*time.Second {
 		t.Errorf("instance one saw up after %s, want within 2 s", back)
 	}
+}
+
+// statusPageHTML returns the status page as a browser gets it.
+func statusPageHTML(admin string) (int, string, error) {
+	req, err := http.NewRequest(http.MethodGet, admin+"/affinity/", nil)
+	if err != nil {
+		return 0, "", err
+	}
+	req.Header.Set("Accept", "text/html")
+	resp, err := adminClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
 }
 
 // everyUntil runs fn every interval until stop is closed, then done.
