@@ -144,6 +144,13 @@ func statusPageHTML(admin string) (int, string, error) {
 	return resp.StatusCode, string(b), err
 }
 
+// nextInstance returns the instance of c's next visit: each visit on
+// the next of ps. (rotate steps by two a visit, visits and trail both
+// growing: with two instances a client never changes instance.)
+func nextInstance(c *client, ps []*caddyProc) *caddyProc {
+	return ps[(c.id+len(c.trail))%len(ps)]
+}
+
 // everyUntil runs fn every interval until stop is closed, then done.
 func everyUntil(stop <-chan struct{}, interval time.Duration, done, fn func()) {
 	defer done()
@@ -187,11 +194,11 @@ func haFailover(t *testing.T, store string, kill func() time.Duration) {
 		startCaddySite(t, "ha1", learnSite(addrsOf(bs), "affinity_learn", policy)),
 		startCaddySite(t, "ha2", learnSite(addrsOf(bs), "affinity_learn", policy)),
 	}
-	before := rotate(newClients(t, 100), ps, 4, 25)
+	before := alternate(newClients(t, 100), ps, 4, 25)
 	expectClean(t, "100 new sessions alternating before the failover", before)
 
 	established := newClients(t, 150)
-	expectClean(t, "150 sessions established (a visit on each instance)", rotate(established, ps, 2, 25))
+	expectClean(t, "150 sessions established (a visit on each instance)", alternate(established, ps, 2, 25))
 	time.Sleep(time.Second)
 
 	load := newStats()
@@ -203,7 +210,7 @@ func haFailover(t *testing.T, store string, kill func() time.Duration) {
 		go func() {
 			defer wg.Done()
 			for c := range next {
-				load.record(c, c.visit(ps[(c.id+c.visits+len(c.trail))%len(ps)].URL))
+				load.record(c, c.visit(nextInstance(c, ps).URL))
 				time.Sleep(5 * time.Millisecond)
 			}
 		}()
@@ -246,7 +253,7 @@ func haFailover(t *testing.T, store string, kill func() time.Duration) {
 	}
 
 	after := newClients(t, 100)
-	s := rotate(after, ps, 4, 25)
+	s := alternate(after, ps, 4, 25)
 	expectClean(t, "100 new sessions alternating after the promotion", s)
 	for i, p := range ps {
 		if n := strings.Count(p.out.String(), "panic"); n != 0 {
