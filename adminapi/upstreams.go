@@ -26,6 +26,11 @@ type UpstreamStatus struct {
 	// admin API, here or on an instance sharing storage), "probe" (the
 	// drain probe), or empty (never changed).
 	SetBy string `json:"set_by,omitempty"`
+	// LastOrder is the last state an operator set for the upstream
+	// (through this instance's admin API, or one sharing its Caddy
+	// storage or its store redis): which state, which instance took it
+	// and when. Absent when no operator ever set one.
+	LastOrder *OrderStatus `json:"last_order,omitempty"`
 	// Healthy is Caddy's health verdict (active and passive checks), read
 	// when the answer is made.
 	Healthy bool `json:"healthy"`
@@ -55,6 +60,17 @@ type UpstreamStatus struct {
 	LastUsed *string `json:"last_used,omitempty"`
 }
 
+// OrderStatus is an operator's last order, as the admin API shows it.
+type OrderStatus struct {
+	// State is the state the operator asked for.
+	State healthcheck.State `json:"state"`
+	// By names the instance whose admin API took it: host name / Caddy
+	// instance ID.
+	By string `json:"by"`
+	// At is when (RFC 3339 with milliseconds, UTC).
+	At string `json:"at"`
+}
+
 // statusOf returns the upstream as the admin API shows it.
 func statusOf(u *healthcheck.Upstream) UpstreamStatus {
 	st := u.State()
@@ -67,7 +83,11 @@ func statusOf(u *healthcheck.Upstream) UpstreamStatus {
 		Requests: u.Requests(),
 	}
 	info, _ := st.Info()
-	s.Drained = info.Drains() && s.Sessions == 0
+	// Under store redis, drained only once the cluster's count says so.
+	s.Drained = info.Drains() && s.Sessions == 0 && affinity.ClusterCountKnown(u.ID)
+	if o, ok := u.LastOrder(); ok {
+		s.LastOrder = &OrderStatus{State: o.State, By: o.By, At: o.Since.UTC().Format("2006-01-02T15:04:05.000Z07:00")}
+	}
 	if t := u.Since(); !t.IsZero() {
 		v := t.UTC().Format(time.RFC3339)
 		s.Since = &v

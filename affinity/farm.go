@@ -383,6 +383,19 @@ func LiveSessions(id uint32) int64 {
 	return n
 }
 
+// ClusterCountKnown reports whether LiveSessions of the upstream is the
+// cluster's count: false while a shared store (store redis) using it has
+// not read the cluster's count yet, when the upstream may hold sessions
+// of other instances that this one does not know. `drained` needs it.
+func ClusterCountKnown(id uint32) bool {
+	f := liveFarm.Load()
+	if f == nil {
+		return true
+	}
+	u := healthcheck.ByID(id)
+	return u == nil || !f.store.ClusterCountPending(u.Dial)
+}
+
 // TableStats is the session table's size.
 type TableStats struct {
 	Entries   int    `json:"entries"`

@@ -16,7 +16,7 @@ func redisPolicy(t testing.TB, addr, instance string) *Policy {
 		Keys:             []KeySource{{From: "cookie", Name: "sid"}},
 		DisablePinCookie: true,
 		Scope:            instance,
-		Store:            &sessions.Config{Kind: sessions.KindRedis, Address: addr, KeyPrefix: "test-" + t.Name()},
+		Store:            &sessions.Config{Kind: sessions.KindRedis, RedisConn: sessions.RedisConn{Address: addr}, KeyPrefix: "test-" + t.Name()},
 	})
 }
 
@@ -27,6 +27,9 @@ func TestStoreRedisDown(t *testing.T) {
 	p := redisPolicy(t, rd.Addr, "down")
 	pool := testPool(t, 3)
 	rd.Stop()
+	// The circuit opens only once redisQuiet passed since the last
+	// success (opening the store reads the shared states, a success).
+	time.Sleep(300 * time.Millisecond)
 	errorsBefore := storeErrorCount(t, p)
 	start := time.Now()
 	for i := range 20 {
@@ -90,7 +93,7 @@ func BenchmarkStoreSelect(b *testing.B) {
 	for _, kind := range []string{sessions.KindLocal, sessions.KindRedis} {
 		store := &sessions.Config{Kind: kind}
 		if kind == sessions.KindRedis {
-			store = &sessions.Config{Kind: kind, Address: rd.Addr, KeyPrefix: "bench"}
+			store = &sessions.Config{Kind: kind, RedisConn: sessions.RedisConn{Address: rd.Addr}, KeyPrefix: "bench"}
 		}
 		p := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true,
 			Scope: "bench-" + kind, Store: store})
@@ -135,7 +138,7 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 		DisablePinCookie: true,
 		BalanceFactor:    1.05,
 		Scope:            "bf",
-		Store:            &sessions.Config{Kind: sessions.KindRedis, Address: rd.Addr, KeyPrefix: "test-" + t.Name()},
+		Store:            &sessions.Config{Kind: sessions.KindRedis, RedisConn: sessions.RedisConn{Address: rd.Addr}, KeyPrefix: "test-" + t.Name()},
 	})
 	const others, n = 600, 1800
 	// Another instance (a session store of its own, the same Redis and

@@ -2,6 +2,8 @@ package affinity
 
 import (
 	"context"
+	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -65,10 +67,14 @@ func TestStoreCaddyfile(t *testing.T) {
 		"store local":                      {Kind: "local"},
 		"store local {\n interval 10s\n }": {Kind: "local", Interval: caddy.Duration(10 * time.Second)},
 		"store memory":                     {Kind: "memory"},
-		"store redis 127.0.0.1:6379":       {Kind: "redis", Address: "127.0.0.1:6379"},
+		"store redis 127.0.0.1:6379":       {Kind: "redis", RedisConn: sessions.RedisConn{Address: "127.0.0.1:6379"}},
 		"store redis r:6379 {\n username u\n password {env.REDIS_PASSWORD}\n db 2\n tls\n key_prefix x\n timeout 20ms\n }": {
-			Kind: "redis", Address: "r:6379", Username: "u", Password: "{env.REDIS_PASSWORD}", DB: 2, TLS: true, KeyPrefix: "x",
-			Timeout: caddy.Duration(20 * time.Millisecond)},
+			Kind: "redis", KeyPrefix: "x", RedisConn: sessions.RedisConn{Address: "r:6379", Username: "u", Password: "{env.REDIS_PASSWORD}", DB: 2, TLS: true,
+				Timeout: caddy.Duration(20 * time.Millisecond)}},
+		"store redis {\n sentinel m 10.0.0.1:26379 10.0.0.2:26379\n sentinel_password sp\n password p\n key_prefix k\n }": {
+			Kind: "redis", KeyPrefix: "k", RedisConn: sessions.RedisConn{SentinelMaster: "m", Sentinels: []string{"10.0.0.1:26379", "10.0.0.2:26379"},
+				SentinelPassword: "sp", Password: "p"}},
+		"store redis {\n cluster a:1 b:2\n tls\n }": {Kind: "redis", RedisConn: sessions.RedisConn{Cluster: []string{"a:1", "b:2"}, TLS: true}},
 	}
 	for line, want := range good {
 		p, err := parse("affinity {\n key cookie sid\n " + line + "\n}")
@@ -76,7 +82,7 @@ func TestStoreCaddyfile(t *testing.T) {
 			t.Errorf("%q: %v", line, err)
 			continue
 		}
-		if p.Store == nil || *p.Store != want {
+		if p.Store == nil || !reflect.DeepEqual(*p.Store, want) {
 			t.Errorf("%q: got %+v, want %+v", line, p.Store, want)
 		}
 		if err := p.Store.Validate(); err != nil {
@@ -84,20 +90,25 @@ func TestStoreCaddyfile(t *testing.T) {
 		}
 	}
 	bad := map[string]string{
-		"store":                               "need a kind",
-		"store disk":                          "unknown kind",
-		"store local 1":                       "no arguments",
-		"store local {\n interval 10ms\n }":   "too short",
-		"store local {\n db 1\n }":            "unrecognized option",
-		"store memory {\n interval 1s\n }":    "takes no options",
-		"store redis":                         "need the server's address",
-		"store redis a:1 b:2":                 "takes one address",
-		"store redis a:1 {\n db -1\n }":       "db",
-		"store redis a:1 {\n timeout 1m\n }":  "too long",
-		"store redis a:1 {\n tls yes\n }":     "tls takes no value",
-		"store redis a:1 {\n db 1\n db 2\n }": "more than once",
-		"store redis a:1 {\n color blue\n }":  "unrecognized option",
-		"store local\n store memory":          "more than once",
+		"store":                                                 "need a kind",
+		"store disk":                                            "unknown kind",
+		"store local 1":                                         "no arguments",
+		"store local {\n interval 10ms\n }":                     "too short",
+		"store local {\n db 1\n }":                              "unrecognized option",
+		"store memory {\n interval 1s\n }":                      "takes no options",
+		"store redis":                                           "need where Redis is",
+		"store redis {\n sentinel m\n }":                        "need at least one sentinel",
+		"store redis {\n sentinel m a\n }":                      "not host:port",
+		"store redis a:1 {\n cluster b:2\n }":                   "not several",
+		"store redis {\n cluster a:1\n db 1\n }":                "only database 0",
+		"store redis {\n cluster a:1\n sentinel_password x\n }": "needs `sentinel",
+		"store redis a:1 b:2":                                   "takes one address",
+		"store redis a:1 {\n db -1\n }":                         "db",
+		"store redis a:1 {\n timeout 1m\n }":                    "too long",
+		"store redis a:1 {\n tls yes\n }":                       "tls takes no value",
+		"store redis a:1 {\n db 1\n db 2\n }":                   "more than once",
+		"store redis a:1 {\n color blue\n }":                    "unrecognized option",
+		"store local\n store memory":                            "more than once",
 	}
 	for line, want := range bad {
 		_, err := parse("affinity {\n key cookie sid\n " + line + "\n}")
@@ -105,7 +116,17 @@ func TestStoreCaddyfile(t *testing.T) {
 			t.Errorf("%q: error %v, want one with %q and the line", line, err, want)
 		}
 	}
-	for _, c := range []sessions.Config{{Kind: "disk"}, {Kind: "memory", Interval: 1}, {Kind: "local", Address: "x"}, {Kind: "redis"}} {
+	var fromJSON sessions.Config
+	if err := json.Unmarshal([]byte(`{"kind": "redis", "cluster": ["a:1", "b:2"], "password": "p", "key_prefix": "x"}`), &fromJSON); err != nil {
+		t.Fatal(err)
+	}
+	if want := (sessions.Config{Kind: "redis", KeyPrefix: "x", RedisConn: sessions.RedisConn{Cluster: []string{"a:1", "b:2"}, Password: "p"}}); !reflect.DeepEqual(fromJSON, want) {
+		t.Errorf("JSON: got %+v, want %+v", fromJSON, want)
+	}
+	if err := fromJSON.Validate(); err != nil {
+		t.Errorf("JSON: Validate: %v", err)
+	}
+	for _, c := range []sessions.Config{{Kind: "disk"}, {Kind: "memory", Interval: 1}, {Kind: "local", RedisConn: sessions.RedisConn{Address: "x"}}, {Kind: "redis"}} {
 		if err := c.Validate(); err == nil {
 			t.Errorf("%+v: valid", c)
 		}

@@ -105,6 +105,10 @@ func TestBadCaddyfile(t *testing.T) {
 		{"pin_cookie invalid name", []string{"!pin_cookie bad;name"}, []string{"pin_cookie"}},
 		{"secret without value", []string{"!secret"}, []string{"secret"}},
 		{"option given twice", []string{"session_ttl 10m", "!session_ttl 20m"}, []string{"session_ttl"}},
+		{"store redis sentinel without sentinels", []string{"key cookie " + appCookie, "store redis {", "!sentinel mymaster", "}"}, []string{"sentinel", "mymaster"}},
+		{"store redis cluster node without port", []string{"key cookie " + appCookie, "store redis {", "!cluster 10.0.0.1", "}"}, []string{"cluster", "10.0.0.1"}},
+		{"store redis db on a cluster", []string{"key cookie " + appCookie, "!store redis {", "cluster 10.0.0.1:6379", "db 2", "}"}, []string{"database 0"}},
+		{"store redis address and cluster", []string{"key cookie " + appCookie, "!store redis 10.0.0.1:6379 {", "cluster 10.0.0.2:6379", "}"}, []string{"not several"}},
 		// Rules of the config (Validate), reported at the line that breaks them.
 		{"pin cookie is a default key's cookie", []string{"secret s3cr3t", "!pin_cookie JSESSIONID"}, []string{"pin_cookie JSESSIONID", "platform_cookies"}},
 		{"pin cookie is a key's cookie", []string{"!key cookie sid", "pin_cookie sid"}, []string{"key cookie sid", "pin cookie sid"}},

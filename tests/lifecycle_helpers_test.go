@@ -42,6 +42,8 @@ type affinityUpstream struct {
 	Requests uint64  `json:"requests"`
 	Drained  bool    `json:"drained"`
 	Since    *string `json:"since"`
+	// LastOrder: who set the state, and when (issue 16).
+	LastOrder *orderStatus `json:"last_order"`
 }
 
 func (u affinityUpstream) String() string {

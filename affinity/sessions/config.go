@@ -2,11 +2,12 @@ package sessions
 
 import (
 	"fmt"
-	"strconv"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/caddy-affinity/caddy-affinity/internal/redisconn"
 )
 
 // Kinds of session store (Config.Kind).
@@ -43,13 +44,21 @@ const (
 // table to storage many times a second.
 const minStoreInterval = time.Second
 
+// RedisConn is how `store redis` reaches Redis: one server, Sentinel or
+// Cluster, with credentials, db, tls and timeout (package redisconn owns
+// these options, their checks and the client).
+type RedisConn = redisconn.Config
+
 // Config is where a policy's session memory lives besides the
 // process: the `store` option. The zero value is `store local`.
 //
 // JSON: {"kind": "local", "interval": "30s"}, {"kind": "memory"} or
-// {"kind": "redis", "address": "127.0.0.1:6379", "username": "...",
-// "password": "{env.REDIS_PASSWORD}", "db": 0, "tls": true,
-// "key_prefix": "caddy-affinity", "timeout": "500ms"}.
+// {"kind": "redis", "key_prefix": "caddy-affinity", ...} with the
+// connection's fields beside kind and key_prefix: one of
+// "address": "127.0.0.1:6379",
+// "sentinel_master": "mymaster", "sentinels": ["10.0.0.1:26379"] or
+// "cluster": ["10.0.0.1:6379", "10.0.0.2:6379"], and "username",
+// "password", "sentinel_password", "db", "tls", "timeout".
 type Config struct {
 	// Kind is "local" (default), "memory" or "redis".
 	Kind string `json:"kind,omitempty"`
@@ -58,24 +67,17 @@ type Config struct {
 	// storage while it changes, besides on shutdown. Default 30s.
 	Interval caddy.Duration `json:"interval,omitempty"`
 
-	// Address (redis) is the server's host:port.
-	Address string `json:"address,omitempty"`
-	// Username and Password (redis) authenticate (ACL user, or password
-	// alone for requirepass). Placeholders such as {env.REDIS_PASSWORD}
-	// are replaced at provision time.
-	Username string `json:"username,omitempty"`
-	Password string `json:"password,omitempty"` //nolint:gosec // config field
-	// DB (redis) is the database number. Default 0.
-	DB int `json:"db,omitempty"`
-	// TLS (redis) connects over TLS, verifying the server's certificate
-	// against the system's roots.
-	TLS bool `json:"tls,omitempty"`
+	// RedisConn (redis) is where Redis is and how to reach it: its
+	// fields (address, sentinel_master, sentinels, sentinel_password,
+	// cluster, username, password, db, tls, timeout) sit beside kind.
+	// Placeholders such as {env.REDIS_PASSWORD} are replaced at
+	// provision time. Timeout bounds the total a request waits for
+	// Redis, all its round trips together; past it the local table
+	// decides alone. Default 500ms.
+	RedisConn
+
 	// KeyPrefix (redis) prefixes every key. Default "caddy-affinity".
 	KeyPrefix string `json:"key_prefix,omitempty"`
-	// Timeout (redis) bounds the total a request waits for Redis, all
-	// its round trips together; past it the local table decides alone.
-	// Default 500ms.
-	Timeout caddy.Duration `json:"timeout,omitempty"`
 }
 
 // oneArg returns the line's one argument.
@@ -117,30 +119,32 @@ func (c *Config) Validate() error {
 		if c.Interval != 0 && time.Duration(c.Interval) < minStoreInterval {
 			return fmt.Errorf("store local: interval must be at least %s, got %s", minStoreInterval, time.Duration(c.Interval))
 		}
-		if c.Address != "" || c.Username != "" || c.Password != "" || c.DB != 0 || c.TLS || c.KeyPrefix != "" || c.Timeout != 0 {
-			return fmt.Errorf("store local: takes only interval; address, username, password, db, tls, key_prefix and timeout are options of store redis")
+		if c.hasRedisOptions() {
+			return fmt.Errorf("store local: takes only interval; address, sentinel, cluster, username, password, db, tls, key_prefix and timeout are options of store redis")
 		}
 	case KindMemory:
-		if *c != (Config{Kind: KindMemory}) {
+		if c.Interval != 0 || c.hasRedisOptions() {
 			return fmt.Errorf("store memory: takes no options")
 		}
 	case KindRedis:
-		if c.Address == "" {
-			return fmt.Errorf("store redis: need the server's address (store redis 127.0.0.1:6379)")
-		}
 		if c.Interval != 0 {
 			return fmt.Errorf("store redis: interval is an option of store local")
 		}
-		if c.DB < 0 {
-			return fmt.Errorf("store redis: db must not be negative, got %d", c.DB)
-		}
-		if c.Timeout < 0 || time.Duration(c.Timeout) > 10*time.Second {
-			return fmt.Errorf("store redis: timeout must be between 0 and 10s, got %s", time.Duration(c.Timeout))
+		if err := c.RedisConn.Validate(); err != nil {
+			return fmt.Errorf("store redis: %w", err)
 		}
 	default:
 		return fmt.Errorf("store: unknown kind %q (want local, memory or redis)", c.Kind)
 	}
 	return nil
+}
+
+// hasRedisOptions reports whether any option of store redis is set.
+func (c *Config) hasRedisOptions() bool {
+	r := &c.RedisConn
+	return c.KeyPrefix != "" || r.Address != "" || r.SentinelMaster != "" || len(r.Sentinels) > 0 ||
+		r.SentinelPassword != "" || len(r.Cluster) > 0 || r.Username != "" || r.Password != "" ||
+		r.DB != 0 || r.TLS || r.Timeout != 0
 }
 
 // ParseCaddyfile parses a `store` line and its block:
@@ -149,7 +153,10 @@ func (c *Config) Validate() error {
 //		interval <duration>
 //	}]
 //	store memory
-//	store redis <host:port> [{
+//	store redis [<host:port>] [{
+//		sentinel <master_name> <sentinel_addr>...
+//		sentinel_password <password>
+//		cluster <node_addr>...
 //		username <name>
 //		password <password>
 //		db <n>
@@ -157,21 +164,23 @@ func (c *Config) Validate() error {
 //		key_prefix <prefix>
 //		timeout <duration>
 //	}]
+//
+// store redis takes exactly one of the address, sentinel or cluster.
 func ParseCaddyfile(d *caddyfile.Dispenser) (*Config, error) {
 	if !d.NextArg() {
 		return nil, d.Err("store: need a kind: local, memory or redis")
 	}
 	c := &Config{Kind: d.Val()}
+	file, line := d.File(), d.Line()
 	switch c.Kind {
 	case KindLocal, KindMemory:
 		if d.NextArg() {
 			return nil, d.Errf("store %s: takes no arguments, got %q", c.Kind, d.Val())
 		}
 	case KindRedis:
-		if !d.NextArg() {
-			return nil, d.Err("store redis: need the server's address (store redis 127.0.0.1:6379)")
+		if d.NextArg() {
+			c.Address = d.Val()
 		}
-		c.Address = d.Val()
 		if d.NextArg() {
 			return nil, d.Errf("store redis: takes one address, got more (%q); options go in a block", d.Val())
 		}
@@ -191,11 +200,14 @@ func ParseCaddyfile(d *caddyfile.Dispenser) (*Config, error) {
 		if c.Kind == KindLocal && opt != "interval" {
 			return nil, d.Errf("store local: unrecognized option %q (want interval)", opt)
 		}
-		if opt == "tls" {
-			if d.NextArg() {
-				return nil, d.Errf("store redis: tls takes no value, got %q", d.Val())
+		if c.Kind == KindRedis && opt != "key_prefix" {
+			ok, err := c.RedisConn.UnmarshalOption(d)
+			if err != nil {
+				return nil, err
 			}
-			c.TLS = true
+			if !ok {
+				return nil, d.Errf("store redis: unrecognized option %q (want sentinel, sentinel_password, cluster, username, password, db, tls, key_prefix or timeout)", opt)
+			}
 			continue
 		}
 		v, err := oneArg(d)
@@ -203,36 +215,22 @@ func ParseCaddyfile(d *caddyfile.Dispenser) (*Config, error) {
 			return nil, err
 		}
 		switch opt {
-		case "interval", "timeout":
+		case "interval":
 			dur, err := caddy.ParseDuration(v)
 			if err != nil || dur <= 0 {
-				return nil, d.Errf("store %s: %s: %q is not a positive duration", c.Kind, opt, v)
+				return nil, d.Errf("store local: interval: %q is not a positive duration", v)
 			}
-			if opt == "interval" {
-				if dur < minStoreInterval {
-					return nil, d.Errf("store local: interval %q is too short, the least is %s", v, minStoreInterval)
-				}
-				c.Interval = caddy.Duration(dur)
-			} else {
-				if dur > 10*time.Second {
-					return nil, d.Errf("store redis: timeout %q is too long, the most is 10s", v)
-				}
-				c.Timeout = caddy.Duration(dur)
+			if dur < minStoreInterval {
+				return nil, d.Errf("store local: interval %q is too short, the least is %s", v, minStoreInterval)
 			}
-		case "username":
-			c.Username = v
-		case "password":
-			c.Password = v
-		case "db":
-			n, err := strconv.Atoi(v)
-			if err != nil || n < 0 {
-				return nil, d.Errf("store redis: db: %q is not a whole number >= 0", v)
-			}
-			c.DB = n
+			c.Interval = caddy.Duration(dur)
 		case "key_prefix":
 			c.KeyPrefix = v
-		default:
-			return nil, d.Errf("store redis: unrecognized option %q (want username, password, db, tls, key_prefix or timeout)", opt)
+		}
+	}
+	if c.Kind == KindRedis {
+		if err := c.RedisConn.Validate(); err != nil {
+			return nil, fmt.Errorf("store redis: %v, at %s:%d", err, file, line)
 		}
 	}
 	return c, nil

@@ -3,12 +3,11 @@ package sessions
 import (
 	"context"
 	"crypto/rand"
-	"crypto/tls"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -60,14 +59,12 @@ const (
 	redisQuiet = 250 * time.Millisecond
 )
 
-// clientKey tells clients apart: policies that name the same server,
-// credentials, db and key prefix share one.
+// clientKey tells clients apart: policies that reach the same Redis the
+// same way (redisconn.Config.Identity: addresses, credentials, db, tls,
+// timeout) with the same key prefix share one.
 type clientKey struct {
-	addr, username, password string
-	db                       int
-	tls                      bool
-	prefix                   string
-	timeout                  time.Duration
+	connection string
+	prefix     string
 }
 
 // redisClient is one connection pool to Redis, its subscriber, its
@@ -103,6 +100,10 @@ type redisClient struct {
 	mu         sync.Mutex
 	namespaces map[*redisNS]struct{}
 	refs       int
+
+	// releaseStates stops sharing lifecycle states through this client
+	// (healthcheck.AcquireRedisStates), with the client.
+	releaseStates func()
 
 	ctx    context.Context // cancelled by close: a write back stops
 	cancel context.CancelFunc
@@ -143,59 +144,13 @@ func RegisterMetrics(reg *prometheus.Registry) error {
 	return nil
 }
 
-// redisKeyOf returns the client key of a config, placeholders replaced.
+// redisKeyOf returns the client key of a config.
 func redisKeyOf(c *Config) clientKey {
-	repl := caddy.NewReplacer()
-	k := clientKey{
-		addr:     repl.ReplaceKnown(c.Address, ""),
-		username: repl.ReplaceKnown(c.Username, ""),
-		password: repl.ReplaceKnown(c.Password, ""),
-		db:       c.DB,
-		tls:      c.TLS,
-		prefix:   c.KeyPrefix,
-		timeout:  time.Duration(c.Timeout),
-	}
+	k := clientKey{connection: c.RedisConn.Identity(), prefix: c.KeyPrefix}
 	if k.prefix == "" {
 		k.prefix = DefaultRedisKeyPrefix
 	}
-	if k.timeout == 0 {
-		k.timeout = time.Duration(DefaultRedisTimeout)
-	}
 	return k
-}
-
-// newUniversalClient is the one place a Redis client is built from a
-// store's options (nothing here waits for Redis, so that a start or
-// reload never hangs on it).
-func newUniversalClient(k clientKey) redis.UniversalClient {
-	opts := &redis.UniversalOptions{
-		Addrs:    []string{k.addr},
-		Username: k.username,
-		Password: k.password,
-		DB:       k.db,
-		// Every wait is bounded by the request's budget (the context's
-		// deadline) and the timeout, and a failed command is not
-		// retried: the local table answers instead.
-		ContextTimeoutEnabled: true,
-		DialTimeout:           k.timeout,
-		ReadTimeout:           k.timeout,
-		WriteTimeout:          k.timeout,
-		PoolTimeout:           k.timeout,
-		MaxRetries:            -1,
-		// No CLIENT SETINFO on every new connection.
-		DisableIdentity: true,
-		// Connections dialled ahead, in the background, so that a
-		// burst of requests seldom waits for a dial.
-		MinIdleConns: 8,
-	}
-	if k.tls {
-		host, _, err := net.SplitHostPort(k.addr)
-		if err != nil {
-			host = k.addr
-		}
-		opts.TLSConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
-	}
-	return redis.NewUniversalClient(opts)
 }
 
 // client returns the store's client for c, started on first use.
@@ -221,12 +176,12 @@ func (s *Store) client(c *Config, logger *zap.Logger) (*redisClient, error) {
 	rc := &redisClient{
 		store:      s,
 		key:        k,
-		client:     newUniversalClient(k),
+		client:     c.RedisConn.Client(),
 		prefix:     k.prefix,
 		channel:    k.prefix + ":changes",
 		runKey:     k.prefix + ":run",
 		nonce:      hex.EncodeToString(nb[:]),
-		timeout:    k.timeout,
+		timeout:    c.RedisConn.CallTimeout(),
 		logger:     logger,
 		namespaces: make(map[*redisNS]struct{}),
 		refs:       1,
@@ -239,6 +194,16 @@ func (s *Store) client(c *Config, logger *zap.Logger) (*redisClient, error) {
 	// waiting: a start never waits for Redis), so that a first instance
 	// does not take its own writes for what a restarted Redis lost.
 	go rc.checkRun(true)
+	// Lifecycle states (drain, maintenance, up) travel through the same
+	// Redis and key prefix, so that every instance sharing the store sees
+	// a state set on any of them, with no shared Caddy storage. It reads
+	// the shared states once before it returns (bounded by the timeout).
+	release, err := healthcheck.AcquireRedisStates(rc.client, k.connection, k.prefix)
+	if err != nil {
+		rc.close()
+		return nil, fmt.Errorf("store redis: sharing upstream states: %v", err)
+	}
+	rc.releaseStates = release
 	s.clients[k] = rc
 	return rc, nil
 }
@@ -263,6 +228,9 @@ func (c *redisClient) release() {
 // Redis.
 func (c *redisClient) close() {
 	c.once.Do(func() {
+		if c.releaseStates != nil {
+			c.releaseStates()
+		}
 		c.cancel()
 		_ = c.sub.Close()
 		// The subscriber ends when its channel closes, at once; the
@@ -1031,6 +999,13 @@ func (n *redisNS) clusterSessions(dial string) (int64, bool) {
 	}
 	c, ok := (*m)[dial]
 	return c.n, ok
+}
+
+// serves reports whether dial was among the upstreams of the last
+// refresh.
+func (n *redisNS) serves(dial string) bool {
+	d := n.dials.Load()
+	return d != nil && slices.Contains(*d, dial)
 }
 
 // clusterLoad is what balance_factor bounds under store redis: the

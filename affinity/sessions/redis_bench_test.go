@@ -110,7 +110,7 @@ func benchInstance(b *testing.B, addr string, n int) *Handle {
 func benchInstanceTTL(b *testing.B, addr string, n int, ttl uint32) *Handle {
 	s := NewStore(n)
 	b.Cleanup(s.Close)
-	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, Address: addr, KeyPrefix: "caddy-affinity"},
+	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, RedisConn: RedisConn{Address: addr}, KeyPrefix: "caddy-affinity"},
 		Scope: 1, Namespace: "site-0123456789abcdef", TTL: ttl, MaxSessions: n})
 	if err != nil {
 		b.Fatal(err)

@@ -18,19 +18,7 @@ import (
 // own (table, clients) and a handle in namespace ns.
 func instance(t *testing.T, addr, prefix, ns string, ttl uint32, maxSessions int) *Handle {
 	t.Helper()
-	s := NewStore(maxSessions)
-	t.Cleanup(s.Close)
-	h, err := s.Open(Options{
-		Config:    &Config{Kind: KindRedis, Address: addr, KeyPrefix: prefix},
-		Scope:     0x5eed,
-		Namespace: ns,
-		TTL:       ttl, MaxSessions: maxSessions,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
-	return h
+	return instanceOn(t, RedisConn{Address: addr}, prefix, ns, ttl, maxSessions)
 }
 
 // upstreams registers n dials with healthcheck and returns their IDs.
@@ -118,7 +106,7 @@ func TestRedisNamespacesApart(t *testing.T) {
 	s := NewStore(1000)
 	defer s.Close()
 	open := func(ns string, scope uint64) *Handle {
-		h, err := s.Open(Options{Config: &Config{Kind: KindRedis, Address: rd.Addr, KeyPrefix: "sites"},
+		h, err := s.Open(Options{Config: &Config{Kind: KindRedis, RedisConn: RedisConn{Address: rd.Addr}, KeyPrefix: "sites"},
 			Scope: scope, Namespace: ns, TTL: 600, MaxSessions: 1000})
 		if err != nil {
 			t.Fatal(err)
@@ -228,8 +216,8 @@ func TestRedisTimeoutIsTotal(t *testing.T) {
 	ids, _ := upstreams(t, 2)
 	s := NewStore(1000)
 	defer s.Close()
-	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, Address: rd.Addr, KeyPrefix: "frozen",
-		Timeout: caddy.Duration(200 * time.Millisecond)}, Namespace: "ns", TTL: 600, MaxSessions: 1000})
+	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, KeyPrefix: "frozen",
+		RedisConn: RedisConn{Address: rd.Addr, Timeout: caddy.Duration(200 * time.Millisecond)}}, Namespace: "ns", TTL: 600, MaxSessions: 1000})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -319,8 +307,8 @@ func TestRedisWriteBackOnlyWhatChanged(t *testing.T) {
 	ids, dials := upstreams(t, 2)
 	s := NewStore(100_000)
 	defer s.Close()
-	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, Address: rd.Addr, KeyPrefix: "blip",
-		Timeout: caddy.Duration(100 * time.Millisecond)}, Namespace: "ns", TTL: 600, MaxSessions: 100_000})
+	h, err := s.Open(Options{Config: &Config{Kind: KindRedis, KeyPrefix: "blip",
+		RedisConn: RedisConn{Address: rd.Addr, Timeout: caddy.Duration(100 * time.Millisecond)}}, Namespace: "ns", TTL: 600, MaxSessions: 100_000})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -134,6 +134,25 @@ func (s *Store) ClusterSessions(dial string) (int64, bool) {
 	return most, found
 }
 
+// ClusterCountPending reports whether a shared store whose namespace
+// uses dial has not counted the cluster's sessions on it yet (since it
+// opened, or Redis has not answered since): other instances may hold
+// sessions there that this one does not know, so nobody may call it
+// drained.
+func (s *Store) ClusterCountPending(dial string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for h := range s.handles {
+		if h.remote == nil || !h.remote.serves(dial) {
+			continue
+		}
+		if _, ok := h.remote.clusterSessions(dial); !ok {
+			return true
+		}
+	}
+	return false
+}
+
 // backend is a store that instances share: what the handle asks of it
 // beyond the local table. Every method is bounded by the request's
 // budget (or runs in the background) and degrades to "nothing known"
@@ -154,6 +173,9 @@ type backend interface {
 	// counted.
 	clusterLoad(dial string, local int64) int64
 	clusterSessions(dial string) (int64, bool)
+	// serves reports whether dial is one of the namespace's upstreams
+	// as of the last refresh.
+	serves(dial string) bool
 	// refresh counts the cluster's sessions on dials and writes back
 	// what the store lost or missed, in the background.
 	refresh(dials []string)

@@ -102,6 +102,9 @@ func (c *Config) Topology() Topology {
 	return Single
 }
 
+// CallTimeout returns the bound of one call: Timeout, or DefaultTimeout.
+func (c *Config) CallTimeout() time.Duration { return c.timeout() }
+
 // timeout returns the bound of one call.
 func (c *Config) timeout() time.Duration {
 	if c.Timeout == 0 {
