@@ -75,7 +75,7 @@ func TestLookupIsSelectWithoutWritesStoreRedis(t *testing.T) {
 			Keys:  []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}},
 			Hold:  caddy.Duration(10 * time.Second),
 			Scope: "lookup-redis",
-			Store: &sessions.Config{Kind: sessions.KindRedis, Address: rd.Addr, KeyPrefix: "test-lookup"},
+			Store: &sessions.Config{Kind: sessions.KindRedis, RedisConn: sessions.RedisConn{Address: rd.Addr}, KeyPrefix: "test-lookup"},
 		}
 	}, 4, true}, 1500)
 }

@@ -145,8 +145,7 @@ func statusPageHTML(admin string) (int, string, error) {
 }
 
 // nextInstance returns the instance of c's next visit: each visit on
-// the next of ps. (rotate steps by two a visit, visits and trail both
-// growing: with two instances a client never changes instance.)
+// the next of ps, as rotate does.
 func nextInstance(c *client, ps []*caddyProc) *caddyProc {
 	return ps[(c.id+len(c.trail))%len(ps)]
 }

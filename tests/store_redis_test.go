@@ -36,12 +36,13 @@ func redisInstances(t *testing.T, n int, upstreams []string, addr string) []*cad
 
 // rotate makes every client visit n times, each visit on the next of the
 // given instances (a client starts at its own offset), and returns the
-// phase's figures.
+// phase's figures. The trail grows by one each visit, so two instances
+// alternate (c.visits, which also grows, would make the step two).
 func rotate(clients []*client, ps []*caddyProc, n, conc int) *stats {
 	s := newStats()
 	forEach(clients, conc, func(c *client) {
 		for range n {
-			s.record(c, c.visit(ps[(c.id+c.visits+len(c.trail))%len(ps)].URL))
+			s.record(c, c.visit(ps[(c.id+len(c.trail))%len(ps)].URL))
 		}
 	})
 	return s
