@@ -81,7 +81,9 @@ func encodeSnapshot(t *Table, now uint32, dialOf func(id uint32) (string, bool))
 		if ref[id] < 0 {
 			return
 		}
-		flags := e.Ref() &^ UpstreamMask
+		// Not StoredBit: a restarted instance does not know what a
+		// shared store holds.
+		flags := e.Ref() &^ (UpstreamMask | StoredBit)
 		buf = binary.LittleEndian.AppendUint64(buf, key)
 		buf = binary.LittleEndian.AppendUint32(buf, uint32(ref[id]-1)|flags)
 		buf = binary.LittleEndian.AppendUint32(buf, e.Expires())
@@ -157,7 +159,7 @@ func decodeSnapshot(b []byte, t *Table, now uint32, idOf func(dial string) uint3
 		switch {
 		case expires < now:
 			st.expired++
-		case t.Restore(key, NewEntry(ids[di]|ref&^UpstreamMask, expires), now):
+		case t.Restore(key, NewEntry(ids[di]|ref&^(UpstreamMask|StoredBit), expires), now):
 			st.restored++
 		default:
 			st.kept++ // the key has a newer entry already

@@ -978,10 +978,11 @@ func (n *redisNS) apply(op byte, key uint64, e remoteEntry) {
 		if e.alias {
 			up |= AliasBit
 		}
-		if old.Ref()&^EstablishedBit != up {
-			// Established: Redis has it.
+		if old.names() != up {
+			// Stored: Redis has it.
 			table.Put(k, up, now, old.Expires()-now)
 			table.Establish(k, now)
+			table.MarkStored(k, now)
 		}
 	case 'r':
 		table.Retire(k, now+RetireGrace)

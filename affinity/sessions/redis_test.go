@@ -447,3 +447,38 @@ func TestRedisSharedFirstKeyStaysAlias(t *testing.T) {
 		t.Errorf("live sessions on the upstream %d, want 11 (the cookies; the IP is no session)", got)
 	}
 }
+
+// TestRedisYoungSessionWrittenOnceInAFullTable: in a table whose
+// established entries fill half of it (eviction protects no more), a new
+// session is written to Redis once, not on every request: whether Redis
+// holds an entry is its own bit (StoredBit), not EstablishedBit, which
+// the table stops granting there.
+func TestRedisYoungSessionWrittenOnceInAFullTable(t *testing.T) {
+	rd := testredis.Start(t)
+	ids, _ := upstreams(t, 3)
+	const max = 64 * Shards // 64 entries a shard
+	h := instance(t, rd.Addr, "full", "ns", 600, max)
+	now := Now()
+	// Twice the bound, each seen twice: every shard holds as many
+	// established entries as it grants. (Into the table alone: Redis
+	// would take at most max_sessions of them, see admit.)
+	for k := uint64(1); k <= 2*max; k++ {
+		for range 2 {
+			h.table.Put(h.Key(k*0x9e3779b97f4a7c15), ids[k%3], now, 600)
+		}
+	}
+	young := uint64(0xabcdef)
+	h.Remember([]uint64{young}, ids[0], now, nil) // first sight: not written
+	before := rd.Commands(t)
+	for range 10 {
+		h.Remember([]uint64{young}, ids[0], now, nil)
+	}
+	if e, ok := h.Peek(young, now); !ok || e.established() {
+		t.Fatalf("the young session: %+v (live %v); want a live entry the full table did not establish", e, ok)
+	}
+	// One HSETNX, and its bucket's EXPIREAT if this instance had not
+	// set it yet.
+	if d := rd.Commands(t) - before; d < 1 || d > 2 {
+		t.Errorf("a young session's 10 requests cost %d Redis commands, want its write once (1 or 2)", d)
+	}
+}

@@ -348,7 +348,7 @@ func (h *Handle) fetch(keys []uint64, q Query, pick func(id uint32) bool) (uint3
 			// request does not write it again, unless it was last
 			// written in the previous generation: then, as if last
 			// seen then, this request's Remember carries it over.
-			up := rec.ID | EstablishedBit
+			up := rec.ID | EstablishedBit | StoredBit
 			if e.alias {
 				up |= AliasBit
 			}
@@ -524,18 +524,18 @@ func (h *Handle) due(key uint64, up uint32, now uint32, learned, first bool) (re
 	if first {
 		up = FirstKeyRef(old, live, up)
 	}
-	moved := live && old.Ref()&^EstablishedBit != up
+	moved := live && old.names() != up
 	w := remoteWrite{key: key, alias: up&AliasBit != 0, how: writeSlide}
 	switch {
 	case moved:
 		w.how = writeMove
 		w.from, _ = registryDial(old.Upstream())
-		if !old.established() && !h.admit(now) {
+		if !old.stored() && !h.admit(now) {
 			return remoteWrite{}, false
 		}
 	case !live && !learned:
 		return remoteWrite{}, false
-	case !live || !old.established():
+	case !live || !old.stored():
 		w.how = writeNew
 		if !h.admit(now) {
 			return remoteWrite{}, false
@@ -550,6 +550,10 @@ func (h *Handle) due(key uint64, up uint32, now uint32, learned, first bool) (re
 		return remoteWrite{}, false
 	}
 	w.dial = dial
+	// Stored from now: a write that fails is written back once Redis
+	// answers (the circuit), or the entry is found missing by the next
+	// instance that asks, which places it as the ring does.
+	h.table.MarkStored(h.Key(key), now)
 	return w, true
 }
 

@@ -117,9 +117,20 @@ const AliasBit = 1 << 31
 // Evicted first.
 const EstablishedBit = 1 << 30
 
+// StoredBit marks an entry a shared store holds as it stands (written to
+// it, or read from it, in the generation of the entry's last request):
+// its next requests write nothing until the next generation. Apart from
+// EstablishedBit, which the table grants only while established entries
+// fill less than half of it (eviction's protection), so that a store
+// near max_sessions does not write a young session on every request.
+const StoredBit = 1 << 29
+
+// flagBits are the flags that are not part of what an entry names.
+const flagBits = EstablishedBit | StoredBit
+
 // UpstreamMask keeps the upstream ID of an entry's up field: IDs are
-// below 1<<30, under the flag bits.
-const UpstreamMask = EstablishedBit - 1
+// below 1<<29, under the flag bits.
+const UpstreamMask = StoredBit - 1
 
 // upstream returns the entry's upstream ID.
 func (e Entry) Upstream() uint32 { return e.up & UpstreamMask }
@@ -130,6 +141,12 @@ func (e Entry) Alias() bool { return e.up&AliasBit != 0 }
 
 // established reports whether the entry was seen on two requests or more.
 func (e Entry) established() bool { return e.up&EstablishedBit != 0 }
+
+// stored reports whether a shared store holds the entry (StoredBit).
+func (e Entry) stored() bool { return e.up&StoredBit != 0 }
+
+// names returns what the entry names: its upstream and AliasBit.
+func (e Entry) names() uint32 { return e.up &^ flagBits }
 
 // NewEntry returns the entry of upstream ref (an ID with its AliasBit and
 // EstablishedBit) that expires at expires, as a snapshot read back holds it.
@@ -333,7 +350,7 @@ func (t *Table) Peek(key uint64, now uint32) (Entry, bool) {
 // second put of a live key establishes its entry.
 func (t *Table) Put(key uint64, up uint32, now, ttl uint32) {
 	key = slotKey(key)
-	e := Entry{up: up &^ EstablishedBit, expires: now + ttl}
+	e := Entry{up: up &^ flagBits, expires: now + ttl}
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()
@@ -351,21 +368,26 @@ func (t *Table) Put(key uint64, up uint32, now, ttl uint32) {
 
 // replaceLocked writes e over the entry in slot i of s, which is locked:
 // established if the old entry was live, a new probationary entry if it
-// had expired.
+// had expired; still stored if it was live, stored and names the same.
 func (t *Table) replaceLocked(s *tableShard, i int, e Entry, now uint32) {
 	sl := &s.slots[i]
 	if sl.expires < now {
 		s.expired.Add(1)
-	} else if sl.established() || t.mayEstablish(s) {
-		e.up |= EstablishedBit
-		if !sl.established() {
-			s.established++
+	} else {
+		if sl.established() || t.mayEstablish(s) {
+			e.up |= EstablishedBit
+			if !sl.established() {
+				s.established++
+			}
+		}
+		if sl.stored() && sl.names() == e.names() {
+			e.up |= StoredBit
 		}
 	}
 	if sl.established() && !e.established() {
 		s.established-- // an expired established entry replaced by a new one
 	}
-	if sl.up&^EstablishedBit != e.up&^EstablishedBit {
+	if sl.names() != e.names() {
 		t.live.add(sl.Entry, -1)
 		t.live.add(e, 1)
 	}
@@ -416,14 +438,23 @@ func (t *Table) Remove(key uint64) {
 	s.mu.Unlock()
 }
 
-// Establish marks key's live entry as established (seen twice): an
-// entry the shared store has already, which its next request must not
-// write again.
+// Establish marks key's live entry as established (seen twice, or
+// issued by the app): eviction takes probationary entries first.
 func (t *Table) Establish(key uint64, now uint32) {
 	t.update(key, func(s *tableShard, i int) {
 		if sl := &s.slots[i]; sl.expires >= now && !sl.established() {
 			sl.up |= EstablishedBit
 			s.established++
+		}
+	})
+}
+
+// MarkStored marks key's live entry as held by a shared store as it
+// stands (StoredBit).
+func (t *Table) MarkStored(key uint64, now uint32) {
+	t.update(key, func(s *tableShard, i int) {
+		if sl := &s.slots[i]; sl.expires >= now {
+			sl.up |= StoredBit
 		}
 	})
 }
@@ -659,7 +690,7 @@ func (t *Table) sweepLocked(s *tableShard, now uint32) int {
 
 // upstreamCounts holds the number of main entries per upstream ID in pages
 // of counters allocated on first use, two levels deep so that every ID
-// below 1<<30 has one while a process with a handful of upstreams holds
+// below 1<<29 has one while a process with a handful of upstreams holds
 // one page. Reads take no lock.
 type upstreamCounts struct {
 	dirs [1 << liveBits]atomic.Pointer[liveDir]
@@ -789,7 +820,7 @@ func (t *Table) Changes() uint64 {
 // says key is a request's first key (see FirstKeyRef).
 func (t *Table) Swap(key uint64, up uint32, now, ttl uint32, first bool) (Entry, bool) {
 	key = slotKey(key)
-	e := Entry{up: up &^ EstablishedBit, expires: now + ttl}
+	e := Entry{up: up &^ flagBits, expires: now + ttl}
 	h := t.place(key)
 	s := t.shard(h)
 	s.mu.Lock()

@@ -196,7 +196,7 @@ func TestTableDeletionMatchesAMap(t *testing.T) {
 
 func TestTableLiveCountsAnyID(t *testing.T) {
 	tb := NewTable(1000)
-	ids := []uint32{0, 1023, 65535, 65536, 70_000, 1 << 20, 1<<29 + 7, UpstreamMask}
+	ids := []uint32{0, 1023, 65535, 65536, 70_000, 1 << 20, 1<<28 + 7, UpstreamMask}
 	for i, id := range ids {
 		for k := 0; k <= i; k++ {
 			tb.Put(uint64(i)<<32|uint64(k)+1, id, 0, 60)
