@@ -8,6 +8,7 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/placement"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -93,7 +94,7 @@ type decision struct {
 	// the session anyway; Serves otherwise.
 	fallback healthcheck.Verdict
 	// walk is the ring walk's steps, when the input asked for them.
-	walk []walkStep
+	walk []placement.Step
 }
 
 // decideInput is what decide reads besides the request.
@@ -206,7 +207,7 @@ func (d *decision) left() (int, healthcheck.Verdict) {
 // pool's, or one a reload removed.
 func (d *decision) leftDial(ps *poolState) (string, healthcheck.Verdict) {
 	if from, why := d.left(); from >= 0 {
-		return ps.ups[from].Dial, why
+		return ps.Ups[from].Dial, why
 	}
 	return d.gone, healthcheck.Removed
 }
@@ -298,7 +299,7 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 		g = p.gate(ps, in, i)
 	}
 	if from != fromPin || g != healthcheck.Serves {
-		v = ps.recs[i].ForPinned(ps.ups[i])
+		v = ps.Recs[i].ForPinned(ps.Ups[i])
 	}
 	if g != healthcheck.Serves && !p.pinLive(ps, in, d, i) {
 		if d.pinRejected {
@@ -321,7 +322,7 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 		d.chosen, d.by = i, from
 		return true
 	}
-	if !p.holds(ps.recs[i], in) {
+	if !p.holds(ps.Recs[i], in) {
 		if v == healthcheck.Full && d.busy < 0 {
 			d.busy = i
 		}
@@ -332,7 +333,7 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 	// lb_try_interval between attempts) whatever the health checks say:
 	// they lag a restart both ways, and passive checks keep a recovered
 	// upstream down for their whole fail_duration. Busy is not down.
-	if !ps.ups[i].Full() {
+	if !ps.Ups[i].Full() {
 		d.chosen = i
 	}
 	return true
@@ -345,13 +346,13 @@ func (p *Policy) gate(ps *poolState, in *decideInput, i int) healthcheck.Verdict
 	if i == in.failed {
 		return healthcheck.Failed
 	}
-	if v := ps.recs[i].ForNew(ps.ups[i]); v != healthcheck.Serves {
+	if v := ps.Recs[i].ForNew(ps.Ups[i]); v != healthcheck.Serves {
 		return v
 	}
 	switch {
-	case ps.weights[i] <= 0:
+	case ps.Weights[i] <= 0:
 		return healthcheck.ZeroWeight
-	case p.SlowStart > 0 && ps.recs[i].BackFor(in.clockTime()) < time.Duration(p.SlowStart):
+	case p.SlowStart > 0 && ps.Recs[i].BackFor(in.clockTime()) < time.Duration(p.SlowStart):
 		return healthcheck.Ramping
 	}
 	return healthcheck.Serves
@@ -449,12 +450,12 @@ func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 	if p.SlowStart > 0 {
 		now = in.wallNow()
 	}
-	var steps *[]walkStep
+	var steps *[]placement.Step
 	if in.recordWalk {
 		steps = &d.walk
 	}
-	choice, fallback, skipped := p.walkPlacement(ps, key, in.failed, now, steps)
-	d.skippedState, d.skippedLoad = skipped.state, skipped.load
+	choice, fallback, skipped := ps.Walk(p.placementRules(), p.sessions, key, in.failed, now, steps)
+	d.skippedState, d.skippedLoad = skipped.State, skipped.Load
 	d.fallback = fallback
 	// A retry goes back to the upstream that failed when nothing else
 	// may take the request and Caddy still calls it available (a single
@@ -466,16 +467,21 @@ func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 	d.chosen = choice
 }
 
+// placementRules are the policy's options the ring walk applies.
+func (p *Policy) placementRules() placement.Rules {
+	return placement.Rules{BalanceFactor: p.BalanceFactor, SlowStart: time.Duration(p.SlowStart)}
+}
+
 // mayRetry reports whether the upstream whose attempt failed may take the
 // request again: as a pinned session's upstream if a source named it,
 // else as a new session's.
 func (p *Policy) mayRetry(ps *poolState, d *decision, failed int) bool {
 	for _, a := range d.asked[:d.nasked] {
 		if a.upstream == failed && !a.stale {
-			return ps.recs[failed].ForPinned(ps.ups[failed]) == healthcheck.Serves
+			return ps.Recs[failed].ForPinned(ps.Ups[failed]) == healthcheck.Serves
 		}
 	}
-	return ps.recs[failed].ForNew(ps.ups[failed]) == healthcheck.Serves
+	return ps.Recs[failed].ForNew(ps.Ups[failed]) == healthcheck.Serves
 }
 
 // clockTime returns the wall clock if the caller gave it, else the table

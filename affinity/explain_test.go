@@ -103,7 +103,7 @@ func TestLookupWalkExplainsSkips(t *testing.T) {
 // the choice the explanation of that walk shows next to the walk's own.
 func explainedWalk(p *Policy, ps *poolState, key uint64, now time.Time) (explained, placed int, out Explanation) {
 	d := decision{chosen: -1}
-	placed, d.fallback, _ = p.walkPlacement(ps, key, -1, now, &d.walk)
+	placed, d.fallback, _ = ps.Walk(p.placementRules(), p.sessions, key, -1, now, &d.walk)
 	d.chosen = placed
 	p.explainWalk(ps, &d, now, &out)
 	explained = -1
@@ -112,7 +112,7 @@ func explainedWalk(p *Policy, ps *poolState, key uint64, now time.Time) (explain
 			if explained >= 0 {
 				panic("two upstreams chosen")
 			}
-			for i, u := range ps.ups {
+			for i, u := range ps.Ups {
 				if u.Dial == step.Upstream {
 					explained = i
 				}
@@ -169,7 +169,7 @@ func TestExplainWalkMatchesPlaceUnderLoadBound(t *testing.T) {
 	// Sessions on every upstream, more on the first ones.
 	for i, u := range pool {
 		for j := range 40 - 8*i {
-			p.table.Put(uint64(i)<<32|uint64(j)+1, ps.recs[ps.index(u)].ID, sessions.Now(), p.ttl)
+			p.table.Put(uint64(i)<<32|uint64(j)+1, ps.Recs[ps.index(u)].ID, sessions.Now(), p.ttl)
 		}
 	}
 	skipped := 0

@@ -230,7 +230,7 @@ func siteDials(s Site) []string {
 	ups := s.Handler.Upstreams
 	if len(ups) == 0 {
 		if ps := s.Policy.pools.Load(); ps != nil {
-			ups = ps.ups
+			ups = ps.Ups
 		}
 	}
 	dials := make([]string, len(ups))
@@ -263,7 +263,7 @@ func (f *farm) replaceDials(scope uint64, pool reverseproxy.UpstreamPool) []stri
 func siteUpstreams(s Site) reverseproxy.UpstreamPool {
 	if s.Handler.DynamicUpstreams != nil {
 		if ps := s.Policy.pools.Load(); ps != nil {
-			return ps.ups
+			return ps.Ups
 		}
 	}
 	return s.Handler.Upstreams
@@ -341,7 +341,7 @@ func observeRunning(now time.Time, busy func(id uint32) bool) ([]Site, bool) {
 		if len(s.Handler.Upstreams) > 0 {
 			ups = append(ups, s.Handler.Upstreams...)
 		} else if ps := s.Policy.pools.Load(); ps != nil {
-			ups = append(ups, ps.ups...)
+			ups = append(ups, ps.Ups...)
 		}
 	}
 	healthcheck.Observe(ups, now)

@@ -164,7 +164,7 @@ func shake(t *testing.T, rng *rand.Rand, p *Policy, pool reverseproxy.UpstreamPo
 		}
 	default: // a session in the table
 		key := hashring.HashStringSeed(fmt.Sprint(rng.IntN(40)), []uint64{seedSessionID, seedHeader}[rng.IntN(2)])
-		id := ps.recs[rng.IntN(len(pool))].ID
+		id := ps.Recs[rng.IntN(len(pool))].ID
 		if p.Store != nil && p.Store.Kind == sessions.KindRedis && rng.IntN(2) == 0 {
 			// Another instance's session: in Redis, not in this table.
 			p.sessions.Learn(key, id, sessions.Now(), nil)

@@ -341,10 +341,10 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 		// session stays on its upstream (no entry moves, no new pin).
 		return p.chosen(ps, d.chosen, r, w, false, retry, &in, 0)
 	}
-	p.sessions.Remember(in.keys, ps.recs[d.chosen].ID, in.now, &budget)
+	p.sessions.Remember(in.keys, ps.Recs[d.chosen].ID, in.now, &budget)
 	if d.failover() {
 		from, why := d.leftDial(ps)
-		p.logFailover(from, ps.ups[d.chosen].Dial, why)
+		p.logFailover(from, ps.Ups[d.chosen].Dial, why)
 	}
 	// The pin is (re)issued when it is missing, names another upstream,
 	// or is due for a fresh time (a v1 pin, or older than the refresh
@@ -454,7 +454,7 @@ func (p *Policy) tell(vars map[string]any, ps *poolState, d *decision, first *Ke
 	}
 	vars[varDecision] = d.outcome()
 	if d.chosen >= 0 {
-		vars[varUpstream] = ps.ups[d.chosen]
+		vars[varUpstream] = ps.Ups[d.chosen]
 	} else {
 		vars[varUpstream] = ""
 	}
@@ -523,17 +523,17 @@ next:
 // failed) and, when asked, issues the pin cookie for it, replacing the
 // one an earlier attempt of this request issued.
 func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, in *decideInput, bind uint32) *reverseproxy.Upstream {
-	up := ps.ups[i]
+	up := ps.Ups[i]
 	now := in.now
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		vars[triedVar] = up
 		if lw, ok := vars[learnVar].(*learnWriter); ok {
 			// What the learner writes counts against the request's
 			// budget too.
-			lw.chose(p, ps.recs[i].ID, *in.budget)
+			lw.chose(p, ps.Recs[i].ID, *in.budget)
 		}
 	}
-	ps.recs[i].CountRequest()
+	ps.Recs[i].CountRequest()
 	if issuePin && w != nil && ps.pins != nil {
 		setPinCookie(w.Header(), p.PinCookie, ps.pins.boundSetCookie(i, now, secureRequest(r), bind), retry)
 	}

@@ -518,8 +518,8 @@ func TestDuplicateUpstreamWeighsByRepetition(t *testing.T) {
 		t.Fatalf("repeated address took %.3f of new sessions, want about 2/3 (%v)", share, counts)
 	}
 	ps := p.poolState(pool)
-	if len(ps.member) != 2 || ps.weights[0] != 2 || ps.weights[1] != 2 || ps.weights[2] != 1 {
-		t.Fatalf("members %v, weights %v", ps.member, ps.weights)
+	if len(ps.Member) != 2 || ps.Weights[0] != 2 || ps.Weights[1] != 2 || ps.Weights[2] != 1 {
+		t.Fatalf("members %v, weights %v", ps.Member, ps.Weights)
 	}
 	// A session pinned to the repeated address stays there.
 	w := httptest.NewRecorder()

@@ -9,30 +9,22 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/placement"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
-// poolState is what the policy derives from one upstream pool: the ring,
-// the pin tokens and the lifecycle records, index-aligned with the pool.
+// poolState is what the policy derives from one upstream pool: the ring
+// and the lifecycle records (what placement reads), the pin tokens and
+// the routes, index-aligned with the pool.
 type poolState struct {
 	// first is the address of the first element of the pool this state
 	// was derived from: Caddy passes the same slice on every request for
 	// static upstreams, so one comparison recognises it.
 	first **reverseproxy.Upstream
-	ups   []*reverseproxy.Upstream
-	recs  []*healthcheck.Upstream
+	placement.Pool
 	// pins issues and checks the pool's pin cookies; nil with the pin
 	// cookie off.
 	pins *pinSigner
-	ring *hashring.Ring
-	// member is the pool position of each ring member. An address listed
-	// several times (weighting by repetition, DNS or SRV answers that
-	// repeat one) is one member, at its first position, whose weight is
-	// the sum of its repetitions' weights.
-	member []int
-	// weights are the ring members' weights, by pool position (for
-	// balance_factor): a repeated address's total at every position.
-	weights []int
 	// routes are the tomcat_route lines whose upstream is in the pool.
 	routes []poolRoute
 	// removed are the pins of the upstreams this proxy's previous pool had
@@ -72,17 +64,17 @@ func (p *Policy) poolState(pool reverseproxy.UpstreamPool) *poolState {
 		return nil
 	}
 	ps := p.pools.Load()
-	if ps != nil && ps.first == &pool[0] && len(pool) == len(ps.ups) {
+	if ps != nil && ps.first == &pool[0] && len(pool) == len(ps.Ups) {
 		return ps
 	}
 	if ps != nil && ps.samePointers(pool) {
 		return ps
 	}
-	if ps != nil && sameDials(ps.ups, pool) {
+	if ps != nil && sameDials(ps.Ups, pool) {
 		// Dynamic upstreams come as new values for the same addresses:
 		// the ring and pins depend on addresses only, so keep them.
 		cp := *ps
-		cp.ups = append([]*reverseproxy.Upstream(nil), pool...)
+		cp.Ups = append([]*reverseproxy.Upstream(nil), pool...)
 		cp.first = &pool[0]
 		p.pools.Store(&cp)
 		return &cp
@@ -98,11 +90,11 @@ func (p *Policy) poolState(pool reverseproxy.UpstreamPool) *poolState {
 }
 
 func (ps *poolState) samePointers(pool reverseproxy.UpstreamPool) bool {
-	if len(pool) != len(ps.ups) {
+	if len(pool) != len(ps.Ups) {
 		return false
 	}
 	for i, u := range pool {
-		if u != ps.ups[i] {
+		if u != ps.Ups[i] {
 			return false
 		}
 	}
@@ -126,16 +118,17 @@ func sameDials(a, b reverseproxy.UpstreamPool) bool {
 func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, error) {
 	ps := &poolState{
 		first: &pool[0],
-		ups:   append([]*reverseproxy.Upstream(nil), pool...),
-		recs:  make([]*healthcheck.Upstream, len(pool)),
-
-		weights: make([]int, len(pool)),
+		Pool: placement.Pool{
+			Ups:     append([]*reverseproxy.Upstream(nil), pool...),
+			Recs:    make([]*healthcheck.Upstream, len(pool)),
+			Weights: make([]int, len(pool)),
+		},
 	}
 	healthcheck.NoteAdded(pool, time.Now())
 	var members []hashring.Member
 	memberAt := make(map[string]int, len(pool)) // dial -> member
 	for i, u := range pool {
-		ps.recs[i] = healthcheck.Get(u.Dial)
+		ps.Recs[i] = healthcheck.Get(u.Dial)
 		weight := 1
 		if i < len(p.Weights) {
 			weight = p.Weights[i]
@@ -145,7 +138,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		} else {
 			memberAt[u.Dial] = len(members)
 			members = append(members, hashring.Member{Name: u.Dial, Weight: weight})
-			ps.member = append(ps.member, i)
+			ps.Member = append(ps.Member, i)
 		}
 	}
 	if p.secret != nil {
@@ -158,7 +151,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		ps.pins.style = p.pinStyle
 	}
 	for i, u := range pool {
-		ps.weights[i] = members[memberAt[u.Dial]].Weight
+		ps.Weights[i] = members[memberAt[u.Dial]].Weight
 	}
 	if len(p.Weights) > len(pool) {
 		p.tellWeights(len(pool))
@@ -186,7 +179,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 	if err != nil {
 		return nil, err
 	}
-	ps.ring = ring
+	ps.Ring = ring
 	if p.farm != nil && p.secret != nil {
 		for _, dial := range p.farm.replaceDials(p.sessions.Scope(), pool) {
 			if ps.has(dial) {
@@ -204,7 +197,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 
 // has reports whether the pool has the upstream dialled at dial.
 func (ps *poolState) has(dial string) bool {
-	for _, u := range ps.ups {
+	for _, u := range ps.Ups {
 		if u.Dial == dial {
 			return true
 		}
@@ -214,13 +207,13 @@ func (ps *poolState) has(dial string) bool {
 
 // index returns the position of up in the pool, or -1.
 func (ps *poolState) index(up *reverseproxy.Upstream) int {
-	for i, u := range ps.ups {
+	for i, u := range ps.Ups {
 		if u == up {
 			return i
 		}
 	}
 	if up != nil {
-		for i, u := range ps.ups {
+		for i, u := range ps.Ups {
 			if u.Dial == up.Dial {
 				return i
 			}
@@ -232,7 +225,7 @@ func (ps *poolState) index(up *reverseproxy.Upstream) int {
 // indexByID returns the position of the upstream with the given
 // healthcheck ID, or -1.
 func (ps *poolState) indexByID(id uint32) int {
-	for i, rec := range ps.recs {
+	for i, rec := range ps.Recs {
 		if rec.ID == id {
 			return i
 		}

@@ -151,7 +151,7 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer oh.Close()
-	up0 := p.poolState(pool).recs[0].ID
+	up0 := p.poolState(pool).Recs[0].ID
 	for i := range others {
 		oh.Learn(sessionIDHash(fmt.Sprintf("elsewhere-%d", i)), up0, sessions.Now(), nil)
 	}
@@ -159,7 +159,7 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 	waitFor(t, "the cluster's counts", func() bool {
 		p.sessions.Refresh(dials)
 		c, _ := p.farm.store.ClusterSessions(pool[0].Dial)
-		return p.sessionsOn(p.poolState(pool), 0) >= others && c >= others
+		return p.poolState(pool).SessionsOn(p.sessions, 0) >= others && c >= others
 	})
 	for i := range n {
 		if p.Select(pool, newRequest(fmt.Sprintf("sid=cluster-%d", i)), nil) == nil {
@@ -175,8 +175,8 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 		t.Errorf("cluster-wide max/mean %.4f > 1.06", ratio)
 	}
 	for i, u := range pool {
-		if got, want := p.sessionsOn(p.poolState(pool), i), cluster[i]; got != want {
-			t.Errorf("sessionsOn(%s) = %d, want the cluster's %d", u.Dial, got, want)
+		if got, want := p.poolState(pool).SessionsOn(p.sessions, i), cluster[i]; got != want {
+			t.Errorf("SessionsOn(%s) = %d, want the cluster's %d", u.Dial, got, want)
 		}
 	}
 }
@@ -192,10 +192,10 @@ func TestStoreRedisAliasNotCounted(t *testing.T) {
 	ip, sid := sessionIDHash("198.18.0.1"), sessionIDHash("app-session")
 	// Each seen twice: established, so written.
 	for range 2 {
-		p.sessions.Remember([]uint64{ip}, ps.recs[1].ID, sessions.Now(), nil)
+		p.sessions.Remember([]uint64{ip}, ps.Recs[1].ID, sessions.Now(), nil)
 	}
 	for range 2 {
-		p.sessions.Remember([]uint64{sid, ip}, ps.recs[1].ID, sessions.Now(), nil)
+		p.sessions.Remember([]uint64{sid, ip}, ps.Recs[1].ID, sessions.Now(), nil)
 	}
 	dials := []string{pool[0].Dial, pool[1].Dial, pool[2].Dial}
 	waitFor(t, "the cluster's count of one session", func() bool {
@@ -209,7 +209,7 @@ func TestStoreRedisAliasNotCounted(t *testing.T) {
 	if n, _ := p.farm.store.ClusterSessions(pool[1].Dial); n != 1 {
 		t.Errorf("the cluster counts %d sessions on %s, want 1", n, pool[1].Dial)
 	}
-	if got := p.table.LiveCount(ps.recs[1].ID); got != 1 {
+	if got := p.table.LiveCount(ps.Recs[1].ID); got != 1 {
 		t.Errorf("local live count %d, want 1", got)
 	}
 }

@@ -43,7 +43,7 @@ func TestStoreLocalPersists(t *testing.T) {
 	now := sessions.Now()
 	p.resolveScope(now)
 	key := p.tableKey(12345)
-	p.table.Put(key, ps.recs[2].ID, now, 600)
+	p.table.Put(key, ps.Recs[2].ID, now, 600)
 	if err := p.Cleanup(); err != nil { // the last policy: the farm stops
 		t.Fatal(err)
 	}
@@ -57,8 +57,8 @@ func TestStoreLocalPersists(t *testing.T) {
 		t.Fatal("the farm did not start afresh")
 	}
 	e, ok := p2.table.Peek(key, now)
-	if !ok || e.Upstream() != ps.recs[2].ID {
-		t.Fatalf("after the restart: %+v, %v; want upstream %d (%s)", e, ok, ps.recs[2].ID, ps.recs[2].Dial)
+	if !ok || e.Upstream() != ps.Recs[2].ID {
+		t.Fatalf("after the restart: %+v, %v; want upstream %d (%s)", e, ok, ps.Recs[2].ID, ps.Recs[2].Dial)
 	}
 }
 
