@@ -11,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -82,9 +83,9 @@ func (p *Policy) Validate() error {
 
 // keysInEffect returns the keys the policy reads: its own, or the
 // platform cookies when it has none and no `key none`.
-func (p *Policy) keysInEffect() []KeySource {
+func (p *Policy) keysInEffect() []keys.Source {
 	if len(p.Keys) == 0 && !p.NoDefaultKeys {
-		return []KeySource{{From: "platform_cookies"}}
+		return keys.Defaults()
 	}
 	return p.Keys
 }
@@ -106,7 +107,7 @@ func (p *Policy) validateKeys() error {
 	}
 	for i := range p.Keys {
 		k := p.Keys[i] // a copy: provision fills in defaults
-		if err := k.provision(); err != nil {
+		if err := k.Provision(); err != nil {
 			return broken(optionAt("key", i), "%v", err)
 		}
 	}
@@ -132,10 +133,10 @@ func (p *Policy) validatePin() error {
 	}
 	// The pin is the proxy's cookie: one the keys read is the app's, and
 	// issuing the pin under its name would overwrite the app's session.
-	keys := p.keysInEffect()
-	for i := range keys {
-		k := keys[i]
-		if k.provision() != nil || !k.kind.readsCookieNamed(&k, pin) {
+	inEffect := p.keysInEffect()
+	for i := range inEffect {
+		k := inEffect[i]
+		if k.Provision() != nil || !k.ReadsCookie(pin) {
 			continue
 		}
 		if len(p.Keys) == 0 {
@@ -259,7 +260,7 @@ func (p *Policy) validateParts() error {
 // session id, from which tomcat_route reads the route.
 func (p *Policy) readsTomcatRoutes() bool {
 	for _, k := range p.keysInEffect() {
-		if kk := kindNamed(k.From); kk != nil && kk.tomcatRoute {
+		if k.CarriesRoute() {
 			return true
 		}
 	}

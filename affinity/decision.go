@@ -8,6 +8,7 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/placement"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
@@ -99,8 +100,8 @@ type decision struct {
 
 // decideInput is what decide reads besides the request.
 type decideInput struct {
-	keys  []uint64   // the request's key hashes, in configured order
-	first *KeySource // the source of keys[0], nil if none
+	keys  []uint64     // the request's key hashes, in configured order
+	first *keys.Source // the source of keys[0], nil if none
 	// conn identifies the request's connection (its remote address and
 	// port): a request with no key is placed by it, so that the parallel
 	// first requests of one connection (HTTP/2 streams, pipelining) land
@@ -236,7 +237,7 @@ func (d *decision) failover() bool {
 func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *decision) {
 	*d = decision{chosen: -1, pinned: -1, failed: in.failed, busy: -1}
 	if !p.DisablePinCookie {
-		if v, ok := cookieValue(r.Header, p.PinCookie); ok {
+		if v, ok := keys.CookieValue(r.Header, p.PinCookie); ok {
 			d.pinned = ps.pinIndex(v, &d.pin)
 			d.pinRejected = d.pinned < 0
 			d.pinRefresh = d.pin.due(in.now, p.ttl)
@@ -267,14 +268,14 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 func (p *Policy) routeIndex(ps *poolState, r *http.Request) int {
 	for i := range p.Keys {
 		k := &p.Keys[i]
-		if !k.kind.tomcatRoute {
+		if !k.CarriesRoute() {
 			continue
 		}
-		id, ok := k.value(r)
+		id, ok := k.Value(r)
 		if !ok {
 			continue
 		}
-		route, ok := routeSuffix(id)
+		route, ok := keys.RouteSuffix(id)
 		if !ok {
 			continue
 		}
@@ -414,7 +415,7 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput, d *decision) int {
 	q := sessions.Query{
 		Now:          in.now,
 		Dry:          in.dry,
-		LaterAliases: !in.learning || in.first == nil || !in.first.kind.learnable(),
+		LaterAliases: !in.learning || in.first == nil || !in.first.Learnable(),
 		Budget:       in.budget,
 	}
 	chosen := -1
@@ -442,7 +443,7 @@ func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 	case len(in.keys) > 0:
 		key = in.keys[0]
 	case in.conn != "":
-		key = hashring.HashStringSeed(in.conn, seedConnection)
+		key = hashring.HashStringSeed(in.conn, keys.SeedConnection)
 	default:
 		key, d.randomKey = weakrand.Uint64(), true
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -113,11 +114,11 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 			return out
 		}
 		out.Key = k.String()
-		if err := k.kind.inject(k, r, value); err != nil {
+		if err := k.Inject(r, value); err != nil {
 			out.Error = err.Error()
 			return out
 		}
-		h, ok := k.hash(r)
+		h, ok := k.Hash(r)
 		if !ok {
 			out.Error = fmt.Sprintf("%q is not a value the key %s reads", value, out.Key)
 			return out
@@ -330,13 +331,13 @@ func poolFor(s Site) (*poolState, error) {
 
 // keyFor picks the policy's key the value is to be read as: of the
 // given source and name, or the first one when they are not given.
-func (p *Policy) keyFor(source, name string) (*KeySource, error) {
+func (p *Policy) keyFor(source, name string) (*keys.Source, error) {
 	for i := range p.Keys {
 		k := &p.Keys[i]
 		if source != "" && k.From != source {
 			continue
 		}
-		if name != "" && !sameKeyName(k, name) {
+		if name != "" && !k.SameName(name) {
 			continue
 		}
 		return k, nil
@@ -350,15 +351,6 @@ func (p *Policy) keyFor(source, name string) (*KeySource, error) {
 	}
 	want := strings.TrimSpace(source + " " + name)
 	return nil, fmt.Errorf("this proxy reads no key %q; its keys: %s", want, strings.Join(have, ", "))
-}
-
-// sameKeyName compares key names the way requests match them: by the
-// kind's foldsCase.
-func sameKeyName(k *KeySource, name string) bool {
-	if kk := kindNamed(k.From); kk != nil && kk.foldsCase {
-		return strings.EqualFold(k.Name, name)
-	}
-	return k.Name == name
 }
 
 func strPtr(s string) *string { return &s }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -30,7 +31,7 @@ func siteOf(p *Policy, pool reverseproxy.UpstreamPool) Site {
 // session meets: new, pinned by the table, its upstream draining, in
 // maintenance, back up.
 func TestLookupAgreesWithSelect(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 3)
 	site := siteOf(p, pool)
 
@@ -78,7 +79,7 @@ func TestLookupAgreesWithSelect(t *testing.T) {
 
 // TestLookupWalkExplainsSkips checks the walk's reasons.
 func TestLookupWalkExplainsSkips(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Session"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "header", Name: "X-Session"}}})
 	pool := testPool(t, 3)
 	site := siteOf(p, pool)
 	// Find a key whose owner we then take out of service.
@@ -127,7 +128,7 @@ func explainedWalk(p *Policy, ps *poolState, key uint64, now time.Time) (explain
 // maintenance and ramping up under slow_start.
 func TestExplainWalkMatchesPlace(t *testing.T) {
 	p := newTestPolicy(t, &Policy{
-		Keys:      []KeySource{{From: "cookie", Name: "sid"}},
+		Keys:      []keys.Source{{From: "cookie", Name: "sid"}},
 		SlowStart: caddy.Duration(time.Minute),
 		Weights:   []int{1, 2, 1, 3, 1},
 	})
@@ -161,7 +162,7 @@ func TestExplainWalkMatchesPlace(t *testing.T) {
 // balance_factor, with uneven loads in the session table.
 func TestExplainWalkMatchesPlaceUnderLoadBound(t *testing.T) {
 	p := newTestPolicy(t, &Policy{
-		Keys:          []KeySource{{From: "cookie", Name: "sid"}},
+		Keys:          []keys.Source{{From: "cookie", Name: "sid"}},
 		BalanceFactor: 1.25,
 	})
 	pool := testPool(t, 4)
@@ -218,7 +219,7 @@ func TestLookupPin(t *testing.T) {
 
 // TestLookupErrors covers the per-policy errors.
 func TestLookupErrors(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}, {From: "client_ip"}}})
 	site := siteOf(p, testPool(t, 2))
 	res := Explain(site, "query", "q", "x", time.Now())
 	if !strings.Contains(res.Error, "cookie sid, client_ip /32 /64") {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -316,7 +317,7 @@ func TestPinV1AcceptedAndUpgraded(t *testing.T) {
 // The pinned path stays free of allocations where a pin's time is
 // checked too (an upstream that takes no new sessions: one HMAC).
 func TestPinnedPathOnDrainingDoesNotAllocate(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 16)
 	setState(t, pool[3].Dial, healthcheck.Draining)
 	r := newRequest("a=1", "sid=zzz", pinBoundTo(p, pool, 3, 0, "sid=zzz"))
@@ -356,7 +357,7 @@ func TestExplainStalePin(t *testing.T) {
 // pinned session stays. A pin issued before the app gave the session a
 // key is honoured for the first key it comes with and bound to it.
 func TestPinOfAnotherSessionStartsNoSessionOnDraining(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 3)
 	bound := pinBoundTo(p, pool, 1, 0, "sid=first")
 	setState(t, pool[1].Dial, healthcheck.Draining)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -127,7 +128,7 @@ func TestPinCookieAttributeErrors(t *testing.T) {
 		}
 	}
 	p := &Policy{PinCookie: DefaultPinCookie, SessionTTL: DefaultSessionTTL, DisablePinCookie: true,
-		Keys: []KeySource{{From: "client_ip"}}, PinCookieAttributes: &PinCookieAttributes{}}
+		Keys: []keys.Source{{From: "client_ip"}}, PinCookieAttributes: &PinCookieAttributes{}}
 	if err := p.Validate(); err == nil {
 		t.Error("attributes with the pin cookie off pass")
 	}
@@ -199,7 +200,7 @@ func TestPinCookieCaddyfile(t *testing.T) {
 
 // rotated returns a policy with secret old and one with secret
 // new accepting old, over the same pool.
-func rotated(t *testing.T, keys []KeySource) (old, next *Policy) {
+func rotated(t *testing.T, keys []keys.Source) (old, next *Policy) {
 	old = newTestPolicy(t, &Policy{Keys: keys, Secret: "old-secret-0123456789"})
 	next = newTestPolicy(t, &Policy{Keys: keys, Secret: "new-secret-0123456789", PreviousSecrets: []string{"older-secret-0123456789", "old-secret-0123456789"}})
 	return old, next
@@ -263,7 +264,7 @@ func TestPreviousSecretPinsAccepted(t *testing.T) {
 // rejected.
 func TestPreviousSecretTagChecked(t *testing.T) {
 	pool := testPool(t, 8)
-	old, next := rotated(t, []KeySource{{From: "cookie", Name: "sid"}})
+	old, next := rotated(t, []keys.Source{{From: "cookie", Name: "sid"}})
 	setState(t, pool[3].Dial, healthcheck.Draining)
 
 	live := pinAged(old, pool, 3, 10)
@@ -303,7 +304,7 @@ func TestPreviousSecretTagChecked(t *testing.T) {
 // to the session, and the header's slice).
 func TestPreviousSecretsPinnedAllocs(t *testing.T) {
 	pool := testPool(t, 16)
-	old, next := rotated(t, []KeySource{{From: "cookie", Name: "sid"}})
+	old, next := rotated(t, []keys.Source{{From: "cookie", Name: "sid"}})
 	for _, tc := range []struct {
 		name string
 		pin  string
@@ -329,7 +330,7 @@ func TestPreviousSecretsPinnedAllocs(t *testing.T) {
 // rotation: a current pin, and a previous secret's (issued again).
 func BenchmarkSelectRotated(b *testing.B) {
 	pool := testPool(b, 16)
-	keys := []KeySource{{From: "cookie", Name: "sid"}}
+	keys := []keys.Source{{From: "cookie", Name: "sid"}}
 	old := newTestPolicy(b, &Policy{Keys: keys, Secret: "old-secret-0123456789"})
 	next := newTestPolicy(b, &Policy{Keys: keys, Secret: "new-secret-0123456789", PreviousSecrets: []string{"old-secret-0123456789"}})
 	b.Run("current/N=16", func(b *testing.B) {

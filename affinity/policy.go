@@ -32,6 +32,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
@@ -58,7 +59,7 @@ type Policy struct {
 	// common in-process-session platforms are the keys (a
 	// "platform_cookies" source: ASP.NET_SessionId, JSESSIONID,
 	// PHPSESSID, connect.sid and the like), unless NoDefaultKeys is set.
-	Keys []KeySource `json:"keys,omitempty"`
+	Keys []keys.Source `json:"keys,omitempty"`
 
 	// NoDefaultKeys, with no Keys, tells sessions apart by the pin
 	// cookie alone (the Caddyfile's `key none`).
@@ -235,10 +236,10 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 	}
 	p.Keys = p.keysInEffect()
 	for i := range p.Keys {
-		if err := p.Keys[i].provision(); err != nil {
+		if err := p.Keys[i].Provision(); err != nil {
 			return err
 		}
-		p.learns = p.learns || p.Keys[i].kind.learnable()
+		p.learns = p.learns || p.Keys[i].Learnable()
 	}
 	p.ttl = uint32(time.Duration(p.SessionTTL) / time.Second)
 
@@ -363,7 +364,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 // first key and whether the request is a retry. in comes and goes by
 // value: through a pointer, the key hashes (in keyBuf) would go to the
 // heap, and the pinned path allocates nothing.
-func (p *Policy) look(ps *poolState, r *http.Request, vars map[string]any, in decideInput, keyBuf *[maxKeys]uint64, d *decision) (decideInput, *KeySource, bool) {
+func (p *Policy) look(ps *poolState, r *http.Request, vars map[string]any, in decideInput, keyBuf *[maxKeys]uint64, d *decision) (decideInput, *keys.Source, bool) {
 	if p.sessions.Scope() == 0 {
 		p.resolveScope(in.now)
 	}
@@ -399,7 +400,7 @@ func (p *Policy) noteMissingLearner() {
 func (p *Policy) missingLearnerWarning() string {
 	keys := make([]string, 0, len(p.Keys))
 	for i := range p.Keys {
-		if p.Keys[i].kind.learnable() {
+		if p.Keys[i].Learnable() {
 			keys = append(keys, p.Keys[i].String())
 		}
 	}
@@ -448,7 +449,7 @@ const (
 // tell leaves the decision in the request vars. The values are a byte, a
 // pointer and a constant: storing them allocates nothing, and Caddy's
 // replacer formats them (String) only when a placeholder asks.
-func (p *Policy) tell(vars map[string]any, ps *poolState, d *decision, first *KeySource) {
+func (p *Policy) tell(vars map[string]any, ps *poolState, d *decision, first *keys.Source) {
 	if vars == nil {
 		return
 	}
@@ -492,31 +493,31 @@ const maxKeys = 8
 // no app session to stick to yet, and the address, which many users may
 // share, must not pin it; such a request is placed like a new session,
 // under the load bound.
-func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64, learning bool) ([]uint64, *KeySource) {
-	keys := buf[:0]
-	var first *KeySource
+func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64, learning bool) ([]uint64, *keys.Source) {
+	hashes := buf[:0]
+	var first *keys.Source
 	skipAddress := learning && p.learns
 next:
 	for i := range p.Keys {
 		k := &p.Keys[i]
-		if skipAddress && k.kind.shared {
+		if skipAddress && k.Shared() {
 			continue
 		}
-		h, ok := k.hash(r)
+		h, ok := k.Hash(r)
 		if !ok {
 			continue
 		}
-		for _, seen := range keys {
+		for _, seen := range hashes {
 			if seen == h {
 				continue next
 			}
 		}
-		if len(keys) == 0 {
+		if len(hashes) == 0 {
 			first = k
 		}
-		keys = append(keys, h)
+		hashes = append(hashes, h)
 	}
-	return keys, first
+	return hashes, first
 }
 
 // chosen records the choice on the request (so that a retry knows it

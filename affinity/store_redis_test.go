@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -13,7 +14,7 @@ import (
 // own table namespace, standing for one instance of several.
 func redisPolicy(t testing.TB, addr, instance string) *Policy {
 	return newTestPolicy(t, &Policy{
-		Keys:             []KeySource{{From: "cookie", Name: "sid"}},
+		Keys:             []keys.Source{{From: "cookie", Name: "sid"}},
 		DisablePinCookie: true,
 		Scope:            instance,
 		Store:            &sessions.Config{Kind: sessions.KindRedis, RedisConn: sessions.RedisConn{Address: addr}, KeyPrefix: "test-" + t.Name()},
@@ -95,7 +96,7 @@ func BenchmarkStoreSelect(b *testing.B) {
 		if kind == sessions.KindRedis {
 			store = &sessions.Config{Kind: kind, RedisConn: sessions.RedisConn{Address: rd.Addr}, KeyPrefix: "bench"}
 		}
-		p := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true,
+		p := newTestPolicy(b, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true,
 			Scope: "bench-" + kind, Store: store})
 		r := benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef")
 		if p.Select(pool, r, nil) == nil {
@@ -134,7 +135,7 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 	rd := testredis.Start(t)
 	pool := testPool(t, 3)
 	p := newTestPolicy(t, &Policy{
-		Keys:             []KeySource{{From: "cookie", Name: "sid"}},
+		Keys:             []keys.Source{{From: "cookie", Name: "sid"}},
 		DisablePinCookie: true,
 		BalanceFactor:    1.05,
 		Scope:            "bf",

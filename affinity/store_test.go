@@ -11,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -21,7 +22,7 @@ import (
 func TestStoreLocalPersists(t *testing.T) {
 	storage := &certmagic.FileStorage{Path: t.TempDir()}
 	provision := func() *Policy {
-		p := &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, Scope: "store-test"}
+		p := &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, Scope: "store-test"}
 		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 		t.Cleanup(cancel)
 		p.ctx = ctx

@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 )
 
 // Misconfigurations no parser can see, told at run time: each is logged
@@ -117,7 +119,7 @@ func (p *Policy) watchKeys(r *http.Request) {
 		if !watchedKey(k) || seen&(1<<i) != 0 {
 			continue
 		}
-		if _, ok := k.hash(r); ok {
+		if _, ok := k.Hash(r); ok {
 			seen = p.told.keySeen.Or(1<<i) | 1<<i
 			continue
 		}
@@ -144,8 +146,8 @@ func (p *Policy) watchKeys(r *http.Request) {
 
 // watchedKey reports whether a key source that no request carries is a
 // misconfiguration worth telling.
-func watchedKey(k *KeySource) bool {
-	return k.From != "platform_cookies" && !k.kind.shared
+func watchedKey(k *keys.Source) bool {
+	return !k.Default() && !k.Shared()
 }
 
 // tellWeights tells a weight list longer than the upstream list: the
