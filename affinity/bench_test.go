@@ -15,6 +15,7 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -174,7 +175,7 @@ func BenchmarkPinDraining(b *testing.B) {
 		benchSelect(b, aff, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pin))
 	})
 	b.Run("stale/N=16", func(b *testing.B) {
-		pin := aff.PinCookie + "=" + ps.pins.value(3, sessions.Now()-pinLifetime(aff.ttl)-5)
+		pin := aff.PinCookie + "=" + ps.pins.Value(3, sessions.Now()-pin.Lifetime(aff.ttl)-5)
 		benchSelect(b, aff, pool, benchRequest("theme=dark; "+pin))
 	})
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -272,7 +273,7 @@ func (p *Policy) parsePinCookie(d *caddyfile.Dispenser, lines optionLines) error
 		return nil
 	}
 	p.PinCookie = name
-	var a PinCookieAttributes
+	var a pin.Attributes
 	seen := map[string]bool{}
 	block := false
 	for nesting := d.Nesting(); d.NextBlock(nesting); {

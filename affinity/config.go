@@ -1,6 +1,7 @@
 package affinity
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -12,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -158,21 +160,21 @@ func (p *Policy) validatePinAttributes() error {
 	}
 	for _, one := range []struct {
 		name string
-		only PinCookieAttributes
+		only pin.Attributes
 	}{
-		{"domain", PinCookieAttributes{Domain: a.Domain}},
-		{"path", PinCookieAttributes{Path: a.Path}},
-		{"same_site", PinCookieAttributes{SameSite: a.SameSite}},
-		{"secure", PinCookieAttributes{Secure: a.Secure}},
-		{"max_age", PinCookieAttributes{MaxAge: a.MaxAge}},
+		{"domain", pin.Attributes{Domain: a.Domain}},
+		{"path", pin.Attributes{Path: a.Path}},
+		{"same_site", pin.Attributes{SameSite: a.SameSite}},
+		{"secure", pin.Attributes{Secure: a.Secure}},
+		{"max_age", pin.Attributes{MaxAge: a.MaxAge}},
 	} {
-		if _, err := one.only.style(); err != nil {
+		if _, err := one.only.Style(); err != nil {
 			return &configError{at: optionAt("pin_cookie", one.name), err: err}
 		}
 	}
-	if _, err := a.style(); err != nil {
+	if _, err := a.Style(); err != nil {
 		at := "pin_cookie"
-		if err.Error() == errSecureAuto {
+		if errors.Is(err, pin.ErrSecureAuto) {
 			at = optionAt("pin_cookie", "secure")
 		}
 		return &configError{at: at, err: err}
@@ -186,8 +188,8 @@ func (p *Policy) validateSecrets() error {
 			return broken("secret", "secret: previous secret %d is empty, given twice, or the same as the current secret", i+1)
 		}
 	}
-	if len(p.PreviousSecrets) > maxPreviousSecrets {
-		return broken("secret", "secret: at most %d previous secrets, got %d (each costs a token comparison on a pin of no current upstream)", maxPreviousSecrets, len(p.PreviousSecrets))
+	if len(p.PreviousSecrets) > pin.MaxPreviousSecrets {
+		return broken("secret", "secret: at most %d previous secrets, got %d (each costs a token comparison on a pin of no current upstream)", pin.MaxPreviousSecrets, len(p.PreviousSecrets))
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/placement"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
@@ -67,7 +68,7 @@ type decision struct {
 	// (or whose time was forged). pin is the pin cookie, decoded.
 	pinned      int
 	pinRejected bool
-	pin         decodedPin
+	pin         pin.Decoded
 	// pinStale is set when the pin was not honoured because its session
 	// has ended (see settle); pinRefresh when the pin, though it names
 	// the upstream chosen, is to be issued again: a v1 pin, or one older
@@ -240,7 +241,7 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 		if v, ok := keys.CookieValue(r.Header, p.PinCookie); ok {
 			d.pinned = ps.pinIndex(v, &d.pin)
 			d.pinRejected = d.pinned < 0
-			d.pinRefresh = d.pin.due(in.now, p.ttl)
+			d.pinRefresh = d.pin.Due(in.now, p.ttl)
 			if d.pinRejected {
 				if d.gone = ps.removedPin(&d.pin); d.gone != "" {
 					d.pinRejected = false // a real pin, of a session that must move
@@ -360,27 +361,14 @@ func (p *Policy) gate(ps *poolState, in *decideInput, i int) healthcheck.Verdict
 }
 
 // pinLive reports whether the pin naming upstream i is a live session's,
-// and this request's session: younger than a live session's pin can be
-// (pinLifetime), with a tag that proves its time and bind (one HMAC,
-// only here), and bound to one of the request's keys (boundTo). A forged
-// tag sets d.pinRejected. An old pin (v1, v2) counts only during the
-// upgrade window (inPinUpgrade).
+// and this request's session (pin.Signer.Live: its age, its tag, its
+// bind). A forged tag sets d.pinRejected.
 func (p *Policy) pinLive(ps *poolState, in *decideInput, d *decision, i int) bool {
-	life := pinLifetime(p.ttl)
-	if !d.pin.v3 && !inPinUpgrade(in.now, life) {
-		return false
-	}
-	if d.pin.v1 {
-		return true
-	}
-	if d.pin.age(in.now) > life {
-		return false // no need to check the tag: an old time gains nothing
-	}
-	if !ps.pins.verify(i, &d.pin) {
+	live, forged := ps.pins.Live(i, &d.pin, in.now, p.ttl, p.pinUpgrade, in.keys)
+	if forged {
 		d.pinned, d.pinRejected = -1, true
-		return false
 	}
-	return d.pin.boundTo(in.keys)
+	return live
 }
 
 // holds reports whether a session pinned to rec, which cannot serve it,

@@ -14,6 +14,7 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -270,14 +271,14 @@ func (p *Policy) staleWhy(ps *poolState, d *decision, a ask, now uint32) string 
 	dial := ps.Ups[a.upstream].Dial
 	shut := a.gate.String()
 	life := fmt.Sprintf("session_ttl %s + refresh %s + %ds", time.Duration(p.ttl)*time.Second,
-		time.Duration(pinRefresh(p.ttl))*time.Second, pinSlack)
-	// In the order pinLive asks.
+		time.Duration(pin.Refresh(p.ttl))*time.Second, pin.Slack)
+	// In the order pin.Signer.Live asks.
 	var age string
 	switch {
-	case !d.pin.v3 && !inPinUpgrade(now, pinLifetime(p.ttl)):
+	case !d.pin.V3() && !pin.InUpgrade(now, pin.Lifetime(p.ttl), p.pinUpgrade):
 		age = "an old-format pin after the upgrade window (a live session's pin would have been re-issued in the current format)"
-	case d.pin.age(now) > pinLifetime(p.ttl):
-		age = fmt.Sprintf("issued %ds ago, older than a live session's pin can be (%s)", d.pin.age(now), life)
+	case d.pin.Age(now) > pin.Lifetime(p.ttl):
+		age = fmt.Sprintf("issued %ds ago, older than a live session's pin can be (%s)", d.pin.Age(now), life)
 	default:
 		age = "a pin issued to another session (its app key is not this request's)"
 	}

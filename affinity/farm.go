@@ -8,6 +8,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"github.com/caddyserver/certmagic"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
@@ -413,3 +414,15 @@ func Table() *TableStats {
 }
 
 var _ caddy.Destructor = (*farm)(nil)
+
+// storageOf returns the config's storage, or nil for a context that
+// belongs to no config (Context.Storage panics on those; unit tests
+// provision policies that way).
+func storageOf(ctx caddy.Context) (s certmagic.Storage) {
+	defer func() {
+		if recover() != nil {
+			s = nil
+		}
+	}()
+	return ctx.Storage()
+}

@@ -181,6 +181,18 @@ func (p *Policy) learnID(k *keys.Source, r *http.Request, value string, deleted 
 	}
 }
 
+// bindIssuedPin binds the pin a response issues for upstream up to the
+// session key the app issued in that same response (pin.Signer.BindIssued).
+func (p *Policy) bindIssuedPin(h http.Header, up uint32, key uint64) {
+	ps := p.pools.Load()
+	if p.DisablePinCookie || ps == nil || ps.pins == nil {
+		return
+	}
+	if i := ps.indexByID(up); i >= 0 {
+		ps.pins.BindIssued(h, i, key)
+	}
+}
+
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
 //	affinity_learn

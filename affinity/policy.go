@@ -33,6 +33,7 @@ import (
 	"golang.org/x/net/http/httpguts"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
@@ -73,7 +74,7 @@ type Policy struct {
 	// PinCookieAttributes are the pin cookie's Domain, Path, SameSite,
 	// Secure, Max-Age and Partitioned attributes. Default: Path=/,
 	// HttpOnly, SameSite=Lax, Secure on HTTPS, a browser-session cookie.
-	PinCookieAttributes *PinCookieAttributes `json:"pin_cookie_attributes,omitempty"`
+	PinCookieAttributes *pin.Attributes `json:"pin_cookie_attributes,omitempty"`
 
 	// DisablePinCookie turns the pin cookie off: sessions are then kept
 	// by the session table and the ring alone.
@@ -174,9 +175,11 @@ type Policy struct {
 
 	secret []byte
 	// previousSecrets are PreviousSecrets, loaded; pinStyle is
-	// PinCookieAttributes, checked.
+	// PinCookieAttributes, checked; pinUpgrade is when the upgrade window
+	// of old-format pins opened (pin.OpenUpgradeWindow).
 	previousSecrets [][]byte
-	pinStyle        pinStyle
+	pinStyle        pin.Style
+	pinUpgrade      uint32
 	ttl             uint32
 	ctx             caddy.Context
 
@@ -244,26 +247,27 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 	p.ttl = uint32(time.Duration(p.SessionTTL) / time.Second)
 
 	if !p.DisablePinCookie {
-		secret, err := p.loadSecret(ctx)
+		storage := storageOf(ctx)
+		secret, err := pin.LoadSecret(ctx, storage, p.Secret, p.logger)
 		if err != nil {
 			return err
 		}
 		p.secret = secret
-		if len(secret) < minSecretLen {
+		if len(secret) < pin.MinSecretLen {
 			p.logger.Warn("the pin secret is short: clients can forge pins signed with it by brute force; use at least 16 random bytes, such as the output of `openssl rand -base64 32`",
 				zap.Int("bytes", len(secret)))
 		}
-		p.loadPinUpgrade(ctx)
-		if p.previousSecrets, err = p.loadPreviousSecrets(); err != nil {
+		p.pinUpgrade = pin.OpenUpgradeWindow(ctx, storage, p.logger)
+		if p.previousSecrets, err = pin.LoadPreviousSecrets(p.PreviousSecrets, secret); err != nil {
 			return err
 		}
-		p.pinStyle, _ = p.PinCookieAttributes.style() // checked by Validate
-		if age, live := p.pinStyle.maxAge, pinRefresh(p.ttl)+p.ttl; age > 0 && uint32(age) < live {
+		p.pinStyle, _ = p.PinCookieAttributes.Style() // checked by Validate
+		if age, live := p.pinStyle.MaxAge(), time.Duration(pin.Refresh(p.ttl)+p.ttl)*time.Second; age > 0 && age < live {
 			// Allowed (an operator may want pins gone soon after a
 			// session idles), but a session idle for longer than max_age
 			// loses its pin and is placed again by the table or the ring.
 			p.logger.Warn("pin_cookie max_age is shorter than session_ttl + session_ttl/4, the oldest a live session's pin can get: sessions idle longer than max_age lose their pin",
-				zap.Duration("max_age", time.Duration(age)*time.Second), zap.Duration("session_ttl", time.Duration(p.SessionTTL)))
+				zap.Duration("max_age", age), zap.Duration("session_ttl", time.Duration(p.SessionTTL)))
 		}
 	}
 
@@ -301,10 +305,6 @@ const (
 	maxSlowStart   = 24 * time.Hour
 	minMaxSessions = sessions.Shards
 )
-
-// minSecretLen is the shortest secret that is not logged as weak: pins
-// are HMACs, which a short secret lets a client forge by brute force.
-const minSecretLen = 16
 
 // validCookieName reports whether s is a cookie name: an RFC 6265
 // cookie-name is an RFC 7230 token, the same rule as a header field name.
@@ -352,8 +352,8 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	// interval): a live session's pin never gets old.
 	// It is also bound again when the request's first key is not the one
 	// it is bound to (the app gave the session its key since).
-	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh || d.pin.rebind(in.keys))
-	return p.chosen(ps, d.chosen, r, w, issuePin, retry, &in, pinBindFor(d.failover(), in.keys))
+	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh || d.pin.Rebind(in.keys))
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry, &in, pin.BindFor(d.failover(), in.keys))
 }
 
 // look decides where request r goes: what Select and the lookup
@@ -536,7 +536,7 @@ func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWr
 	}
 	ps.Recs[i].CountRequest()
 	if issuePin && w != nil && ps.pins != nil {
-		setPinCookie(w.Header(), p.PinCookie, ps.pins.boundSetCookie(i, now, secureRequest(r), bind), retry)
+		pin.AddSetCookie(w.Header(), p.PinCookie, ps.pins.SetCookie(i, now, secureRequest(r), bind), retry)
 	}
 	return up
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
@@ -304,7 +305,7 @@ func TestForgedPinsAreIgnored(t *testing.T) {
 	other.Select(pool, newRequest(), w2)
 	foreign := strings.TrimPrefix(pinFrom(t, w2, DefaultPinCookie), DefaultPinCookie+"=")
 
-	for _, v := range []string{string(flipped), foreign, "", "x", strings.Repeat("A", pinValueLen),
+	for _, v := range []string{string(flipped), foreign, "", "x", strings.Repeat("A", pin.ValueLen),
 		strings.Repeat("Z", 8192), "\xff\xfe\xfd", good[:len(good)-1] + "!", `"` + good + `"x`} {
 		w := httptest.NewRecorder()
 		if got := p.Select(pool, newRequest(DefaultPinCookie+"="+v), w); got == nil {

@@ -9,6 +9,7 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/placement"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
@@ -24,7 +25,7 @@ type poolState struct {
 	placement.Pool
 	// pins issues and checks the pool's pin cookies; nil with the pin
 	// cookie off.
-	pins *pinSigner
+	pins *pin.Signer
 	// routes are the tomcat_route lines whose upstream is in the pool.
 	routes []poolRoute
 	// removed are the pins of the upstreams this proxy's previous pool had
@@ -37,14 +38,14 @@ type poolState struct {
 // removedPin is the pin of an upstream a pool no longer has.
 type removedPin struct {
 	dial  string
-	token pinToken
+	token pin.Token
 }
 
 // removedPin returns the dial address of the removed upstream a pin
 // names, or "".
-func (ps *poolState) removedPin(pin *decodedPin) string {
+func (ps *poolState) removedPin(dp *pin.Decoded) string {
 	for i := range ps.removed {
-		if ps.removed[i].token.match(pin) {
+		if ps.removed[i].token.Match(dp) {
 			return ps.removed[i].dial
 		}
 	}
@@ -146,9 +147,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		for i, u := range pool {
 			dials[i] = u.Dial
 		}
-		ps.pins = newPinSigner(p.secret, p.PinCookie, p.ttl, dials)
-		ps.pins.accept(p.previousSecrets, dials)
-		ps.pins.style = p.pinStyle
+		ps.pins = pin.NewSigner(p.secret, p.previousSecrets, p.PinCookie, p.ttl, p.pinStyle, dials)
 	}
 	for i, u := range pool {
 		ps.Weights[i] = members[memberAt[u.Dial]].Weight
@@ -186,9 +185,9 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 				continue
 			}
 			// Its sessions may carry pins of a previous secret too.
-			ps.removed = append(ps.removed, removedPin{dial: dial, token: newPinToken(p.secret, dial)})
+			ps.removed = append(ps.removed, removedPin{dial: dial, token: pin.NewToken(p.secret, dial)})
 			for _, secret := range p.previousSecrets {
-				ps.removed = append(ps.removed, removedPin{dial: dial, token: newPinToken(secret, dial)})
+				ps.removed = append(ps.removed, removedPin{dial: dial, token: pin.NewToken(secret, dial)})
 			}
 		}
 	}
@@ -238,9 +237,9 @@ func (ps *poolState) indexByID(id uint32) int {
 // secret or a previous one), and decodes it into pin. Its time is not
 // checked here: only an upstream that takes no new sessions freely needs
 // it (see settle).
-func (ps *poolState) pinIndex(value string, pin *decodedPin) int {
-	if !decodePin(value, pin) || ps.pins == nil {
+func (ps *poolState) pinIndex(value string, dp *pin.Decoded) int {
+	if !pin.Decode(value, dp) || ps.pins == nil {
 		return -1
 	}
-	return ps.pins.index(pin)
+	return ps.pins.Index(dp)
 }

@@ -71,8 +71,8 @@ var (
 // It allocates nothing; past the first keyUnseenAfter requests a request
 // with a valid pin costs it two loads.
 func (p *Policy) watchRequest(ps *poolState, r *http.Request, d *decision, now uint32) {
-	if d.pinRejected && d.pin.id != 0 && ps.pins != nil && ps.pins.index(&d.pin) < 0 {
-		// Well formed (decodePin sets the id only then) and of no
+	if d.pinRejected && d.pin.Parsed() && ps.pins != nil && ps.pins.Index(&d.pin) < 0 {
+		// Well formed (pin.Decoded.Parsed) and of no
 		// upstream under any of our secrets: not a forged time or tag
 		// (their token is ours), another secret's token.
 		p.noteForeignPin(now)
