@@ -11,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
@@ -101,8 +102,8 @@ func (p *Policy) pinCookieName() string {
 }
 
 func (p *Policy) validateKeys() error {
-	if len(p.Keys) > maxKeys {
-		return broken(optionAt("key", maxKeys), "key: at most %d key lines, got %d", maxKeys, len(p.Keys))
+	if len(p.Keys) > keys.Max {
+		return broken(optionAt("key", keys.Max), "key: at most %d key lines, got %d", keys.Max, len(p.Keys))
 	}
 	if p.NoDefaultKeys && len(p.Keys) > 0 {
 		return broken("key none", "key none (no_default_keys) goes with no other key line: drop one or the other")
@@ -309,3 +310,17 @@ func validRoute(route string) bool { return !strings.ContainsAny(route, " ;,=") 
 // errTomcatRouteKey is the error for tomcat_route lines without a key
 // that carries a Java session id.
 const errTomcatRouteKey = "tomcat_route needs a `key cookie` or `key path_param` line: the route is read from that session id"
+
+// validCookieName reports whether s is a cookie name: an RFC 6265
+// cookie-name is an RFC 7230 token, the same rule as a header field name.
+func validCookieName(s string) bool { return httpguts.ValidHeaderFieldName(s) }
+
+// Bounds of durations and sizes. Times in the table are uint32 seconds,
+// and a hold's incident window is 2 × hold: the bounds keep both far from
+// overflowing, and no app keeps an idle session longer than a year.
+const (
+	maxSessionTTL  = 365 * 24 * time.Hour
+	maxHold        = time.Hour
+	maxSlowStart   = 24 * time.Hour
+	minMaxSessions = sessions.Shards
+)

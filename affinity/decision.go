@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
@@ -128,106 +130,62 @@ type decideInput struct {
 	budget *sessions.Budget
 }
 
-// outcome is what a decision did with its request: one row of outcomes.
-type outcome uint8
-
-const (
-	outcomeNone     outcome = iota // no upstream may take it now
-	outcomeRoute                   // the app's Tomcat route
-	outcomePin                     // the pin cookie
-	outcomeTable                   // the session table
-	outcomePlaced                  // a new session, placed by the ring
-	outcomeFailover                // a session whose upstream could not serve it, placed anew
-	outcomeHeld                    // a session waiting for its upstream under hold
-	outcomeOverflow                // its upstream is at max_requests: elsewhere once, the session stays
-	numOutcomes
-)
-
-// outcomeRow is everything said of one outcome, wherever it is said.
-type outcomeRow struct {
-	// value is the request var {http.vars.affinity.decision}.
-	value string
-	// lookup is the decision GET /affinity/lookup names (Decided*).
-	lookup string
-	// label is the outcome label of caddy_affinity_selections_total.
-	label string
-	// words says what happened, for operators (the lookup's reason
-	// starts from it).
-	words string
-}
-
-// outcomes is the one table of outcomes.
-var outcomes = [numOutcomes]outcomeRow{
-	outcomeNone:     {"none", DecidedNone, "no_upstream", "no upstream may take it now (down, full, draining or in maintenance): Caddy retries per lb_try_duration, then answers 502"},
-	outcomeRoute:    {"route", DecidedRoute, "pinned", "the session id's Tomcat route names an upstream that may serve it"},
-	outcomePin:      {"pin", DecidedPin, "pinned", "a valid pin names an upstream that may serve it"},
-	outcomeTable:    {"table", DecidedTable, "pinned", "the session table names an upstream that may serve it"},
-	outcomePlaced:   {"placed", DecidedRing, "placed", "a new session: the ring walk places it"},
-	outcomeFailover: {"failover", DecidedFailover, "failover", "its upstream cannot serve it: the session fails over to where the ring walk places it, and stays there"},
-	outcomeHeld:     {"held", DecidedHold, "held", "its upstream is in trouble: under hold its requests wait for it to come back, then fail over"},
-	outcomeOverflow: {"overflow", DecidedOverflow, "overflow", "its upstream is at max_requests: busy is not down, this request goes elsewhere once and the session stays"},
-}
-
-// String names the outcome: the value of {http.vars.affinity.decision}.
-func (o outcome) String() string { return outcomes[o].value }
-
-// outcome returns what the decision does with its request.
-func (d *decision) outcome() outcome {
-	switch {
-	case d.held:
-		return outcomeHeld
-	case d.chosen < 0:
-		return outcomeNone
-	case d.by == fromRoute:
-		return outcomeRoute
-	case d.by == fromPin:
-		return outcomePin
-	case d.by == fromTable:
-		return outcomeTable
-	case d.overflow():
-		return outcomeOverflow
-	case d.failover():
-		return outcomeFailover
+// look decides where request r goes: what Select and the lookup
+// endpoint both ask, so that they agree by construction. With in.dry it
+// writes nothing (decide slides no entry and notes no trouble, and no
+// warning is noted); Select then acts on the decision (Policy.Select),
+// the lookup words it (Explain). It returns the source of the request's
+// first key and whether the request is a retry. in comes and goes by
+// value: through a pointer, the key hashes (in keyBuf) would go to the
+// heap, and the pinned path allocates nothing.
+func (p *Policy) look(ps *poolState, r *http.Request, vars map[string]any, in decideInput, keyBuf *[keys.Max]uint64, d *decision) (decideInput, *keys.Source, bool) {
+	if p.sessions.Scope() == 0 {
+		p.resolveScope(in.now)
 	}
-	return outcomePlaced
+	// An upstream that failed this very request is not selectable on
+	// the retry, even if Caddy's health checks have not caught up.
+	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
+	if retry {
+		in.failed = ps.index(prev)
+	}
+	_, in.learning = vars[learnVar].(*learnWriter)
+	if !in.dry && p.DisablePinCookie && p.learns && !in.learning {
+		p.noteMissingLearner()
+	}
+	keys, first := p.requestKeys(r, keyBuf, in.learning)
+	in.keys, in.first = keys, first
+	in.conn = r.RemoteAddr
+	p.decide(ps, r, &in, d)
+	return in, first, retry
 }
 
-// left returns the upstream the session leaves and why: the first source
-// asked that named an upstream which could not serve it, else the
-// upstream that failed this request; -1 for a session that had none (a
-// new one).
-func (d *decision) left() (int, healthcheck.Verdict) {
-	for _, a := range d.asked[:d.nasked] {
-		if a.verdict != healthcheck.Serves && a.verdict != healthcheck.Full && !a.stale {
-			return a.upstream, a.verdict
+// index returns the position of up in the pool, or -1.
+func (ps *poolState) index(up *reverseproxy.Upstream) int {
+	for i, u := range ps.Ups {
+		if u == up {
+			return i
 		}
 	}
-	return d.failed, healthcheck.Failed
-}
-
-// leftDial names the upstream the session leaves and why: one of the
-// pool's, or one a reload removed.
-func (d *decision) leftDial(ps *poolState) (string, healthcheck.Verdict) {
-	if from, why := d.left(); from >= 0 {
-		return ps.Ups[from].Dial, why
+	if up != nil {
+		for i, u := range ps.Ups {
+			if u.Dial == up.Dial {
+				return i
+			}
+		}
 	}
-	return d.gone, healthcheck.Removed
+	return -1
 }
 
-// overflow reports whether the request goes elsewhere once because its
-// session's upstream is at max_requests: the session is not moved.
-func (d *decision) overflow() bool {
-	return d.by == fromRing && !d.held && d.chosen >= 0 && d.busy >= 0
-}
-
-// failover reports whether the ring placed a session that had an upstream
-// on another one.
-func (d *decision) failover() bool {
-	if d.by != fromRing || d.held || d.chosen < 0 || d.overflow() {
-		return false
-	}
-	from, _ := d.left()
-	return (from >= 0 && from != d.chosen) || (from < 0 && d.gone != "")
+// requestKeys returns the hashes of the policy's keys present in the
+// request and the source of the first (keys.Read).
+//
+// Under affinity_learn, a client_ip key is left out when the policy has a
+// key the learner records: a request without the app's session id has
+// no app session to stick to yet, and the address, which many users may
+// share, must not pin it; such a request is placed like a new session,
+// under the load bound.
+func (p *Policy) requestKeys(r *http.Request, buf *[keys.Max]uint64, learning bool) ([]uint64, *keys.Source) {
+	return keys.Read(r, p.Keys, learning && p.learns, buf)
 }
 
 // decide computes the decision for request r, whose pool state is ps.
@@ -261,6 +219,29 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 		return
 	}
 	p.placeOnRing(ps, in, d)
+}
+
+// pinIndex returns the position of the upstream a pin cookie value names,
+// or -1 if the value is not a valid pin for this pool (of the current
+// secret or a previous one), and decodes it into pin. Its time is not
+// checked here: only an upstream that takes no new sessions freely needs
+// it (see settle).
+func (ps *poolState) pinIndex(value string, dp *pin.Decoded) int {
+	if !pin.Decode(value, dp) || ps.pins == nil {
+		return -1
+	}
+	return ps.pins.Index(dp)
+}
+
+// removedPin returns the dial address of the removed upstream a pin
+// names, or "".
+func (ps *poolState) removedPin(dp *pin.Decoded) string {
+	for i := range ps.removed {
+		if ps.removed[i].token.Match(dp) {
+			return ps.removed[i].dial
+		}
+	}
+	return ""
 }
 
 // routeIndex returns the upstream a request's Tomcat route names, or -1:
@@ -419,6 +400,17 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput, d *decision) int {
 		return false
 	})
 	return chosen
+}
+
+// indexByID returns the position of the upstream with the given
+// healthcheck ID, or -1.
+func (ps *poolState) indexByID(id uint32) int {
+	for i, rec := range ps.Recs {
+		if rec.ID == id {
+			return i
+		}
+	}
+	return -1
 }
 
 // placeOnRing places the request on the ring by its first key; a new

@@ -142,7 +142,7 @@ func (p *Policy) explainRequest(ps *poolState, r *http.Request, now time.Time, o
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 	var budget sessions.Budget
 	in := decideInput{failed: -1, now: sessions.Seconds(now), wall: now, dry: true, recordWalk: true, budget: &budget}
-	var keyBuf [maxKeys]uint64
+	var keyBuf [keys.Max]uint64
 	var d decision
 	in, _, _ = p.look(ps, r, vars, in, &keyBuf, &d)
 	var after *decision

@@ -249,7 +249,7 @@ func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
 	}()} {
 		d := decision{}
 		in := decideInput{failed: -1, now: sessions.Now(), dry: true}
-		var buf [maxKeys]uint64
+		var buf [keys.Max]uint64
 		in.keys, in.first = p.requestKeys(r, &buf, false)
 		p.decide(p.poolState(rest), r, &in, &d)
 		if d.gone != home.Dial || !d.failover() || d.pinRejected {

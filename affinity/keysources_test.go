@@ -1,7 +1,6 @@
 package affinity
 
 import (
-	"net/http"
 	"net/http/httptest"
 	"testing"
 
@@ -24,35 +23,6 @@ func keyHash(from, value string) uint64 {
 		panic(err)
 	}
 	return k.HashValue(value)
-}
-
-func TestKeySourcesInOrder(t *testing.T) {
-	p := &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}, {From: "header", Name: "x-session"}, {From: "query", Name: "s"}}}
-	for i := range p.Keys {
-		if err := p.Keys[i].Provision(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	var buf [maxKeys]uint64
-	r := httptest.NewRequest(http.MethodGet, "/?s=q", nil)
-	r.Header.Set("X-Session", "q")
-	r.Header.Set("Cookie", "sid=q")
-	keys, _ := p.requestKeys(r, &buf, false)
-	if len(keys) != 3 {
-		t.Fatalf("found %d keys, want 3", len(keys))
-	}
-	if keys[0] == keys[1] || keys[1] == keys[2] || keys[0] == keys[2] {
-		t.Error("the same value from different sources is the same key")
-	}
-	r.Header.Del("Cookie")
-	var buf2 [maxKeys]uint64
-	if k, _ := p.requestKeys(r, &buf2, false); len(k) != 2 || k[0] != keys[1] {
-		t.Error("keys not in configured order")
-	}
-	r = httptest.NewRequest(http.MethodGet, "/", nil)
-	if k, _ := p.requestKeys(r, &buf, false); len(k) != 0 {
-		t.Error("key found in a request without any")
-	}
 }
 
 // With no key lines, the platforms' session cookies are the keys: a
@@ -80,7 +50,7 @@ func TestPlatformCookiesAreTheDefaultKeys(t *testing.T) {
 		t.Fatalf("key none has keys %+v", none.Keys)
 	}
 	r := newRequest("JSESSIONID=J1")
-	var buf [maxKeys]uint64
+	var buf [keys.Max]uint64
 	if k, _ := p.requestKeys(r, &buf, false); len(k) != 1 || k[0] != sessionIDHash("J1") {
 		t.Fatalf("JSESSIONID=J1 hashes to %v, want the session id's key", k)
 	}

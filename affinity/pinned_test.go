@@ -32,7 +32,7 @@ func pinAged(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32) strin
 // pinBoundTo returns the cookie of a pin naming upstream i of pool,
 // issued age seconds ago to the session of the request with cookies.
 func pinBoundTo(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32, cookies ...string) string {
-	var buf [maxKeys]uint64
+	var buf [keys.Max]uint64
 	keys, _ := p.requestKeys(newRequest(cookies...), &buf, false)
 	return p.PinCookie + "=" + p.poolState(pool).pins.BoundValue(i, sessions.Now()-age, pin.BindFor(false, keys))
 }

@@ -41,17 +41,6 @@ type removedPin struct {
 	token pin.Token
 }
 
-// removedPin returns the dial address of the removed upstream a pin
-// names, or "".
-func (ps *poolState) removedPin(dp *pin.Decoded) string {
-	for i := range ps.removed {
-		if ps.removed[i].token.Match(dp) {
-			return ps.removed[i].dial
-		}
-	}
-	return ""
-}
-
 // poolRoute is a tomcat_route whose upstream is at index in the pool.
 type poolRoute struct {
 	route string
@@ -202,44 +191,4 @@ func (ps *poolState) has(dial string) bool {
 		}
 	}
 	return false
-}
-
-// index returns the position of up in the pool, or -1.
-func (ps *poolState) index(up *reverseproxy.Upstream) int {
-	for i, u := range ps.Ups {
-		if u == up {
-			return i
-		}
-	}
-	if up != nil {
-		for i, u := range ps.Ups {
-			if u.Dial == up.Dial {
-				return i
-			}
-		}
-	}
-	return -1
-}
-
-// indexByID returns the position of the upstream with the given
-// healthcheck ID, or -1.
-func (ps *poolState) indexByID(id uint32) int {
-	for i, rec := range ps.Recs {
-		if rec.ID == id {
-			return i
-		}
-	}
-	return -1
-}
-
-// pinIndex returns the position of the upstream a pin cookie value names,
-// or -1 if the value is not a valid pin for this pool (of the current
-// secret or a previous one), and decodes it into pin. Its time is not
-// checked here: only an upstream that takes no new sessions freely needs
-// it (see settle).
-func (ps *poolState) pinIndex(value string, dp *pin.Decoded) int {
-	if !pin.Decode(value, dp) || ps.pins == nil {
-		return -1
-	}
-	return ps.pins.Index(dp)
 }

@@ -3,6 +3,7 @@ package affinity
 import (
 	"fmt"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -199,4 +200,40 @@ func (p *Policy) checkSite(s Site) {
 	}
 	p.warn(warnHealthURI, "health_uri (Caddy's active health checks) does nothing on dynamic upstreams: Caddy runs them only on the static upstream list, "+
 		"so a worker that dies while still in the source's answer is found only by failing requests; "+fix)
+}
+
+// noteMissingLearner records, and logs once, that the policy serves
+// requests without affinity_learn although it depends on it: with the pin
+// cookie off, a new session is known only by the id its app issues in the
+// response, which only the learner sees.
+func (p *Policy) noteMissingLearner() {
+	if p.missingLearner.Load() || !p.missingLearner.CompareAndSwap(false, true) {
+		return
+	}
+	p.logger.Warn(p.missingLearnerWarning())
+}
+
+// missingLearnerWarning says what breaks and the line to add.
+func (p *Policy) missingLearnerWarning() string {
+	keys := make([]string, 0, len(p.Keys))
+	for i := range p.Keys {
+		if p.Keys[i].Learnable() {
+			keys = append(keys, p.Keys[i].String())
+		}
+	}
+	return fmt.Sprintf("pin_cookie is off and the session key (%s) is the app's own id, but no affinity_learn handler runs before this reverse_proxy: "+
+		"a new session's next request carries an id the proxy has never seen and lands on another worker about (n-1)/n of the time, where the session does not exist; "+
+		"add the line `affinity_learn` to the site (it is ordered before reverse_proxy), or put it first in the route or handle block",
+		strings.Join(keys, ", "))
+}
+
+// Warnings are what an operator must know about a policy's config that
+// its parser could not tell: its learner missing, and what warnings.go
+// watches for.
+func (p *Policy) Warnings() []string {
+	var out []string
+	if p.missingLearner.Load() {
+		out = append(out, p.missingLearnerWarning())
+	}
+	return append(out, p.toldWarnings()...)
 }

@@ -680,3 +680,41 @@ func clientIP(r *http.Request) (netip.Addr, bool) {
 	}
 	return ip.Unmap().WithZone(""), true
 }
+
+// Max bounds the number of key sources, so that a request's key hashes
+// fit in an array on the stack.
+const Max = 8
+
+// Read returns the hashes of the keys of sources present in request r,
+// in the sources' order and each once, in buf's storage, and the source
+// of the first (nil if none). skipShared leaves out the sources many
+// users may share a value of (client_ip). It does not allocate.
+//
+// One id under two keys (Tomcat's `JSESSIONID=X` and `;jsessionid=X` on
+// one request) is one key: recorded twice, its second record would turn
+// the session's entry into an alias, which counts as no session.
+func Read(r *http.Request, sources []Source, skipShared bool, buf *[Max]uint64) ([]uint64, *Source) {
+	hashes := buf[:0]
+	var first *Source
+next:
+	for i := range sources {
+		k := &sources[i]
+		if skipShared && k.Shared() {
+			continue
+		}
+		h, ok := k.Hash(r)
+		if !ok {
+			continue
+		}
+		for _, seen := range hashes {
+			if seen == h {
+				continue next
+			}
+		}
+		if len(hashes) == 0 {
+			first = k
+		}
+		hashes = append(hashes, h)
+	}
+	return hashes, first
+}

@@ -244,3 +244,33 @@ func TestKindsHashAsTheyLearn(t *testing.T) {
 		}
 	}
 }
+
+// Read finds the keys in the sources' order, each source its own key.
+func TestReadInOrder(t *testing.T) {
+	sources := []Source{{From: "cookie", Name: "sid"}, {From: "header", Name: "x-session"}, {From: "query", Name: "s"}}
+	for i := range sources {
+		if err := sources[i].Provision(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var buf [Max]uint64
+	r := httptest.NewRequest(http.MethodGet, "/?s=q", nil)
+	r.Header.Set("X-Session", "q")
+	r.Header.Set("Cookie", "sid=q")
+	hashes, _ := Read(r, sources, false, &buf)
+	if len(hashes) != 3 {
+		t.Fatalf("found %d keys, want 3", len(hashes))
+	}
+	if hashes[0] == hashes[1] || hashes[1] == hashes[2] || hashes[0] == hashes[2] {
+		t.Error("the same value from different sources is the same key")
+	}
+	r.Header.Del("Cookie")
+	var buf2 [Max]uint64
+	if k, _ := Read(r, sources, false, &buf2); len(k) != 2 || k[0] != hashes[1] {
+		t.Error("keys not in configured order")
+	}
+	r = httptest.NewRequest(http.MethodGet, "/", nil)
+	if k, _ := Read(r, sources, false, &buf); len(k) != 0 {
+		t.Error("key found in a request without any")
+	}
+}
