@@ -132,9 +132,9 @@ type decideInput struct {
 
 // look decides where request r goes: what Select and the lookup
 // endpoint both ask, so that they agree by construction. With in.dry it
-// writes nothing (decide slides no entry and notes no trouble, and no
-// warning is noted); Select then acts on the decision (Policy.Select),
-// the lookup words it (Explain). It returns the source of the request's
+// writes nothing (decide slides no entry and notes no trouble; warnings
+// are Select's own, watchRequest); Select then acts on the decision, the
+// lookup words it (Explain). It returns the source of the request's
 // first key and whether the request is a retry. in comes and goes by
 // value: through a pointer, the key hashes (in keyBuf) would go to the
 // heap, and the pinned path allocates nothing.
@@ -149,11 +149,8 @@ func (p *Policy) look(ps *poolState, r *http.Request, vars map[string]any, in de
 		in.failed = ps.index(prev)
 	}
 	_, in.learning = vars[learnVar].(*learnWriter)
-	if !in.dry && p.DisablePinCookie && p.learns && !in.learning {
-		p.noteMissingLearner()
-	}
-	keys, first := p.requestKeys(r, keyBuf, in.learning)
-	in.keys, in.first = keys, first
+	hashes, first := p.requestKeys(r, keyBuf, in.learning)
+	in.keys, in.first = hashes, first
 	in.conn = r.RemoteAddr
 	p.decide(ps, r, &in, d)
 	return in, first, retry

@@ -323,7 +323,7 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 		left, why = d.leftDial(ps)
 	}
 	p.count(&d, o)
-	p.watchRequest(ps, r, &d, in.now)
+	p.watchRequest(ps, r, &d, in.now, in.learning)
 	p.tell(vars, ps, &d, o, first)
 	if d.chosen < 0 {
 		return nil

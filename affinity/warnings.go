@@ -68,10 +68,14 @@ var (
 )
 
 // watchRequest looks at a decided request for what an operator must be
-// told: pins signed with another secret, key sources no request carries.
-// It allocates nothing; past the first keyUnseenAfter requests a request
-// with a valid pin costs it two loads.
-func (p *Policy) watchRequest(ps *poolState, r *http.Request, d *decision, now uint32) {
+// told: a learner missing (learning: affinity_learn watches the
+// response), pins signed with another secret, key sources no request
+// carries. It allocates nothing; past the first keyUnseenAfter requests a
+// request with a valid pin costs it two loads.
+func (p *Policy) watchRequest(ps *poolState, r *http.Request, d *decision, now uint32, learning bool) {
+	if p.DisablePinCookie && p.learns && !learning {
+		p.noteMissingLearner()
+	}
 	if d.pinRejected && d.pin.Parsed() && ps.pins != nil && ps.pins.Index(&d.pin) < 0 {
 		// Well formed (pin.Decoded.Parsed) and of no
 		// upstream under any of our secrets: not a forged time or tag
