@@ -158,6 +158,7 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 	}
 	dials := []string{pool[0].Dial, pool[1].Dial, pool[2].Dial}
 	waitFor(t, "the cluster's counts", func() bool {
+		oh.Refresh(dials) // the other instance's farm writes its counts
 		p.sessions.Refresh(dials)
 		c, _ := p.farm.store.ClusterSessions(pool[0].Dial)
 		return p.poolState(pool).SessionsOn(p.sessions, 0) >= others && c >= others

@@ -38,6 +38,7 @@ cookie first, as a request would be decided.
   caddy affinity lookup hw6hNbNK...
   caddy affinity lookup --source client_ip 203.0.113.7
   caddy affinity lookup 'JSESSIONID=0A1B2C3D.node1; caddy_affinity=AbC...'
+  caddy affinity lookup -- -nciDKG9N...   (a key that starts with '-')
 `,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -52,6 +53,15 @@ cookie first, as a request would be decided.
 		},
 	}
 	addAdminFlags(cmd)
+	// One base64url session id in 64 starts with '-', which reads as a
+	// flag: the error says how to pass it.
+	cmd.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		hint := ""
+		if strings.Contains(err.Error(), "shorthand") {
+			hint = ": a key that starts with '-' goes after '--' (caddy affinity lookup -- <key>)"
+		}
+		return fmt.Errorf("%v%s (see '%s --help')", err, hint, c.CommandPath())
+	})
 	cmd.Flags().String("source", "", "The key source to read the value as (default: each proxy's first key); pin for a pin cookie")
 	cmd.Flags().String("name", "", "The cookie, header or query name of --source")
 	cmd.Flags().Bool("json", false, "Print the admin API's JSON")

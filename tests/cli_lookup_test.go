@@ -24,7 +24,8 @@ func TestCLILookupAndMistakes(t *testing.T) {
 	}
 	want := backendNamed(bs, c.worker).addr
 
-	code, out, _ := runCLI(t, "affinity", "lookup", "--address", admin, sid)
+	// "--": one base64url id in 64 starts with '-'.
+	code, out, _ := runCLI(t, "affinity", "lookup", "--address", admin, "--", sid)
 	if code != 0 || !strings.Contains(out, "-> "+want+"  (") || !strings.Contains(out, "cookie "+appCookie) {
 		t.Errorf("lookup of the app cookie: exit %d, want the session on %s:\n%s", code, want, out)
 	}
@@ -38,11 +39,15 @@ func TestCLILookupAndMistakes(t *testing.T) {
 		{"affinity", "drian", "9001"},
 		{"affinity", "status", "--bogus"},
 		{"affinity", "lookup"},
+		{"affinity", "lookup", "--address", admin, "-nciDKG9N4Ve_YZkj37gG"},
 	} {
 		code, out, errOut := runCLI(t, args...)
 		lines := strings.Split(strings.TrimSpace(errOut), "\n")
 		if code == 0 || out != "" || len(lines) != 1 || !strings.Contains(lines[0], "--help") {
 			t.Errorf("caddy %s: exit %d, stdout %q, stderr %q: want a non-zero exit and one line naming --help", strings.Join(args, " "), code, out, errOut)
+		}
+		if strings.HasPrefix(args[len(args)-1], "-n") && !strings.Contains(errOut, "goes after '--'") {
+			t.Errorf("caddy %s: stderr %q: want the hint to pass a key that starts with '-' after '--'", strings.Join(args, " "), errOut)
 		}
 	}
 

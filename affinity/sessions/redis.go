@@ -436,18 +436,28 @@ type redisNS struct {
 	// dials are the upstreams of the last refresh, for write backs.
 	dials atomic.Pointer[[]string]
 
+	// pending are the counts not yet in Redis (see count).
+	pendMu  sync.Mutex
+	pending map[pendingCount]int64
+
 	resyncing atomic.Bool // a write back is under way
 	again     atomic.Bool // another was asked for meanwhile
 	againFrom atomic.Uint32
 	closed    atomic.Bool
 }
 
-// genMarks are the TTLs set in one generation: a bit per bucket, and the
-// counter hash.
+// genMarks are the bucket TTLs set in one generation: a bit per bucket.
 type genMarks struct {
 	gen     uint32
 	buckets []atomic.Uint64
-	counter atomic.Bool
+}
+
+// pendingCount names a field of generation g's counter hash: kind
+// (kindNew or kindCarry) and dial code.
+type pendingCount struct {
+	g    uint32
+	kind byte
+	code uint32
 }
 
 // bucketBits returns log2 of the buckets of a namespace for max_sessions
@@ -571,9 +581,11 @@ func parseValue(v string) (flag, kind byte, code uint32, ok bool) {
 	return v[0], v[1], binary.LittleEndian.Uint32([]byte(v[2:])), true
 }
 
-// expireOnce queues the TTLs of generation g's bucket b and counter hash
-// on pipe, the first time this instance writes them in g.
-func (n *redisNS) expireOnce(ctx context.Context, pipe redis.Pipeliner, g, b uint32, counter bool) {
+// expireOnce queues the TTL of generation g's bucket b on pipe, after
+// the write that may create it, the first time this instance writes it
+// in g. A failed write forgets the marks (forgetMarks): its key may
+// exist without a TTL.
+func (n *redisNS) expireOnce(ctx context.Context, pipe redis.Pipeliner, g, b uint32) {
 	m := n.marks.Load()
 	if m == nil || m.gen != g {
 		fresh := &genMarks{gen: g, buckets: make([]atomic.Uint64, (1<<n.bits+63)/64)}
@@ -592,8 +604,78 @@ func (n *redisNS) expireOnce(ctx context.Context, pipe redis.Pipeliner, g, b uin
 		// at its end lives a TTL into the next.
 		pipe.ExpireAt(ctx, n.bucketKey(b, g), n.genEnd(g+1).Add(time.Second))
 	}
-	if counter && !m.counter.Load() && m.counter.CompareAndSwap(false, true) {
+}
+
+// forgetMarks makes the next writes set their buckets' TTLs again: after
+// a write that failed part way, or when Redis lost its data.
+func (n *redisNS) forgetMarks() { n.marks.Store(nil) }
+
+// count adds delta to the live sessions counted on a dial (code) in
+// generation g. Counts reach Redis with the next flush (the farm's
+// once-a-second refresh, or close), one HINCRBY per generation, kind and
+// dial whatever the sessions: a session's count costs no command of its
+// own, and no request waits for it.
+func (n *redisNS) count(g uint32, kind byte, code uint32, delta int64) {
+	n.pendMu.Lock()
+	if n.pending == nil {
+		n.pending = make(map[pendingCount]int64)
+	}
+	n.pending[pendingCount{g, kind, code}] += delta
+	n.pendMu.Unlock()
+}
+
+// takeCounts returns the pending counts and forgets them.
+func (n *redisNS) takeCounts() map[pendingCount]int64 {
+	n.pendMu.Lock()
+	defer n.pendMu.Unlock()
+	p := n.pending
+	n.pending = nil
+	return p
+}
+
+// restoreCounts puts counts whose flush failed back: counted again with
+// the next one (a flush that failed after Redis ran it counts them
+// twice: a count too many balances away from a dial, one too few
+// toward it; the counters are per generation, so either is gone in two).
+func (n *redisNS) restoreCounts(p map[pendingCount]int64) {
+	for k, d := range p {
+		n.count(k.g, k.kind, k.code, d)
+	}
+}
+
+// queueCounts queues p on pipe: an HINCRBY per field, then the TTL of
+// each counter hash it names (the first HINCRBY creates the hash; its
+// TTL follows in the same round trip).
+func (n *redisNS) queueCounts(ctx context.Context, pipe redis.Pipeliner, p map[pendingCount]int64) {
+	var gens []uint32
+	for k, d := range p {
+		if d == 0 {
+			continue
+		}
+		pipe.HIncrBy(ctx, n.counterKey(k.g), string(rune(k.kind))+codeString(k.code), d)
+		if !slices.Contains(gens, k.g) {
+			gens = append(gens, k.g)
+		}
+	}
+	for _, g := range gens {
 		pipe.ExpireAt(ctx, n.counterKey(g), n.genEnd(g+2).Add(time.Second))
+	}
+}
+
+// flushCounts writes the pending counts now (close: the next refresh
+// would never come), within the client's timeout.
+func (n *redisNS) flushCounts() {
+	p := n.takeCounts()
+	if len(p) == 0 || !n.c.usable() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(n.c.ctx, n.c.timeout)
+	defer cancel()
+	if _, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+		n.queueCounts(ctx, pipe, p)
+		return nil
+	}); err != nil {
+		n.c.failed("count", err)
 	}
 }
 
@@ -601,6 +683,7 @@ func (n *redisNS) close() {
 	if !n.closed.CompareAndSwap(false, true) {
 		return
 	}
+	n.flushCounts()
 	n.c.mu.Lock()
 	delete(n.c.namespaces, n)
 	n.c.mu.Unlock()
@@ -695,10 +778,10 @@ func (n *redisNS) fetch(keys []uint64, deadline time.Time) []remoteEntry {
 	return out
 }
 
-// record writes ws: new entries and carried-over ones with HSETNX (what
-// another instance wrote meanwhile wins) and their counts, in one round
-// trip; a count whose entry was there already is taken back in a second.
-// Moves read the entry first (rare: a failover).
+// record writes ws: new entries, carried-over and written-back ones with
+// HSETNX (what another instance wrote meanwhile wins), in one round trip,
+// and counts those it wrote (count: with the next flush). Moves read the
+// entry first (rare: a failover).
 func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
 	ctx, cancel, ok := n.within(deadline)
 	if !ok {
@@ -725,47 +808,26 @@ func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
 			}
 			b := n.bucket(w.key)
 			sets[i] = pipe.HSetNX(ctx, n.bucketKey(b, g), field(w.key), entryValue(flag, kind, dialCode(w.dial)))
-			// A new entry is counted at once (another instance seldom
-			// wrote it first); one carried over, or written back, only
-			// once this write won (instances that share the session
-			// each carry it at its first request of the generation: one
-			// wins; a write back mostly finds the entry there).
-			if !w.alias && w.how == writeNew {
-				pipe.HIncrBy(ctx, n.counterKey(g), string(kind)+codeString(dialCode(w.dial)), 1)
-			}
-			n.expireOnce(ctx, pipe, g, b, !w.alias)
+			n.expireOnce(ctx, pipe, g, b)
 		}
 		return nil
 	})
 	if err != nil {
+		n.forgetMarks()
 		n.c.failed("set", err)
 		return
 	}
 	n.c.worked()
-	// New entries that were there already: their count is taken back;
-	// carried ones that this write carried: counted.
-	var count []remoteWrite
+	// A main entry is counted by the instance whose write won: instances
+	// that share a session each carry it at their first request of a
+	// generation, and a write back mostly finds the entry there.
 	for i, w := range ws {
-		if sets[i] != nil && !w.alias && sets[i].Val() == (w.how != writeNew) {
-			count = append(count, w)
-		}
-	}
-	if len(count) > 0 {
-		_, err = n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-			for _, w := range count {
-				switch w.how {
-				case writeSlide:
-					pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindCarry))+codeString(dialCode(w.dial)), 1)
-				case writeBack:
-					pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindNew))+codeString(dialCode(w.dial)), 1)
-				default:
-					pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindNew))+codeString(dialCode(w.dial)), -1)
-				}
+		if sets[i] != nil && !w.alias && sets[i].Val() {
+			kind := byte(kindNew)
+			if w.how == writeSlide {
+				kind = kindCarry
 			}
-			return nil
-		})
-		if err != nil {
-			n.c.failed("set", err)
+			n.count(g, kind, dialCode(w.dial), 1)
 		}
 	}
 	if moves {
@@ -783,20 +845,16 @@ func codeString(code uint32) string {
 	return string(b[:])
 }
 
-// uncount queues on pipe what takes a session whose entries are cur (in
-// generation g) and prev (in g-1) out of the counts: it is counted in
-// the counter of its last entry in g-1 (n or b) if it has one there, or
-// as new in g; and one carried into g counts in g's b from g+1 on.
-func (n *redisNS) uncount(ctx context.Context, pipe redis.Pipeliner, g uint32, cur, prev found) {
+// uncount takes a session whose entries are cur (in generation g) and
+// prev (in g-1) out of the counts: it is counted in the counter of its
+// last entry in g-1 (n or b) if it has one there, or as new in g; and
+// one carried into g counts in g's b from g+1 on.
+func (n *redisNS) uncount(g uint32, cur, prev found) {
 	if cur.ok && cur.flag == valMain {
-		if cur.kind == kindNew {
-			pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindNew))+codeString(cur.code), -1)
-		} else {
-			pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindCarry))+codeString(cur.code), -1)
-		}
+		n.count(g, cur.kind, cur.code, -1)
 	}
 	if prev.ok && prev.flag == valMain && (!cur.ok || cur.kind == kindCarry) {
-		pipe.HIncrBy(ctx, n.counterKey(g-1), string(rune(prev.kind))+codeString(prev.code), -1)
+		n.count(g-1, prev.kind, prev.code, -1)
 	}
 }
 
@@ -829,7 +887,6 @@ func (n *redisNS) change(op byte, key uint64, w remoteWrite, ctx context.Context
 	b := n.bucket(key)
 	payload := string(op) + " " + n.c.nonce + " " + n.ns + " " + strconv.FormatUint(key, 16)
 	_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-		n.uncount(ctx, pipe, g, cur, prev)
 		switch op {
 		case 'm':
 			flag := byte(valMain)
@@ -840,10 +897,7 @@ func (n *redisNS) change(op byte, key uint64, w remoteWrite, ctx context.Context
 			if prev.ok {
 				pipe.HDel(ctx, n.bucketKey(b, g-1), field(key))
 			}
-			if !w.alias {
-				pipe.HIncrBy(ctx, n.counterKey(g), string(rune(kindNew))+codeString(dialCode(w.dial)), 1)
-			}
-			n.expireOnce(ctx, pipe, g, b, !w.alias)
+			n.expireOnce(ctx, pipe, g, b)
 			payload += " " + remoteValue(w.dial, w.alias)
 		case 'r':
 			// Kept, marked: instances that know it keep it for the
@@ -864,10 +918,15 @@ func (n *redisNS) change(op byte, key uint64, w remoteWrite, ctx context.Context
 		return nil
 	})
 	if err != nil {
+		n.forgetMarks()
 		n.c.failed("change", err)
 		return
 	}
 	n.c.worked()
+	n.uncount(g, cur, prev)
+	if op == 'm' && !w.alias {
+		n.count(g, kindNew, dialCode(w.dial), 1)
+	}
 }
 
 func remoteValue(dial string, alias bool) string {
@@ -935,8 +994,9 @@ func (n *redisNS) apply(op byte, key uint64, e remoteEntry) {
 // and this instance's own (its table's exact count) just before.
 type clusterCount struct{ n, localAt int64 }
 
-// refresh reads the cluster's live sessions on dials from the counters
-// of the current and the previous generation (two commands, whatever the
+// refresh writes this instance's pending counts and reads the cluster's
+// live sessions on dials from the counters of the current and the
+// previous generation, in one round trip (two reads, whatever the
 // sessions), in the background: the farm's loop calls it every second
 // and never waits for Redis. The client then checks Redis's run.
 func (n *redisNS) refresh(dials []string) {
@@ -951,9 +1011,6 @@ func (n *redisNS) refresh(dials []string) {
 	go func() {
 		defer n.counting.Store(false)
 		n.c.checkRun(false)
-		if len(dials) == 0 {
-			return
-		}
 		// This instance's counts before Redis's: a session placed in
 		// between is counted in both, once too many, never missed.
 		at := make([]int64, len(dials))
@@ -962,20 +1019,31 @@ func (n *redisNS) refresh(dials []string) {
 				at[i] = max(0, n.h.table.LiveCount(rec.ID))
 			}
 		}
+		pending := n.takeCounts()
+		if len(dials) == 0 && len(pending) == 0 {
+			return
+		}
 		ctx, cancel := context.WithTimeout(n.c.ctx, n.c.timeout)
 		defer cancel()
 		g := n.gen(Now())
 		var cur, prev *redis.MapStringStringCmd
 		_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
-			cur = pipe.HGetAll(ctx, n.counterKey(g))
-			prev = pipe.HGetAll(ctx, n.counterKey(g-1))
+			n.queueCounts(ctx, pipe, pending)
+			if len(dials) > 0 {
+				cur = pipe.HGetAll(ctx, n.counterKey(g))
+				prev = pipe.HGetAll(ctx, n.counterKey(g-1))
+			}
 			return nil
 		})
 		if err != nil {
+			n.restoreCounts(pending)
 			n.c.failed("count", err)
 			return
 		}
 		n.c.worked()
+		if len(dials) == 0 {
+			return
+		}
 		num := func(m map[string]string, kind byte, code string) int64 {
 			v, _ := strconv.ParseInt(m[string(rune(kind))+code], 10, 64)
 			return v
@@ -1031,7 +1099,7 @@ func (n *redisNS) startResync(reason string, from uint32) {
 	// Redis may have lost the keys whose TTL this instance set in this
 	// generation (flushed, restarted): the write back sets them again,
 	// or they would live forever.
-	n.marks.Store(nil)
+	n.forgetMarks()
 	if !n.resyncing.CompareAndSwap(false, true) {
 		if from == 0 || n.againFrom.Load() == 0 {
 			n.againFrom.Store(from)
@@ -1058,6 +1126,40 @@ const (
 	writeBackBatch = 256
 	writeBackPause = 10 * time.Millisecond
 )
+
+// expirePrevious sets the TTL of the previous generation's buckets of
+// ws, after Redis lost its data: a request between the loss and its
+// discovery (up to a second) may have written such a bucket anew, and
+// this instance's marks said its TTL was set. The write back itself
+// writes into the current generation, whose marks startResync forgot.
+func (n *redisNS) expirePrevious(ws []remoteWrite) {
+	g := n.gen(Now())
+	if g == 0 {
+		return
+	}
+	var buckets []uint32
+	seen := make(map[uint32]bool)
+	for _, w := range ws {
+		if b := n.bucket(w.key); !seen[b] {
+			seen[b] = true
+			buckets = append(buckets, b)
+		}
+	}
+	for i := 0; i < len(buckets); i += writeBackBatch {
+		ctx, cancel := context.WithTimeout(n.c.ctx, n.c.timeout)
+		_, err := n.c.client.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+			for _, b := range buckets[i:min(i+writeBackBatch, len(buckets))] {
+				pipe.ExpireAt(ctx, n.bucketKey(b, g-1), n.genEnd(g).Add(time.Second))
+			}
+			return nil
+		})
+		cancel()
+		if err != nil {
+			n.c.failed("expire", err)
+			return
+		}
+	}
+}
 
 // writeBack writes the namespace's live local entries on its upstreams
 // (main entries and aliases) that were touched since from (table
@@ -1113,6 +1215,9 @@ func (n *redisNS) writeBack(reason string, from uint32) {
 	}
 	if len(ws) == 0 {
 		return
+	}
+	if from == 0 && err == nil {
+		n.expirePrevious(ws)
 	}
 	fields := []zap.Field{zap.String("reason", reason), zap.String("namespace", n.ns), zap.Int("entries", len(ws)),
 		zap.Duration("took", time.Since(start))}

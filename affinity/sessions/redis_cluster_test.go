@@ -68,6 +68,9 @@ func TestRedisClusterCorrect(t *testing.T) {
 	expect := func(what string, want ...int64) {
 		t.Helper()
 		waitUntil(t, what, func() bool {
+			// Every instance's once-a-second refresh (the farm's
+			// loop) writes its counts; y's reads them.
+			x.Refresh(dials)
 			y.Refresh(dials)
 			for i, d := range dials {
 				if got, ok := y.remote.clusterSessions(d); !ok || got != want[i] {

@@ -374,11 +374,11 @@ func (h *Handle) Peek(key uint64, now uint32) (Entry, bool) {
 func (h *Handle) Remember(keys []uint64, id uint32, now uint32, b *Budget) {
 	if h.remote == nil {
 		for i, key := range keys {
-			up := id
-			if i > 0 {
-				up |= AliasBit
+			if i == 0 {
+				h.table.Swap(h.Key(key), id, now, h.ttl, true)
+			} else {
+				h.table.Put(h.Key(key), id|AliasBit, now, h.ttl)
 			}
-			h.table.Put(h.Key(key), up, now, h.ttl)
 		}
 		return
 	}
@@ -390,7 +390,7 @@ func (h *Handle) Remember(keys []uint64, id uint32, now uint32, b *Budget) {
 		if i > 0 {
 			up |= AliasBit
 		}
-		if w, ok := h.due(key, up, now, false); ok {
+		if w, ok := h.due(key, up, now, false, i == 0); ok {
 			ws = append(ws, w)
 		}
 	}
@@ -407,7 +407,7 @@ func (h *Handle) Learn(key uint64, id uint32, now uint32, b *Budget) {
 		h.table.Put(h.Key(key), id, now, h.ttl)
 		return
 	}
-	if w, ok := h.due(key, id, now, true); ok {
+	if w, ok := h.due(key, id, now, true, false); ok {
 		h.remote.record([]remoteWrite{w}, b.Deadline(h.timeout))
 	}
 	h.table.Establish(h.Key(key), now)
@@ -517,8 +517,13 @@ func (h *Handle) generation(t uint32) uint32 { return t / max(h.ttl, 1) }
 //   - a move is written and published;
 //   - a live entry is carried into each generation (one session_ttl) it
 //     is active in, once: its first request in a generation writes it.
-func (h *Handle) due(key uint64, up uint32, now uint32, learned bool) (remoteWrite, bool) {
-	old, live := h.table.Swap(h.Key(key), up, now, h.ttl)
+//
+// first says key is the request's first key (Table.FirstKeyRef).
+func (h *Handle) due(key uint64, up uint32, now uint32, learned, first bool) (remoteWrite, bool) {
+	old, live := h.table.Swap(h.Key(key), up, now, h.ttl, first)
+	if first {
+		up = FirstKeyRef(old, live, up)
+	}
 	moved := live && old.Ref()&^EstablishedBit != up
 	w := remoteWrite{key: key, alias: up&AliasBit != 0, how: writeSlide}
 	switch {

@@ -762,6 +762,21 @@ func (t *Table) Restore(key uint64, e Entry, now uint32) bool {
 	return true
 }
 
+// FirstKeyRef returns what a request's first key whose entry is old
+// (live or not) becomes when the request goes to up: the session's main
+// entry, except that a live alias on that upstream stays an alias. Such
+// a key names another session (a client IP shared by many browsers, a
+// cookie-less request of a browser that had a cookie): made a main entry
+// it would count as a session of its own, and every new browser behind
+// one IP would flip it between alias and main, a shared store's write
+// and message each time.
+func FirstKeyRef(old Entry, live bool, up uint32) uint32 {
+	if live && old.Alias() && old.Upstream() == up&UpstreamMask {
+		return up | AliasBit
+	}
+	return up
+}
+
 // Changes returns how many puts, removals and retirements the table has
 // seen: the snapshot is written again only when it moved.
 func (t *Table) Changes() uint64 {
@@ -770,8 +785,9 @@ func (t *Table) Changes() uint64 {
 
 // Swap is put that also returns the entry key had, and whether it was
 // live at now: `store redis` writes an entry to Redis only when it is
-// new, moved, or its sliding expiry is due to be written back.
-func (t *Table) Swap(key uint64, up uint32, now, ttl uint32) (Entry, bool) {
+// new, moved, or its sliding expiry is due to be written back. first
+// says key is a request's first key (see FirstKeyRef).
+func (t *Table) Swap(key uint64, up uint32, now, ttl uint32, first bool) (Entry, bool) {
 	key = slotKey(key)
 	e := Entry{up: up &^ EstablishedBit, expires: now + ttl}
 	h := t.place(key)
@@ -780,6 +796,9 @@ func (t *Table) Swap(key uint64, up uint32, now, ttl uint32) (Entry, bool) {
 	s.writes++
 	if i := s.find(key, h); i >= 0 {
 		old := s.slots[i].Entry
+		if first {
+			e.up = FirstKeyRef(old, old.expires >= now, e.up)
+		}
 		t.replaceLocked(s, i, e, now)
 		s.mu.Unlock()
 		return old, old.expires >= now
