@@ -247,8 +247,8 @@ func kindNamed(name string) *kind {
 	return nil
 }
 
-// KindList lists the kinds for error messages: "a, b or c".
-func KindList() string {
+// kindList lists the kinds for error messages: "a, b or c".
+func kindList() string {
 	names := make([]string, len(kinds))
 	for i, kk := range kinds {
 		names[i] = kk.name
@@ -258,7 +258,7 @@ func KindList() string {
 
 // unknownSource is the error for a source that is not a kind.
 func unknownSource(from string) error {
-	return fmt.Errorf("unknown source %q: want %s", from, KindList())
+	return fmt.Errorf("unknown source %q: want %s", from, kindList())
 }
 
 // desc returns the source's kind: the one Provision found, or, for a
@@ -347,7 +347,7 @@ func (k *Source) SameName(name string) bool {
 // takes. Its errors start with "key".
 func Parse(args []string) (Source, error) {
 	if len(args) == 0 {
-		return Source{}, fmt.Errorf("key: need a source: %s", KindList())
+		return Source{}, fmt.Errorf("key: need a source: %s", kindList())
 	}
 	k := Source{From: args[0]}
 	kk := kindNamed(k.From)
