@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity"
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 )
 
 // lookupResponse is the answer of GET /affinity/lookup:
@@ -36,7 +37,7 @@ func handleLookup(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	value, source, name := q.Get("key"), q.Get("source"), q.Get("name")
 	sources, named := []string{}, map[string]bool{}
-	for _, k := range affinity.KeyKinds() {
+	for _, k := range keys.Kinds() {
 		sources = append(sources, k.Name)
 		named[k.Name] = k.Named
 	}

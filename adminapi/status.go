@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity"
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
@@ -42,7 +43,7 @@ type statusResponse struct {
 	// buttons and their wording); KeySources the kinds of session key a
 	// lookup can name (its form).
 	States     []healthcheck.StateInfo `json:"states"`
-	KeySources []affinity.KeyKindInfo  `json:"key_sources"`
+	KeySources []keys.KindInfo         `json:"key_sources"`
 }
 
 // upstreamRow is one upstream on the status page.
@@ -77,7 +78,7 @@ func collectStatus(now time.Time) statusResponse {
 	st.Failovers, st.FailoversTotal = affinity.Failovers()
 	st.SessionTable = affinity.Table()
 	st.History = affinity.History()
-	st.States, st.KeySources = healthcheck.States, affinity.KeyKinds()
+	st.States, st.KeySources = healthcheck.States, keys.Kinds()
 	return st
 }
 

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity"
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
@@ -26,7 +27,7 @@ func TestStatusPageRenders(t *testing.T) {
 		Failovers:      []affinity.FailoverEvent{{From: "10.0.0.2:80", To: "10.0.0.1:80", Reason: "upstream unhealthy", Count: 4, First: time.Now(), Last: time.Now()}},
 		FailoversTotal: 4,
 		States:         healthcheck.States,
-		KeySources:     affinity.KeyKinds(),
+		KeySources:     keys.Kinds(),
 	}
 	var b strings.Builder
 	if err := statusPage.Execute(&b, st); err != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-affinity/caddy-affinity/affinity"
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
@@ -73,7 +74,7 @@ func decodeError(t *testing.T, rec *httptest.ResponseRecorder) string {
 // landed on each.
 func farmWithSessions(t *testing.T, dials []string, n int) map[string]int {
 	t.Helper()
-	p := &affinity.Policy{Secret: "s", Keys: []affinity.KeySource{{From: "header", Name: "X-Sid"}}}
+	p := &affinity.Policy{Secret: "s", Keys: []keys.Source{{From: "header", Name: "X-Sid"}}}
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	t.Cleanup(cancel)
 	if err := p.Provision(ctx); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -64,7 +65,7 @@ func TestSessionsBehindOneAddressSpread(t *testing.T) {
 	for _, pinOff := range []bool{false, true} {
 		t.Run(fmt.Sprintf("pin_cookie_off=%v", pinOff), func(t *testing.T) {
 			pool := testPool(t, 3)
-			p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip"}}, DisablePinCookie: pinOff})
+			p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}, {From: "client_ip"}}, DisablePinCookie: pinOff})
 			const n = 3000
 			counts := map[*reverseproxy.Upstream]int{}
 			homes := make([]*reverseproxy.Upstream, n)
@@ -101,7 +102,7 @@ func TestUnknownCookieFollowsTheAddressWithoutLearning(t *testing.T) {
 	// cookie goes where the address's last session went. This is the
 	// trade-off affinity_learn removes.
 	pool := testPool(t, 3)
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}, {From: "client_ip"}}, DisablePinCookie: true})
 	first := p.Select(pool, natRequest(false, "sid=nat-first"), nil)
 	for i := 0; i < 300; i++ {
 		if got := p.Select(pool, natRequest(false, fmt.Sprintf("sid=nat-%d", i)), nil); got != first {
@@ -110,7 +111,7 @@ func TestUnknownCookieFollowsTheAddressWithoutLearning(t *testing.T) {
 	}
 	// Whatever its first key, a request whose first key is not one the
 	// learner records (a header) follows aliases as before.
-	q := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Session"}, {From: "client_ip"}}, DisablePinCookie: true})
+	q := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "header", Name: "X-Session"}, {From: "client_ip"}}, DisablePinCookie: true})
 	r := natRequest(true)
 	r.Header.Set("X-Session", "h-first")
 	home := q.Select(pool, r, nil)
@@ -150,7 +151,7 @@ func TestBalanceFactorBoundsNewSessions(t *testing.T) {
 	// Acceptance: balance_factor 1.05, 3000 new sessions over three
 	// upstreams: max/mean of live sessions at most 1.06.
 	pool := testPool(t, 3)
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, BalanceFactor: 1.05})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, BalanceFactor: 1.05})
 	before := counterValue(metrics.overloadSkip)
 	for i := 0; i < 3000; i++ {
 		if p.Select(pool, newRequest(fmt.Sprintf("sid=bal-%d", i)), nil) == nil {
@@ -201,10 +202,10 @@ func TestBalanceFactorUnderSkewedKeys(t *testing.T) {
 	// step, the established sessions never move, and overload_skip counts.
 	const c, n = 1.25, 3000
 	pool := testPool(t, 3)
-	keys := keysOwnedBy(t, pool, nil, 0, n+100)
-	keys, control := keys[:n], keys[n:]
+	ids := keysOwnedBy(t, pool, nil, 0, n+100)
+	ids, control := ids[:n], ids[n:]
 
-	plain := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
+	plain := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
 	for _, k := range control {
 		if got := plain.Select(pool, newRequest("sid="+k), nil); got != pool[0] {
 			t.Fatalf("without balance_factor key %s went to %s, not its ring owner", k, got.Dial)
@@ -212,15 +213,15 @@ func TestBalanceFactorUnderSkewedKeys(t *testing.T) {
 		plain.table.Remove(sessionIDHash(k)) // the table is process-wide
 	}
 
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, BalanceFactor: c})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, BalanceFactor: c})
 	before := counterValue(metrics.overloadSkip)
 	homes := map[string]*reverseproxy.Upstream{}
 	rng := rand.New(rand.NewPCG(1, 1))
 	worst := 0.0
-	for i, k := range keys {
+	for i, k := range ids {
 		homes[k] = p.Select(pool, newRequest("sid="+k), nil)
 		for range 2 { // two returning sessions per new one
-			old := keys[rng.IntN(i+1)]
+			old := ids[rng.IntN(i+1)]
 			if got := p.Select(pool, newRequest("sid="+old), nil); got != homes[old] {
 				t.Fatalf("established session %s moved from %s to %s because of load", old, homes[old].Dial, got.Dial)
 			}
@@ -255,9 +256,9 @@ func TestBalanceFactorWithWeights(t *testing.T) {
 	// lightest upstream, and weight 0 still takes nothing.
 	pool := testPool(t, 4)
 	weights := []int{1, 2, 3, 0}
-	keys := keysOwnedBy(t, pool, weights, 0, 6000)
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, BalanceFactor: 1.05, Weights: weights})
-	for _, k := range keys {
+	ids := keysOwnedBy(t, pool, weights, 0, 6000)
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, BalanceFactor: 1.05, Weights: weights})
+	for _, k := range ids {
 		p.Select(pool, newRequest("sid="+k), nil)
 	}
 	counts := liveCounts(p, pool)
@@ -265,7 +266,7 @@ func TestBalanceFactorWithWeights(t *testing.T) {
 		t.Fatalf("weight 0 upstream holds %d sessions", counts[3])
 	}
 	ratio := maxOverMean(counts[:3], weights[:3])
-	t.Logf("weights 1 2 3 0, balance_factor 1.05, keys all owned by the weight-1 upstream: live %v, max/(weighted mean) %.4f", counts, ratio)
+	t.Logf("weights 1 2 3 0, balance_factor 1.05, ids all owned by the weight-1 upstream: live %v, max/(weighted mean) %.4f", counts, ratio)
 	if ratio > 1.06 {
 		t.Errorf("max over weighted mean %.4f > 1.06", ratio)
 	}
@@ -276,7 +277,7 @@ func TestWeightsProportionalOverTenThousandSessions(t *testing.T) {
 	// sessions each upstream's share is within 5% of its weight's share.
 	pool := testPool(t, 4)
 	weights := []int{1, 2, 3, 4}
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, Weights: weights})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, Weights: weights})
 	const n = 10000
 	counts := map[*reverseproxy.Upstream]int{}
 	for i := 0; i < n; i++ {
@@ -297,7 +298,7 @@ func TestWeightsProportionalOverTenThousandSessions(t *testing.T) {
 func TestTomcatRoutes(t *testing.T) {
 	pool := testPool(t, 3)
 	p := newTestPolicy(t, &Policy{
-		Keys:         []KeySource{{From: "cookie", Name: "JSESSIONID"}, {From: "path_param", Name: "jsessionid"}},
+		Keys:         []keys.Source{{From: "cookie", Name: "JSESSIONID"}, {From: "path_param", Name: "jsessionid"}},
 		TomcatRoutes: map[string]string{"node1": pool[0].Dial, "node2": pool[1].Dial, "gone": "10.9.9.9:80"},
 	})
 	// The route wins over the ring, the table and a pin naming another
@@ -357,7 +358,7 @@ func TestCookielessSessionsArePlacedAndKept(t *testing.T) {
 	// aspnet_cookieless and the ASP.NET cookie are one key: a session
 	// that goes from URL to cookie keeps its upstream.
 	pool := testPool(t, 5)
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "aspnet_cookieless"}, {From: "cookie", Name: "ASP.NET_SessionId"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "aspnet_cookieless"}, {From: "cookie", Name: "ASP.NET_SessionId"}}, DisablePinCookie: true})
 	for i := 0; i < 200; i++ {
 		id := fmt.Sprintf("lit3py55t21z5v55vlm%05d", i)
 		r := httptest.NewRequest(http.MethodGet, "http://example.com/app/(S("+id+"))/default.aspx", nil)
@@ -409,12 +410,12 @@ func TestNewOptionsCaddyfile(t *testing.T) {
 		p    *Policy
 		want string
 	}{
-		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: 0.5, Keys: []KeySource{{From: "cookie", Name: "a"}}}, "more than 1"},
-		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: math.NaN(), Keys: []KeySource{{From: "cookie", Name: "a"}}}, "more than 1"},
+		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: 0.5, Keys: []keys.Source{{From: "cookie", Name: "a"}}}, "more than 1"},
+		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: math.NaN(), Keys: []keys.Source{{From: "cookie", Name: "a"}}}, "more than 1"},
 		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: 2, NoDefaultKeys: true}, "needs a key"},
-		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: 101, Keys: []KeySource{{From: "cookie", Name: "a"}}}, "at most 100"},
-		{&Policy{PinCookie: "x", SessionTTL: 1e9, TomcatRoutes: map[string]string{"a": "b"}, Keys: []KeySource{{From: "header", Name: "a"}}}, "tomcat_route needs"},
-		{&Policy{PinCookie: "x", SessionTTL: 1e9, TomcatRoutes: map[string]string{"a": ""}, Keys: []KeySource{{From: "cookie", Name: "a"}}}, "must both be given"},
+		{&Policy{PinCookie: "x", SessionTTL: 1e9, BalanceFactor: 101, Keys: []keys.Source{{From: "cookie", Name: "a"}}}, "at most 100"},
+		{&Policy{PinCookie: "x", SessionTTL: 1e9, TomcatRoutes: map[string]string{"a": "b"}, Keys: []keys.Source{{From: "header", Name: "a"}}}, "tomcat_route needs"},
+		{&Policy{PinCookie: "x", SessionTTL: 1e9, TomcatRoutes: map[string]string{"a": ""}, Keys: []keys.Source{{From: "cookie", Name: "a"}}}, "must both be given"},
 	} {
 		if err := tc.p.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: error %v, want %q", tc.p, err, tc.want)

@@ -11,6 +11,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 )
 
 // Scale benchmarks for BENCHMARKS.md: how a selection grows with the
@@ -25,7 +27,7 @@ func BenchmarkSelectScale(b *testing.B) {
 	for _, n := range []int{256, 1000} {
 		pool := testPool(b, n)
 
-		aff := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+		aff := newTestPolicy(b, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 		pin := issuedCookie(b, aff, pool, benchRequest("sid=0123456789abcdef0123456789abcdef"), DefaultPinCookie)
 		cookie := provisioned(b, &reverseproxy.CookieHashSelection{Name: "lb", Secret: "bench"})
 		lb := issuedCookie(b, cookie, pool, benchRequest(""), "lb")
@@ -39,7 +41,7 @@ func BenchmarkSelectScale(b *testing.B) {
 		b.Run(fmt.Sprintf("affinity/new/N=%d", n), func(b *testing.B) {
 			benchSelect(b, aff, pool, benchRequest("theme=dark"))
 		})
-		affIP := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "client_ip"}}, DisablePinCookie: true})
+		affIP := newTestPolicy(b, &Policy{Keys: []keys.Source{{From: "client_ip"}}, DisablePinCookie: true})
 		b.Run(fmt.Sprintf("affinity_client_ip/N=%d", n), func(b *testing.B) {
 			benchSelect(b, affIP, pool, benchRequest(""))
 		})
@@ -59,7 +61,7 @@ func BenchmarkSelectScale(b *testing.B) {
 func BenchmarkSelectSessions(b *testing.B) {
 	const n = 16
 	pool := testPool(b, n)
-	aff := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, MaxSessions: 4_000_000})
+	aff := newTestPolicy(b, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, MaxSessions: 4_000_000})
 	for _, sessions := range []int{1_000, 100_000, 1_000_000} {
 		// Place every session once (as its first request would) and
 		// keep the Cookie header of its next requests: the app's cookie
@@ -119,7 +121,7 @@ func BenchmarkSelectPinnedEvery(b *testing.B) {
 		pool := testPool(b, n)
 
 		// affinity: one session placed on each upstream, with its pin.
-		aff := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+		aff := newTestPolicy(b, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 		affReqs := make([]*http.Request, n)
 		w := &discardWriter{h: make(map[string][]string)}
 		for i, found := 0, 0; found < n; i++ {

@@ -14,6 +14,8 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -94,7 +96,7 @@ func BenchmarkSelect(b *testing.B) {
 	for _, n := range benchSizes {
 		pool := testPool(b, n)
 
-		aff := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+		aff := newTestPolicy(b, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 		// A returning session: the app's cookie plus our pin.
 		pin := issuedCookie(b, aff, pool, benchRequest("sid=0123456789abcdef0123456789abcdef"), DefaultPinCookie)
 		cookie := provisioned(b, &reverseproxy.CookieHashSelection{Name: "lb", Secret: "bench"})
@@ -114,7 +116,7 @@ func BenchmarkSelect(b *testing.B) {
 		})
 		// affinity keyed on the client IP with no cookie at all, the
 		// like-for-like comparison with client_ip_hash.
-		affIP := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "client_ip"}}, DisablePinCookie: true})
+		affIP := newTestPolicy(b, &Policy{Keys: []keys.Source{{From: "client_ip"}}, DisablePinCookie: true})
 		b.Run(fmt.Sprintf("affinity_client_ip/N=%d", n), func(b *testing.B) {
 			benchSelect(b, affIP, pool, benchRequest(""))
 		})
@@ -165,7 +167,7 @@ func heapInUse() uint64 {
 // as a new session, a new pin issued).
 func BenchmarkPinDraining(b *testing.B) {
 	pool := testPool(b, 16)
-	aff := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	aff := newTestPolicy(b, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	ps := aff.poolState(pool)
 	operate(b, pool[3].Dial, healthcheck.Draining)
 	b.Run("live/N=16", func(b *testing.B) {
@@ -173,7 +175,7 @@ func BenchmarkPinDraining(b *testing.B) {
 		benchSelect(b, aff, pool, benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef; "+pin))
 	})
 	b.Run("stale/N=16", func(b *testing.B) {
-		pin := aff.PinCookie + "=" + ps.pins.value(3, sessions.Now()-pinLifetime(aff.ttl)-5)
+		pin := aff.PinCookie + "=" + ps.pins.Value(3, sessions.Now()-pin.Lifetime(aff.ttl)-5)
 		benchSelect(b, aff, pool, benchRequest("theme=dark; "+pin))
 	})
 }

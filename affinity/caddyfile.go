@@ -11,6 +11,8 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -243,23 +245,12 @@ func (p *Policy) parseOptions(d *caddyfile.Dispenser, lines optionLines) error {
 	return nil
 }
 
-// parseKey parses the arguments of one `key` line: the source, then what
-// its kind takes (keyKinds).
-func parseKey(d *caddyfile.Dispenser) (KeySource, error) {
-	args := d.RemainingArgs()
-	if len(args) == 0 {
-		return KeySource{}, d.Errf("key: need a source: %s", kindList())
-	}
-	k := KeySource{From: args[0]}
-	kk := kindNamed(k.From)
-	if kk == nil {
-		return k, d.Errf("key: %v", unknownSource(k.From))
-	}
-	k.kind = kk
-	if err := k.setArgs(args[1:]); err != nil {
+// parseKey parses the arguments of one `key` line (keys.Parse).
+func parseKey(d *caddyfile.Dispenser) (keys.Source, error) {
+	k, err := keys.Parse(d.RemainingArgs())
+	if err != nil {
 		return k, d.Err(err.Error())
 	}
-	k.kind = nil // set at provision time
 	return k, nil
 }
 
@@ -282,7 +273,7 @@ func (p *Policy) parsePinCookie(d *caddyfile.Dispenser, lines optionLines) error
 		return nil
 	}
 	p.PinCookie = name
-	var a PinCookieAttributes
+	var a pin.Attributes
 	seen := map[string]bool{}
 	block := false
 	for nesting := d.Nesting(); d.NextBlock(nesting); {

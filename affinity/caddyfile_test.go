@@ -8,6 +8,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 )
 
 func parse(input string) (*Policy, error) {
@@ -32,7 +34,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := &Policy{
-		Keys: []KeySource{
+		Keys: []keys.Source{
 			{From: "cookie", Name: "ASP.NET_SessionId"},
 			{From: "header", Name: "X-Session"},
 			{From: "query", Name: "sid"},
@@ -143,7 +145,7 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 			return
 		}
 		for i := range p.Keys {
-			if err := p.Keys[i].provision(); err != nil {
+			if err := p.Keys[i].Provision(); err != nil {
 				t.Fatalf("accepted %q but key %d does not provision: %v", input, i, err)
 			}
 		}

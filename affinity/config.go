@@ -1,6 +1,7 @@
 package affinity
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -10,7 +11,10 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -82,9 +86,9 @@ func (p *Policy) Validate() error {
 
 // keysInEffect returns the keys the policy reads: its own, or the
 // platform cookies when it has none and no `key none`.
-func (p *Policy) keysInEffect() []KeySource {
+func (p *Policy) keysInEffect() []keys.Source {
 	if len(p.Keys) == 0 && !p.NoDefaultKeys {
-		return []KeySource{{From: "platform_cookies"}}
+		return keys.Defaults()
 	}
 	return p.Keys
 }
@@ -98,15 +102,15 @@ func (p *Policy) pinCookieName() string {
 }
 
 func (p *Policy) validateKeys() error {
-	if len(p.Keys) > maxKeys {
-		return broken(optionAt("key", maxKeys), "key: at most %d key lines, got %d", maxKeys, len(p.Keys))
+	if len(p.Keys) > keys.Max {
+		return broken(optionAt("key", keys.Max), "key: at most %d key lines, got %d", keys.Max, len(p.Keys))
 	}
 	if p.NoDefaultKeys && len(p.Keys) > 0 {
 		return broken("key none", "key none (no_default_keys) goes with no other key line: drop one or the other")
 	}
 	for i := range p.Keys {
 		k := p.Keys[i] // a copy: provision fills in defaults
-		if err := k.provision(); err != nil {
+		if err := k.Provision(); err != nil {
 			return broken(optionAt("key", i), "%v", err)
 		}
 	}
@@ -132,10 +136,10 @@ func (p *Policy) validatePin() error {
 	}
 	// The pin is the proxy's cookie: one the keys read is the app's, and
 	// issuing the pin under its name would overwrite the app's session.
-	keys := p.keysInEffect()
-	for i := range keys {
-		k := keys[i]
-		if k.provision() != nil || !k.kind.readsCookieNamed(&k, pin) {
+	inEffect := p.keysInEffect()
+	for i := range inEffect {
+		k := inEffect[i]
+		if k.Provision() != nil || !k.ReadsCookie(pin) {
 			continue
 		}
 		if len(p.Keys) == 0 {
@@ -157,21 +161,21 @@ func (p *Policy) validatePinAttributes() error {
 	}
 	for _, one := range []struct {
 		name string
-		only PinCookieAttributes
+		only pin.Attributes
 	}{
-		{"domain", PinCookieAttributes{Domain: a.Domain}},
-		{"path", PinCookieAttributes{Path: a.Path}},
-		{"same_site", PinCookieAttributes{SameSite: a.SameSite}},
-		{"secure", PinCookieAttributes{Secure: a.Secure}},
-		{"max_age", PinCookieAttributes{MaxAge: a.MaxAge}},
+		{"domain", pin.Attributes{Domain: a.Domain}},
+		{"path", pin.Attributes{Path: a.Path}},
+		{"same_site", pin.Attributes{SameSite: a.SameSite}},
+		{"secure", pin.Attributes{Secure: a.Secure}},
+		{"max_age", pin.Attributes{MaxAge: a.MaxAge}},
 	} {
-		if _, err := one.only.style(); err != nil {
+		if _, err := one.only.Style(); err != nil {
 			return &configError{at: optionAt("pin_cookie", one.name), err: err}
 		}
 	}
-	if _, err := a.style(); err != nil {
+	if _, err := a.Style(); err != nil {
 		at := "pin_cookie"
-		if err.Error() == errSecureAuto {
+		if errors.Is(err, pin.ErrSecureAuto) {
 			at = optionAt("pin_cookie", "secure")
 		}
 		return &configError{at: at, err: err}
@@ -185,8 +189,8 @@ func (p *Policy) validateSecrets() error {
 			return broken("secret", "secret: previous secret %d is empty, given twice, or the same as the current secret", i+1)
 		}
 	}
-	if len(p.PreviousSecrets) > maxPreviousSecrets {
-		return broken("secret", "secret: at most %d previous secrets, got %d (each costs a token comparison on a pin of no current upstream)", maxPreviousSecrets, len(p.PreviousSecrets))
+	if len(p.PreviousSecrets) > pin.MaxPreviousSecrets {
+		return broken("secret", "secret: at most %d previous secrets, got %d (each costs a token comparison on a pin of no current upstream)", pin.MaxPreviousSecrets, len(p.PreviousSecrets))
 	}
 	return nil
 }
@@ -259,7 +263,7 @@ func (p *Policy) validateParts() error {
 // session id, from which tomcat_route reads the route.
 func (p *Policy) readsTomcatRoutes() bool {
 	for _, k := range p.keysInEffect() {
-		if kk := kindNamed(k.From); kk != nil && kk.tomcatRoute {
+		if k.CarriesRoute() {
 			return true
 		}
 	}
@@ -306,3 +310,17 @@ func validRoute(route string) bool { return !strings.ContainsAny(route, " ;,=") 
 // errTomcatRouteKey is the error for tomcat_route lines without a key
 // that carries a Java session id.
 const errTomcatRouteKey = "tomcat_route needs a `key cookie` or `key path_param` line: the route is read from that session id"
+
+// validCookieName reports whether s is a cookie name: an RFC 6265
+// cookie-name is an RFC 7230 token, the same rule as a header field name.
+func validCookieName(s string) bool { return httpguts.ValidHeaderFieldName(s) }
+
+// Bounds of durations and sizes. Times in the table are uint32 seconds,
+// and a hold's incident window is 2 × hold: the bounds keep both far from
+// overflowing, and no app keeps an idle session longer than a year.
+const (
+	maxSessionTTL  = 365 * 24 * time.Hour
+	maxHold        = time.Hour
+	maxSlowStart   = 24 * time.Hour
+	minMaxSessions = sessions.Shards
+)

@@ -5,9 +5,14 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
+	"github.com/caddy-affinity/caddy-affinity/affinity/placement"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -65,7 +70,7 @@ type decision struct {
 	// (or whose time was forged). pin is the pin cookie, decoded.
 	pinned      int
 	pinRejected bool
-	pin         decodedPin
+	pin         pin.Decoded
 	// pinStale is set when the pin was not honoured because its session
 	// has ended (see settle); pinRefresh when the pin, though it names
 	// the upstream chosen, is to be issued again: a v1 pin, or one older
@@ -93,13 +98,13 @@ type decision struct {
 	// the session anyway; Serves otherwise.
 	fallback healthcheck.Verdict
 	// walk is the ring walk's steps, when the input asked for them.
-	walk []walkStep
+	walk []placement.Step
 }
 
 // decideInput is what decide reads besides the request.
 type decideInput struct {
-	keys  []uint64   // the request's key hashes, in configured order
-	first *KeySource // the source of keys[0], nil if none
+	keys  []uint64     // the request's key hashes, in configured order
+	first *keys.Source // the source of keys[0], nil if none
 	// conn identifies the request's connection (its remote address and
 	// port): a request with no key is placed by it, so that the parallel
 	// first requests of one connection (HTTP/2 streams, pipelining) land
@@ -125,106 +130,59 @@ type decideInput struct {
 	budget *sessions.Budget
 }
 
-// outcome is what a decision did with its request: one row of outcomes.
-type outcome uint8
-
-const (
-	outcomeNone     outcome = iota // no upstream may take it now
-	outcomeRoute                   // the app's Tomcat route
-	outcomePin                     // the pin cookie
-	outcomeTable                   // the session table
-	outcomePlaced                  // a new session, placed by the ring
-	outcomeFailover                // a session whose upstream could not serve it, placed anew
-	outcomeHeld                    // a session waiting for its upstream under hold
-	outcomeOverflow                // its upstream is at max_requests: elsewhere once, the session stays
-	numOutcomes
-)
-
-// outcomeRow is everything said of one outcome, wherever it is said.
-type outcomeRow struct {
-	// value is the request var {http.vars.affinity.decision}.
-	value string
-	// lookup is the decision GET /affinity/lookup names (Decided*).
-	lookup string
-	// label is the outcome label of caddy_affinity_selections_total.
-	label string
-	// words says what happened, for operators (the lookup's reason
-	// starts from it).
-	words string
-}
-
-// outcomes is the one table of outcomes.
-var outcomes = [numOutcomes]outcomeRow{
-	outcomeNone:     {"none", DecidedNone, "no_upstream", "no upstream may take it now (down, full, draining or in maintenance): Caddy retries per lb_try_duration, then answers 502"},
-	outcomeRoute:    {"route", DecidedRoute, "pinned", "the session id's Tomcat route names an upstream that may serve it"},
-	outcomePin:      {"pin", DecidedPin, "pinned", "a valid pin names an upstream that may serve it"},
-	outcomeTable:    {"table", DecidedTable, "pinned", "the session table names an upstream that may serve it"},
-	outcomePlaced:   {"placed", DecidedRing, "placed", "a new session: the ring walk places it"},
-	outcomeFailover: {"failover", DecidedFailover, "failover", "its upstream cannot serve it: the session fails over to where the ring walk places it, and stays there"},
-	outcomeHeld:     {"held", DecidedHold, "held", "its upstream is in trouble: under hold its requests wait for it to come back, then fail over"},
-	outcomeOverflow: {"overflow", DecidedOverflow, "overflow", "its upstream is at max_requests: busy is not down, this request goes elsewhere once and the session stays"},
-}
-
-// String names the outcome: the value of {http.vars.affinity.decision}.
-func (o outcome) String() string { return outcomes[o].value }
-
-// outcome returns what the decision does with its request.
-func (d *decision) outcome() outcome {
-	switch {
-	case d.held:
-		return outcomeHeld
-	case d.chosen < 0:
-		return outcomeNone
-	case d.by == fromRoute:
-		return outcomeRoute
-	case d.by == fromPin:
-		return outcomePin
-	case d.by == fromTable:
-		return outcomeTable
-	case d.overflow():
-		return outcomeOverflow
-	case d.failover():
-		return outcomeFailover
+// look decides where request r goes: what Select and the lookup
+// endpoint both ask, so that they agree by construction. With in.dry it
+// writes nothing (decide slides no entry and notes no trouble; warnings
+// are Select's own, watchRequest); Select then acts on the decision, the
+// lookup words it (Explain). It returns the source of the request's
+// first key and whether the request is a retry. in comes and goes by
+// value: through a pointer, the key hashes (in keyBuf) would go to the
+// heap, and the pinned path allocates nothing.
+func (p *Policy) look(ps *poolState, r *http.Request, vars map[string]any, in decideInput, keyBuf *[keys.Max]uint64, d *decision) (decideInput, *keys.Source, bool) {
+	if p.sessions.Scope() == 0 {
+		p.resolveScope(in.now)
 	}
-	return outcomePlaced
+	// An upstream that failed this very request is not selectable on
+	// the retry, even if Caddy's health checks have not caught up.
+	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
+	if retry {
+		in.failed = ps.index(prev)
+	}
+	_, in.learning = vars[learnVar].(*learnWriter)
+	hashes, first := p.requestKeys(r, keyBuf, in.learning)
+	in.keys, in.first = hashes, first
+	in.conn = r.RemoteAddr
+	p.decide(ps, r, &in, d)
+	return in, first, retry
 }
 
-// left returns the upstream the session leaves and why: the first source
-// asked that named an upstream which could not serve it, else the
-// upstream that failed this request; -1 for a session that had none (a
-// new one).
-func (d *decision) left() (int, healthcheck.Verdict) {
-	for _, a := range d.asked[:d.nasked] {
-		if a.verdict != healthcheck.Serves && a.verdict != healthcheck.Full && !a.stale {
-			return a.upstream, a.verdict
+// index returns the position of up in the pool, or -1.
+func (ps *poolState) index(up *reverseproxy.Upstream) int {
+	for i, u := range ps.Ups {
+		if u == up {
+			return i
 		}
 	}
-	return d.failed, healthcheck.Failed
-}
-
-// leftDial names the upstream the session leaves and why: one of the
-// pool's, or one a reload removed.
-func (d *decision) leftDial(ps *poolState) (string, healthcheck.Verdict) {
-	if from, why := d.left(); from >= 0 {
-		return ps.ups[from].Dial, why
+	if up != nil {
+		for i, u := range ps.Ups {
+			if u.Dial == up.Dial {
+				return i
+			}
+		}
 	}
-	return d.gone, healthcheck.Removed
+	return -1
 }
 
-// overflow reports whether the request goes elsewhere once because its
-// session's upstream is at max_requests: the session is not moved.
-func (d *decision) overflow() bool {
-	return d.by == fromRing && !d.held && d.chosen >= 0 && d.busy >= 0
-}
-
-// failover reports whether the ring placed a session that had an upstream
-// on another one.
-func (d *decision) failover() bool {
-	if d.by != fromRing || d.held || d.chosen < 0 || d.overflow() {
-		return false
-	}
-	from, _ := d.left()
-	return (from >= 0 && from != d.chosen) || (from < 0 && d.gone != "")
+// requestKeys returns the hashes of the policy's keys present in the
+// request and the source of the first (keys.Read).
+//
+// Under affinity_learn, a client_ip key is left out when the policy has a
+// key the learner records: a request without the app's session id has
+// no app session to stick to yet, and the address, which many users may
+// share, must not pin it; such a request is placed like a new session,
+// under the load bound.
+func (p *Policy) requestKeys(r *http.Request, buf *[keys.Max]uint64, learning bool) ([]uint64, *keys.Source) {
+	return keys.Read(r, p.Keys, learning && p.learns, buf)
 }
 
 // decide computes the decision for request r, whose pool state is ps.
@@ -235,10 +193,10 @@ func (d *decision) failover() bool {
 func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *decision) {
 	*d = decision{chosen: -1, pinned: -1, failed: in.failed, busy: -1}
 	if !p.DisablePinCookie {
-		if v, ok := cookieValue(r.Header, p.PinCookie); ok {
+		if v, ok := keys.CookieValue(r.Header, p.PinCookie); ok {
 			d.pinned = ps.pinIndex(v, &d.pin)
 			d.pinRejected = d.pinned < 0
-			d.pinRefresh = d.pin.due(in.now, p.ttl)
+			d.pinRefresh = d.pin.Due(in.now, p.ttl)
 			if d.pinRejected {
 				if d.gone = ps.removedPin(&d.pin); d.gone != "" {
 					d.pinRejected = false // a real pin, of a session that must move
@@ -260,20 +218,43 @@ func (p *Policy) decide(ps *poolState, r *http.Request, in *decideInput, d *deci
 	p.placeOnRing(ps, in, d)
 }
 
+// pinIndex returns the position of the upstream a pin cookie value names,
+// or -1 if the value is not a valid pin for this pool (of the current
+// secret or a previous one), and decodes it into pin. Its time is not
+// checked here: only an upstream that takes no new sessions freely needs
+// it (see settle).
+func (ps *poolState) pinIndex(value string, dp *pin.Decoded) int {
+	if !pin.Decode(value, dp) || ps.pins == nil {
+		return -1
+	}
+	return ps.pins.Index(dp)
+}
+
+// removedPin returns the dial address of the removed upstream a pin
+// names, or "".
+func (ps *poolState) removedPin(dp *pin.Decoded) string {
+	for i := range ps.removed {
+		if ps.removed[i].token.Match(dp) {
+			return ps.removed[i].dial
+		}
+	}
+	return ""
+}
+
 // routeIndex returns the upstream a request's Tomcat route names, or -1:
 // the first session id among the cookie and path_param keys that ends in
 // a configured route.
 func (p *Policy) routeIndex(ps *poolState, r *http.Request) int {
 	for i := range p.Keys {
 		k := &p.Keys[i]
-		if !k.kind.tomcatRoute {
+		if !k.CarriesRoute() {
 			continue
 		}
-		id, ok := k.value(r)
+		id, ok := k.Value(r)
 		if !ok {
 			continue
 		}
-		route, ok := routeSuffix(id)
+		route, ok := keys.RouteSuffix(id)
 		if !ok {
 			continue
 		}
@@ -298,7 +279,7 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 		g = p.gate(ps, in, i)
 	}
 	if from != fromPin || g != healthcheck.Serves {
-		v = ps.recs[i].ForPinned(ps.ups[i])
+		v = ps.Recs[i].ForPinned(ps.Ups[i])
 	}
 	if g != healthcheck.Serves && !p.pinLive(ps, in, d, i) {
 		if d.pinRejected {
@@ -321,7 +302,7 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 		d.chosen, d.by = i, from
 		return true
 	}
-	if !p.holds(ps.recs[i], in) {
+	if !p.holds(ps.Recs[i], in) {
 		if v == healthcheck.Full && d.busy < 0 {
 			d.busy = i
 		}
@@ -332,7 +313,7 @@ func (p *Policy) settle(ps *poolState, in *decideInput, d *decision, from source
 	// lb_try_interval between attempts) whatever the health checks say:
 	// they lag a restart both ways, and passive checks keep a recovered
 	// upstream down for their whole fail_duration. Busy is not down.
-	if !ps.ups[i].Full() {
+	if !ps.Ups[i].Full() {
 		d.chosen = i
 	}
 	return true
@@ -345,40 +326,27 @@ func (p *Policy) gate(ps *poolState, in *decideInput, i int) healthcheck.Verdict
 	if i == in.failed {
 		return healthcheck.Failed
 	}
-	if v := ps.recs[i].ForNew(ps.ups[i]); v != healthcheck.Serves {
+	if v := ps.Recs[i].ForNew(ps.Ups[i]); v != healthcheck.Serves {
 		return v
 	}
 	switch {
-	case ps.weights[i] <= 0:
+	case ps.Weights[i] <= 0:
 		return healthcheck.ZeroWeight
-	case p.SlowStart > 0 && ps.recs[i].BackFor(in.clockTime()) < time.Duration(p.SlowStart):
+	case p.SlowStart > 0 && ps.Recs[i].BackFor(in.clockTime()) < time.Duration(p.SlowStart):
 		return healthcheck.Ramping
 	}
 	return healthcheck.Serves
 }
 
 // pinLive reports whether the pin naming upstream i is a live session's,
-// and this request's session: younger than a live session's pin can be
-// (pinLifetime), with a tag that proves its time and bind (one HMAC,
-// only here), and bound to one of the request's keys (boundTo). A forged
-// tag sets d.pinRejected. An old pin (v1, v2) counts only during the
-// upgrade window (inPinUpgrade).
+// and this request's session (pin.Signer.Live: its age, its tag, its
+// bind). A forged tag sets d.pinRejected.
 func (p *Policy) pinLive(ps *poolState, in *decideInput, d *decision, i int) bool {
-	life := pinLifetime(p.ttl)
-	if !d.pin.v3 && !inPinUpgrade(in.now, life) {
-		return false
-	}
-	if d.pin.v1 {
-		return true
-	}
-	if d.pin.age(in.now) > life {
-		return false // no need to check the tag: an old time gains nothing
-	}
-	if !ps.pins.verify(i, &d.pin) {
+	live, forged := ps.pins.Live(i, &d.pin, in.now, p.ttl, p.pinUpgrade, in.keys)
+	if forged {
 		d.pinned, d.pinRejected = -1, true
-		return false
 	}
-	return d.pin.boundTo(in.keys)
+	return live
 }
 
 // holds reports whether a session pinned to rec, which cannot serve it,
@@ -413,7 +381,7 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput, d *decision) int {
 	q := sessions.Query{
 		Now:          in.now,
 		Dry:          in.dry,
-		LaterAliases: !in.learning || in.first == nil || !in.first.kind.learnable(),
+		LaterAliases: !in.learning || in.first == nil || !in.first.Learnable(),
 		Budget:       in.budget,
 	}
 	chosen := -1
@@ -431,6 +399,17 @@ func (p *Policy) tableEntry(ps *poolState, in *decideInput, d *decision) int {
 	return chosen
 }
 
+// indexByID returns the position of the upstream with the given
+// healthcheck ID, or -1.
+func (ps *poolState) indexByID(id uint32) int {
+	for i, rec := range ps.Recs {
+		if rec.ID == id {
+			return i
+		}
+	}
+	return -1
+}
+
 // placeOnRing places the request on the ring by its first key; a new
 // session with no key yet is placed by a random one (uniformly over ring
 // slots, so weights hold), which is not remembered.
@@ -441,7 +420,7 @@ func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 	case len(in.keys) > 0:
 		key = in.keys[0]
 	case in.conn != "":
-		key = hashring.HashStringSeed(in.conn, seedConnection)
+		key = hashring.HashStringSeed(in.conn, keys.SeedConnection)
 	default:
 		key, d.randomKey = weakrand.Uint64(), true
 	}
@@ -449,12 +428,12 @@ func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 	if p.SlowStart > 0 {
 		now = in.wallNow()
 	}
-	var steps *[]walkStep
+	var steps *[]placement.Step
 	if in.recordWalk {
 		steps = &d.walk
 	}
-	choice, fallback, skipped := p.walkPlacement(ps, key, in.failed, now, steps)
-	d.skippedState, d.skippedLoad = skipped.state, skipped.load
+	choice, fallback, skipped := ps.Walk(p.placementRules(), p.sessions, key, in.failed, now, steps)
+	d.skippedState, d.skippedLoad = skipped.State, skipped.Load
 	d.fallback = fallback
 	// A retry goes back to the upstream that failed when nothing else
 	// may take the request and Caddy still calls it available (a single
@@ -466,16 +445,21 @@ func (p *Policy) placeOnRing(ps *poolState, in *decideInput, d *decision) {
 	d.chosen = choice
 }
 
+// placementRules are the policy's options the ring walk applies.
+func (p *Policy) placementRules() placement.Rules {
+	return placement.Rules{BalanceFactor: p.BalanceFactor, SlowStart: time.Duration(p.SlowStart)}
+}
+
 // mayRetry reports whether the upstream whose attempt failed may take the
 // request again: as a pinned session's upstream if a source named it,
 // else as a new session's.
 func (p *Policy) mayRetry(ps *poolState, d *decision, failed int) bool {
 	for _, a := range d.asked[:d.nasked] {
 		if a.upstream == failed && !a.stale {
-			return ps.recs[failed].ForPinned(ps.ups[failed]) == healthcheck.Serves
+			return ps.Recs[failed].ForPinned(ps.Ups[failed]) == healthcheck.Serves
 		}
 	}
-	return ps.recs[failed].ForNew(ps.ups[failed]) == healthcheck.Serves
+	return ps.Recs[failed].ForNew(ps.Ups[failed]) == healthcheck.Serves
 }
 
 // clockTime returns the wall clock if the caller gave it, else the table

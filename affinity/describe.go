@@ -60,8 +60,8 @@ func Describe(s Site) PolicyInfo {
 		info.Error = err.Error()
 		return info
 	}
-	for m, i := range ps.member { // a repeated address once, with its total weight
-		info.Upstreams = append(info.Upstreams, PolicyUpstream{Upstream: ps.ups[i].Dial, Weight: ps.weights[i], Share: ps.ring.Share(m)})
+	for m, i := range ps.Member { // a repeated address once, with its total weight
+		info.Upstreams = append(info.Upstreams, PolicyUpstream{Upstream: ps.Ups[i].Dial, Weight: ps.Weights[i], Share: ps.Ring.Share(m)})
 	}
 	return info
 }

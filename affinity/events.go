@@ -3,6 +3,10 @@ package affinity
 import (
 	"sync"
 	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
 
 // Recent failovers, for the status page: an operator who sees sessions
@@ -102,4 +106,14 @@ func sortEventsByLast(es []FailoverEvent) {
 			es[j], es[j-1] = es[j-1], es[j]
 		}
 	}
+}
+
+// logFailover logs a session's failover and records it for the status
+// page.
+func (p *Policy) logFailover(from, to string, why healthcheck.Verdict) {
+	p.logger.Info("session failed over",
+		zap.String("from", from),
+		zap.String("to", to),
+		zap.String("reason", why.String()))
+	failovers.record(from, to, why.String())
 }

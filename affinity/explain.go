@@ -13,6 +13,8 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -113,19 +115,19 @@ func Explain(s Site, source, name, value string, now time.Time) Explanation {
 			return out
 		}
 		out.Key = k.String()
-		if err := k.kind.inject(k, r, value); err != nil {
+		if err := k.Inject(r, value); err != nil {
 			out.Error = err.Error()
 			return out
 		}
-		h, ok := k.hash(r)
+		h, ok := k.Hash(r)
 		if !ok {
 			out.Error = fmt.Sprintf("%q is not a value the key %s reads", value, out.Key)
 			return out
 		}
 		hash = h
 		out.Session = p.sessionEntry(hash, now)
-		if owner := ps.ring.Lookup(hash); owner >= 0 {
-			out.RingOwner = ps.ups[ps.member[owner]].Dial
+		if owner := ps.Ring.Lookup(hash); owner >= 0 {
+			out.RingOwner = ps.Ups[ps.Member[owner]].Dial
 		}
 	}
 	r = r.WithContext(context.WithValue(context.Background(), caddyhttp.VarsCtxKey, map[string]any{}))
@@ -140,7 +142,7 @@ func (p *Policy) explainRequest(ps *poolState, r *http.Request, now time.Time, o
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 	var budget sessions.Budget
 	in := decideInput{failed: -1, now: sessions.Seconds(now), wall: now, dry: true, recordWalk: true, budget: &budget}
-	var keyBuf [maxKeys]uint64
+	var keyBuf [keys.Max]uint64
 	var d decision
 	in, _, _ = p.look(ps, r, vars, in, &keyBuf, &d)
 	var after *decision
@@ -186,7 +188,7 @@ func (p *Policy) explain(ps *poolState, d *decision, after *decision, now time.T
 	o := d.outcome()
 	out.Decision = outcomes[o].lookup
 	if d.chosen >= 0 {
-		out.Upstream = strPtr(ps.ups[d.chosen].Dial)
+		out.Upstream = strPtr(ps.Ups[d.chosen].Dial)
 	}
 	walked := d
 	if after != nil {
@@ -203,17 +205,17 @@ func (p *Policy) explain(ps *poolState, d *decision, after *decision, now time.T
 	case walked.randomKey:
 		to = "the request is placed like a new session, by its connection"
 	default:
-		to = "the ring walk places it on " + ps.ups[c].Dial
+		to = "the ring walk places it on " + ps.Ups[c].Dial
 	}
 	switch o {
 	case outcomeRoute, outcomePin, outcomeTable:
 		out.Reason = why
-		if o == outcomeTable && out.RingOwner != "" && out.RingOwner != ps.ups[d.chosen].Dial {
+		if o == outcomeTable && out.RingOwner != "" && out.RingOwner != ps.Ups[d.chosen].Dial {
 			out.Reason += fmt.Sprintf("; the ring would place a new session on %s, but a session stays where it is", out.RingOwner)
 		}
 	case outcomeOverflow:
 		out.Reason = fmt.Sprintf("%s; busy is not down: this request goes elsewhere once (%s), and the session stays on %s",
-			why, to, ps.ups[d.busy].Dial)
+			why, to, ps.Ups[d.busy].Dial)
 	case outcomeHeld:
 		at := "it is full now: Caddy tries it again per lb_try_interval"
 		if d.chosen >= 0 {
@@ -241,7 +243,7 @@ func (p *Policy) explain(ps *poolState, d *decision, after *decision, now time.T
 
 // askedWhy words what one source named.
 func (p *Policy) askedWhy(ps *poolState, d *decision, a ask, sess *SessionEntry, now time.Time) string {
-	dial := ps.ups[a.upstream].Dial
+	dial := ps.Ups[a.upstream].Dial
 	if a.stale {
 		return p.staleWhy(ps, d, a, sessions.Seconds(now))
 	}
@@ -266,17 +268,17 @@ func (p *Policy) askedWhy(ps *poolState, d *decision, a ask, sess *SessionEntry,
 // staleWhy words why a pin was not honoured: its session has ended, and
 // its upstream takes no new sessions freely.
 func (p *Policy) staleWhy(ps *poolState, d *decision, a ask, now uint32) string {
-	dial := ps.ups[a.upstream].Dial
+	dial := ps.Ups[a.upstream].Dial
 	shut := a.gate.String()
 	life := fmt.Sprintf("session_ttl %s + refresh %s + %ds", time.Duration(p.ttl)*time.Second,
-		time.Duration(pinRefresh(p.ttl))*time.Second, pinSlack)
-	// In the order pinLive asks.
+		time.Duration(pin.Refresh(p.ttl))*time.Second, pin.Slack)
+	// In the order pin.Signer.Live asks.
 	var age string
 	switch {
-	case !d.pin.v3 && !inPinUpgrade(now, pinLifetime(p.ttl)):
+	case !d.pin.V3() && !pin.InUpgrade(now, pin.Lifetime(p.ttl), p.pinUpgrade):
 		age = "an old-format pin after the upgrade window (a live session's pin would have been re-issued in the current format)"
-	case d.pin.age(now) > pinLifetime(p.ttl):
-		age = fmt.Sprintf("issued %ds ago, older than a live session's pin can be (%s)", d.pin.age(now), life)
+	case d.pin.Age(now) > pin.Lifetime(p.ttl):
+		age = fmt.Sprintf("issued %ds ago, older than a live session's pin can be (%s)", d.pin.Age(now), life)
 	default:
 		age = "a pin issued to another session (its app key is not this request's)"
 	}
@@ -288,22 +290,22 @@ func (p *Policy) staleWhy(ps *poolState, d *decision, a ask, now uint32) string 
 // over each upstream before the one it chose.
 func (p *Policy) explainWalk(ps *poolState, d *decision, now time.Time, out *Explanation) {
 	for _, st := range d.walk {
-		step := WalkStep{Upstream: ps.ups[st.upstream].Dial}
-		switch st.why {
+		step := WalkStep{Upstream: ps.Ups[st.Upstream].Dial}
+		switch st.Why {
 		case healthcheck.Serves:
 			step.Chosen = true
 		case healthcheck.AtBound:
-			step.Skipped = fmt.Sprintf("%s: holds %d live sessions", st.why, p.sessionsOn(ps, st.upstream))
+			step.Skipped = fmt.Sprintf("%s: holds %d live sessions", st.Why, ps.SessionsOn(p.sessions, st.Upstream))
 		case healthcheck.Ramping:
-			back, ramp := max(ps.recs[st.upstream].BackFor(now), 0), time.Duration(p.SlowStart)
+			back, ramp := max(ps.Recs[st.Upstream].BackFor(now), 0), time.Duration(p.SlowStart)
 			step.Skipped = fmt.Sprintf("%s: back for %s of %s, takes %d%% of its new sessions, not this one",
-				st.why, back.Round(time.Second), ramp, 100*back/ramp)
+				st.Why, back.Round(time.Second), ramp, 100*back/ramp)
 		default:
-			step.Skipped = st.why.String()
+			step.Skipped = st.Why.String()
 		}
-		if st.why == d.fallback && st.upstream == d.chosen && d.fallback != healthcheck.Serves {
+		if st.Why == d.fallback && st.Upstream == d.chosen && d.fallback != healthcheck.Serves {
 			// Every candidate declined: the first that declined by ramp,
-			// else by load, takes it anyway (walkPlacement).
+			// else by load, takes it anyway (placement.Pool.Walk).
 			step.Skipped, step.Chosen = "", true
 			step.Note = fmt.Sprintf("every candidate declined: the first declined for %s takes it", d.fallback)
 		}
@@ -330,13 +332,13 @@ func poolFor(s Site) (*poolState, error) {
 
 // keyFor picks the policy's key the value is to be read as: of the
 // given source and name, or the first one when they are not given.
-func (p *Policy) keyFor(source, name string) (*KeySource, error) {
+func (p *Policy) keyFor(source, name string) (*keys.Source, error) {
 	for i := range p.Keys {
 		k := &p.Keys[i]
 		if source != "" && k.From != source {
 			continue
 		}
-		if name != "" && !sameKeyName(k, name) {
+		if name != "" && !k.SameName(name) {
 			continue
 		}
 		return k, nil
@@ -350,15 +352,6 @@ func (p *Policy) keyFor(source, name string) (*KeySource, error) {
 	}
 	want := strings.TrimSpace(source + " " + name)
 	return nil, fmt.Errorf("this proxy reads no key %q; its keys: %s", want, strings.Join(have, ", "))
-}
-
-// sameKeyName compares key names the way requests match them: by the
-// kind's foldsCase.
-func sameKeyName(k *KeySource, name string) bool {
-	if kk := kindNamed(k.From); kk != nil && kk.foldsCase {
-		return strings.EqualFold(k.Name, name)
-	}
-	return k.Name == name
 }
 
 func strPtr(s string) *string { return &s }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -30,7 +31,7 @@ func siteOf(p *Policy, pool reverseproxy.UpstreamPool) Site {
 // session meets: new, pinned by the table, its upstream draining, in
 // maintenance, back up.
 func TestLookupAgreesWithSelect(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 3)
 	site := siteOf(p, pool)
 
@@ -78,7 +79,7 @@ func TestLookupAgreesWithSelect(t *testing.T) {
 
 // TestLookupWalkExplainsSkips checks the walk's reasons.
 func TestLookupWalkExplainsSkips(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Session"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "header", Name: "X-Session"}}})
 	pool := testPool(t, 3)
 	site := siteOf(p, pool)
 	// Find a key whose owner we then take out of service.
@@ -103,7 +104,7 @@ func TestLookupWalkExplainsSkips(t *testing.T) {
 // the choice the explanation of that walk shows next to the walk's own.
 func explainedWalk(p *Policy, ps *poolState, key uint64, now time.Time) (explained, placed int, out Explanation) {
 	d := decision{chosen: -1}
-	placed, d.fallback, _ = p.walkPlacement(ps, key, -1, now, &d.walk)
+	placed, d.fallback, _ = ps.Walk(p.placementRules(), p.sessions, key, -1, now, &d.walk)
 	d.chosen = placed
 	p.explainWalk(ps, &d, now, &out)
 	explained = -1
@@ -112,7 +113,7 @@ func explainedWalk(p *Policy, ps *poolState, key uint64, now time.Time) (explain
 			if explained >= 0 {
 				panic("two upstreams chosen")
 			}
-			for i, u := range ps.ups {
+			for i, u := range ps.Ups {
 				if u.Dial == step.Upstream {
 					explained = i
 				}
@@ -127,7 +128,7 @@ func explainedWalk(p *Policy, ps *poolState, key uint64, now time.Time) (explain
 // maintenance and ramping up under slow_start.
 func TestExplainWalkMatchesPlace(t *testing.T) {
 	p := newTestPolicy(t, &Policy{
-		Keys:      []KeySource{{From: "cookie", Name: "sid"}},
+		Keys:      []keys.Source{{From: "cookie", Name: "sid"}},
 		SlowStart: caddy.Duration(time.Minute),
 		Weights:   []int{1, 2, 1, 3, 1},
 	})
@@ -161,7 +162,7 @@ func TestExplainWalkMatchesPlace(t *testing.T) {
 // balance_factor, with uneven loads in the session table.
 func TestExplainWalkMatchesPlaceUnderLoadBound(t *testing.T) {
 	p := newTestPolicy(t, &Policy{
-		Keys:          []KeySource{{From: "cookie", Name: "sid"}},
+		Keys:          []keys.Source{{From: "cookie", Name: "sid"}},
 		BalanceFactor: 1.25,
 	})
 	pool := testPool(t, 4)
@@ -169,7 +170,7 @@ func TestExplainWalkMatchesPlaceUnderLoadBound(t *testing.T) {
 	// Sessions on every upstream, more on the first ones.
 	for i, u := range pool {
 		for j := range 40 - 8*i {
-			p.table.Put(uint64(i)<<32|uint64(j)+1, ps.recs[ps.index(u)].ID, sessions.Now(), p.ttl)
+			p.table.Put(uint64(i)<<32|uint64(j)+1, ps.Recs[ps.index(u)].ID, sessions.Now(), p.ttl)
 		}
 	}
 	skipped := 0
@@ -218,7 +219,7 @@ func TestLookupPin(t *testing.T) {
 
 // TestLookupErrors covers the per-policy errors.
 func TestLookupErrors(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}, {From: "client_ip"}}})
 	site := siteOf(p, testPool(t, 2))
 	res := Explain(site, "query", "q", "x", time.Now())
 	if !strings.Contains(res.Error, "cookie sid, client_ip /32 /64") {

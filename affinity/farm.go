@@ -8,6 +8,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"github.com/caddyserver/certmagic"
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
@@ -230,7 +231,7 @@ func siteDials(s Site) []string {
 	ups := s.Handler.Upstreams
 	if len(ups) == 0 {
 		if ps := s.Policy.pools.Load(); ps != nil {
-			ups = ps.ups
+			ups = ps.Ups
 		}
 	}
 	dials := make([]string, len(ups))
@@ -263,7 +264,7 @@ func (f *farm) replaceDials(scope uint64, pool reverseproxy.UpstreamPool) []stri
 func siteUpstreams(s Site) reverseproxy.UpstreamPool {
 	if s.Handler.DynamicUpstreams != nil {
 		if ps := s.Policy.pools.Load(); ps != nil {
-			return ps.ups
+			return ps.Ups
 		}
 	}
 	return s.Handler.Upstreams
@@ -341,7 +342,7 @@ func observeRunning(now time.Time, busy func(id uint32) bool) ([]Site, bool) {
 		if len(s.Handler.Upstreams) > 0 {
 			ups = append(ups, s.Handler.Upstreams...)
 		} else if ps := s.Policy.pools.Load(); ps != nil {
-			ups = append(ups, ps.ups...)
+			ups = append(ups, ps.Ups...)
 		}
 	}
 	healthcheck.Observe(ups, now)
@@ -413,3 +414,15 @@ func Table() *TableStats {
 }
 
 var _ caddy.Destructor = (*farm)(nil)
+
+// storageOf returns the config's storage, or nil for a context that
+// belongs to no config (Context.Storage panics on those; unit tests
+// provision policies that way).
+func storageOf(ctx caddy.Context) (s certmagic.Storage) {
+	defer func() {
+		if recover() != nil {
+			s = nil
+		}
+	}()
+	return ctx.Storage()
+}

@@ -14,9 +14,9 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -24,7 +24,7 @@ import (
 // on Tomcat's first pages) is one session: counted once, its entry not
 // turned into an alias (which counted as no session at all).
 func TestOneIDUnderTwoKeysIsCounted(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "JSESSIONID"}, {From: "path_param", Name: "jsessionid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "JSESSIONID"}, {From: "path_param", Name: "jsessionid"}}})
 	pool := testPool(t, 3)
 	r := newRequest("JSESSIONID=ABC123")
 	r.URL.Path = "/shop;jsessionid=ABC123"
@@ -85,7 +85,7 @@ func TestRetryMayGoBackToTheOnlyUpstream(t *testing.T) {
 // owner (max/mean 3.0).
 func TestClientIPFallbackDoesNotTrapOneAddress(t *testing.T) {
 	p := newTestPolicy(t, &Policy{
-		Keys:             []KeySource{{From: "cookie", Name: "connect.sid"}, {From: "client_ip"}},
+		Keys:             []keys.Source{{From: "cookie", Name: "connect.sid"}, {From: "client_ip"}},
 		BalanceFactor:    1.05,
 		DisablePinCookie: true,
 	})
@@ -124,7 +124,7 @@ func TestClientIPFallbackDoesNotTrapOneAddress(t *testing.T) {
 // the process-wide table was one namespace and it moved the session.
 // Proxies given the same scope share their entries.
 func TestScopesKeepProxiesApart(t *testing.T) {
-	keys := []KeySource{{From: "client_ip"}}
+	keys := []keys.Source{{From: "client_ip"}}
 	a := newTestPolicy(t, &Policy{Keys: keys, DisablePinCookie: true, Scope: "site-a"})
 	b := newTestPolicy(t, &Policy{Keys: keys, DisablePinCookie: true, Scope: "site-b"})
 	shared := newTestPolicy(t, &Policy{Keys: keys, DisablePinCookie: true, Scope: "site-a"})
@@ -167,7 +167,7 @@ func TestScopesKeepProxiesApart(t *testing.T) {
 // its scope (the moment of a reload), are found and moved into its own,
 // counted once.
 func TestScopeFindsEntriesWrittenBeforeIt(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Sid"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "header", Name: "X-Sid"}}, DisablePinCookie: true})
 	pool := testPool(t, 3)
 	req := func() *http.Request {
 		r := newRequest()
@@ -185,7 +185,7 @@ func TestScopeFindsEntriesWrittenBeforeIt(t *testing.T) {
 	if n := p.table.LiveCount(id); n != 1 {
 		t.Fatalf("the session counts %d times, want 1", n)
 	}
-	if _, ok := p.table.Peek(hashring.HashStringSeed("early", seedHeader), sessions.Now()); ok {
+	if _, ok := p.table.Peek(keyHash("header", "early"), sessions.Now()); ok {
 		t.Fatal("the entry is still in the shared namespace too")
 	}
 }
@@ -201,7 +201,7 @@ func TestValidateRefusesUnworkableValues(t *testing.T) {
 		{&Policy{SessionTTL: caddy.Duration(400 * 24 * time.Hour)}, "session_ttl: 9600h0m0s is not between 1s and"},
 		{&Policy{Hold: caddy.Duration(2 * time.Hour)}, "hold: 2h0m0s is not between 0 and 1h0m0s"},
 		{&Policy{SlowStart: caddy.Duration(48 * time.Hour)}, "slow_start: 48h0m0s is not between 0 and 24h0m0s"},
-		{&Policy{Keys: []KeySource{{From: "cookie", Name: DefaultPinCookie}}}, "reads the pin cookie caddy_affinity"},
+		{&Policy{Keys: []keys.Source{{From: "cookie", Name: DefaultPinCookie}}}, "reads the pin cookie caddy_affinity"},
 		{&Policy{MaxSessions: 99999999999999}, "max_sessions: 99999999999999 is not between 256"},
 		{&Policy{PinCookie: "JSESSIONID"}, "the default keys (platform_cookies) read that cookie"},
 	} {
@@ -216,7 +216,7 @@ func TestValidateRefusesUnworkableValues(t *testing.T) {
 			t.Errorf("%q: error %v", tc.want, err)
 		}
 	}
-	ok := &Policy{PinCookie: "pin", SessionTTL: DefaultSessionTTL, MaxSessions: 256, Keys: []KeySource{{From: "cookie", Name: DefaultPinCookie}}}
+	ok := &Policy{PinCookie: "pin", SessionTTL: DefaultSessionTTL, MaxSessions: 256, Keys: []keys.Source{{From: "cookie", Name: DefaultPinCookie}}}
 	if err := ok.Validate(); err != nil {
 		t.Errorf("a key named like the default pin, with the pin renamed: %v", err)
 	}
@@ -226,7 +226,7 @@ func TestValidateRefusesUnworkableValues(t *testing.T) {
 // counted and logged as such, from the removed upstream, and their pins
 // are not counted as forged.
 func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "header", Name: "X-Sid"}}})
 	pool := testPool(t, 3)
 	req := func(cookies ...string) *http.Request {
 		r := newRequest(cookies...)
@@ -249,7 +249,7 @@ func TestRemovedUpstreamSessionsFailOver(t *testing.T) {
 	}()} {
 		d := decision{}
 		in := decideInput{failed: -1, now: sessions.Now(), dry: true}
-		var buf [maxKeys]uint64
+		var buf [keys.Max]uint64
 		in.keys, in.first = p.requestKeys(r, &buf, false)
 		p.decide(p.poolState(rest), r, &in, &d)
 		if d.gone != home.Dial || !d.failover() || d.pinRejected {

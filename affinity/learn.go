@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -124,24 +125,24 @@ func (lw *learnWriter) FlushError() error {
 }
 
 // learn records the session ids a response of upstream id issues: the
-// keys whose kind learns from Set-Cookie or Location (keyKinds).
+// keys whose kind learns from Set-Cookie or Location (keys.Source).
 func (p *Policy) learn(h http.Header, r *http.Request, id uint32, budget *sessions.Budget) {
 	if p.sessions == nil {
 		return
 	}
 	now := sessions.Now()
-	issued, issuedBy := "", (*KeySource)(nil)
+	issued, issuedBy := "", (*keys.Source)(nil)
 	for _, line := range h["Set-Cookie"] {
-		c, ok := parseSetCookie(line)
+		c, ok := keys.ParseSetCookie(line)
 		if !ok {
 			continue
 		}
 		for i := range p.Keys {
 			k := &p.Keys[i]
-			if k.kind.learnCookie != nil && k.kind.learnCookie(k, c.name) {
-				p.learnID(k, r, c.value, c.deleted, id, now, budget)
-				if !c.deleted && issued == "" {
-					issued, issuedBy = c.value, k
+			if k.LearnsCookie(c.Name) {
+				p.learnID(k, r, c.Value, c.Deleted, id, now, budget)
+				if !c.Deleted && issued == "" {
+					issued, issuedBy = c.Value, k
 				}
 				break
 			}
@@ -150,16 +151,13 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32, budget *sessio
 	if issued != "" {
 		// The session's next request comes with this id: its pin, if
 		// this response issues one, is bound to it already.
-		p.bindIssuedPin(h, id, issuedBy.hashValue(issued))
+		p.bindIssuedPin(h, id, issuedBy.HashValue(issued))
 	}
 	if locs := h["Location"]; len(locs) > 0 {
-		path := locationPath(locs[0])
+		path := keys.LocationPath(locs[0])
 		for i := range p.Keys {
 			k := &p.Keys[i]
-			if k.kind.learnLocation == nil {
-				continue
-			}
-			if v, ok := k.kind.learnLocation(k, path); ok {
+			if v, ok := k.LearnLocation(path); ok {
 				p.learnID(k, r, v, false, id, now, budget)
 			}
 		}
@@ -169,17 +167,29 @@ func (p *Policy) learn(h http.Header, r *http.Request, id uint32, budget *sessio
 // learnID records a session id that upstream id issued for key k, and
 // retires (or, when the app deleted it, forgets) the id the request came
 // with if it is another one.
-func (p *Policy) learnID(k *KeySource, r *http.Request, value string, deleted bool, id, now uint32, budget *sessions.Budget) {
-	old, hadOld := k.value(r)
+func (p *Policy) learnID(k *keys.Source, r *http.Request, value string, deleted bool, id, now uint32, budget *sessions.Budget) {
+	old, hadOld := k.Value(r)
 	if deleted {
 		if hadOld {
-			p.sessions.Forget(k.hashValue(old), now, budget)
+			p.sessions.Forget(k.HashValue(old), now, budget)
 		}
 		return
 	}
-	p.sessions.Learn(k.hashValue(value), id, now, budget)
+	p.sessions.Learn(k.HashValue(value), id, now, budget)
 	if hadOld && old != value {
-		p.sessions.Retire(k.hashValue(old), now, budget)
+		p.sessions.Retire(k.HashValue(old), now, budget)
+	}
+}
+
+// bindIssuedPin binds the pin a response issues for upstream up to the
+// session key the app issued in that same response (pin.Signer.BindIssued).
+func (p *Policy) bindIssuedPin(h http.Header, up uint32, key uint64) {
+	ps := p.pools.Load()
+	if p.DisablePinCookie || ps == nil || ps.pins == nil {
+		return
+	}
+	if i := ps.indexByID(up); i >= 0 {
+		ps.pins.BindIssued(h, i, key)
 	}
 }
 

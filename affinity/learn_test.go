@@ -19,6 +19,7 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -58,7 +59,7 @@ func proxyThrough(t testing.TB, p *Policy, pool reverseproxy.UpstreamPool, r *ht
 func issuing(name string, created map[string]*reverseproxy.Upstream) fakeApp {
 	n := 0
 	return func(up *reverseproxy.Upstream, w http.ResponseWriter, r *http.Request) {
-		if _, ok := cookieValue(r.Header, name); !ok {
+		if _, ok := keys.CookieValue(r.Header, name); !ok {
 			n++
 			id := fmt.Sprintf("id-%d-%s", n, up.Dial)
 			created[id] = up
@@ -74,7 +75,7 @@ func issuing(name string, created map[string]*reverseproxy.Upstream) fakeApp {
 func TestLearnFollowsTheAppCookieWithoutPin(t *testing.T) {
 	pool := testPool(t, 3)
 	for _, learn := range []bool{true, false} {
-		p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "connect.sid"}}, DisablePinCookie: true})
+		p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "connect.sid"}}, DisablePinCookie: true})
 		created := map[string]*reverseproxy.Upstream{}
 		app := issuing("connect.sid", created)
 		broken := 0
@@ -116,7 +117,7 @@ func TestLearnFollowsTheAppCookieWithoutPin(t *testing.T) {
 }
 
 func TestLearnReplacedAndDeletedIDs(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
 	pool := testPool(t, 3)
 	now := sessions.Now()
 
@@ -124,7 +125,7 @@ func TestLearnReplacedAndDeletedIDs(t *testing.T) {
 	// privilege change): each new id must lead to the same worker, and the
 	// old one is retired.
 	rotate := func(up *reverseproxy.Upstream, w http.ResponseWriter, r *http.Request) {
-		old, _ := cookieValue(r.Header, "sid")
+		old, _ := keys.CookieValue(r.Header, "sid")
 		w.Header().Add("Set-Cookie", "sid="+old+"-r; Path=/; HttpOnly")
 		w.WriteHeader(http.StatusOK)
 	}
@@ -165,7 +166,7 @@ func TestLearnReplacedAndDeletedIDs(t *testing.T) {
 func TestLearnTheUpstreamThatAnswered(t *testing.T) {
 	// The first attempt fails (Caddy calls Select again): the id the
 	// second upstream issued must be recorded for the second upstream.
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
 	pool := testPool(t, 3)
 	created := map[string]*reverseproxy.Upstream{}
 	app := issuing("sid", created)
@@ -187,7 +188,7 @@ func TestLearnFromLocationAndJSESSIONID(t *testing.T) {
 
 	// ASP.NET cookieless: the first response redirects into the URL
 	// that carries the new session id.
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "aspnet_cookieless"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "aspnet_cookieless"}}, DisablePinCookie: true})
 	for i := 0; i < 50; i++ {
 		id := fmt.Sprintf("lit3py55t21z5v55vlm%05d", i)
 		first, _ := proxyThrough(t, p, pool, newRequest(), 1, func(up *reverseproxy.Upstream, w http.ResponseWriter, r *http.Request) {
@@ -202,7 +203,7 @@ func TestLearnFromLocationAndJSESSIONID(t *testing.T) {
 
 	// Tomcat: the first response sets JSESSIONID and rewrites URLs with
 	// ;jsessionid=; a client without cookies comes back with the latter.
-	p = newTestPolicy(t, &Policy{Keys: []KeySource{{From: "path_param", Name: "jsessionid"}}, DisablePinCookie: true})
+	p = newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "path_param", Name: "jsessionid"}}, DisablePinCookie: true})
 	for i := 0; i < 50; i++ {
 		id := fmt.Sprintf("0A1B2C3D%04d", i)
 		first, _ := proxyThrough(t, p, pool, newRequest(), 1, func(up *reverseproxy.Upstream, w http.ResponseWriter, r *http.Request) {
@@ -225,7 +226,7 @@ func TestLearnFromLocationAndJSESSIONID(t *testing.T) {
 // sessions in three would go to another of the three workers.
 func TestLearnCookielessOldFormFromLocation(t *testing.T) {
 	pool := testPool(t, 3)
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "aspnet_cookieless"}, {From: "cookie", Name: "ASP.NET_SessionId"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "aspnet_cookieless"}, {From: "cookie", Name: "ASP.NET_SessionId"}}, DisablePinCookie: true})
 	locations := []string{
 		"http://127.0.0.1:8080/(%s)/Default.aspx",
 		"https://example.com/app/(%s)/Default.aspx?x=1#f",
@@ -253,7 +254,7 @@ func TestLearnWriterPassesThrough(t *testing.T) {
 	// The learner's writer keeps what Caddy's reverse_proxy needs of a
 	// writer: Flush and Hijack through http.ResponseController, and a
 	// header learned even when the handler only writes a body.
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
 	pool := testPool(t, 2)
 	var mu sync.Mutex
 	chosen := map[string]*reverseproxy.Upstream{}
@@ -328,7 +329,7 @@ func TestLearnWriterPassesThrough(t *testing.T) {
 func TestSelectWithLearnerDoesNotAllocate(t *testing.T) {
 	pool := testPool(t, 16)
 	p := newTestPolicy(t, &Policy{
-		Keys:         []KeySource{{From: "cookie", Name: "JSESSIONID"}, {From: "path_param", Name: "jsessionid"}},
+		Keys:         []keys.Source{{From: "cookie", Name: "JSESSIONID"}, {From: "path_param", Name: "jsessionid"}},
 		TomcatRoutes: map[string]string{"node1": pool[3].Dial},
 	})
 	w := httptest.NewRecorder()

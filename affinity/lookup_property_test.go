@@ -13,10 +13,10 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
-	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 	"github.com/caddy-affinity/caddy-affinity/internal/testredis"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -45,18 +45,18 @@ type lookupWorld struct {
 func TestLookupIsSelectWithoutWrites(t *testing.T) {
 	worlds := []lookupWorld{
 		{"pin and table", func() *Policy {
-			return &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}}, Hold: caddy.Duration(10 * time.Second)}
+			return &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}}, Hold: caddy.Duration(10 * time.Second)}
 		}, 4, false},
 		{"weights, slow start, balance factor", func() *Policy {
 			return &Policy{
-				Keys:      []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}},
+				Keys:      []keys.Source{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}},
 				Weights:   []int{1, 0, 2, 1, 1},
 				SlowStart: caddy.Duration(time.Minute), BalanceFactor: 1.25,
 				Hold: caddy.Duration(10 * time.Second),
 			}
 		}, 5, false},
 		{"pin off, client address, learner", func() *Policy {
-			return &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip", IPv4Bits: 24}}, DisablePinCookie: true, Hold: caddy.Duration(10 * time.Second)}
+			return &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}, {From: "client_ip", IPv4Bits: 24}}, DisablePinCookie: true, Hold: caddy.Duration(10 * time.Second)}
 		}, 3, false},
 	}
 	for _, w := range worlds {
@@ -72,7 +72,7 @@ func TestLookupIsSelectWithoutWritesStoreRedis(t *testing.T) {
 	rd := testredis.Start(t)
 	checkLookupIsSelect(t, lookupWorld{"store redis", func() *Policy {
 		return &Policy{
-			Keys:  []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}},
+			Keys:  []keys.Source{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}},
 			Hold:  caddy.Duration(10 * time.Second),
 			Scope: "lookup-redis",
 			Store: &sessions.Config{Kind: sessions.KindRedis, RedisConn: sessions.RedisConn{Address: rd.Addr}, KeyPrefix: "test-lookup"},
@@ -163,8 +163,8 @@ func shake(t *testing.T, rng *rand.Rand, p *Policy, pool reverseproxy.UpstreamPo
 			rec.MarkBack(now.Add(-24 * time.Hour))
 		}
 	default: // a session in the table
-		key := hashring.HashStringSeed(fmt.Sprint(rng.IntN(40)), []uint64{seedSessionID, seedHeader}[rng.IntN(2)])
-		id := ps.recs[rng.IntN(len(pool))].ID
+		key := keyHash([]string{"cookie", "header"}[rng.IntN(2)], fmt.Sprint(rng.IntN(40)))
+		id := ps.Recs[rng.IntN(len(pool))].ID
 		if p.Store != nil && p.Store.Kind == sessions.KindRedis && rng.IntN(2) == 0 {
 			// Another instance's session: in Redis, not in this table.
 			p.sessions.Learn(key, id, sessions.Now(), nil)
@@ -246,7 +246,7 @@ func (s lookupRequest) build() *http.Request {
 func (s lookupRequest) firstKey(p *Policy) (uint64, bool) {
 	r := s.build()
 	for i := range p.Keys {
-		if h, ok := p.Keys[i].hash(r); ok {
+		if h, ok := p.Keys[i].Hash(r); ok {
 			return h, true
 		}
 	}

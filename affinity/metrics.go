@@ -128,3 +128,17 @@ func (upstreamCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(st.Evictions))
 	}
 }
+
+// count counts the decision, whose outcome is o, in the metrics.
+func (p *Policy) count(d *decision, o outcome) {
+	if d.pinRejected {
+		metrics.rejectedPins.Inc()
+	}
+	if d.skippedState {
+		metrics.drainSkip.Inc()
+	}
+	if d.skippedLoad && d.chosen >= 0 {
+		metrics.overloadSkip.Inc()
+	}
+	metrics.byOutcome[o].Inc()
+}

@@ -16,7 +16,8 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
-	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 )
 
 // issuedPin returns the Set-Cookie line of the pin p issues to a new
@@ -38,7 +39,7 @@ func issuedPin(t *testing.T, p *Policy, secure bool) string {
 	}
 	name, rest, _ := strings.Cut(sc[0], "=")
 	value, attrs, _ := strings.Cut(rest, ";")
-	if len(value) != pinValueLen {
+	if len(value) != pin.ValueLen {
 		t.Fatalf("pin value %q", value)
 	}
 	return name + "=V;" + attrs
@@ -50,25 +51,25 @@ func issuedPin(t *testing.T, p *Policy, secure bool) string {
 func TestPinCookieAttributeStrings(t *testing.T) {
 	for _, tc := range []struct {
 		name        string
-		attrs       *PinCookieAttributes
+		attrs       *pin.Attributes
 		plain, tlsd string
 	}{
 		{"default", nil,
 			"caddy_affinity=V; Path=/; HttpOnly; SameSite=Lax",
 			"caddy_affinity=V; Path=/; HttpOnly; Secure; SameSite=Lax"},
-		{"domain path strict max_age", &PinCookieAttributes{Domain: "example.com", Path: "/app", SameSite: "strict", MaxAge: caddy.Duration(time.Hour)},
+		{"domain path strict max_age", &pin.Attributes{Domain: "example.com", Path: "/app", SameSite: "strict", MaxAge: caddy.Duration(time.Hour)},
 			"caddy_affinity=V; Path=/app; Domain=example.com; Max-Age=3600; HttpOnly; SameSite=Strict",
 			"caddy_affinity=V; Path=/app; Domain=example.com; Max-Age=3600; HttpOnly; Secure; SameSite=Strict"},
-		{"same_site none", &PinCookieAttributes{SameSite: "none"},
+		{"same_site none", &pin.Attributes{SameSite: "none"},
 			"caddy_affinity=V; Path=/; HttpOnly; Secure; SameSite=None",
 			"caddy_affinity=V; Path=/; HttpOnly; Secure; SameSite=None"},
-		{"partitioned", &PinCookieAttributes{Partitioned: true},
+		{"partitioned", &pin.Attributes{Partitioned: true},
 			"caddy_affinity=V; Path=/; HttpOnly; Secure; SameSite=Lax; Partitioned",
 			"caddy_affinity=V; Path=/; HttpOnly; Secure; SameSite=Lax; Partitioned"},
-		{"none partitioned secure always", &PinCookieAttributes{SameSite: "none", Partitioned: true, Secure: "always"},
+		{"none partitioned secure always", &pin.Attributes{SameSite: "none", Partitioned: true, Secure: "always"},
 			"caddy_affinity=V; Path=/; HttpOnly; Secure; SameSite=None; Partitioned",
 			"caddy_affinity=V; Path=/; HttpOnly; Secure; SameSite=None; Partitioned"},
-		{"secure always", &PinCookieAttributes{Secure: "always", Domain: ".example.org"},
+		{"secure always", &pin.Attributes{Secure: "always", Domain: ".example.org"},
 			"caddy_affinity=V; Path=/; Domain=example.org; HttpOnly; Secure; SameSite=Lax",
 			"caddy_affinity=V; Path=/; Domain=example.org; HttpOnly; Secure; SameSite=Lax"},
 	} {
@@ -84,50 +85,38 @@ func TestPinCookieAttributeStrings(t *testing.T) {
 	}
 }
 
-// TestPinCookieIssueAllocs: issuing a pin with every attribute is still
-// a lookup of a prebuilt string.
-func TestPinCookieIssueAllocs(t *testing.T) {
-	s := newPinSigner([]byte("s"), "pin", 1200, []string{"a:1", "b:1"})
-	s.style, _ = (&PinCookieAttributes{Domain: "example.com", SameSite: "none", Partitioned: true, MaxAge: caddy.Duration(time.Hour)}).style()
-	now := sessions.Now()
-	s.setCookie(1, now, false)
-	if n := testing.AllocsPerRun(100, func() { s.setCookie(1, now, false); s.setCookie(0, now, true) }); n != 0 {
-		t.Fatalf("issuing allocated %.1f times", n)
-	}
-}
-
 func TestPinCookieAttributeErrors(t *testing.T) {
 	for _, tc := range []struct {
-		attrs PinCookieAttributes
+		attrs pin.Attributes
 		want  string
 	}{
-		{PinCookieAttributes{SameSite: "none", Secure: "auto"}, "secure always"},
-		{PinCookieAttributes{Partitioned: true, Secure: "auto"}, "secure always"},
-		{PinCookieAttributes{SameSite: "None"}, "not lax, strict or none"},
-		{PinCookieAttributes{Secure: "never"}, "not auto or always"},
-		{PinCookieAttributes{MaxAge: -1}, "negative"},
-		{PinCookieAttributes{MaxAge: caddy.Duration(time.Millisecond)}, "less than a second"},
-		{PinCookieAttributes{MaxAge: caddy.Duration(500 * 24 * time.Hour)}, "more than"},
-		{PinCookieAttributes{Path: "app"}, "must start with '/'"},
-		{PinCookieAttributes{Path: "/a;b"}, "must start with '/'"},
-		{PinCookieAttributes{Path: "/a b"}, "must start with '/'"},
-		{PinCookieAttributes{Domain: "exa mple.com"}, "not a host name"},
-		{PinCookieAttributes{Domain: "example.com;x=y"}, "not a host name"},
-		{PinCookieAttributes{Domain: "::1"}, "not a host name"},
-		{PinCookieAttributes{Domain: "-a.com"}, "not a host name"},
+		{pin.Attributes{SameSite: "none", Secure: "auto"}, "secure always"},
+		{pin.Attributes{Partitioned: true, Secure: "auto"}, "secure always"},
+		{pin.Attributes{SameSite: "None"}, "not lax, strict or none"},
+		{pin.Attributes{Secure: "never"}, "not auto or always"},
+		{pin.Attributes{MaxAge: -1}, "negative"},
+		{pin.Attributes{MaxAge: caddy.Duration(time.Millisecond)}, "less than a second"},
+		{pin.Attributes{MaxAge: caddy.Duration(500 * 24 * time.Hour)}, "more than"},
+		{pin.Attributes{Path: "app"}, "must start with '/'"},
+		{pin.Attributes{Path: "/a;b"}, "must start with '/'"},
+		{pin.Attributes{Path: "/a b"}, "must start with '/'"},
+		{pin.Attributes{Domain: "exa mple.com"}, "not a host name"},
+		{pin.Attributes{Domain: "example.com;x=y"}, "not a host name"},
+		{pin.Attributes{Domain: "::1"}, "not a host name"},
+		{pin.Attributes{Domain: "-a.com"}, "not a host name"},
 	} {
 		p := &Policy{PinCookie: DefaultPinCookie, SessionTTL: DefaultSessionTTL, PinCookieAttributes: &tc.attrs}
 		if err := p.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: error %v, want one saying %q", tc.attrs, err, tc.want)
 		}
 	}
-	for _, ok := range []PinCookieAttributes{{Domain: "127.0.0.1"}, {Domain: ".a-b.example"}, {SameSite: "none", Secure: "always"}, {MaxAge: caddy.Duration(time.Second)}} {
-		if _, err := ok.style(); err != nil {
+	for _, ok := range []pin.Attributes{{Domain: "127.0.0.1"}, {Domain: ".a-b.example"}, {SameSite: "none", Secure: "always"}, {MaxAge: caddy.Duration(time.Second)}} {
+		if _, err := ok.Style(); err != nil {
 			t.Errorf("%+v: %v", ok, err)
 		}
 	}
 	p := &Policy{PinCookie: DefaultPinCookie, SessionTTL: DefaultSessionTTL, DisablePinCookie: true,
-		Keys: []KeySource{{From: "client_ip"}}, PinCookieAttributes: &PinCookieAttributes{}}
+		Keys: []keys.Source{{From: "client_ip"}}, PinCookieAttributes: &pin.Attributes{}}
 	if err := p.Validate(); err == nil {
 		t.Error("attributes with the pin cookie off pass")
 	}
@@ -152,7 +141,7 @@ func TestPinCookieCaddyfile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := PinCookieAttributes{Domain: "example.com", Path: "/", SameSite: "none", Secure: "always", MaxAge: caddy.Duration(12 * time.Hour), Partitioned: true}
+	want := pin.Attributes{Domain: "example.com", Path: "/", SameSite: "none", Secure: "always", MaxAge: caddy.Duration(12 * time.Hour), Partitioned: true}
 	if p.PinCookie != "affinity_pin" || p.PinCookieAttributes == nil || *p.PinCookieAttributes != want {
 		t.Fatalf("got %q %+v", p.PinCookie, p.PinCookieAttributes)
 	}
@@ -199,7 +188,7 @@ func TestPinCookieCaddyfile(t *testing.T) {
 
 // rotated returns a policy with secret old and one with secret
 // new accepting old, over the same pool.
-func rotated(t *testing.T, keys []KeySource) (old, next *Policy) {
+func rotated(t *testing.T, keys []keys.Source) (old, next *Policy) {
 	old = newTestPolicy(t, &Policy{Keys: keys, Secret: "old-secret-0123456789"})
 	next = newTestPolicy(t, &Policy{Keys: keys, Secret: "new-secret-0123456789", PreviousSecrets: []string{"older-secret-0123456789", "old-secret-0123456789"}})
 	return old, next
@@ -225,7 +214,7 @@ func TestPreviousSecretPinsAccepted(t *testing.T) {
 		}
 		dp, ok := decoded(strings.TrimPrefix(again, DefaultPinCookie+"="))
 		ps := next.poolState(pool)
-		if !ok || ps.pins.index(&dp) != i || dp.key != 0 || !ps.pins.verify(i, &dp) {
+		if !ok || ps.pins.Index(&dp) != i || dp.PreviousSecret() || !ps.pins.Verify(i, &dp) {
 			t.Fatalf("re-issued pin %q is not the new secret's for %d: %+v", again, i, dp)
 		}
 		w = httptest.NewRecorder()
@@ -251,7 +240,7 @@ func TestPreviousSecretPinsAccepted(t *testing.T) {
 	}
 	// Once the old secret is dropped, its pins are rejected too.
 	dropped := newTestPolicy(t, &Policy{Secret: "new-secret-0123456789"})
-	var dp decodedPin
+	var dp pin.Decoded
 	if ps := dropped.poolState(pool); ps.pinIndex(strings.TrimPrefix(pinAged(old, pool, 2, 0), DefaultPinCookie+"="), &dp) != -1 {
 		t.Fatal("old pin accepted with no previous secret")
 	}
@@ -263,7 +252,7 @@ func TestPreviousSecretPinsAccepted(t *testing.T) {
 // rejected.
 func TestPreviousSecretTagChecked(t *testing.T) {
 	pool := testPool(t, 8)
-	old, next := rotated(t, []KeySource{{From: "cookie", Name: "sid"}})
+	old, next := rotated(t, []keys.Source{{From: "cookie", Name: "sid"}})
 	setState(t, pool[3].Dial, healthcheck.Draining)
 
 	live := pinAged(old, pool, 3, 10)
@@ -280,7 +269,7 @@ func TestPreviousSecretTagChecked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	raw[pinTokenLen+3]++
+	raw[18+3]++ // the last byte of the time, after the 18-byte token (TestPinWireFormats)
 	forged := DefaultPinCookie + "=" + base64.RawURLEncoding.EncodeToString(raw)
 	before := testutil.ToFloat64(metrics.rejectedPins)
 	for range 20 {
@@ -292,7 +281,7 @@ func TestPreviousSecretTagChecked(t *testing.T) {
 		t.Fatal("forged old-secret pins not counted as rejected")
 	}
 	// An old secret's stale pin is a new session, as with the current one.
-	if got := next.Select(pool, newRequest(pinAged(old, pool, 3, pinLifetime(next.ttl)+5)), httptest.NewRecorder()); got == pool[3] {
+	if got := next.Select(pool, newRequest(pinAged(old, pool, 3, pin.Lifetime(next.ttl)+5)), httptest.NewRecorder()); got == pool[3] {
 		t.Fatal("a stale old-secret pin reached the draining upstream")
 	}
 }
@@ -303,7 +292,7 @@ func TestPreviousSecretTagChecked(t *testing.T) {
 // to the session, and the header's slice).
 func TestPreviousSecretsPinnedAllocs(t *testing.T) {
 	pool := testPool(t, 16)
-	old, next := rotated(t, []KeySource{{From: "cookie", Name: "sid"}})
+	old, next := rotated(t, []keys.Source{{From: "cookie", Name: "sid"}})
 	for _, tc := range []struct {
 		name string
 		pin  string
@@ -329,7 +318,7 @@ func TestPreviousSecretsPinnedAllocs(t *testing.T) {
 // rotation: a current pin, and a previous secret's (issued again).
 func BenchmarkSelectRotated(b *testing.B) {
 	pool := testPool(b, 16)
-	keys := []KeySource{{From: "cookie", Name: "sid"}}
+	keys := []keys.Source{{From: "cookie", Name: "sid"}}
 	old := newTestPolicy(b, &Policy{Keys: keys, Secret: "old-secret-0123456789"})
 	next := newTestPolicy(b, &Policy{Keys: keys, Secret: "new-secret-0123456789", PreviousSecrets: []string{"old-secret-0123456789"}})
 	b.Run("current/N=16", func(b *testing.B) {

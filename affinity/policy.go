@@ -22,7 +22,6 @@ package affinity
 import (
 	"fmt"
 	"net/http"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -30,8 +29,9 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
-	"golang.org/x/net/http/httpguts"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
@@ -58,7 +58,7 @@ type Policy struct {
 	// common in-process-session platforms are the keys (a
 	// "platform_cookies" source: ASP.NET_SessionId, JSESSIONID,
 	// PHPSESSID, connect.sid and the like), unless NoDefaultKeys is set.
-	Keys []KeySource `json:"keys,omitempty"`
+	Keys []keys.Source `json:"keys,omitempty"`
 
 	// NoDefaultKeys, with no Keys, tells sessions apart by the pin
 	// cookie alone (the Caddyfile's `key none`).
@@ -72,7 +72,7 @@ type Policy struct {
 	// PinCookieAttributes are the pin cookie's Domain, Path, SameSite,
 	// Secure, Max-Age and Partitioned attributes. Default: Path=/,
 	// HttpOnly, SameSite=Lax, Secure on HTTPS, a browser-session cookie.
-	PinCookieAttributes *PinCookieAttributes `json:"pin_cookie_attributes,omitempty"`
+	PinCookieAttributes *pin.Attributes `json:"pin_cookie_attributes,omitempty"`
 
 	// DisablePinCookie turns the pin cookie off: sessions are then kept
 	// by the session table and the ring alone.
@@ -173,9 +173,11 @@ type Policy struct {
 
 	secret []byte
 	// previousSecrets are PreviousSecrets, loaded; pinStyle is
-	// PinCookieAttributes, checked.
+	// PinCookieAttributes, checked; pinUpgrade is when the upgrade window
+	// of old-format pins opened (pin.OpenUpgradeWindow).
 	previousSecrets [][]byte
-	pinStyle        pinStyle
+	pinStyle        pin.Style
+	pinUpgrade      uint32
 	ttl             uint32
 	ctx             caddy.Context
 
@@ -235,34 +237,35 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 	}
 	p.Keys = p.keysInEffect()
 	for i := range p.Keys {
-		if err := p.Keys[i].provision(); err != nil {
+		if err := p.Keys[i].Provision(); err != nil {
 			return err
 		}
-		p.learns = p.learns || p.Keys[i].kind.learnable()
+		p.learns = p.learns || p.Keys[i].Learnable()
 	}
 	p.ttl = uint32(time.Duration(p.SessionTTL) / time.Second)
 
 	if !p.DisablePinCookie {
-		secret, err := p.loadSecret(ctx)
+		storage := storageOf(ctx)
+		secret, err := pin.LoadSecret(ctx, storage, p.Secret, p.logger)
 		if err != nil {
 			return err
 		}
 		p.secret = secret
-		if len(secret) < minSecretLen {
+		if len(secret) < pin.MinSecretLen {
 			p.logger.Warn("the pin secret is short: clients can forge pins signed with it by brute force; use at least 16 random bytes, such as the output of `openssl rand -base64 32`",
 				zap.Int("bytes", len(secret)))
 		}
-		p.loadPinUpgrade(ctx)
-		if p.previousSecrets, err = p.loadPreviousSecrets(); err != nil {
+		p.pinUpgrade = pin.OpenUpgradeWindow(ctx, storage, p.logger)
+		if p.previousSecrets, err = pin.LoadPreviousSecrets(p.PreviousSecrets, secret); err != nil {
 			return err
 		}
-		p.pinStyle, _ = p.PinCookieAttributes.style() // checked by Validate
-		if age, live := p.pinStyle.maxAge, pinRefresh(p.ttl)+p.ttl; age > 0 && uint32(age) < live {
+		p.pinStyle, _ = p.PinCookieAttributes.Style() // checked by Validate
+		if age, live := p.pinStyle.MaxAge(), time.Duration(pin.Refresh(p.ttl)+p.ttl)*time.Second; age > 0 && age < live {
 			// Allowed (an operator may want pins gone soon after a
 			// session idles), but a session idle for longer than max_age
 			// loses its pin and is placed again by the table or the ring.
 			p.logger.Warn("pin_cookie max_age is shorter than session_ttl + session_ttl/4, the oldest a live session's pin can get: sessions idle longer than max_age lose their pin",
-				zap.Duration("max_age", time.Duration(age)*time.Second), zap.Duration("session_ttl", time.Duration(p.SessionTTL)))
+				zap.Duration("max_age", age), zap.Duration("session_ttl", time.Duration(p.SessionTTL)))
 		}
 	}
 
@@ -291,24 +294,6 @@ func (p *Policy) Cleanup() error {
 	return nil
 }
 
-// Bounds of durations and sizes. Times in the table are uint32 seconds,
-// and a hold's incident window is 2 × hold: the bounds keep both far from
-// overflowing, and no app keeps an idle session longer than a year.
-const (
-	maxSessionTTL  = 365 * 24 * time.Hour
-	maxHold        = time.Hour
-	maxSlowStart   = 24 * time.Hour
-	minMaxSessions = sessions.Shards
-)
-
-// minSecretLen is the shortest secret that is not logged as weak: pins
-// are HMACs, which a short secret lets a client forge by brute force.
-const minSecretLen = 16
-
-// validCookieName reports whether s is a cookie name: an RFC 6265
-// cookie-name is an RFC 7230 token, the same rule as a header field name.
-func validCookieName(s string) bool { return httpguts.ValidHeaderFieldName(s) }
-
 // triedVar names the request var where Select leaves the upstream it
 // chose. Caddy calls Select again with the same request only when that
 // attempt failed, so finding it set means "this one just failed".
@@ -324,114 +309,41 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 	var budget sessions.Budget
 	in := decideInput{failed: -1, now: sessions.Now(), budget: &budget}
-	var keyBuf [maxKeys]uint64
+	var keyBuf [keys.Max]uint64
 	var d decision
 	// first is its own variable: it goes into the request vars, and
 	// passing in.first there would move all of in, and keyBuf with it, to
 	// the heap.
 	in, first, retry := p.look(ps, r, vars, in, &keyBuf, &d)
-	p.count(&d)
-	p.watchRequest(ps, r, &d, in.now)
-	p.tell(vars, ps, &d, first)
+	// What happened, and for a failover what the session left, read once.
+	o := d.outcome()
+	var left string
+	var why healthcheck.Verdict
+	if o == outcomeFailover {
+		left, why = d.leftDial(ps)
+	}
+	p.count(&d, o)
+	p.watchRequest(ps, r, &d, in.now, in.learning)
+	p.tell(vars, ps, &d, o, first)
 	if d.chosen < 0 {
 		return nil
 	}
-	if d.overflow() {
+	if o == outcomeOverflow {
 		// Busy is not down: this request goes elsewhere once, and the
 		// session stays on its upstream (no entry moves, no new pin).
 		return p.chosen(ps, d.chosen, r, w, false, retry, &in, 0)
 	}
-	p.sessions.Remember(in.keys, ps.recs[d.chosen].ID, in.now, &budget)
-	if d.failover() {
-		from, why := d.leftDial(ps)
-		p.logFailover(from, ps.ups[d.chosen].Dial, why)
+	p.sessions.Remember(in.keys, ps.Recs[d.chosen].ID, in.now, &budget)
+	if o == outcomeFailover {
+		p.logFailover(left, ps.Ups[d.chosen].Dial, why)
 	}
 	// The pin is (re)issued when it is missing, names another upstream,
 	// or is due for a fresh time (a v1 pin, or older than the refresh
 	// interval): a live session's pin never gets old.
 	// It is also bound again when the request's first key is not the one
 	// it is bound to (the app gave the session its key since).
-	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh || d.pin.rebind(in.keys))
-	return p.chosen(ps, d.chosen, r, w, issuePin, retry, &in, pinBindFor(d.failover(), in.keys))
-}
-
-// look decides where request r goes: what Select and the lookup
-// endpoint both ask, so that they agree by construction. With in.dry it
-// writes nothing (decide slides no entry and notes no trouble, and no
-// warning is noted); Select then acts on the decision (Policy.Select),
-// the lookup words it (Explain). It returns the source of the request's
-// first key and whether the request is a retry. in comes and goes by
-// value: through a pointer, the key hashes (in keyBuf) would go to the
-// heap, and the pinned path allocates nothing.
-func (p *Policy) look(ps *poolState, r *http.Request, vars map[string]any, in decideInput, keyBuf *[maxKeys]uint64, d *decision) (decideInput, *KeySource, bool) {
-	if p.sessions.Scope() == 0 {
-		p.resolveScope(in.now)
-	}
-	// An upstream that failed this very request is not selectable on
-	// the retry, even if Caddy's health checks have not caught up.
-	prev, retry := vars[triedVar].(*reverseproxy.Upstream)
-	if retry {
-		in.failed = ps.index(prev)
-	}
-	_, in.learning = vars[learnVar].(*learnWriter)
-	if !in.dry && p.DisablePinCookie && p.learns && !in.learning {
-		p.noteMissingLearner()
-	}
-	keys, first := p.requestKeys(r, keyBuf, in.learning)
-	in.keys, in.first = keys, first
-	in.conn = r.RemoteAddr
-	p.decide(ps, r, &in, d)
-	return in, first, retry
-}
-
-// noteMissingLearner records, and logs once, that the policy serves
-// requests without affinity_learn although it depends on it: with the pin
-// cookie off, a new session is known only by the id its app issues in the
-// response, which only the learner sees.
-func (p *Policy) noteMissingLearner() {
-	if p.missingLearner.Load() || !p.missingLearner.CompareAndSwap(false, true) {
-		return
-	}
-	p.logger.Warn(p.missingLearnerWarning())
-}
-
-// missingLearnerWarning says what breaks and the line to add.
-func (p *Policy) missingLearnerWarning() string {
-	keys := make([]string, 0, len(p.Keys))
-	for i := range p.Keys {
-		if p.Keys[i].kind.learnable() {
-			keys = append(keys, p.Keys[i].String())
-		}
-	}
-	return fmt.Sprintf("pin_cookie is off and the session key (%s) is the app's own id, but no affinity_learn handler runs before this reverse_proxy: "+
-		"a new session's next request carries an id the proxy has never seen and lands on another worker about (n-1)/n of the time, where the session does not exist; "+
-		"add the line `affinity_learn` to the site (it is ordered before reverse_proxy), or put it first in the route or handle block",
-		strings.Join(keys, ", "))
-}
-
-// Warnings are what an operator must know about a policy's config that
-// its parser could not tell: its learner missing, and what warnings.go
-// watches for.
-func (p *Policy) Warnings() []string {
-	var out []string
-	if p.missingLearner.Load() {
-		out = append(out, p.missingLearnerWarning())
-	}
-	return append(out, p.toldWarnings()...)
-}
-
-// count counts the decision in the metrics.
-func (p *Policy) count(d *decision) {
-	if d.pinRejected {
-		metrics.rejectedPins.Inc()
-	}
-	if d.skippedState {
-		metrics.drainSkip.Inc()
-	}
-	if d.skippedLoad && d.chosen >= 0 {
-		metrics.overloadSkip.Inc()
-	}
-	metrics.byOutcome[d.outcome()].Inc()
+	issuePin := !p.DisablePinCookie && (d.pinned != d.chosen || d.pinRefresh || d.pin.Rebind(in.keys))
+	return p.chosen(ps, d.chosen, r, w, issuePin, retry, &in, pin.BindFor(o == outcomeFailover, in.keys))
 }
 
 // The request vars Select leaves for placeholders, so that access logs,
@@ -448,13 +360,13 @@ const (
 // tell leaves the decision in the request vars. The values are a byte, a
 // pointer and a constant: storing them allocates nothing, and Caddy's
 // replacer formats them (String) only when a placeholder asks.
-func (p *Policy) tell(vars map[string]any, ps *poolState, d *decision, first *KeySource) {
+func (p *Policy) tell(vars map[string]any, ps *poolState, d *decision, o outcome, first *keys.Source) {
 	if vars == nil {
 		return
 	}
-	vars[varDecision] = d.outcome()
+	vars[varDecision] = o
 	if d.chosen >= 0 {
-		vars[varUpstream] = ps.ups[d.chosen]
+		vars[varUpstream] = ps.Ups[d.chosen]
 	} else {
 		vars[varUpstream] = ""
 	}
@@ -465,77 +377,23 @@ func (p *Policy) tell(vars map[string]any, ps *poolState, d *decision, first *Ke
 	}
 }
 
-// logFailover logs a session's failover and records it for the status
-// page.
-func (p *Policy) logFailover(from, to string, why healthcheck.Verdict) {
-	p.logger.Info("session failed over",
-		zap.String("from", from),
-		zap.String("to", to),
-		zap.String("reason", why.String()))
-	failovers.record(from, to, why.String())
-}
-
-// maxKeys bounds the number of key sources, so that a request's key
-// hashes fit in an array on the stack.
-const maxKeys = 8
-
-// requestKeys returns the hashes of the configured keys present in the
-// request, in configured order and each once, in buf's storage, and the
-// source of the first (nil if none).
-//
-// One id under two keys (Tomcat's `JSESSIONID=X` and `;jsessionid=X` on
-// one request) is one key: recorded twice, its second record would turn
-// the session's entry into an alias, which counts as no session.
-//
-// Under affinity_learn, a client_ip key is left out when the policy has a
-// key the learner records: a request without the app's session id has
-// no app session to stick to yet, and the address, which many users may
-// share, must not pin it; such a request is placed like a new session,
-// under the load bound.
-func (p *Policy) requestKeys(r *http.Request, buf *[maxKeys]uint64, learning bool) ([]uint64, *KeySource) {
-	keys := buf[:0]
-	var first *KeySource
-	skipAddress := learning && p.learns
-next:
-	for i := range p.Keys {
-		k := &p.Keys[i]
-		if skipAddress && k.kind.shared {
-			continue
-		}
-		h, ok := k.hash(r)
-		if !ok {
-			continue
-		}
-		for _, seen := range keys {
-			if seen == h {
-				continue next
-			}
-		}
-		if len(keys) == 0 {
-			first = k
-		}
-		keys = append(keys, h)
-	}
-	return keys, first
-}
-
 // chosen records the choice on the request (so that a retry knows it
 // failed) and, when asked, issues the pin cookie for it, replacing the
 // one an earlier attempt of this request issued.
 func (p *Policy) chosen(ps *poolState, i int, r *http.Request, w http.ResponseWriter, issuePin, retry bool, in *decideInput, bind uint32) *reverseproxy.Upstream {
-	up := ps.ups[i]
+	up := ps.Ups[i]
 	now := in.now
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		vars[triedVar] = up
 		if lw, ok := vars[learnVar].(*learnWriter); ok {
 			// What the learner writes counts against the request's
 			// budget too.
-			lw.chose(p, ps.recs[i].ID, *in.budget)
+			lw.chose(p, ps.Recs[i].ID, *in.budget)
 		}
 	}
-	ps.recs[i].CountRequest()
+	ps.Recs[i].CountRequest()
 	if issuePin && w != nil && ps.pins != nil {
-		setPinCookie(w.Header(), p.PinCookie, ps.pins.boundSetCookie(i, now, secureRequest(r), bind), retry)
+		pin.AddSetCookie(w.Header(), p.PinCookie, ps.pins.SetCookie(i, now, secureRequest(r), bind), retry)
 	}
 	return up
 }

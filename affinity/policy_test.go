@@ -14,6 +14,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 )
@@ -181,10 +183,10 @@ func TestKeyedSessionsArePlacedByTheRing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true})
 	for i := 0; i < 300; i++ {
 		v := fmt.Sprintf("placement-%d", i)
-		want := members[ring.Lookup(hashring.HashStringSeed(v, seedSessionID))].Name
+		want := members[ring.Lookup(sessionIDHash(v))].Name
 		if got := p.Select(pool, newRequest("sid="+v), nil); got.Dial != want {
 			t.Fatalf("key %q went to %s, ring owner is %s", v, got.Dial, want)
 		}
@@ -192,7 +194,7 @@ func TestKeyedSessionsArePlacedByTheRing(t *testing.T) {
 }
 
 func TestFailoverSticksAfterRecovery(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 3)
 
 	// A session with an app cookie, pinned.
@@ -255,7 +257,7 @@ func TestNothingSelectableReturnsNil(t *testing.T) {
 }
 
 func TestRetryFailsOverAndReplacesPin(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 3)
 	w := httptest.NewRecorder()
 	home := p.Select(pool, newRequest("sid=x1"), w)
@@ -303,7 +305,7 @@ func TestForgedPinsAreIgnored(t *testing.T) {
 	other.Select(pool, newRequest(), w2)
 	foreign := strings.TrimPrefix(pinFrom(t, w2, DefaultPinCookie), DefaultPinCookie+"=")
 
-	for _, v := range []string{string(flipped), foreign, "", "x", strings.Repeat("A", pinValueLen),
+	for _, v := range []string{string(flipped), foreign, "", "x", strings.Repeat("A", pin.ValueLen),
 		strings.Repeat("Z", 8192), "\xff\xfe\xfd", good[:len(good)-1] + "!", `"` + good + `"x`} {
 		w := httptest.NewRecorder()
 		if got := p.Select(pool, newRequest(DefaultPinCookie+"="+v), w); got == nil {
@@ -317,7 +319,7 @@ func TestForgedPinsAreIgnored(t *testing.T) {
 }
 
 func TestClientIPKeyIgnoresUntrustedForwardedFor(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "client_ip"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "client_ip"}}, DisablePinCookie: true})
 	pool := testPool(t, 16)
 	base := newRequest()
 	base.RemoteAddr = "192.0.2.10:5555"
@@ -334,7 +336,7 @@ func TestClientIPKeyIgnoresUntrustedForwardedFor(t *testing.T) {
 
 func TestSessionTableSurvivesReload(t *testing.T) {
 	pool := testPool(t, 4)
-	old := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Session"}}, DisablePinCookie: true})
+	old := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "header", Name: "X-Session"}}, DisablePinCookie: true})
 	r := newRequest()
 	r.Header.Set("X-Session", "s1")
 	home := old.Select(pool, r, nil)
@@ -344,7 +346,7 @@ func TestSessionTableSurvivesReload(t *testing.T) {
 
 	// A reload: the new policy is provisioned before the old one is
 	// cleaned up, and must remember the failover.
-	next := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "header", Name: "X-Session"}}, DisablePinCookie: true})
+	next := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "header", Name: "X-Session"}}, DisablePinCookie: true})
 	_ = old.Cleanup()
 	r = newRequest()
 	r.Header.Set("X-Session", "s1")
@@ -370,7 +372,7 @@ func TestWeights(t *testing.T) {
 }
 
 func TestPinnedPathDoesNotAllocate(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 16)
 	w := httptest.NewRecorder()
 	p.Select(pool, newRequest("sid=zzz"), w)
@@ -482,7 +484,7 @@ func TestSessionFollowedAcrossKeysWithoutPin(t *testing.T) {
 	// pin_cookie off, key cookie then client_ip: the first request has no
 	// app cookie yet and is placed by its IP; the next one brings the
 	// app's new cookie, which must find the same upstream.
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip"}}, DisablePinCookie: true})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}, {From: "client_ip"}}, DisablePinCookie: true})
 	pool := testPool(t, 5)
 	for c := 0; c < 100; c++ {
 		ip := fmt.Sprintf("10.1.%d.%d:1000", c/200, c%200)
@@ -518,8 +520,8 @@ func TestDuplicateUpstreamWeighsByRepetition(t *testing.T) {
 		t.Fatalf("repeated address took %.3f of new sessions, want about 2/3 (%v)", share, counts)
 	}
 	ps := p.poolState(pool)
-	if len(ps.member) != 2 || ps.weights[0] != 2 || ps.weights[1] != 2 || ps.weights[2] != 1 {
-		t.Fatalf("members %v, weights %v", ps.member, ps.weights)
+	if len(ps.Member) != 2 || ps.Weights[0] != 2 || ps.Weights[1] != 2 || ps.Weights[2] != 1 {
+		t.Fatalf("members %v, weights %v", ps.Member, ps.Weights)
 	}
 	// A session pinned to the repeated address stays there.
 	w := httptest.NewRecorder()

@@ -9,30 +9,23 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
+	"github.com/caddy-affinity/caddy-affinity/affinity/placement"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
-// poolState is what the policy derives from one upstream pool: the ring,
-// the pin tokens and the lifecycle records, index-aligned with the pool.
+// poolState is what the policy derives from one upstream pool: the ring
+// and the lifecycle records (what placement reads), the pin tokens and
+// the routes, index-aligned with the pool.
 type poolState struct {
 	// first is the address of the first element of the pool this state
 	// was derived from: Caddy passes the same slice on every request for
 	// static upstreams, so one comparison recognises it.
 	first **reverseproxy.Upstream
-	ups   []*reverseproxy.Upstream
-	recs  []*healthcheck.Upstream
+	placement.Pool
 	// pins issues and checks the pool's pin cookies; nil with the pin
 	// cookie off.
-	pins *pinSigner
-	ring *hashring.Ring
-	// member is the pool position of each ring member. An address listed
-	// several times (weighting by repetition, DNS or SRV answers that
-	// repeat one) is one member, at its first position, whose weight is
-	// the sum of its repetitions' weights.
-	member []int
-	// weights are the ring members' weights, by pool position (for
-	// balance_factor): a repeated address's total at every position.
-	weights []int
+	pins *pin.Signer
 	// routes are the tomcat_route lines whose upstream is in the pool.
 	routes []poolRoute
 	// removed are the pins of the upstreams this proxy's previous pool had
@@ -45,18 +38,7 @@ type poolState struct {
 // removedPin is the pin of an upstream a pool no longer has.
 type removedPin struct {
 	dial  string
-	token pinToken
-}
-
-// removedPin returns the dial address of the removed upstream a pin
-// names, or "".
-func (ps *poolState) removedPin(pin *decodedPin) string {
-	for i := range ps.removed {
-		if ps.removed[i].token.match(pin) {
-			return ps.removed[i].dial
-		}
-	}
-	return ""
+	token pin.Token
 }
 
 // poolRoute is a tomcat_route whose upstream is at index in the pool.
@@ -72,17 +54,17 @@ func (p *Policy) poolState(pool reverseproxy.UpstreamPool) *poolState {
 		return nil
 	}
 	ps := p.pools.Load()
-	if ps != nil && ps.first == &pool[0] && len(pool) == len(ps.ups) {
+	if ps != nil && ps.first == &pool[0] && len(pool) == len(ps.Ups) {
 		return ps
 	}
 	if ps != nil && ps.samePointers(pool) {
 		return ps
 	}
-	if ps != nil && sameDials(ps.ups, pool) {
+	if ps != nil && sameDials(ps.Ups, pool) {
 		// Dynamic upstreams come as new values for the same addresses:
 		// the ring and pins depend on addresses only, so keep them.
 		cp := *ps
-		cp.ups = append([]*reverseproxy.Upstream(nil), pool...)
+		cp.Ups = append([]*reverseproxy.Upstream(nil), pool...)
 		cp.first = &pool[0]
 		p.pools.Store(&cp)
 		return &cp
@@ -98,11 +80,11 @@ func (p *Policy) poolState(pool reverseproxy.UpstreamPool) *poolState {
 }
 
 func (ps *poolState) samePointers(pool reverseproxy.UpstreamPool) bool {
-	if len(pool) != len(ps.ups) {
+	if len(pool) != len(ps.Ups) {
 		return false
 	}
 	for i, u := range pool {
-		if u != ps.ups[i] {
+		if u != ps.Ups[i] {
 			return false
 		}
 	}
@@ -126,16 +108,17 @@ func sameDials(a, b reverseproxy.UpstreamPool) bool {
 func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, error) {
 	ps := &poolState{
 		first: &pool[0],
-		ups:   append([]*reverseproxy.Upstream(nil), pool...),
-		recs:  make([]*healthcheck.Upstream, len(pool)),
-
-		weights: make([]int, len(pool)),
+		Pool: placement.Pool{
+			Ups:     append([]*reverseproxy.Upstream(nil), pool...),
+			Recs:    make([]*healthcheck.Upstream, len(pool)),
+			Weights: make([]int, len(pool)),
+		},
 	}
 	healthcheck.NoteAdded(pool, time.Now())
 	var members []hashring.Member
 	memberAt := make(map[string]int, len(pool)) // dial -> member
 	for i, u := range pool {
-		ps.recs[i] = healthcheck.Get(u.Dial)
+		ps.Recs[i] = healthcheck.Get(u.Dial)
 		weight := 1
 		if i < len(p.Weights) {
 			weight = p.Weights[i]
@@ -145,7 +128,7 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		} else {
 			memberAt[u.Dial] = len(members)
 			members = append(members, hashring.Member{Name: u.Dial, Weight: weight})
-			ps.member = append(ps.member, i)
+			ps.Member = append(ps.Member, i)
 		}
 	}
 	if p.secret != nil {
@@ -153,12 +136,10 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 		for i, u := range pool {
 			dials[i] = u.Dial
 		}
-		ps.pins = newPinSigner(p.secret, p.PinCookie, p.ttl, dials)
-		ps.pins.accept(p.previousSecrets, dials)
-		ps.pins.style = p.pinStyle
+		ps.pins = pin.NewSigner(p.secret, p.previousSecrets, p.PinCookie, p.ttl, p.pinStyle, dials)
 	}
 	for i, u := range pool {
-		ps.weights[i] = members[memberAt[u.Dial]].Weight
+		ps.Weights[i] = members[memberAt[u.Dial]].Weight
 	}
 	if len(p.Weights) > len(pool) {
 		p.tellWeights(len(pool))
@@ -186,16 +167,16 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 	if err != nil {
 		return nil, err
 	}
-	ps.ring = ring
+	ps.Ring = ring
 	if p.farm != nil && p.secret != nil {
 		for _, dial := range p.farm.replaceDials(p.sessions.Scope(), pool) {
 			if ps.has(dial) {
 				continue
 			}
 			// Its sessions may carry pins of a previous secret too.
-			ps.removed = append(ps.removed, removedPin{dial: dial, token: newPinToken(p.secret, dial)})
+			ps.removed = append(ps.removed, removedPin{dial: dial, token: pin.NewToken(p.secret, dial)})
 			for _, secret := range p.previousSecrets {
-				ps.removed = append(ps.removed, removedPin{dial: dial, token: newPinToken(secret, dial)})
+				ps.removed = append(ps.removed, removedPin{dial: dial, token: pin.NewToken(secret, dial)})
 			}
 		}
 	}
@@ -204,50 +185,10 @@ func (p *Policy) buildPoolState(pool reverseproxy.UpstreamPool) (*poolState, err
 
 // has reports whether the pool has the upstream dialled at dial.
 func (ps *poolState) has(dial string) bool {
-	for _, u := range ps.ups {
+	for _, u := range ps.Ups {
 		if u.Dial == dial {
 			return true
 		}
 	}
 	return false
-}
-
-// index returns the position of up in the pool, or -1.
-func (ps *poolState) index(up *reverseproxy.Upstream) int {
-	for i, u := range ps.ups {
-		if u == up {
-			return i
-		}
-	}
-	if up != nil {
-		for i, u := range ps.ups {
-			if u.Dial == up.Dial {
-				return i
-			}
-		}
-	}
-	return -1
-}
-
-// indexByID returns the position of the upstream with the given
-// healthcheck ID, or -1.
-func (ps *poolState) indexByID(id uint32) int {
-	for i, rec := range ps.recs {
-		if rec.ID == id {
-			return i
-		}
-	}
-	return -1
-}
-
-// pinIndex returns the position of the upstream a pin cookie value names,
-// or -1 if the value is not a valid pin for this pool (of the current
-// secret or a previous one), and decodes it into pin. Its time is not
-// checked here: only an upstream that takes no new sessions freely needs
-// it (see settle).
-func (ps *poolState) pinIndex(value string, pin *decodedPin) int {
-	if !decodePin(value, pin) || ps.pins == nil {
-		return -1
-	}
-	return ps.pins.index(pin)
 }

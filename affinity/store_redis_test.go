@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -13,7 +14,7 @@ import (
 // own table namespace, standing for one instance of several.
 func redisPolicy(t testing.TB, addr, instance string) *Policy {
 	return newTestPolicy(t, &Policy{
-		Keys:             []KeySource{{From: "cookie", Name: "sid"}},
+		Keys:             []keys.Source{{From: "cookie", Name: "sid"}},
 		DisablePinCookie: true,
 		Scope:            instance,
 		Store:            &sessions.Config{Kind: sessions.KindRedis, RedisConn: sessions.RedisConn{Address: addr}, KeyPrefix: "test-" + t.Name()},
@@ -95,7 +96,7 @@ func BenchmarkStoreSelect(b *testing.B) {
 		if kind == sessions.KindRedis {
 			store = &sessions.Config{Kind: kind, RedisConn: sessions.RedisConn{Address: rd.Addr}, KeyPrefix: "bench"}
 		}
-		p := newTestPolicy(b, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true,
+		p := newTestPolicy(b, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true,
 			Scope: "bench-" + kind, Store: store})
 		r := benchRequest("theme=dark; sid=0123456789abcdef0123456789abcdef")
 		if p.Select(pool, r, nil) == nil {
@@ -134,7 +135,7 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 	rd := testredis.Start(t)
 	pool := testPool(t, 3)
 	p := newTestPolicy(t, &Policy{
-		Keys:             []KeySource{{From: "cookie", Name: "sid"}},
+		Keys:             []keys.Source{{From: "cookie", Name: "sid"}},
 		DisablePinCookie: true,
 		BalanceFactor:    1.05,
 		Scope:            "bf",
@@ -151,7 +152,7 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer oh.Close()
-	up0 := p.poolState(pool).recs[0].ID
+	up0 := p.poolState(pool).Recs[0].ID
 	for i := range others {
 		oh.Learn(sessionIDHash(fmt.Sprintf("elsewhere-%d", i)), up0, sessions.Now(), nil)
 	}
@@ -160,7 +161,7 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 		oh.Refresh(dials) // the other instance's farm writes its counts
 		p.sessions.Refresh(dials)
 		c, _ := p.farm.store.ClusterSessions(pool[0].Dial)
-		return p.sessionsOn(p.poolState(pool), 0) >= others && c >= others
+		return p.poolState(pool).SessionsOn(p.sessions, 0) >= others && c >= others
 	})
 	for i := range n {
 		if p.Select(pool, newRequest(fmt.Sprintf("sid=cluster-%d", i)), nil) == nil {
@@ -176,8 +177,8 @@ func TestStoreRedisBalanceFactorClusterWide(t *testing.T) {
 		t.Errorf("cluster-wide max/mean %.4f > 1.06", ratio)
 	}
 	for i, u := range pool {
-		if got, want := p.sessionsOn(p.poolState(pool), i), cluster[i]; got != want {
-			t.Errorf("sessionsOn(%s) = %d, want the cluster's %d", u.Dial, got, want)
+		if got, want := p.poolState(pool).SessionsOn(p.sessions, i), cluster[i]; got != want {
+			t.Errorf("SessionsOn(%s) = %d, want the cluster's %d", u.Dial, got, want)
 		}
 	}
 }
@@ -193,10 +194,10 @@ func TestStoreRedisAliasNotCounted(t *testing.T) {
 	ip, sid := sessionIDHash("198.18.0.1"), sessionIDHash("app-session")
 	// Each seen twice: established, so written.
 	for range 2 {
-		p.sessions.Remember([]uint64{ip}, ps.recs[1].ID, sessions.Now(), nil)
+		p.sessions.Remember([]uint64{ip}, ps.Recs[1].ID, sessions.Now(), nil)
 	}
 	for range 2 {
-		p.sessions.Remember([]uint64{sid, ip}, ps.recs[1].ID, sessions.Now(), nil)
+		p.sessions.Remember([]uint64{sid, ip}, ps.Recs[1].ID, sessions.Now(), nil)
 	}
 	dials := []string{pool[0].Dial, pool[1].Dial, pool[2].Dial}
 	waitFor(t, "the cluster's count of one session", func() bool {
@@ -210,7 +211,7 @@ func TestStoreRedisAliasNotCounted(t *testing.T) {
 	if n, _ := p.farm.store.ClusterSessions(pool[1].Dial); n != 1 {
 		t.Errorf("the cluster counts %d sessions on %s, want 1", n, pool[1].Dial)
 	}
-	if got := p.table.LiveCount(ps.recs[1].ID); got != 1 {
+	if got := p.table.LiveCount(ps.Recs[1].ID); got != 1 {
 		t.Errorf("local live count %d, want 1", got)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
@@ -21,7 +22,7 @@ import (
 func TestStoreLocalPersists(t *testing.T) {
 	storage := &certmagic.FileStorage{Path: t.TempDir()}
 	provision := func() *Policy {
-		p := &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, Scope: "store-test"}
+		p := &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}, DisablePinCookie: true, Scope: "store-test"}
 		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 		t.Cleanup(cancel)
 		p.ctx = ctx
@@ -43,7 +44,7 @@ func TestStoreLocalPersists(t *testing.T) {
 	now := sessions.Now()
 	p.resolveScope(now)
 	key := p.tableKey(12345)
-	p.table.Put(key, ps.recs[2].ID, now, 600)
+	p.table.Put(key, ps.Recs[2].ID, now, 600)
 	if err := p.Cleanup(); err != nil { // the last policy: the farm stops
 		t.Fatal(err)
 	}
@@ -57,8 +58,8 @@ func TestStoreLocalPersists(t *testing.T) {
 		t.Fatal("the farm did not start afresh")
 	}
 	e, ok := p2.table.Peek(key, now)
-	if !ok || e.Upstream() != ps.recs[2].ID {
-		t.Fatalf("after the restart: %+v, %v; want upstream %d (%s)", e, ok, ps.recs[2].ID, ps.recs[2].Dial)
+	if !ok || e.Upstream() != ps.Recs[2].ID {
+		t.Fatalf("after the restart: %+v, %v; want upstream %d (%s)", e, ok, ps.Recs[2].ID, ps.Recs[2].Dial)
 	}
 }
 

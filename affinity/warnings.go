@@ -3,10 +3,13 @@ package affinity
 import (
 	"fmt"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 )
 
 // Misconfigurations no parser can see, told at run time: each is logged
@@ -65,12 +68,16 @@ var (
 )
 
 // watchRequest looks at a decided request for what an operator must be
-// told: pins signed with another secret, key sources no request carries.
-// It allocates nothing; past the first keyUnseenAfter requests a request
-// with a valid pin costs it two loads.
-func (p *Policy) watchRequest(ps *poolState, r *http.Request, d *decision, now uint32) {
-	if d.pinRejected && d.pin.id != 0 && ps.pins != nil && ps.pins.index(&d.pin) < 0 {
-		// Well formed (decodePin sets the id only then) and of no
+// told: a learner missing (learning: affinity_learn watches the
+// response), pins signed with another secret, key sources no request
+// carries. It allocates nothing; past the first keyUnseenAfter requests a
+// request with a valid pin costs it two loads.
+func (p *Policy) watchRequest(ps *poolState, r *http.Request, d *decision, now uint32, learning bool) {
+	if p.DisablePinCookie && p.learns && !learning {
+		p.noteMissingLearner()
+	}
+	if d.pinRejected && d.pin.Parsed() && ps.pins != nil && ps.pins.Index(&d.pin) < 0 {
+		// Well formed (pin.Decoded.Parsed) and of no
 		// upstream under any of our secrets: not a forged time or tag
 		// (their token is ours), another secret's token.
 		p.noteForeignPin(now)
@@ -117,7 +124,7 @@ func (p *Policy) watchKeys(r *http.Request) {
 		if !watchedKey(k) || seen&(1<<i) != 0 {
 			continue
 		}
-		if _, ok := k.hash(r); ok {
+		if _, ok := k.Hash(r); ok {
 			seen = p.told.keySeen.Or(1<<i) | 1<<i
 			continue
 		}
@@ -144,8 +151,8 @@ func (p *Policy) watchKeys(r *http.Request) {
 
 // watchedKey reports whether a key source that no request carries is a
 // misconfiguration worth telling.
-func watchedKey(k *KeySource) bool {
-	return k.From != "platform_cookies" && !k.kind.shared
+func watchedKey(k *keys.Source) bool {
+	return !k.Default() && !k.Shared()
 }
 
 // tellWeights tells a weight list longer than the upstream list: the
@@ -197,4 +204,40 @@ func (p *Policy) checkSite(s Site) {
 	}
 	p.warn(warnHealthURI, "health_uri (Caddy's active health checks) does nothing on dynamic upstreams: Caddy runs them only on the static upstream list, "+
 		"so a worker that dies while still in the source's answer is found only by failing requests; "+fix)
+}
+
+// noteMissingLearner records, and logs once, that the policy serves
+// requests without affinity_learn although it depends on it: with the pin
+// cookie off, a new session is known only by the id its app issues in the
+// response, which only the learner sees.
+func (p *Policy) noteMissingLearner() {
+	if p.missingLearner.Load() || !p.missingLearner.CompareAndSwap(false, true) {
+		return
+	}
+	p.logger.Warn(p.missingLearnerWarning())
+}
+
+// missingLearnerWarning says what breaks and the line to add.
+func (p *Policy) missingLearnerWarning() string {
+	keys := make([]string, 0, len(p.Keys))
+	for i := range p.Keys {
+		if p.Keys[i].Learnable() {
+			keys = append(keys, p.Keys[i].String())
+		}
+	}
+	return fmt.Sprintf("pin_cookie is off and the session key (%s) is the app's own id, but no affinity_learn handler runs before this reverse_proxy: "+
+		"a new session's next request carries an id the proxy has never seen and lands on another worker about (n-1)/n of the time, where the session does not exist; "+
+		"add the line `affinity_learn` to the site (it is ordered before reverse_proxy), or put it first in the route or handle block",
+		strings.Join(keys, ", "))
+}
+
+// Warnings are what an operator must know about a policy's config that
+// its parser could not tell: its learner missing, and what warnings.go
+// watches for.
+func (p *Policy) Warnings() []string {
+	var out []string
+	if p.missingLearner.Load() {
+		out = append(out, p.missingLearnerWarning())
+	}
+	return append(out, p.toldWarnings()...)
 }

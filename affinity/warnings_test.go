@@ -4,6 +4,8 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 )
 
 // Pins signed with another secret (another instance with a secret of its
@@ -53,8 +55,8 @@ func TestUnseenKeyIsTold(t *testing.T) {
 	defer func(n uint32) { keyUnseenAfter = n }(keyUnseenAfter)
 	keyUnseenAfter = 50
 	pool := testPool(t, 3)
-	wrong := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "SESSIONID"}, {From: "client_ip"}}})
-	right := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "client_ip"}}})
+	wrong := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "SESSIONID"}, {From: "client_ip"}}})
+	right := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}, {From: "client_ip"}}})
 	for i := range 60 {
 		if i == 10 && len(wrong.Warnings()) != 0 {
 			t.Fatalf("told after 10 requests: %q", wrong.Warnings())

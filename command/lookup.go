@@ -13,6 +13,7 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/adminapi"
 	"github.com/caddy-affinity/caddy-affinity/affinity"
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
 )
 
 // lookupCommand builds `caddy affinity lookup`.
@@ -67,10 +68,10 @@ cookie first, as a request would be decided.
 	return cmd
 }
 
-// keySourceNames lists the kinds of key source (affinity.KeyKinds).
+// keySourceNames lists the kinds of key source (keys.Kinds).
 func keySourceNames() string {
 	var names []string
-	for _, k := range affinity.KeyKinds() {
+	for _, k := range keys.Kinds() {
 		names = append(names, k.Name)
 	}
 	return strings.Join(names, ", ")

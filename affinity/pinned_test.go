@@ -1,8 +1,6 @@
 package affinity
 
 import (
-	"crypto/hmac"
-	"crypto/sha256"
 	"encoding/base64"
 	"encoding/binary"
 	"net/http/httptest"
@@ -16,138 +14,42 @@ import (
 
 	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 
+	"github.com/caddy-affinity/caddy-affinity/affinity/keys"
+	"github.com/caddy-affinity/caddy-affinity/affinity/pin"
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
-func TestPinTokenRoundTrip(t *testing.T) {
-	dials := []string{"10.0.0.1:80", "10.0.0.2:80"}
-	s := newPinSigner([]byte("s"), "pin", 1200, dials)
-	other := newPinSigner([]byte("other"), "pin", 1200, dials)
-	a, b, c := s.value(0, 1000), s.value(1, 1000), other.value(0, 1000)
-	if len(a) != pinValueLen || pinValueLen != 40 {
-		t.Fatalf("pin value %q has length %d", a, len(a))
-	}
-	if a == b || a == c {
-		t.Fatal("pins do not depend on upstream and secret")
-	}
-	if again := newPinSigner([]byte("s"), "pin", 60, dials).value(0, 1000); again != a {
-		t.Fatal("pin is not deterministic: instances would disagree")
-	}
-	if strings.Contains(a, "10.0.0.1") {
-		t.Fatal("pin names the address")
-	}
-	var pin decodedPin
-	ok := decodePin(a, &pin)
-	if !ok || pin.v1 || pin.at != 1000 || !s.tokens[0].match(&pin) || s.tokens[1].match(&pin) || other.tokens[0].match(&pin) {
-		t.Fatalf("pin %+v does not verify against exactly its own token", pin)
-	}
-	if !s.verify(0, &pin) || other.verify(0, &pin) {
-		t.Fatal("the pin's tag does not verify against exactly its own secret")
-	}
-}
-
-// TestPinWireFormats pins the wire formats down: instances of other versions
-// that share the secret must read and write the same bytes.
-func TestPinWireFormats(t *testing.T) {
-	secret, dial := []byte("format-secret"), "10.0.0.9:8080"
-	s := newPinSigner(secret, "pin", 1200, []string{dial})
-	raw, err := base64.RawURLEncoding.DecodeString(s.v2Value(0, 0x01020304))
-	if err != nil || len(raw) != 30 {
-		t.Fatalf("value decodes to %d bytes (%v), want 30", len(raw), err)
-	}
-	m := hmac.New(sha256.New, secret)
-	m.Write([]byte("caddy-affinity/pin/v1\x00" + dial))
-	token := m.Sum(nil)[:18]
-	m = hmac.New(sha256.New, secret)
-	m.Write([]byte("caddy-affinity/pin/v2\x00"))
-	m.Write(token)
-	m.Write([]byte{1, 2, 3, 4})
-	tag := m.Sum(nil)[:8]
-	if string(raw[:18]) != string(token) || binary.BigEndian.Uint32(raw[18:22]) != 0x01020304 || string(raw[22:]) != string(tag) {
-		t.Fatalf("value bytes %x, want token %x, time 01020304, tag %x", raw, token, tag)
-	}
-	// A v3 pin: the time with its top bit set, the bind, a 5-byte tag
-	// over both.
-	raw, err = base64.RawURLEncoding.DecodeString(s.boundValue(0, 0x01020304, 0xaabbcc))
-	if err != nil || len(raw) != 30 {
-		t.Fatalf("v3 value decodes to %d bytes (%v), want 30", len(raw), err)
-	}
-	m = hmac.New(sha256.New, secret)
-	m.Write([]byte("caddy-affinity/pin/v3\x00"))
-	m.Write(token)
-	m.Write([]byte{0x81, 2, 3, 4, 0xaa, 0xbb, 0xcc})
-	tag = m.Sum(nil)[:5]
-	if string(raw[:18]) != string(token) || binary.BigEndian.Uint32(raw[18:22]) != 0x81020304 ||
-		string(raw[22:25]) != "\xaa\xbb\xcc" || string(raw[25:]) != string(tag) {
-		t.Fatalf("v3 value bytes %x, want token %x, time 81020304, bind aabbcc, tag %x", raw, token, tag)
-	}
-	// A v1 pin is the token alone.
-	var pin decodedPin
-	ok := decodePin(base64.RawURLEncoding.EncodeToString(token), &pin)
-	if !ok || !pin.v1 || !s.tokens[0].match(&pin) {
-		t.Fatalf("v1 pin not read as v1: %+v %v", pin, ok)
-	}
-}
-
-// FuzzDecodePin checks that no value but an issued pin verifies (token
-// and tag), and that decoding garbage never panics.
-func FuzzDecodePin(f *testing.F) {
-	s := newPinSigner([]byte("fuzz-secret"), "pin", 1200, []string{"127.0.0.1:9001"})
-	good := s.value(0, 5000)
-	v1 := base64.RawURLEncoding.EncodeToString(s.tokens[0].token[:])
-	f.Add(good)
-	f.Add(v1)
-	f.Add("")
-	f.Add(strings.Repeat("A", pinValueLen))
-	f.Add(strings.Repeat("/", pinValueLen))
-	f.Add("\xff\xfe" + good[2:])
-	f.Add(strings.Repeat("Z", 8192))
-	f.Fuzz(func(t *testing.T, v string) {
-		var pin decodedPin
-		ok := decodePin(v, &pin)
-		if !ok || !s.tokens[0].match(&pin) {
-			return
-		}
-		if pin.v1 && v != v1 {
-			t.Fatalf("forged v1 value %q verifies as %q", v, v1)
-		}
-		want := s.v2Value(0, pin.at)
-		if pin.v3 {
-			want = s.boundValue(0, pin.at, pin.bind)
-		}
-		if !pin.v1 && s.verify(0, &pin) && v != want {
-			t.Fatalf("forged value %q verifies as %q", v, want)
-		}
-	})
-}
+// The policy's side of pins: stale, refreshed, forged, old-format and
+// rebound pins through decide and Select. The format itself is tested in
+// package pin.
 
 // pinAged returns the cookie of a pin naming upstream i of pool, issued
 // age seconds ago to a request without keys.
 func pinAged(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32) string {
-	return p.PinCookie + "=" + p.poolState(pool).pins.value(i, sessions.Now()-age)
+	return p.PinCookie + "=" + p.poolState(pool).pins.Value(i, sessions.Now()-age)
 }
 
 // pinBoundTo returns the cookie of a pin naming upstream i of pool,
 // issued age seconds ago to the session of the request with cookies.
 func pinBoundTo(p *Policy, pool reverseproxy.UpstreamPool, i int, age uint32, cookies ...string) string {
-	var buf [maxKeys]uint64
+	var buf [keys.Max]uint64
 	keys, _ := p.requestKeys(newRequest(cookies...), &buf, false)
-	return p.PinCookie + "=" + p.poolState(pool).pins.boundValue(i, sessions.Now()-age, bindOf(keys))
+	return p.PinCookie + "=" + p.poolState(pool).pins.BoundValue(i, sessions.Now()-age, pin.BindFor(false, keys))
 }
 
 // pinV1 returns the cookie of a v1 pin naming upstream i of pool.
 func pinV1(p *Policy, pool reverseproxy.UpstreamPool, i int) string {
-	return p.PinCookie + "=" + base64.RawURLEncoding.EncodeToString(p.poolState(pool).pins.tokens[i].token[:])
+	return p.PinCookie + "=" + p.poolState(pool).pins.V1Value(i)
 }
 
-func decoded(value string) (decodedPin, bool) {
-	var pin decodedPin
-	ok := decodePin(value, &pin)
-	return pin, ok
+func decoded(value string) (pin.Decoded, bool) {
+	var dp pin.Decoded
+	ok := pin.Decode(value, &dp)
+	return dp, ok
 }
 
 // staleAge is older than any live session's pin under p.
-func staleAge(p *Policy) uint32 { return pinLifetime(p.ttl) + 5 }
+func staleAge(p *Policy) uint32 { return pin.Lifetime(p.ttl) + 5 }
 
 // decideFor runs decide for a request as Select would, without acting.
 func decideFor(p *Policy, pool reverseproxy.UpstreamPool, cookies ...string) decision {
@@ -193,7 +95,7 @@ func TestStalePinStartsNoNewSession(t *testing.T) {
 					t.Fatalf("a stale pin brought a new session to %v (%s)", got, tc.name)
 				}
 				issued := strings.TrimPrefix(pinFrom(t, w, DefaultPinCookie), DefaultPinCookie+"=")
-				if pin, ok := decoded(issued); !ok || p.poolState(pool).pins.tokens[0].match(&pin) {
+				if pin, ok := decoded(issued); !ok || p.poolState(pool).pins.Index(&pin) == 0 {
 					t.Fatalf("the new session was issued pin %q, want one naming its new upstream", issued)
 				}
 			}
@@ -205,7 +107,7 @@ func TestStalePinStartsNoNewSession(t *testing.T) {
 			// Live sessions keep their upstream: a pin just issued, one
 			// as old as a live session's can be, and a v1 pin of a
 			// session of before the upgrade.
-			for _, live := range []string{pinAged(p, pool, 0, 0), pinAged(p, pool, 0, pinLifetime(p.ttl)), pinV1(p, pool, 0)} {
+			for _, live := range []string{pinAged(p, pool, 0, 0), pinAged(p, pool, 0, pin.Lifetime(p.ttl)), pinV1(p, pool, 0)} {
 				if got := p.Select(pool, newRequest(live), nil); got != pool[0] {
 					t.Fatalf("a live session's pin %s went to %v, want %s", live, got, pool[0].Dial)
 				}
@@ -236,20 +138,21 @@ func TestPinRefresh(t *testing.T) {
 	p := newTestPolicy(t, &Policy{SessionTTL: caddy.Duration(20 * time.Minute)})
 	pool := testPool(t, 3)
 	w := httptest.NewRecorder()
-	p.Select(pool, newRequest(pinAged(p, pool, 2, pinRefresh(p.ttl)-5)), w)
+	p.Select(pool, newRequest(pinAged(p, pool, 2, pin.Refresh(p.ttl)-5)), w)
 	if v := pinFrom(t, w, DefaultPinCookie); v != "" {
 		t.Fatalf("a fresh pin was issued again: %s", v)
 	}
 	w = httptest.NewRecorder()
-	if got := p.Select(pool, newRequest(pinAged(p, pool, 2, pinRefresh(p.ttl))), w); got != pool[2] {
+	if got := p.Select(pool, newRequest(pinAged(p, pool, 2, pin.Refresh(p.ttl))), w); got != pool[2] {
 		t.Fatalf("pinned to %v, want %s", got, pool[2].Dial)
 	}
 	issued := strings.TrimPrefix(pinFrom(t, w, DefaultPinCookie), DefaultPinCookie+"=")
-	pin, ok := decoded(issued)
-	if !ok || pin.v1 || !p.poolState(pool).pins.tokens[2].match(&pin) || pin.age(sessions.Now()) > p.poolState(pool).pins.quantum {
-		t.Fatalf("refreshed pin %q: %+v, want a v2 pin for the same upstream issued now", issued, pin)
+	dp, ok := decoded(issued)
+	quantum := min(max(p.ttl/8, 1), 60) // how long the signer reuses one time's values
+	if !ok || !dp.V3() || p.poolState(pool).pins.Index(&dp) != 2 || dp.Age(sessions.Now()) > quantum {
+		t.Fatalf("refreshed pin %q: %+v, want a current pin for the same upstream issued now", issued, dp)
 	}
-	if !p.poolState(pool).pins.verify(2, &pin) {
+	if !p.poolState(pool).pins.Verify(2, &dp) {
 		t.Fatal("the refreshed pin's tag does not verify")
 	}
 }
@@ -295,7 +198,7 @@ func TestPinV1AcceptedAndUpgraded(t *testing.T) {
 		t.Fatalf("v1 pin went to %v, want %s", got, pool[1].Dial)
 	}
 	issued := strings.TrimPrefix(pinFrom(t, w, DefaultPinCookie), DefaultPinCookie+"=")
-	if pin, ok := decoded(issued); !ok || pin.v1 || !p.poolState(pool).pins.tokens[1].match(&pin) {
+	if dp, ok := decoded(issued); !ok || !dp.V3() || p.poolState(pool).pins.Index(&dp) != 1 {
 		t.Fatalf("v1 pin re-issued as %q, want a v2 pin naming the same upstream", issued)
 	}
 
@@ -303,9 +206,7 @@ func TestPinV1AcceptedAndUpgraded(t *testing.T) {
 	if got := p.Select(pool, newRequest(v1), nil); got != pool[1] {
 		t.Fatalf("v1 pin just after the upgrade, upstream draining: went to %v, want %s", got, pool[1].Dial)
 	}
-	saved := pinUpgradeStart.Load()
-	t.Cleanup(func() { pinUpgradeStart.Store(saved) })
-	pinUpgradeStart.Store(sessions.Now() - pinLifetime(p.ttl) - 1)
+	p.pinUpgrade = sessions.Now() - pin.Lifetime(p.ttl) - 1
 	for range 20 {
 		if got := p.Select(pool, newRequest(v1), nil); got == nil || got == pool[1] {
 			t.Fatalf("v1 pin long after the upgrade brought a new session to draining %v", got)
@@ -316,7 +217,7 @@ func TestPinV1AcceptedAndUpgraded(t *testing.T) {
 // The pinned path stays free of allocations where a pin's time is
 // checked too (an upstream that takes no new sessions: one HMAC).
 func TestPinnedPathOnDrainingDoesNotAllocate(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 16)
 	setState(t, pool[3].Dial, healthcheck.Draining)
 	r := newRequest("a=1", "sid=zzz", pinBoundTo(p, pool, 3, 0, "sid=zzz"))
@@ -356,7 +257,7 @@ func TestExplainStalePin(t *testing.T) {
 // pinned session stays. A pin issued before the app gave the session a
 // key is honoured for the first key it comes with and bound to it.
 func TestPinOfAnotherSessionStartsNoSessionOnDraining(t *testing.T) {
-	p := newTestPolicy(t, &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}}})
+	p := newTestPolicy(t, &Policy{Keys: []keys.Source{{From: "cookie", Name: "sid"}}})
 	pool := testPool(t, 3)
 	bound := pinBoundTo(p, pool, 1, 0, "sid=first")
 	setState(t, pool[1].Dial, healthcheck.Draining)
@@ -377,7 +278,7 @@ func TestPinOfAnotherSessionStartsNoSessionOnDraining(t *testing.T) {
 		t.Fatalf("a keyless pin with its first key went to %v, want %s", got, pool[1].Dial)
 	}
 	rebound := pinFrom(t, w, DefaultPinCookie)
-	if pin, ok := decoded(strings.TrimPrefix(rebound, DefaultPinCookie+"=")); !ok || !pin.v3 || pin.bind == 0 {
+	if dp, ok := decoded(strings.TrimPrefix(rebound, DefaultPinCookie+"=")); !ok || !dp.V3() || dp.Bind() == 0 {
 		t.Fatalf("the keyless pin was not bound to its key: %q", rebound)
 	}
 	if got := p.Select(pool, newRequest("sid=fourth", rebound), nil); got == pool[1] {
@@ -395,32 +296,22 @@ func TestOldPinsOnlyDuringUpgradeWindow(t *testing.T) {
 	p := newTestPolicy(t, &Policy{})
 	pool := testPool(t, 3)
 	current := strings.TrimPrefix(pinAged(p, pool, 2, 0), DefaultPinCookie+"=")
-	cut := DefaultPinCookie + "=" + current[:pinV1Len]
-	v2 := DefaultPinCookie + "=" + p.poolState(pool).pins.v2Value(2, sessions.Now())
+	cut := DefaultPinCookie + "=" + current[:len(p.poolState(pool).pins.V1Value(2))] // a current pin cut to a v1's length
+	v2 := DefaultPinCookie + "=" + p.poolState(pool).pins.V2Value(2, sessions.Now())
 	setState(t, pool[2].Dial, healthcheck.Draining)
-	saved := pinUpgradeStart.Load()
-	t.Cleanup(func() { pinUpgradeStart.Store(saved) })
-	pinUpgradeStart.Store(sessions.Now())
-	for _, pin := range []string{cut, v2} {
-		if got := p.Select(pool, newRequest(pin), nil); got != pool[2] {
-			t.Fatalf("%s within the upgrade window went to %v, want %s", pin, got, pool[2].Dial)
+	p.pinUpgrade = sessions.Now()
+	for _, c := range []string{cut, v2} {
+		if got := p.Select(pool, newRequest(c), nil); got != pool[2] {
+			t.Fatalf("%s within the upgrade window went to %v, want %s", c, got, pool[2].Dial)
 		}
 	}
-	pinUpgradeStart.Store(sessions.Now() - pinLifetime(p.ttl) - 1)
+	p.pinUpgrade = sessions.Now() - pin.Lifetime(p.ttl) - 1
 	for range 20 {
-		for _, pin := range []string{cut, v2} {
-			if got := p.Select(pool, newRequest(pin), nil); got == nil || got == pool[2] {
-				t.Fatalf("%s after the upgrade window went to draining %v", pin, got)
+		for _, c := range []string{cut, v2} {
+			if got := p.Select(pool, newRequest(c), nil); got == nil || got == pool[2] {
+				t.Fatalf("%s after the upgrade window went to draining %v", c, got)
 			}
 		}
 	}
-	// Another bind under the same tag: rejected.
-	var pin decodedPin
-	if !decodePin(strings.TrimPrefix(pinBoundTo(p, pool, 2, 0, "x=1"), DefaultPinCookie+"="), &pin) || !pin.v3 {
-		t.Fatal("not a v3 pin")
-	}
-	pin.bind ^= 1
-	if p.poolState(pool).pins.verify(2, &pin) {
-		t.Fatal("a pin with another bind verifies")
-	}
+	// A forged bind fails the tag: TestPinBindIsSigned (package pin).
 }

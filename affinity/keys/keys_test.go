@@ -1,15 +1,25 @@
-package affinity
+package keys
 
 import (
-	"github.com/caddy-affinity/caddy-affinity/hashring"
-	"github.com/caddy-affinity/caddy-affinity/healthcheck"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"strings"
 	"testing"
-	"time"
+
+	"golang.org/x/net/http/httpguts"
+
+	"github.com/caddy-affinity/caddy-affinity/hashring"
 )
+
+// cookieRequest returns a request carrying the cookies.
+func cookieRequest(cookies ...string) *http.Request {
+	r := httptest.NewRequest(http.MethodGet, "http://example.com/", nil)
+	if len(cookies) > 0 {
+		r.Header.Set("Cookie", strings.Join(cookies, "; "))
+	}
+	return r
+}
 
 func TestCookieValue(t *testing.T) {
 	for _, tc := range []struct {
@@ -36,9 +46,9 @@ func TestCookieValue(t *testing.T) {
 		{nil, "sid", "", false},
 	} {
 		h := http.Header{"Cookie": tc.headers}
-		got, ok := cookieValue(h, tc.name)
+		got, ok := CookieValue(h, tc.name)
 		if got != tc.want || ok != tc.ok {
-			t.Errorf("cookieValue(%q, %q) = %q, %v; want %q, %v", tc.headers, tc.name, got, ok, tc.want, tc.ok)
+			t.Errorf("CookieValue(%q, %q) = %q, %v; want %q, %v", tc.headers, tc.name, got, ok, tc.want, tc.ok)
 		}
 	}
 }
@@ -63,14 +73,14 @@ func TestQueryValue(t *testing.T) {
 }
 
 func TestClientIPKeyMasksAndUnmaps(t *testing.T) {
-	k := KeySource{From: "client_ip", IPv4Bits: 24}
-	if err := k.provision(); err != nil {
+	k := Source{From: "client_ip", IPv4Bits: 24}
+	if err := k.Provision(); err != nil {
 		t.Fatal(err)
 	}
 	hashOf := func(remote string) (uint64, bool) {
 		r := httptest.NewRequest(http.MethodGet, "/", nil)
 		r.RemoteAddr = remote
-		return k.hash(r)
+		return k.Hash(r)
 	}
 	a, ok1 := hashOf("198.51.100.7:1000")
 	b, ok2 := hashOf("198.51.100.200:2000")
@@ -96,35 +106,6 @@ func TestClientIPKeyMasksAndUnmaps(t *testing.T) {
 	}
 }
 
-func TestKeySourcesInOrder(t *testing.T) {
-	p := &Policy{Keys: []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "x-session"}, {From: "query", Name: "s"}}}
-	for i := range p.Keys {
-		if err := p.Keys[i].provision(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	var buf [maxKeys]uint64
-	r := httptest.NewRequest(http.MethodGet, "/?s=q", nil)
-	r.Header.Set("X-Session", "q")
-	r.Header.Set("Cookie", "sid=q")
-	keys, _ := p.requestKeys(r, &buf, false)
-	if len(keys) != 3 {
-		t.Fatalf("found %d keys, want 3", len(keys))
-	}
-	if keys[0] == keys[1] || keys[1] == keys[2] || keys[0] == keys[2] {
-		t.Error("the same value from different sources is the same key")
-	}
-	r.Header.Del("Cookie")
-	var buf2 [maxKeys]uint64
-	if k, _ := p.requestKeys(r, &buf2, false); len(k) != 2 || k[0] != keys[1] {
-		t.Error("keys not in configured order")
-	}
-	r = httptest.NewRequest(http.MethodGet, "/", nil)
-	if k, _ := p.requestKeys(r, &buf, false); len(k) != 0 {
-		t.Error("key found in a request without any")
-	}
-}
-
 // FuzzCookieValue checks the hand-written Cookie parser against garbage:
 // it never panics, and what it returns is a part of the header that
 // net/http would also find when the header is well formed.
@@ -137,18 +118,18 @@ func FuzzCookieValue(f *testing.F) {
 			return
 		}
 		h := http.Header{"Cookie": {header}}
-		v, ok := cookieValue(h, name)
+		v, ok := CookieValue(h, name)
 		if ok && (v == "" || !strings.Contains(header, v)) {
-			t.Fatalf("cookieValue(%q, %q) = %q, not part of the header", header, name, v)
+			t.Fatalf("CookieValue(%q, %q) = %q, not part of the header", header, name, v)
 		}
 		// It reads what net/http reads (below its limit on the number of
 		// cookies in a request).
 		r := &http.Request{Header: h}
-		if validCookieName(name) && strings.Count(header, ";") < 3000 {
+		if httpguts.ValidHeaderFieldName(name) && strings.Count(header, ";") < 3000 {
 			c, err := r.Cookie(name)
 			found := err == nil && c.Value != ""
 			if found != ok || (ok && v != c.Value) {
-				t.Fatalf("cookieValue(%q, %q) = %q, %v; net/http reads %v (%v)", header, name, v, ok, c, err)
+				t.Fatalf("CookieValue(%q, %q) = %q, %v; net/http reads %v (%v)", header, name, v, ok, c, err)
 			}
 		}
 	})
@@ -161,9 +142,9 @@ func FuzzKeyHash(f *testing.F) {
 	f.Add("", "", "", "[::ffff:1.2.3.4]:80")
 	f.Add("\xff", "\x00", "%zz", "garbage")
 	f.Add(strings.Repeat("x", 9000), "h", "s=&s", "[fe80::1%eth0]:1")
-	keys := []KeySource{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}, {From: "query", Name: "s"}, {From: "client_ip", IPv4Bits: 16, IPv6Bits: 48}}
+	keys := []Source{{From: "cookie", Name: "sid"}, {From: "header", Name: "X-Session"}, {From: "query", Name: "s"}, {From: "client_ip", IPv4Bits: 16, IPv6Bits: 48}}
 	for i := range keys {
-		if err := keys[i].provision(); err != nil {
+		if err := keys[i].Provision(); err != nil {
 			f.Fatal(err)
 		}
 	}
@@ -175,7 +156,7 @@ func FuzzKeyHash(f *testing.F) {
 		}
 		r = r.WithContext(t.Context())
 		for _, k := range keys {
-			_, ok := k.hash(r)
+			_, ok := k.Hash(r)
 			if k.From == "header" && ok != (header != "") {
 				t.Fatalf("header key found=%v for %q", ok, header)
 			}
@@ -186,11 +167,9 @@ func FuzzKeyHash(f *testing.F) {
 	})
 }
 
-// With no key lines, the platforms' session cookies are the keys: a
-// session is counted and found again by its app cookie when the client
-// drops the pin; `key none` keeps the pin cookie alone. A request with
-// none of those cookies costs one pass over its Cookie header.
-func TestPlatformCookiesAreTheDefaultKeys(t *testing.T) {
+// The platforms' session cookies are read in one pass over the Cookie
+// header, classic ASP's by its prefix.
+func TestPlatformCookieValue(t *testing.T) {
 	for _, tc := range []struct {
 		header, want string
 	}{
@@ -205,34 +184,6 @@ func TestPlatformCookiesAreTheDefaultKeys(t *testing.T) {
 		if got != tc.want || ok != (tc.want != "") {
 			t.Errorf("%q: %q, %v; want %q", tc.header, got, ok, tc.want)
 		}
-	}
-	p := newTestPolicy(t, &Policy{})
-	if len(p.Keys) != 1 || p.Keys[0].From != "platform_cookies" || !p.learns {
-		t.Fatalf("default keys %+v (learns %v)", p.Keys, p.learns)
-	}
-	pool := testPool(t, 3)
-	w := httptest.NewRecorder()
-	home := p.Select(pool, newRequest("JSESSIONID=J1"), w)
-	if n := p.table.LiveCount(healthcheck.Get(home.Dial).ID); n != 1 {
-		t.Fatalf("the session counts %d, want 1", n)
-	}
-	for range 10 { // the client dropped the pin: its app cookie keeps it
-		if got := p.Select(pool, newRequest("JSESSIONID=J1"), nil); got != home {
-			t.Fatalf("without its pin the session went to %s, want %s", got.Dial, home.Dial)
-		}
-	}
-	none := newTestPolicy(t, &Policy{NoDefaultKeys: true})
-	if len(none.Keys) != 0 {
-		t.Fatalf("key none has keys %+v", none.Keys)
-	}
-	r := newRequest("JSESSIONID=J1")
-	var buf [maxKeys]uint64
-	if k, _ := p.requestKeys(r, &buf, false); len(k) != 1 || k[0] != sessionIDHash("J1") {
-		t.Fatalf("JSESSIONID=J1 hashes to %v, want the session id's key", k)
-	}
-	plain := benchRequest("theme=dark; lang=en")
-	if a := testing.AllocsPerRun(100, func() { p.requestKeys(plain, &buf, false) }); a != 0 {
-		t.Fatalf("reading a request without platform cookies allocated %v", a)
 	}
 }
 
@@ -262,12 +213,12 @@ func sessionIDHash(v string) uint64 {
 // for that value (hashValue, the kind's seed), and the kind's descriptor
 // says what it reads: adding a kind is adding its entry.
 func TestKindsHashAsTheyLearn(t *testing.T) {
-	for _, kk := range keyKinds {
-		k := KeySource{From: kk.name}
+	for _, kk := range kinds {
+		k := Source{From: kk.name}
 		if kk.named {
 			k.Name = "JSESSIONID"
 		}
-		if err := k.provision(); err != nil {
+		if err := k.Provision(); err != nil {
 			t.Fatalf("%s: %v", kk.name, err)
 		}
 		r := httptest.NewRequest("GET", "http://example.com/", nil)
@@ -278,57 +229,48 @@ func TestKindsHashAsTheyLearn(t *testing.T) {
 		if err := kk.inject(&k, r, value); err != nil {
 			t.Fatalf("%s: inject: %v", kk.name, err)
 		}
-		h, ok := k.hash(r)
+		h, ok := k.Hash(r)
 		if !ok {
 			t.Fatalf("%s: a request carrying the value has no key", kk.name)
 		}
-		if kk.read != nil && h != k.hashValue(value) {
-			t.Errorf("%s: the request's key %x is not the learned one %x", kk.name, h, k.hashValue(value))
+		if kk.read != nil && h != k.HashValue(value) {
+			t.Errorf("%s: the request's key %x is not the learned one %x", kk.name, h, k.HashValue(value))
 		}
-		if kk.readsCookieNamed(&k, "JSESSIONID") != (kk.name == "cookie" || kk.name == "platform_cookies") {
-			t.Errorf("%s: readsCookie says %v for JSESSIONID", kk.name, kk.readsCookieNamed(&k, "JSESSIONID"))
+		if k.ReadsCookie("JSESSIONID") != (kk.name == "cookie" || kk.name == "platform_cookies") {
+			t.Errorf("%s: readsCookie says %v for JSESSIONID", kk.name, k.ReadsCookie("JSESSIONID"))
 		}
-		if kk.learnable() && kk.seed != seedSessionID {
+		if k.Learnable() && kk.seed != seedSessionID {
 			t.Errorf("%s: learnable with seed %d: an id learned from a cookie would not be the key read from the path", kk.name, kk.seed)
 		}
 	}
 }
 
-// TestAddingAKeyKind adds a kind of key source as its one entry in
-// keyKinds and uses it everywhere a kind is used: the Caddyfile, Validate,
-// Select, the lookup, and the list the admin API offers.
-func TestAddingAKeyKind(t *testing.T) {
-	saved := keyKinds
-	t.Cleanup(func() { keyKinds = saved })
-	keyKinds = append(saved[:len(saved):len(saved)], &keyKind{
-		name: "user_agent", seed: 42,
-		read: func(_ *KeySource, r *http.Request) (string, bool) {
-			ua := r.Header.Get("User-Agent")
-			return ua, ua != ""
-		},
-		inject: func(_ *KeySource, r *http.Request, v string) error { r.Header.Set("User-Agent", v); return nil },
-	})
-	p, err := parse("affinity {\n key user_agent\n}")
-	if err != nil {
-		t.Fatalf("the Caddyfile does not take the new kind: %v", err)
+// Read finds the keys in the sources' order, each source its own key.
+func TestReadInOrder(t *testing.T) {
+	sources := []Source{{From: "cookie", Name: "sid"}, {From: "header", Name: "x-session"}, {From: "query", Name: "s"}}
+	for i := range sources {
+		if err := sources[i].Provision(); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if _, err := parse("affinity {\n key user_agent x\n}"); err == nil || !strings.Contains(err.Error(), "takes no arguments") {
-		t.Fatalf("the new kind's arguments are not checked: %v", err)
+	var buf [Max]uint64
+	r := httptest.NewRequest(http.MethodGet, "/?s=q", nil)
+	r.Header.Set("X-Session", "q")
+	r.Header.Set("Cookie", "sid=q")
+	hashes, _ := Read(r, sources, false, &buf)
+	if len(hashes) != 3 {
+		t.Fatalf("found %d keys, want 3", len(hashes))
 	}
-	p = newTestPolicy(t, p)
-	pool := testPool(t, 3)
-	r := newRequest()
-	r.Header.Set("User-Agent", "curl/8")
-	up := p.Select(pool, r, httptest.NewRecorder())
-	got := Explain(siteOf(p, pool), "user_agent", "", "curl/8", time.Now())
-	if got.Error != "" || got.Upstream == nil || *got.Upstream != up.Dial || got.Decision != DecidedTable {
-		t.Fatalf("the lookup by the new kind: %+v, Select chose %s", got, up.Dial)
+	if hashes[0] == hashes[1] || hashes[1] == hashes[2] || hashes[0] == hashes[2] {
+		t.Error("the same value from different sources is the same key")
 	}
-	listed := false
-	for _, k := range KeyKinds() {
-		listed = listed || k.Name == "user_agent"
+	r.Header.Del("Cookie")
+	var buf2 [Max]uint64
+	if k, _ := Read(r, sources, false, &buf2); len(k) != 2 || k[0] != hashes[1] {
+		t.Error("keys not in configured order")
 	}
-	if !listed {
-		t.Fatal("KeyKinds does not list the new kind")
+	r = httptest.NewRequest(http.MethodGet, "/", nil)
+	if k, _ := Read(r, sources, false, &buf); len(k) != 0 {
+		t.Error("key found in a request without any")
 	}
 }

@@ -1,4 +1,12 @@
-package affinity
+// Package pin is the proxy's own cookie that remembers a session's
+// upstream: its wire format (token, time, bind, tag), the signer that
+// issues and checks the pins of one pool under the current and previous
+// secrets, the cookie's attributes, the secret kept in Caddy's storage
+// and the upgrade window of old-format pins. It is beneath the policy:
+// it knows upstreams by their position in a pool and dial address, and
+// nothing of keys' sources, the table or placement (a pin is bound to a
+// key by its hash alone).
+package pin
 
 import (
 	"crypto/hmac"
@@ -78,7 +86,7 @@ import (
 // accepted as before and re-issued as v3 on that request; on an upstream
 // that takes no new sessions freely only during the upgrade window: one
 // pin lifetime (session_ttl + refresh + slack) from the first start of a
-// v3 instance on the storage, recorded once there (loadPinUpgrade), the
+// v3 instance on the storage, recorded once there (OpenUpgradeWindow), the
 // time it takes every live session to come back once and get a v3 pin.
 // After that, an old pin is an ended session's, or a current one cut
 // short.
@@ -88,8 +96,8 @@ const (
 	pinTimeLen  = 4
 	pinTagLen   = 8
 	pinRawLen   = pinTokenLen + pinTimeLen + pinTagLen
-	// pinValueLen is a v2 cookie value's length: base64 of 30 bytes.
-	pinValueLen = pinRawLen / 3 * 4
+	// ValueLen is a v2 cookie value's length: base64 of 30 bytes.
+	ValueLen = pinRawLen / 3 * 4
 	// pinV1Len is a v1 cookie value's length: base64 of the token.
 	pinV1Len    = pinTokenLen / 3 * 4
 	pinLabel    = "caddy-affinity/pin/v1\x00"
@@ -102,26 +110,26 @@ const (
 	// pinV3Bit marks a v3 pin in its time.
 	pinV3Bit = 1 << 31
 
-	// pinSlack is added to a pin's lifetime for the table clock's
+	// Slack is added to a pin's lifetime for the table clock's
 	// granularity and the clocks of instances that share the secret,
 	// which must agree within it.
-	pinSlack = 2
+	Slack = 2
 )
 
-// pinToken is one upstream's pin token.
-type pinToken struct {
+// Token is one upstream's pin token.
+type Token struct {
 	id    uint64 // the first 6 bytes of the token, big-endian
 	mac   [pinTokenLen - pinIDLen]byte
 	token [pinTokenLen]byte
 }
 
-func newPinToken(secret []byte, dial string) pinToken {
+func NewToken(secret []byte, dial string) Token {
 	mac := hmac.New(sha256.New, secret)
 	mac.Write([]byte(pinLabel))
 	mac.Write([]byte(dial))
 	sum := mac.Sum(nil)
 
-	var t pinToken
+	var t Token
 	copy(t.token[:], sum[:pinTokenLen])
 	t.id = pinID(sum[:pinIDLen])
 	copy(t.mac[:], sum[pinIDLen:pinTokenLen])
@@ -134,8 +142,8 @@ func pinID(b []byte) uint64 {
 	return binary.BigEndian.Uint64(buf[:])
 }
 
-// decodedPin is a pin cookie's value, parsed.
-type decodedPin struct {
+// Decoded is a pin cookie's value, parsed.
+type Decoded struct {
 	id  uint64
 	mac [pinTokenLen - pinIDLen]byte
 	// v1 is set for a pin with no time (issued before v2), v3 for one
@@ -143,7 +151,7 @@ type decodedPin struct {
 	v1, v3 bool
 	bind   uint32
 	// key is the secret whose token matched: 0 the current one, k the
-	// previous one at k-1. Set by pinSigner.index.
+	// previous one at k-1. Set by Signer.index.
 	key uint8
 	at  uint32 // v2, v3: the issue time, in table seconds (v3 bit cleared)
 	// tagHead is the tag's first 5 bytes (v2) or 2 bytes (v3, after the
@@ -159,10 +167,10 @@ type decodedPin struct {
 // tag's first bytes), in whole base64 quantums.
 const pinHeadLen = 36
 
-// decodePin parses a pin cookie value without allocating. ok is false for
+// Decode parses a pin cookie value without allocating. ok is false for
 // anything that is not exactly a v1 or v2 pin's shape.
-func decodePin(value string, p *decodedPin) (ok bool) {
-	*p = decodedPin{}
+func Decode(value string, p *Decoded) (ok bool) {
+	*p = Decoded{}
 	var src [pinHeadLen]byte
 	// raw has room to spare: base64 decodes 8 characters at a time only
 	// while 8 bytes of room are left, and byte by byte otherwise.
@@ -170,7 +178,7 @@ func decodePin(value string, p *decodedPin) (ok bool) {
 	switch len(value) {
 	case pinV1Len:
 		p.v1 = true
-	case pinValueLen:
+	case ValueLen:
 		p.rest = value[pinHeadLen:]
 		if !base64Chars(p.rest) {
 			return false
@@ -200,16 +208,16 @@ func decodePin(value string, p *decodedPin) (ok bool) {
 	return true
 }
 
-// pinBind is the bind of a session known by key (its first key's hash),
+// bindOfKey is the bind of a session known by key (its first key's hash),
 // never 0 (which means no key).
-func pinBind(key uint64) uint32 { return max(uint32(key>>40), 1) }
+func bindOfKey(key uint64) uint32 { return max(uint32(key>>40), 1) }
 
 // bindOf is the bind of a request with keys: its first key's, or 0.
 func bindOf(keys []uint64) uint32 {
 	if len(keys) == 0 {
 		return 0
 	}
-	return pinBind(keys[0])
+	return bindOfKey(keys[0])
 }
 
 // boundTo reports whether the pin was issued to the session of a request
@@ -217,24 +225,41 @@ func bindOf(keys []uint64) uint32 {
 // app gave its session a key) is any session's; a pin bound to a key is
 // that key's session only, and a request without a key is another one
 // (its app session ended: logged out).
-func (p *decodedPin) boundTo(keys []uint64) bool {
+func (p *Decoded) boundTo(keys []uint64) bool {
 	if !p.v3 || p.bind == 0 {
 		return true
 	}
 	for _, k := range keys {
-		if pinBind(k) == p.bind {
+		if bindOfKey(k) == p.bind {
 			return true
 		}
 	}
 	return false
 }
 
-// rebind reports whether the pin is to be issued again bound to the
+// Rebind reports whether the pin is to be issued again bound to the
 // request's first key: it is bound to none or to another. A request
 // without keys keeps the pin's bind.
-func (p *decodedPin) rebind(keys []uint64) bool {
-	return p.v3 && len(keys) > 0 && p.bind != pinBind(keys[0])
+func (p *Decoded) Rebind(keys []uint64) bool {
+	return p.v3 && len(keys) > 0 && p.bind != bindOfKey(keys[0])
 }
+
+// V3 reports whether the pin is of the current format (it binds its
+// session); an old one (v1, v2) counts only during the upgrade window.
+func (p *Decoded) V3() bool { return p.v3 }
+
+// Bind is the bind of a v3 pin: 3 bytes of the hash of the key it was
+// issued to, 0 for none.
+func (p *Decoded) Bind() uint32 { return p.bind }
+
+// PreviousSecret reports whether the pin carries a previous secret's
+// token (set by Signer.Index): it is issued again with the current one.
+func (p *Decoded) PreviousSecret() bool { return p.key != 0 }
+
+// Parsed reports whether Decode read a pin's shape (it sets the id only
+// then): a value that is not valid for the pool but is well formed is
+// another secret's, or a forged one.
+func (p *Decoded) Parsed() bool { return p.id != 0 }
 
 // base64Chars reports whether s is made of base64url characters only, so
 // that a value whose tag is garbage is no pin at all, as before v2.
@@ -250,8 +275,8 @@ func base64Chars(s string) bool {
 
 // tag decodes the pin's tag (the value is known to be well formed): 8
 // bytes for v2, the first 5 for v3.
-func (p *decodedPin) tag() (tag [pinTagLen]byte, ok bool) {
-	var src [pinValueLen - pinHeadLen]byte
+func (p *Decoded) tag() (tag [pinTagLen]byte, ok bool) {
+	var src [ValueLen - pinHeadLen]byte
 	var raw [len(src) / 4 * 3]byte
 	if p.v1 || len(p.rest) != len(src) {
 		return tag, false
@@ -269,110 +294,110 @@ func (p *decodedPin) tag() (tag [pinTagLen]byte, ok bool) {
 	return tag, true
 }
 
-// age returns how long ago the pin was issued, in seconds (0 for a time
+// Age returns how long ago the pin was issued, in seconds (0 for a time
 // ahead of now: another instance's clock may run a little ahead).
-func (p *decodedPin) age(now uint32) uint32 {
+func (p *Decoded) Age(now uint32) uint32 {
 	if p.at >= now {
 		return 0
 	}
 	return now - p.at
 }
 
-// due reports whether the pin is to be issued again on this request: an
+// Due reports whether the pin is to be issued again on this request: an
 // old (v1, v2) pin, one signed with a previous secret, or one older than
 // the refresh interval.
-func (p *decodedPin) due(now, ttl uint32) bool {
-	return !p.v3 || p.key != 0 || p.age(now) >= pinRefresh(ttl)
+func (p *Decoded) Due(now, ttl uint32) bool {
+	return !p.v3 || p.key != 0 || p.Age(now) >= Refresh(ttl)
 }
 
-// match reports whether a decoded pin carries this token, comparing the
+// Match reports whether a decoded pin carries this token, comparing the
 // MAC in constant time.
-func (t *pinToken) match(p *decodedPin) bool {
+func (t *Token) Match(p *Decoded) bool {
 	return t.id == p.id && subtle.ConstantTimeCompare(t.mac[:], p.mac[:]) == 1
 }
 
-// pinKey is one secret's pin tokens for a pool, and the HMACs that check
+// secretKey is one secret's pin tokens for a pool, and the HMACs that check
 // its tags.
-type pinKey struct {
+type secretKey struct {
 	secret []byte
-	tokens []pinToken // index-aligned with the pool
+	tokens []Token // index-aligned with the pool
 	// macs are idle HMACs for checking tags. A channel rather than a
 	// sync.Pool: the pool drops items at random under the race detector,
 	// and checking a tag must be as free of allocations there as in
 	// production for the tests to say so.
-	macs chan *pinMAC
+	macs chan *tagMAC
 }
 
-func newPinKey(secret []byte, dials []string) pinKey {
-	k := pinKey{secret: secret, tokens: make([]pinToken, len(dials)), macs: make(chan *pinMAC, 16)}
+func newKey(secret []byte, dials []string) secretKey {
+	k := secretKey{secret: secret, tokens: make([]Token, len(dials)), macs: make(chan *tagMAC, 16)}
 	for i, d := range dials {
-		k.tokens[i] = newPinToken(secret, d)
+		k.tokens[i] = NewToken(secret, d)
 	}
 	return k
 }
 
-// pinSigner issues the pins of one pool and checks their times. It is
+// Signer issues the pins of one pool and checks their times. It is
 // shared by the copies of a pool state that have the same addresses.
-type pinSigner struct {
-	pinKey // the current secret: the one pins are issued with
+type Signer struct {
+	secretKey // the current secret: the one pins are issued with
 	// previous are the previous secrets' keys: their pins are accepted
 	// and issued again with the current one.
-	previous []pinKey
+	previous []secretKey
 	cookie   string
-	style    pinStyle
+	style    Style
 	// quantum is how long the issued values of one time are reused, in
 	// seconds: session_ttl/8, between 1s and a minute, so that issuing
 	// stays a string lookup and the pins issued are at most that old.
 	quantum uint32
 
 	mu    sync.Mutex // serialises rebuilding stamp
-	stamp atomic.Pointer[pinStamp]
+	stamp atomic.Pointer[stamp]
 }
 
-// pinStamp is the Set-Cookie header values of every upstream's pin for
+// stamp is the Set-Cookie header values of every upstream's pin for
 // one issue time. With Secure forced (same_site none, partitioned,
 // secure always) both slices are the same.
-type pinStamp struct {
+type stamp struct {
 	at                         uint32
 	setCookie, setCookieSecure []string
 }
 
-// pinMAC is a reusable HMAC with room for its input and output, so that
+// mac is a reusable HMAC with room for its input and output, so that
 // checking a tag allocates nothing.
-type pinMAC struct {
+type tagMAC struct {
 	h   hash.Hash
 	in  [len(pinTagLabel) + pinTokenLen + pinTimeLen + pinBindLen]byte // label || token || at [|| bind]
 	sum [sha256.Size]byte
 }
 
-func newPinSigner(secret []byte, cookie string, ttl uint32, dials []string) *pinSigner {
-	s := &pinSigner{pinKey: newPinKey(secret, dials), cookie: cookie, style: defaultPinStyle}
+// NewSigner returns the signer of the pool whose upstreams are dialled at
+// dials: pins issued with secret under the cookie name and style, and
+// accepted with it or one of the previous secrets (at most 255,
+// Decoded.key; the config allows far fewer). ttl is session_ttl in
+// seconds.
+func NewSigner(secret []byte, previous [][]byte, cookie string, ttl uint32, style Style, dials []string) *Signer {
+	s := &Signer{secretKey: newKey(secret, dials), cookie: cookie, style: style}
 	s.quantum = min(max(ttl/8, 1), 60)
+	for _, secret := range previous[:min(len(previous), 255)] {
+		s.previous = append(s.previous, newKey(secret, dials))
+	}
 	return s
 }
 
-// accept adds previous secrets, whose pins are accepted but not issued.
-// At most 255 (decodedPin.key); the config allows far fewer.
-func (s *pinSigner) accept(previous [][]byte, dials []string) {
-	for _, secret := range previous[:min(len(previous), 255)] {
-		s.previous = append(s.previous, newPinKey(secret, dials))
-	}
-}
-
-// index returns the position of the upstream pin p names, or -1, and
+// Index returns the position of the upstream pin p names, or -1, and
 // records in p which secret's token it carries. The current secret's
 // tokens are tried first: only a pin of no current upstream costs the
 // previous secrets' tokens, one token comparison each in practice (the
 // 48-bit id tells the candidate).
-func (s *pinSigner) index(p *decodedPin) int {
+func (s *Signer) Index(p *Decoded) int {
 	for i := range s.tokens {
-		if s.tokens[i].match(p) {
+		if s.tokens[i].Match(p) {
 			return i
 		}
 	}
 	for k := range s.previous {
 		for i := range s.previous[k].tokens {
-			if s.previous[k].tokens[i].match(p) {
+			if s.previous[k].tokens[i].Match(p) {
 				p.key = uint8(k + 1)
 				return i
 			}
@@ -382,23 +407,23 @@ func (s *pinSigner) index(p *decodedPin) int {
 }
 
 // keyOf returns the key whose token pin p carries (see index).
-func (s *pinSigner) keyOf(p *decodedPin) *pinKey {
+func (s *Signer) keyOf(p *Decoded) *secretKey {
 	if p.key == 0 || int(p.key) > len(s.previous) {
-		return &s.pinKey
+		return &s.secretKey
 	}
 	return &s.previous[p.key-1]
 }
 
-func (k *pinKey) getMAC() *pinMAC {
+func (k *secretKey) getMAC() *tagMAC {
 	select {
 	case m := <-k.macs:
 		return m
 	default:
 	}
-	return &pinMAC{h: hmac.New(sha256.New, k.secret)}
+	return &tagMAC{h: hmac.New(sha256.New, k.secret)}
 }
 
-func (k *pinKey) putMAC(m *pinMAC) {
+func (k *secretKey) putMAC(m *tagMAC) {
 	select {
 	case k.macs <- m:
 	default: // enough idle ones
@@ -406,19 +431,19 @@ func (k *pinKey) putMAC(m *pinMAC) {
 }
 
 // tag computes a v2 pin's tag for token and time at.
-func (k *pinKey) tag(token *[pinTokenLen]byte, at uint32) (tag [pinTagLen]byte) {
+func (k *secretKey) tag(token *[pinTokenLen]byte, at uint32) (tag [pinTagLen]byte) {
 	return k.mac(pinTagLabel, token, at, nil)
 }
 
 // bindTag computes a v3 pin's tag for token, time at and bind.
-func (k *pinKey) bindTag(token *[pinTokenLen]byte, at, bind uint32) (tag [pinTagLen]byte) {
+func (k *secretKey) bindTag(token *[pinTokenLen]byte, at, bind uint32) (tag [pinTagLen]byte) {
 	b := [pinBindLen]byte{byte(bind >> 16), byte(bind >> 8), byte(bind)}
 	tag = k.mac(pinBindLabel, token, at|pinV3Bit, b[:])
 	clear(tag[pinBindTagLen:])
 	return tag
 }
 
-func (k *pinKey) mac(label string, token *[pinTokenLen]byte, at uint32, bind []byte) (tag [pinTagLen]byte) {
+func (k *secretKey) mac(label string, token *[pinTokenLen]byte, at uint32, bind []byte) (tag [pinTagLen]byte) {
 	m := k.getMAC()
 	m.h.Reset()
 	n := copy(m.in[:], label)
@@ -432,9 +457,9 @@ func (k *pinKey) mac(label string, token *[pinTokenLen]byte, at uint32, bind []b
 	return tag
 }
 
-// verify reports whether pin p's tag is the one upstream i's pin for its
+// Verify reports whether pin p's tag is the one upstream i's pin for its
 // time (and bind) carries: it was issued by a proxy with the secret.
-func (s *pinSigner) verify(i int, p *decodedPin) bool {
+func (s *Signer) Verify(i int, p *Decoded) bool {
 	got, ok := p.tag()
 	if !ok {
 		return false
@@ -449,17 +474,17 @@ func (s *pinSigner) verify(i int, p *decodedPin) bool {
 	return subtle.ConstantTimeCompare(want[:], got[:]) == 1
 }
 
-// value returns upstream i's v3 pin value for time at, bound to no key.
-func (s *pinSigner) value(i int, at uint32) string { return s.boundValue(i, at, 0) }
+// Value returns upstream i's v3 pin value for time at, bound to no key.
+func (s *Signer) Value(i int, at uint32) string { return s.BoundValue(i, at, 0) }
 
-// boundValue returns upstream i's v3 pin value for time at and bind.
-func (s *pinSigner) boundValue(i int, at, bind uint32) string {
-	var buf [pinValueLen]byte
+// BoundValue returns upstream i's v3 pin value for time at and bind.
+func (s *Signer) BoundValue(i int, at, bind uint32) string {
+	var buf [ValueLen]byte
 	return string(s.appendValue(buf[:0], i, at, bind))
 }
 
 // appendValue appends upstream i's v3 pin value for time at and bind.
-func (s *pinSigner) appendValue(dst []byte, i int, at, bind uint32) []byte {
+func (s *Signer) appendValue(dst []byte, i int, at, bind uint32) []byte {
 	var raw [pinRawLen]byte
 	n := copy(raw[:], s.tokens[i].token[:])
 	binary.BigEndian.PutUint32(raw[n:], at|pinV3Bit)
@@ -471,9 +496,15 @@ func (s *pinSigner) appendValue(dst []byte, i int, at, bind uint32) []byte {
 	return base64.RawURLEncoding.AppendEncode(dst, raw[:])
 }
 
-// v2Value returns upstream i's v2 pin value for time at, as versions
-// before v3 issued it; tests only.
-func (s *pinSigner) v2Value(i int, at uint32) string {
+// V1Value returns upstream i's v1 pin value (the token alone), as
+// versions before v2 issued it; for tests of the upgrade path.
+func (s *Signer) V1Value(i int) string {
+	return base64.RawURLEncoding.EncodeToString(s.tokens[i].token[:])
+}
+
+// V2Value returns upstream i's v2 pin value for time at, as versions
+// before v3 issued it; for tests of the upgrade path.
+func (s *Signer) V2Value(i int, at uint32) string {
 	var raw [pinRawLen]byte
 	copy(raw[:], s.tokens[i].token[:])
 	binary.BigEndian.PutUint32(raw[pinTokenLen:], at)
@@ -482,10 +513,12 @@ func (s *pinSigner) v2Value(i int, at uint32) string {
 	return base64.RawURLEncoding.EncodeToString(raw[:])
 }
 
-// boundSetCookie returns the Set-Cookie header value that issues upstream
-// i's pin now, bound to bind: the unbound one (setCookie) with the value
-// replaced, one string built per issue of a bound pin.
-func (s *pinSigner) boundSetCookie(i int, now uint32, secure bool, bind uint32) string {
+// SetCookie returns the Set-Cookie header value that issues upstream i's
+// pin now, bound to bind (0: to no key). The unbound values of one time
+// are built once for every upstream and reused for a quantum: issuing
+// one allocates nothing but the header; a bound one is the unbound one
+// with the value replaced, one string built per issue.
+func (s *Signer) SetCookie(i int, now uint32, secure bool, bind uint32) string {
 	st := s.stampAt(now)
 	c := st.setCookie[i]
 	if secure {
@@ -496,32 +529,20 @@ func (s *pinSigner) boundSetCookie(i int, now uint32, secure bool, bind uint32) 
 	}
 	at := st.at // the time of c's value
 	prefix := len(s.cookie) + 1
-	if len(c) < prefix+pinValueLen {
+	if len(c) < prefix+ValueLen {
 		return c
 	}
-	var value [pinValueLen]byte
+	var value [ValueLen]byte
 	var b strings.Builder
 	b.Grow(len(c)) // the one allocation
 	b.WriteString(c[:prefix])
 	b.Write(s.appendValue(value[:0], i, at, bind))
-	b.WriteString(c[prefix+pinValueLen:])
+	b.WriteString(c[prefix+ValueLen:])
 	return b.String()
 }
 
-// setCookie returns the Set-Cookie header value that issues upstream i's
-// pin now, bound to no key. The values of one time are built once for
-// every upstream and reused for a quantum: issuing it allocates nothing
-// but the header.
-func (s *pinSigner) setCookie(i int, now uint32, secure bool) string {
-	st := s.stampAt(now)
-	if secure {
-		return st.setCookieSecure[i]
-	}
-	return st.setCookie[i]
-}
-
 // stampAt returns the stamp for now, rebuilt once a quantum.
-func (s *pinSigner) stampAt(now uint32) *pinStamp {
+func (s *Signer) stampAt(now uint32) *stamp {
 	st := s.stamp.Load()
 	if st == nil || now-st.at >= s.quantum || now < st.at {
 		st = s.restamp(now)
@@ -529,18 +550,18 @@ func (s *pinSigner) stampAt(now uint32) *pinStamp {
 	return st
 }
 
-func (s *pinSigner) restamp(now uint32) *pinStamp {
+func (s *Signer) restamp(now uint32) *stamp {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if st := s.stamp.Load(); st != nil && now-st.at < s.quantum && now >= st.at {
 		return st // another request rebuilt it meanwhile
 	}
-	st := &pinStamp{at: now, setCookie: make([]string, len(s.tokens))}
+	st := &stamp{at: now, setCookie: make([]string, len(s.tokens))}
 	st.setCookieSecure = st.setCookie
 	if !s.style.alwaysSecure() {
 		st.setCookieSecure = make([]string, len(s.tokens))
 	}
-	// The attributes are the operator's (PinCookieAttributes); by default
+	// The attributes are the operator's (Attributes); by default
 	// SameSite=Lax, because the pin must ride along on top-level
 	// navigations from other sites (links into the app) but is not
 	// needed on cross-site subrequests, and no Max-Age, because like the
@@ -549,7 +570,7 @@ func (s *pinSigner) restamp(now uint32) *pinStamp {
 	// is live. The strings are built here, once a quantum, so that
 	// issuing stays a lookup.
 	for i := range s.tokens {
-		c := s.style.cookie(s.cookie, s.value(i, now))
+		c := s.style.cookie(s.cookie, s.Value(i, now))
 		st.setCookie[i] = c.String()
 		if !s.style.alwaysSecure() {
 			c.Secure = true
@@ -560,11 +581,11 @@ func (s *pinSigner) restamp(now uint32) *pinStamp {
 	return st
 }
 
-// PinCookieAttributes are the pin cookie's attributes beyond its name
+// Attributes are the pin cookie's attributes beyond its name
 // and value (JSON "pin_cookie_attributes"). Every field is optional; the
 // defaults are the cookie issued before they existed: Path=/, HttpOnly,
 // SameSite=Lax, Secure on HTTPS requests, no Domain, no Max-Age.
-type PinCookieAttributes struct {
+type Attributes struct {
 	// Domain widens the cookie to the domain's subdomains (a host name,
 	// optionally with a leading dot, or an IP address). Default none: the
 	// cookie belongs to the host that set it.
@@ -597,8 +618,8 @@ type PinCookieAttributes struct {
 	Partitioned bool `json:"partitioned,omitempty"`
 }
 
-// pinStyle is PinCookieAttributes, checked and ready to build cookies.
-type pinStyle struct {
+// Style is Attributes, checked and ready to build cookies.
+type Style struct {
 	path, domain string
 	sameSite     http.SameSite
 	maxAge       int  // seconds; 0: a browser-session cookie
@@ -606,18 +627,18 @@ type pinStyle struct {
 	partitioned  bool
 }
 
-// defaultPinStyle is the cookie issued before the attributes existed.
-var defaultPinStyle = pinStyle{path: "/", sameSite: http.SameSiteLaxMode}
+// defaultStyle is the cookie issued before the attributes existed.
+var defaultStyle = Style{path: "/", sameSite: http.SameSiteLaxMode}
 
 // alwaysSecure reports whether every pin is Secure, whatever the request
 // came over.
-func (st pinStyle) alwaysSecure() bool {
+func (st Style) alwaysSecure() bool {
 	return st.secure || st.sameSite == http.SameSiteNoneMode || st.partitioned
 }
 
 // cookie returns the pin cookie for value in this style (Secure only if
 // it is always secure; the caller adds it for HTTPS requests).
-func (st pinStyle) cookie(name, value string) *http.Cookie {
+func (st Style) cookie(name, value string) *http.Cookie {
 	return &http.Cookie{
 		Name: name, Value: value,
 		Path: st.path, Domain: st.domain, MaxAge: st.maxAge,
@@ -630,10 +651,10 @@ func (st pinStyle) cookie(name, value string) *http.Cookie {
 	}
 }
 
-// style checks the attributes and returns the style they make. a may be
+// Style checks the attributes and returns the style they make. a may be
 // nil (the defaults).
-func (a *PinCookieAttributes) style() (pinStyle, error) {
-	st := defaultPinStyle
+func (a *Attributes) Style() (Style, error) {
+	st := defaultStyle
 	if a == nil {
 		return st, nil
 	}
@@ -667,7 +688,7 @@ func (a *PinCookieAttributes) style() (pinStyle, error) {
 	}
 	st.partitioned = a.Partitioned
 	if a.Secure == "auto" && (st.sameSite == http.SameSiteNoneMode || st.partitioned) {
-		return st, errors.New(errSecureAuto)
+		return st, ErrSecureAuto
 	}
 	switch d := time.Duration(a.MaxAge); {
 	case d < 0:
@@ -681,9 +702,9 @@ func (a *PinCookieAttributes) style() (pinStyle, error) {
 	return st, nil
 }
 
-// errSecureAuto is the error for secure auto with same_site none or
-// partitioned.
-const errSecureAuto = "pin_cookie: same_site none and partitioned need the Secure attribute on every response (browsers drop such cookies without it), which secure auto does not promise; write secure always, or leave secure out"
+// ErrSecureAuto is the error for secure auto with same_site none or
+// partitioned: the config names the secure line for it.
+var ErrSecureAuto = errors.New("pin_cookie: same_site none and partitioned need the Secure attribute on every response (browsers drop such cookies without it), which secure auto does not promise; write secure always, or leave secure out")
 
 // maxPinMaxAge is the longest Max-Age browsers honour (Chromium caps
 // cookie lifetimes at 400 days).
@@ -733,34 +754,58 @@ func validCookieDomain(d string) bool {
 	return letter
 }
 
-// pinRefresh is how old a pin may get before it is issued again, in
+// Refresh is how old a pin may get before it is issued again, in
 // seconds: a quarter of session_ttl, at least a second.
-func pinRefresh(ttl uint32) uint32 { return max(ttl/4, 1) }
+func Refresh(ttl uint32) uint32 { return max(ttl/4, 1) }
 
-// pinLifetime is the oldest a live session's pin can be, in seconds: a
+// Lifetime is the oldest a live session's pin can be, in seconds: a
 // session's requests come at most session_ttl apart, and after each its
 // pin is younger than the refresh interval (the quantum is shorter).
-func pinLifetime(ttl uint32) uint32 { return ttl + pinRefresh(ttl) + pinSlack }
+func Lifetime(ttl uint32) uint32 { return ttl + Refresh(ttl) + Slack }
 
-// pinUpgradeStart is when the upgrade window of old (v1, v2) pins
-// opened, in table seconds: when a v3 instance first started on the
-// storage (loadPinUpgrade), or this process's start without storage. Old
-// pins count as live sessions' for one pin lifetime after it.
-var pinUpgradeStart atomic.Uint32
+// processStart is this process's start, in table seconds: where the
+// upgrade window of old (v1, v2) pins opens when Caddy's storage cannot
+// tell (OpenUpgradeWindow).
+var processStart = sessions.Seconds(time.Now())
 
-func init() { pinUpgradeStart.Store(sessions.Seconds(time.Now())) }
-
-// inPinUpgrade reports whether an old pin may still be a live session's
-// at now, for pins of lifetime life.
-func inPinUpgrade(now, life uint32) bool {
-	start := pinUpgradeStart.Load()
+// InUpgrade reports whether an old pin may still be a live session's at
+// now, for pins of lifetime life, in the upgrade window that opened at
+// start (OpenUpgradeWindow).
+func InUpgrade(now, life, start uint32) bool {
 	return now < start || now-start <= life
 }
 
-// setPinCookie adds the pin's Set-Cookie header to the response,
+// Live reports whether pin p, naming upstream i, is a live session's and
+// this request's session: younger than a live session's pin can be
+// (Lifetime), with a tag that proves its time and bind (one HMAC, only
+// here), and bound to one of the request's keys (their hashes). forged
+// is set for a tag that does not verify. An old pin (v1, v2) counts only
+// during the upgrade window that opened at upgradeStart. ttl is
+// session_ttl in seconds.
+func (s *Signer) Live(i int, p *Decoded, now, ttl, upgradeStart uint32, keys []uint64) (live, forged bool) {
+	life := Lifetime(ttl)
+	if !p.v3 && !InUpgrade(now, life, upgradeStart) {
+		return false, false
+	}
+	if p.v1 {
+		return true, false
+	}
+	if p.Age(now) > life {
+		return false, false // no need to check the tag: an old time gains nothing
+	}
+	if !s.Verify(i, p) {
+		return false, true
+	}
+	return p.boundTo(keys), false
+}
+
+// MaxAge is the cookie's Max-Age (0: a browser-session cookie).
+func (st Style) MaxAge() time.Duration { return time.Duration(st.maxAge) * time.Second }
+
+// AddSetCookie adds the pin's Set-Cookie header to the response,
 // replacing one set by an earlier attempt of the same request (Caddy
 // calls Select again on each retry).
-func setPinCookie(h http.Header, cookieName, value string, replace bool) {
+func AddSetCookie(h http.Header, cookieName, value string, replace bool) {
 	if replace {
 		prefix := cookieName + "="
 		kept := h["Set-Cookie"][:0]
@@ -774,44 +819,37 @@ func setPinCookie(h http.Header, cookieName, value string, replace bool) {
 	h["Set-Cookie"] = append(h["Set-Cookie"], value)
 }
 
-// bindIssuedPin binds the pin a response issues (Select put its
-// Set-Cookie in h) for upstream up to the session key the app issued in
-// that same response (affinity_learn saw it), so that the session's next
-// request finds its pin bound and it is not issued again. A pin that is
-// bound to that key already, or names another upstream, is left alone.
-func (p *Policy) bindIssuedPin(h http.Header, up uint32, key uint64) {
-	ps := p.pools.Load()
-	if p.DisablePinCookie || ps == nil || ps.pins == nil {
-		return
-	}
-	i := ps.indexByID(up)
-	if i < 0 {
-		return
-	}
-	prefix := len(p.PinCookie) + 1
+// BindIssued binds the pin that the response headers h issue for
+// upstream i (Select put its Set-Cookie there) to the session key the app
+// issued in that same response (affinity_learn saw it), so that the
+// session's next request finds its pin bound and it is not issued again.
+// A pin that is bound to that key already, or names another upstream, is
+// left alone.
+func (s *Signer) BindIssued(h http.Header, i int, key uint64) {
+	prefix := len(s.cookie) + 1
 	lines := h["Set-Cookie"]
 	for n, line := range lines {
-		if len(line) < prefix+pinValueLen || line[:prefix-1] != p.PinCookie || line[prefix-1] != '=' {
+		if len(line) < prefix+ValueLen || line[:prefix-1] != s.cookie || line[prefix-1] != '=' {
 			continue
 		}
-		var pin decodedPin
-		value := line[prefix : prefix+pinValueLen]
-		if !decodePin(value, &pin) || !pin.v3 || ps.pins.index(&pin) != i || pin.key != 0 {
+		var pin Decoded
+		value := line[prefix : prefix+ValueLen]
+		if !Decode(value, &pin) || !pin.v3 || s.Index(&pin) != i || pin.key != 0 {
 			return
 		}
-		if bind := pinBind(key); pin.bind != bind {
-			lines[n] = line[:prefix] + ps.pins.boundValue(i, pin.at, bind) + line[prefix+pinValueLen:]
+		if bind := bindOfKey(key); pin.bind != bind {
+			lines[n] = line[:prefix] + s.BoundValue(i, pin.at, bind) + line[prefix+ValueLen:]
 		}
 		return
 	}
 }
 
-// pinBindFor is the bind of the pin a decision issues: the request's
+// BindFor is the bind of the pin a decision issues: the request's
 // first key, except for a session that moved (moved: its upstream could
 // not serve it), whose app on the new upstream does not know the key and
 // issues its own, which the session's next request brings (and binds the
-// pin to), or affinity_learn binds it to at once (bindIssuedPin).
-func pinBindFor(moved bool, keys []uint64) uint32 {
+// pin to), or affinity_learn binds it to at once (BindIssued).
+func BindFor(moved bool, keys []uint64) uint32 {
 	if moved {
 		return 0
 	}

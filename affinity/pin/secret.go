@@ -1,4 +1,4 @@
-package affinity
+package pin
 
 import (
 	"context"
@@ -18,33 +18,25 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/affinity/sessions"
 )
 
-// storageOf returns the config's storage, or nil for a context that
-// belongs to no config (Context.Storage panics on those; unit tests
-// provision policies that way).
-func storageOf(ctx caddy.Context) (s certmagic.Storage) {
-	defer func() {
-		if recover() != nil {
-			s = nil
-		}
-	}()
-	return ctx.Storage()
-}
-
 // secretStorageKey is where a generated secret is kept in Caddy's storage.
 const secretStorageKey = "caddy-affinity/pin-secret"
 
-// loadSecret returns the configured secret (placeholders replaced) or the
-// one kept in Caddy's storage, creating it under the storage lock so that
-// two instances starting at once end up with the same secret.
-func (p *Policy) loadSecret(ctx caddy.Context) ([]byte, error) {
-	if p.Secret != "" {
-		s := caddy.NewReplacer().ReplaceKnown(p.Secret, "")
+// MinSecretLen is the shortest secret that is not logged as weak: pins
+// are HMACs, which a short secret lets a client forge by brute force.
+const MinSecretLen = 16
+
+// LoadSecret returns the configured secret (placeholders replaced) or,
+// if none is configured, the one kept in storage (nil: the context's
+// config has none), creating it under the storage lock so that two
+// instances starting at once end up with the same secret.
+func LoadSecret(ctx context.Context, storage certmagic.Storage, configured string, logger *zap.Logger) ([]byte, error) {
+	if configured != "" {
+		s := caddy.NewReplacer().ReplaceKnown(configured, "")
 		if s == "" {
-			return nil, fmt.Errorf("secret %q is empty once its placeholders are replaced", p.Secret)
+			return nil, fmt.Errorf("secret %q is empty once its placeholders are replaced", configured)
 		}
 		return []byte(s), nil
 	}
-	storage := storageOf(ctx)
 	if storage == nil {
 		return nil, errors.New("no secret configured and no Caddy storage to keep a generated one")
 	}
@@ -72,25 +64,25 @@ func (p *Policy) loadSecret(ctx caddy.Context) ([]byte, error) {
 	if err := storage.Store(sctx, secretStorageKey, b); err != nil {
 		return nil, fmt.Errorf("storing the pin secret: %v", err)
 	}
-	p.logger.Info("generated a pin secret and kept it in storage; instances sharing this storage accept each other's pins",
+	logger.Info("generated a pin secret and kept it in storage; instances sharing this storage accept each other's pins",
 		zap.String("key", secretStorageKey))
 	return b, nil
 }
 
-// maxPreviousSecrets bounds previous_secrets: rotation needs one or two.
-const maxPreviousSecrets = 8
+// MaxPreviousSecrets bounds previous_secrets: rotation needs one or two.
+const MaxPreviousSecrets = 8
 
-// loadPreviousSecrets returns the previous secrets, placeholders
-// replaced, the current secret's duplicates left out (an environment
-// variable may name the same value).
-func (p *Policy) loadPreviousSecrets() ([][]byte, error) {
+// LoadPreviousSecrets returns the configured previous secrets,
+// placeholders replaced, the current secret's duplicates left out (an
+// environment variable may name the same value).
+func LoadPreviousSecrets(configured []string, current []byte) ([][]byte, error) {
 	var out [][]byte
-	for _, prev := range p.PreviousSecrets {
+	for _, prev := range configured {
 		s := caddy.NewReplacer().ReplaceKnown(prev, "")
 		if s == "" {
 			return nil, fmt.Errorf("previous secret %q is empty once its placeholders are replaced", prev)
 		}
-		if s == string(p.secret) {
+		if s == string(current) {
 			continue
 		}
 		out = append(out, []byte(s))
@@ -103,32 +95,31 @@ func (p *Policy) loadPreviousSecrets() ([][]byte, error) {
 // instance that starts on the storage and never again.
 const pinUpgradeKey = "caddy-affinity/pin-v3-since"
 
-// loadPinUpgrade opens the upgrade window of old pins once per storage:
-// it reads when it opened, or records now if no instance did. Without
-// storage (or when it fails) the window opens at this process's start,
-// as before (inPinUpgrade). Every later start on the storage finds the
-// window closed, so that a current pin cut to an old one's length
-// brings no new session to a draining upstream.
-func (p *Policy) loadPinUpgrade(ctx caddy.Context) {
-	storage := storageOf(ctx)
+// OpenUpgradeWindow opens the upgrade window of old pins once per
+// storage and returns when it opened, in table seconds: it reads when it
+// opened, or records now if no instance did. Without storage (nil, or
+// when it fails) the window opens at this process's start, as before
+// (InUpgrade). Every later start on the storage finds the window closed,
+// so that a current pin cut to an old one's length brings no new session
+// to a draining upstream.
+func OpenUpgradeWindow(ctx context.Context, storage certmagic.Storage, logger *zap.Logger) uint32 {
 	if storage == nil {
-		return
+		return processStart
 	}
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if b, err := storage.Load(sctx, pinUpgradeKey); err == nil {
 		if since, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err == nil && since > 0 {
-			pinUpgradeStart.Store(sessions.Seconds(time.Unix(since, 0)))
-			return
+			return sessions.Seconds(time.Unix(since, 0))
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
-		p.logger.Warn("cannot read the pin upgrade window from storage; old pins count as live for one session_ttl after this start", zap.Error(err))
-		return
+		logger.Warn("cannot read the pin upgrade window from storage; old pins count as live for one session_ttl after this start", zap.Error(err))
+		return processStart
 	}
 	now := time.Now()
 	if err := storage.Store(sctx, pinUpgradeKey, []byte(strconv.FormatInt(now.Unix(), 10))); err != nil {
-		p.logger.Warn("cannot record the pin upgrade window in storage; old pins count as live for one session_ttl after this start", zap.Error(err))
-		return
+		logger.Warn("cannot record the pin upgrade window in storage; old pins count as live for one session_ttl after this start", zap.Error(err))
+		return processStart
 	}
-	pinUpgradeStart.Store(sessions.Seconds(now))
+	return sessions.Seconds(now)
 }

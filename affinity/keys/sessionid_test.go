@@ -1,10 +1,12 @@
-package affinity
+package keys
 
 import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 func TestPathParam(t *testing.T) {
@@ -103,9 +105,9 @@ func TestRouteSuffix(t *testing.T) {
 		{"ABC.", ""},
 		{"", ""},
 	} {
-		got, ok := routeSuffix(tc.id)
+		got, ok := RouteSuffix(tc.id)
 		if got != tc.want || ok != (tc.want != "") {
-			t.Errorf("routeSuffix(%q) = %q, %v; want %q", tc.id, got, ok, tc.want)
+			t.Errorf("RouteSuffix(%q) = %q, %v; want %q", tc.id, got, ok, tc.want)
 		}
 	}
 }
@@ -122,8 +124,8 @@ func TestLocationPath(t *testing.T) {
 		{"/redirect?to=https://other/a;jsessionid=9", "/redirect"},
 		{"", ""},
 	} {
-		if got := locationPath(tc.loc); got != tc.want {
-			t.Errorf("locationPath(%q) = %q, want %q", tc.loc, got, tc.want)
+		if got := LocationPath(tc.loc); got != tc.want {
+			t.Errorf("LocationPath(%q) = %q, want %q", tc.loc, got, tc.want)
 		}
 	}
 }
@@ -150,30 +152,30 @@ func TestParseSetCookie(t *testing.T) {
 		{"novalue", "", "", false, false},
 		{"", "", "", false, false},
 	} {
-		c, ok := parseSetCookie(tc.line)
-		if ok != tc.ok || (ok && (c.name != tc.name || c.value != tc.value || c.deleted != tc.deleted)) {
-			t.Errorf("parseSetCookie(%q) = %+v, %v; want %q %q deleted=%v ok=%v", tc.line, c, ok, tc.name, tc.value, tc.deleted, tc.ok)
+		c, ok := ParseSetCookie(tc.line)
+		if ok != tc.ok || (ok && (c.Name != tc.name || c.Value != tc.value || c.Deleted != tc.deleted)) {
+			t.Errorf("ParseSetCookie(%q) = %+v, %v; want %q %q deleted=%v ok=%v", tc.line, c, ok, tc.name, tc.value, tc.deleted, tc.ok)
 		}
 	}
 }
 
 func TestSessionIDKeys(t *testing.T) {
-	keys := []KeySource{
+	keys := []Source{
 		{From: "cookie", Name: "JSESSIONID"},
 		{From: "path_param", Name: "jsessionid"},
 		{From: "aspnet_cookieless"},
 	}
 	for i := range keys {
-		if err := keys[i].provision(); err != nil {
+		if err := keys[i].Provision(); err != nil {
 			t.Fatal(err)
 		}
 	}
-	byCookie := newRequest("JSESSIONID=0A1B.node1")
+	byCookie := cookieRequest("JSESSIONID=0A1B.node1")
 	byPath := httptest.NewRequest(http.MethodGet, "http://example.com/shop;jsessionid=0A1B.node1?x=1", nil)
 	cookieless := httptest.NewRequest(http.MethodGet, "http://example.com/app/(S(0A1B.node1))/page.aspx", nil)
-	hc, ok1 := keys[0].hash(byCookie)
-	hp, ok2 := keys[1].hash(byPath)
-	ha, ok3 := keys[2].hash(cookieless)
+	hc, ok1 := keys[0].Hash(byCookie)
+	hp, ok2 := keys[1].Hash(byPath)
+	ha, ok3 := keys[2].Hash(cookieless)
 	if !ok1 || !ok2 || !ok3 {
 		t.Fatalf("keys not found: %v %v %v", ok1, ok2, ok3)
 	}
@@ -182,21 +184,21 @@ func TestSessionIDKeys(t *testing.T) {
 		t.Fatalf("the same session id hashed differently: cookie %x, path %x, cookieless %x", hc, hp, ha)
 	}
 	// The older whole-segment form too: `(X)` and ASP.NET_SessionId=X.
-	aspCookie := KeySource{From: "cookie", Name: "ASP.NET_SessionId"}
-	if err := aspCookie.provision(); err != nil {
+	aspCookie := Source{From: "cookie", Name: "ASP.NET_SessionId"}
+	if err := aspCookie.Provision(); err != nil {
 		t.Fatal(err)
 	}
 	const monoID = "37F197D4325DAC58DC804F4A"
-	hm, okm := keys[2].hash(httptest.NewRequest(http.MethodGet, "http://example.com/app/("+monoID+")/Default.aspx", nil))
-	hmc, okc := aspCookie.hash(newRequest("ASP.NET_SessionId=" + monoID))
+	hm, okm := keys[2].Hash(httptest.NewRequest(http.MethodGet, "http://example.com/app/("+monoID+")/Default.aspx", nil))
+	hmc, okc := aspCookie.Hash(cookieRequest("ASP.NET_SessionId=" + monoID))
 	if !okm || !okc || hm != hmc || hm != sessionIDHash(monoID) {
 		t.Fatalf("Mono's cookieless id and its cookie: %x %v, %x %v", hm, okm, hmc, okc)
 	}
-	if _, ok := keys[1].hash(byCookie); ok {
+	if _, ok := keys[1].Hash(byCookie); ok {
 		t.Error("path_param key found in a request without the parameter")
 	}
-	for _, bad := range []KeySource{{From: "path_param"}, {From: "path_param", Name: "a/b"}, {From: "aspnet_cookieless", Name: "x"}} {
-		if err := bad.provision(); err == nil {
+	for _, bad := range []Source{{From: "path_param"}, {From: "path_param", Name: "a/b"}, {From: "aspnet_cookieless", Name: "x"}} {
+		if err := bad.Provision(); err == nil {
 			t.Errorf("%+v provisioned", bad)
 		}
 	}
@@ -215,13 +217,13 @@ func TestSessionIDParsersDoNotAllocate(t *testing.T) {
 		if _, ok := aspnetCookielessID(path); !ok {
 			t.Fatal("no cookieless id")
 		}
-		if _, ok := routeSuffix("0A1B.node1"); !ok {
+		if _, ok := RouteSuffix("0A1B.node1"); !ok {
 			t.Fatal("no route")
 		}
-		if _, ok := parseSetCookie("sid=x; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/"); !ok {
+		if _, ok := ParseSetCookie("sid=x; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/"); !ok {
 			t.Fatal("no cookie")
 		}
-		_ = locationPath("https://example.com" + "/a;jsessionid=1")
+		_ = LocationPath("https://example.com" + "/a;jsessionid=1")
 	})
 	if allocs != 0 {
 		t.Fatalf("parsers allocated %.1f times", allocs)
@@ -307,10 +309,10 @@ func FuzzRouteSuffix(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, id string) {
-		route, ok := routeSuffix(id)
+		route, ok := RouteSuffix(id)
 		i := strings.IndexByte(id, '.')
 		if ok != (i >= 0 && i < len(id)-1) || (ok && route != id[i+1:]) {
-			t.Fatalf("routeSuffix(%q) = %q, %v", id, route, ok)
+			t.Fatalf("RouteSuffix(%q) = %q, %v", id, route, ok)
 		}
 	})
 }
@@ -328,25 +330,25 @@ func FuzzParseSetCookie(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, line string) {
-		c, ok := parseSetCookie(line)
+		c, ok := ParseSetCookie(line)
 		if !ok {
 			return
 		}
-		if c.name == "" || strings.Contains(c.name, ";") || strings.Contains(c.value, ";") ||
-			!strings.Contains(line, c.name) || !strings.Contains(line, c.value) {
-			t.Fatalf("parseSetCookie(%q) = %+v", line, c)
+		if c.Name == "" || strings.Contains(c.Name, ";") || strings.Contains(c.Value, ";") ||
+			!strings.Contains(line, c.Name) || !strings.Contains(line, c.Value) {
+			t.Fatalf("ParseSetCookie(%q) = %+v", line, c)
 		}
-		if c.value == "" && !c.deleted {
-			t.Fatalf("parseSetCookie(%q): empty value not taken for a deletion", line)
+		if c.Value == "" && !c.Deleted {
+			t.Fatalf("ParseSetCookie(%q): empty value not taken for a deletion", line)
 		}
-		if !validCookieName(c.name) || strings.ContainsAny(c.value, " \t\";\\,") || c.value == "" {
+		if !httpguts.ValidHeaderFieldName(c.Name) || strings.ContainsAny(c.Value, " \t\";\\,") || c.Value == "" {
 			return
 		}
-		back := (&http.Cookie{Name: c.name, Value: c.value, Path: "/", HttpOnly: true}).String()
-		if !strings.HasPrefix(back, c.name+"="+c.value+";") {
+		back := (&http.Cookie{Name: c.Name, Value: c.Value, Path: "/", HttpOnly: true}).String()
+		if !strings.HasPrefix(back, c.Name+"="+c.Value+";") {
 			return // net/http would not send that value as it is
 		}
-		if b, ok := parseSetCookie(back); !ok || b.name != c.name || b.value != c.value || b.deleted {
+		if b, ok := ParseSetCookie(back); !ok || b.Name != c.Name || b.Value != c.Value || b.Deleted {
 			t.Fatalf("round trip of %q: %+v, %v", back, b, ok)
 		}
 	})

@@ -1,4 +1,4 @@
-package affinity
+package keys
 
 import (
 	"net/http"
@@ -149,11 +149,11 @@ func cookielessSegment(s string) (string, bool) {
 	return id, found
 }
 
-// routeSuffix returns the worker route a session id ends in: Tomcat
+// RouteSuffix returns the worker route a session id ends in: Tomcat
 // appends `.<jvmRoute>` to its session ids (`0A1B2C.node1`), as mod_jk
 // and mod_proxy_balancer expect. The route is what follows the first '.';
 // an id without one, or ending in it, has no route.
-func routeSuffix(id string) (string, bool) {
+func RouteSuffix(id string) (string, bool) {
 	i := strings.IndexByte(id, '.')
 	if i < 0 || i == len(id)-1 {
 		return "", false
@@ -161,10 +161,10 @@ func routeSuffix(id string) (string, bool) {
 	return id[i+1:], true
 }
 
-// locationPath returns the path of a Location header value: an absolute
+// LocationPath returns the path of a Location header value: an absolute
 // URL (`https://host/app/(S(x))/a`), a scheme-relative one (`//host/a`)
 // or an absolute or relative path, without its query and fragment.
-func locationPath(loc string) string {
+func LocationPath(loc string) string {
 	if i := strings.Index(loc, "://"); i >= 0 && strings.IndexAny(loc[:i], "/?#") < 0 {
 		loc = loc[i+3:]
 		if j := strings.IndexAny(loc, "/?#"); j >= 0 {
@@ -186,19 +186,19 @@ func locationPath(loc string) string {
 	return loc
 }
 
-// setCookie is what the learner needs of one Set-Cookie header value.
-type setCookie struct {
-	name, value string
-	// deleted is true for a cookie the app removes: an empty value, or
+// SetCookie is what the learner needs of one Set-Cookie header value.
+type SetCookie struct {
+	Name, Value string
+	// Deleted is true for a cookie the app removes: an empty value, or
 	// Max-Age zero or negative, or an Expires date in the past (the
 	// epoch, as apps write it, or any year before 2000).
-	deleted bool
+	Deleted bool
 }
 
-// parseSetCookie reads the name, value and deletion of a Set-Cookie
+// ParseSetCookie reads the name, value and deletion of a Set-Cookie
 // header value without allocating. ok is false when there is no
 // `name=` before the first ';'.
-func parseSetCookie(line string) (c setCookie, ok bool) {
+func ParseSetCookie(line string) (c SetCookie, ok bool) {
 	pair, attrs, _ := strings.Cut(line, ";")
 	name, value, found := strings.Cut(pair, "=")
 	name = strings.TrimSpace(name)
@@ -209,8 +209,8 @@ func parseSetCookie(line string) (c setCookie, ok bool) {
 	if len(value) >= 2 && value[0] == '"' && value[len(value)-1] == '"' {
 		value = value[1 : len(value)-1]
 	}
-	c.name, c.value = name, value
-	c.deleted = value == ""
+	c.Name, c.Value = name, value
+	c.Deleted = value == ""
 	for attrs != "" {
 		var a string
 		a, attrs, _ = strings.Cut(attrs, ";")
@@ -219,11 +219,11 @@ func parseSetCookie(line string) (c setCookie, ok bool) {
 		switch {
 		case strings.EqualFold(k, "Max-Age"):
 			if v != "" && (v[0] == '-' || strings.Trim(v, "0") == "") {
-				c.deleted = true
+				c.Deleted = true
 			}
 		case strings.EqualFold(k, "Expires"):
 			if expiresInPast(v) {
-				c.deleted = true
+				c.Deleted = true
 			}
 		}
 	}

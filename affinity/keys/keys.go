@@ -1,4 +1,11 @@
-package affinity
+// Package keys reads a request's session keys: the sources a policy's
+// `key` lines name (cookie, header, query, client_ip, path_param,
+// aspnet_cookieless, the platforms' session cookies), one descriptor per
+// kind in kinds, and how each is hashed, learned from a response and
+// injected into a lookup's request. It is beneath the policy: it knows
+// nothing of pins, the table or placement, so that adding a key source
+// is one entry in kinds and a test.
+package keys
 
 import (
 	"encoding/binary"
@@ -16,10 +23,10 @@ import (
 	"github.com/caddy-affinity/caddy-affinity/hashring"
 )
 
-// KeySource is one place a session key may come from. Sources are tried in
+// Source is one place a session key may come from (a `key` line). Sources are tried in
 // the order they are configured; the first one present in a request is
 // the session key.
-type KeySource struct {
+type Source struct {
 	// From is where the key is read: "cookie", "header", "query",
 	// "client_ip", "path_param" (a path parameter such as Java's
 	// `;jsessionid=<id>`) or "aspnet_cookieless" (the session id of an
@@ -42,13 +49,13 @@ type KeySource struct {
 	IPv4Bits int `json:"ipv4_bits,omitempty"`
 	IPv6Bits int `json:"ipv6_bits,omitempty"`
 
-	kind *keyKind
+	kind *kind
 }
 
-// keyKind describes one kind of key source: everything the Caddyfile
+// kind describes one kind of key source: everything the Caddyfile
 // parser, provisioning, Select, the learner and the lookup know of it.
-// Adding a kind of key is adding one entry to keyKinds.
-type keyKind struct {
+// Adding a kind of key is adding one entry to kinds.
+type kind struct {
 	// name is the source's name in the Caddyfile and in JSON (From).
 	name string
 	// named: the source needs a Name (a cookie, header... name).
@@ -68,30 +75,30 @@ type keyKind struct {
 	shared bool
 	// read returns the key's value in the request without allocating
 	// (nil for kinds that hash something else than a string).
-	read func(k *KeySource, r *http.Request) (string, bool)
+	read func(k *Source, r *http.Request) (string, bool)
 	// hash replaces hashing read's value (client_ip hashes an address).
-	hash func(k *KeySource, r *http.Request) (uint64, bool)
+	hash func(k *Source, r *http.Request) (uint64, bool)
 	// readsCookie reports whether the key reads a request cookie of that
 	// name (nil: it reads none). The pin cookie may not be one of them.
-	readsCookie func(k *KeySource, name string) bool
+	readsCookie func(k *Source, name string) bool
 	// learnCookie reports whether a Set-Cookie of that name issues this
 	// key (affinity_learn); nil: cookies never do.
-	learnCookie func(k *KeySource, name string) bool
+	learnCookie func(k *Source, name string) bool
 	// learnLocation reads the key from the path of a Location header
 	// (affinity_learn); nil: redirects never carry it.
-	learnLocation func(k *KeySource, path string) (string, bool)
+	learnLocation func(k *Source, path string) (string, bool)
 	// inject puts value where read finds it, in a request that carries
 	// nothing else: the lookup endpoint's request.
-	inject func(k *KeySource, r *http.Request, value string) error
+	inject func(k *Source, r *http.Request, value string) error
 	// args takes the Caddyfile arguments after the source (nil: the one
 	// name of a named kind, or nothing).
-	args func(k *KeySource, args []string) error
+	args func(k *Source, args []string) error
 	// provision checks the source and fills in its defaults (nil: the
 	// name checks every named kind gets).
-	provision func(k *KeySource) error
+	provision func(k *Source) error
 	// describe names the source as the Caddyfile writes it (nil: "from
 	// name").
-	describe func(k *KeySource) string
+	describe func(k *Source) string
 }
 
 // Hash seeds: kept from the first release, so that a key's hash (and so
@@ -101,20 +108,20 @@ const (
 	seedHeader    = 2
 	seedQuery     = 3
 	seedClientIP  = 4
-	// seedConnection hashes a connection's address for the placement of
-	// a request that carries no key.
-	seedConnection = 6
+	// SeedConnection hashes a connection's address for the placement of
+	// a request that carries no key (5 is the scope's, in package affinity).
+	SeedConnection = 6
 )
 
-// keyKinds is every kind of key source, in the order error messages list
+// kinds is every kind of key source, in the order error messages list
 // them.
-var keyKinds = []*keyKind{
+var kinds = []*kind{
 	{
 		name: "cookie", named: true, seed: seedSessionID, tomcatRoute: true,
-		read:        func(k *KeySource, r *http.Request) (string, bool) { return cookieValue(r.Header, k.Name) },
-		readsCookie: func(k *KeySource, name string) bool { return name == k.Name },
-		learnCookie: func(k *KeySource, name string) bool { return name == k.Name },
-		inject: func(k *KeySource, r *http.Request, v string) error {
+		read:        func(k *Source, r *http.Request) (string, bool) { return CookieValue(r.Header, k.Name) },
+		readsCookie: func(k *Source, name string) bool { return name == k.Name },
+		learnCookie: func(k *Source, name string) bool { return name == k.Name },
+		inject: func(k *Source, r *http.Request, v string) error {
 			if strings.ContainsAny(v, ";\r\n") {
 				return errors.New("a cookie value cannot contain ';' or a line break")
 			}
@@ -124,14 +131,14 @@ var keyKinds = []*keyKind{
 	},
 	{
 		name: "header", named: true, foldsCase: true, seed: seedHeader,
-		read: func(k *KeySource, r *http.Request) (string, bool) {
+		read: func(k *Source, r *http.Request) (string, bool) {
 			if vs := r.Header[k.Name]; len(vs) > 0 && vs[0] != "" {
 				return vs[0], true
 			}
 			return "", false
 		},
-		inject: func(k *KeySource, r *http.Request, v string) error { r.Header.Set(k.Name, v); return nil },
-		provision: func(k *KeySource) error {
+		inject: func(k *Source, r *http.Request, v string) error { r.Header.Set(k.Name, v); return nil },
+		provision: func(k *Source) error {
 			if k.Name == "" {
 				return fmt.Errorf("key %s needs a name", k.From)
 			}
@@ -141,13 +148,13 @@ var keyKinds = []*keyKind{
 	},
 	{
 		name: "query", named: true, seed: seedQuery,
-		read:   func(k *KeySource, r *http.Request) (string, bool) { return queryValue(r.URL.RawQuery, k.Name) },
-		inject: func(k *KeySource, r *http.Request, v string) error { r.URL.RawQuery = k.Name + "=" + v; return nil },
+		read:   func(k *Source, r *http.Request) (string, bool) { return queryValue(r.URL.RawQuery, k.Name) },
+		inject: func(k *Source, r *http.Request, v string) error { r.URL.RawQuery = k.Name + "=" + v; return nil },
 	},
 	{
 		name: "client_ip", seed: seedClientIP, shared: true,
 		hash: hashClientIP,
-		inject: func(k *KeySource, r *http.Request, v string) error {
+		inject: func(k *Source, r *http.Request, v string) error {
 			ip, err := netip.ParseAddr(v)
 			if err != nil {
 				return fmt.Errorf("%q is not an IP address", v)
@@ -157,25 +164,25 @@ var keyKinds = []*keyKind{
 		},
 		args:      clientIPArgs,
 		provision: provisionClientIP,
-		describe: func(k *KeySource) string {
+		describe: func(k *Source) string {
 			return fmt.Sprintf("client_ip /%d /%d", k.IPv4Bits, k.IPv6Bits)
 		},
 	},
 	{
 		name: "path_param", named: true, seed: seedSessionID, tomcatRoute: true,
-		read: func(k *KeySource, r *http.Request) (string, bool) { return pathParam(rawPath(r), k.Name) },
+		read: func(k *Source, r *http.Request) (string, bool) { return pathParam(rawPath(r), k.Name) },
 		// Servlet containers name the cookie JSESSIONID and the path
 		// parameter jsessionid.
-		learnCookie:   func(k *KeySource, name string) bool { return strings.EqualFold(name, k.Name) },
-		learnLocation: func(k *KeySource, path string) (string, bool) { return pathParam(path, k.Name) },
-		inject: func(k *KeySource, r *http.Request, v string) error {
+		learnCookie:   func(k *Source, name string) bool { return strings.EqualFold(name, k.Name) },
+		learnLocation: func(k *Source, path string) (string, bool) { return pathParam(path, k.Name) },
+		inject: func(k *Source, r *http.Request, v string) error {
 			if strings.ContainsAny(v, ";/?#") {
 				return errors.New("a path parameter value cannot contain ';', '/', '?' or '#'")
 			}
 			r.URL.Path = "/;" + k.Name + "=" + v
 			return nil
 		},
-		provision: func(k *KeySource) error {
+		provision: func(k *Source) error {
 			if strings.ContainsAny(k.Name, "/?#") {
 				return fmt.Errorf("key path_param: name %q has a '/', '?' or '#'", k.Name)
 			}
@@ -184,9 +191,9 @@ var keyKinds = []*keyKind{
 	},
 	{
 		name: "aspnet_cookieless", seed: seedSessionID,
-		read:          func(_ *KeySource, r *http.Request) (string, bool) { return aspnetCookielessID(rawPath(r)) },
-		learnLocation: func(_ *KeySource, path string) (string, bool) { return aspnetCookielessID(path) },
-		inject: func(_ *KeySource, r *http.Request, v string) error {
+		read:          func(_ *Source, r *http.Request) (string, bool) { return aspnetCookielessID(rawPath(r)) },
+		learnLocation: func(_ *Source, path string) (string, bool) { return aspnetCookielessID(path) },
+		inject: func(_ *Source, r *http.Request, v string) error {
 			if strings.ContainsAny(v, "()/?#") {
 				return errors.New("a cookieless session id cannot contain '(', ')', '/', '?' or '#'")
 			}
@@ -198,11 +205,11 @@ var keyKinds = []*keyKind{
 		// The session cookies of the common in-process-session platforms,
 		// read in one pass over the Cookie header: the keys a policy has
 		// when it is given none (see platformCookie).
-		name: "platform_cookies", seed: seedSessionID,
-		read:        func(_ *KeySource, r *http.Request) (string, bool) { return platformCookieValue(r.Header) },
-		readsCookie: func(_ *KeySource, name string) bool { return platformCookie(name) },
-		learnCookie: func(_ *KeySource, name string) bool { return platformCookie(name) },
-		inject: func(_ *KeySource, r *http.Request, v string) error {
+		name: platformCookiesKind, seed: seedSessionID,
+		read:        func(_ *Source, r *http.Request) (string, bool) { return platformCookieValue(r.Header) },
+		readsCookie: func(_ *Source, name string) bool { return platformCookie(name) },
+		learnCookie: func(_ *Source, name string) bool { return platformCookie(name) },
+		inject: func(_ *Source, r *http.Request, v string) error {
 			if strings.ContainsAny(v, ";\r\n") {
 				return errors.New("a cookie value cannot contain ';' or a line break")
 			}
@@ -212,27 +219,27 @@ var keyKinds = []*keyKind{
 	},
 }
 
-// KeyKindInfo is a kind of key source as the admin API and the status
-// page offer it to a lookup.
-type KeyKindInfo struct {
-	// Name is the source's name (KeySource.From).
+// KindInfo is a kind of key source as the admin API and the status page
+// offer it to a lookup.
+type KindInfo struct {
+	// Name is the source's name (Source.From).
 	Name string `json:"name"`
 	// Named: a key of the kind has a name (a cookie, header... name).
 	Named bool `json:"named"`
 }
 
-// KeyKinds lists every kind of key source, from keyKinds.
-func KeyKinds() []KeyKindInfo {
-	kinds := make([]KeyKindInfo, len(keyKinds))
-	for i, kk := range keyKinds {
-		kinds[i] = KeyKindInfo{Name: kk.name, Named: kk.named}
+// Kinds lists every kind of key source, from kinds.
+func Kinds() []KindInfo {
+	out := make([]KindInfo, len(kinds))
+	for i, kk := range kinds {
+		out[i] = KindInfo{Name: kk.name, Named: kk.named}
 	}
-	return kinds
+	return out
 }
 
 // kindNamed returns the kind called name, or nil.
-func kindNamed(name string) *keyKind {
-	for _, kk := range keyKinds {
+func kindNamed(name string) *kind {
+	for _, kk := range kinds {
 		if kk.name == name {
 			return kk
 		}
@@ -242,8 +249,8 @@ func kindNamed(name string) *keyKind {
 
 // kindList lists the kinds for error messages: "a, b or c".
 func kindList() string {
-	names := make([]string, len(keyKinds))
-	for i, kk := range keyKinds {
+	names := make([]string, len(kinds))
+	for i, kk := range kinds {
 		names[i] = kk.name
 	}
 	return strings.Join(names[:len(names)-1], ", ") + " or " + names[len(names)-1]
@@ -254,20 +261,107 @@ func unknownSource(from string) error {
 	return fmt.Errorf("unknown source %q: want %s", from, kindList())
 }
 
-// learnable reports whether affinity_learn records the kind's keys when
-// the app issues them.
-func (kk *keyKind) learnable() bool {
+// desc returns the source's kind: the one Provision found, or, for a
+// source not provisioned (a config being checked), the one its From
+// names; nil for an unknown kind.
+func (k *Source) desc() *kind {
+	if k.kind != nil {
+		return k.kind
+	}
+	return kindNamed(k.From)
+}
+
+// Learnable reports whether affinity_learn records the key when the app
+// issues it (in a Set-Cookie or a Location).
+func (k *Source) Learnable() bool {
+	kk := k.desc()
 	return kk != nil && (kk.learnCookie != nil || kk.learnLocation != nil)
 }
 
-// readsCookieNamed reports whether key k, of this kind, reads the
-// request cookie called name.
-func (kk *keyKind) readsCookieNamed(k *KeySource, name string) bool {
+// CarriesRoute reports whether the key's value is a Java session id,
+// from which tomcat_route reads the worker's route.
+func (k *Source) CarriesRoute() bool {
+	kk := k.desc()
+	return kk != nil && kk.tomcatRoute
+}
+
+// Shared reports whether many users may send one value of the key (an
+// address behind NAT), so that it tells no app session apart.
+func (k *Source) Shared() bool {
+	kk := k.desc()
+	return kk != nil && kk.shared
+}
+
+// Default reports whether the source is the keys a policy has when it
+// is given none (the platforms' session cookies).
+func (k *Source) Default() bool { return k.From == platformCookiesKind }
+
+// Defaults are the keys of a policy given no `key` line and no `key
+// none`: the session cookies of the common in-process-session platforms.
+func Defaults() []Source { return []Source{{From: platformCookiesKind}} }
+
+// ReadsCookie reports whether the key reads the request cookie called
+// name (the pin cookie may not be one of them).
+func (k *Source) ReadsCookie(name string) bool {
+	kk := k.desc()
 	return kk != nil && kk.readsCookie != nil && kk.readsCookie(k, name)
 }
 
+// LearnsCookie reports whether a Set-Cookie of that name issues the key
+// (affinity_learn).
+func (k *Source) LearnsCookie(name string) bool {
+	kk := k.desc()
+	return kk != nil && kk.learnCookie != nil && kk.learnCookie(k, name)
+}
+
+// LearnLocation reads the key from the path of a Location header
+// (affinity_learn); false for kinds that redirects never carry.
+func (k *Source) LearnLocation(path string) (string, bool) {
+	kk := k.desc()
+	if kk == nil || kk.learnLocation == nil {
+		return "", false
+	}
+	return kk.learnLocation(k, path)
+}
+
+// Inject puts value where the key reads it, in a request that carries
+// nothing else: the lookup endpoint's request.
+func (k *Source) Inject(r *http.Request, value string) error {
+	kk := k.desc()
+	if kk == nil {
+		return unknownSource(k.From)
+	}
+	return kk.inject(k, r, value)
+}
+
+// SameName compares a key name with the source's the way requests match
+// them: whatever the case for kinds that fold it (header names).
+func (k *Source) SameName(name string) bool {
+	if kk := k.desc(); kk != nil && kk.foldsCase {
+		return strings.EqualFold(k.Name, name)
+	}
+	return k.Name == name
+}
+
+// Parse reads one `key` line's arguments: the source, then what its kind
+// takes. Its errors start with "key".
+func Parse(args []string) (Source, error) {
+	if len(args) == 0 {
+		return Source{}, fmt.Errorf("key: need a source: %s", kindList())
+	}
+	k := Source{From: args[0]}
+	kk := kindNamed(k.From)
+	if kk == nil {
+		return k, fmt.Errorf("key: %v", unknownSource(k.From))
+	}
+	k.kind = kk
+	err := k.setArgs(args[1:])
+	k.kind = nil // set by Provision
+	return k, err
+}
+
 // setArgs takes the Caddyfile arguments after the source's name.
-func (k *KeySource) setArgs(args []string) error {
+func (k *Source) setArgs(args []string) error {
 	if k.kind.args != nil {
 		return k.kind.args(k, args)
 	}
@@ -284,8 +378,8 @@ func (k *KeySource) setArgs(args []string) error {
 	return nil
 }
 
-// provision checks the source and fills in its defaults.
-func (k *KeySource) provision() error {
+// Provision checks the source and fills in its defaults.
+func (k *Source) Provision() error {
 	k.kind = kindNamed(k.From)
 	if k.kind == nil {
 		return unknownSource(k.From)
@@ -303,7 +397,7 @@ func (k *KeySource) provision() error {
 }
 
 // checkName checks the name of a cookie, query or path parameter key.
-func checkName(k *KeySource) error {
+func checkName(k *Source) error {
 	if k.Name == "" {
 		return fmt.Errorf("key %s needs a name", k.From)
 	}
@@ -314,7 +408,7 @@ func checkName(k *KeySource) error {
 }
 
 // String names the source as the Caddyfile writes it, e.g. "cookie sid".
-func (k *KeySource) String() string {
+func (k *Source) String() string {
 	switch {
 	case k.kind != nil && k.kind.describe != nil:
 		return k.kind.describe(k)
@@ -324,32 +418,32 @@ func (k *KeySource) String() string {
 	return k.From + " " + k.Name
 }
 
-// hash returns the key's hash and whether the request carries the key.
+// Hash returns the key's hash and whether the request carries the key.
 // It does not allocate.
-func (k *KeySource) hash(r *http.Request) (uint64, bool) {
+func (k *Source) Hash(r *http.Request) (uint64, bool) {
 	if k.kind.hash != nil {
 		return k.kind.hash(k, r)
 	}
 	if v, ok := k.kind.read(k, r); ok {
-		return k.hashValue(v), true
+		return k.HashValue(v), true
 	}
 	return 0, false
 }
 
-// hashValue is the key hash of a value of the key, read from a request
+// HashValue is the key hash of a value of the key, read from a request
 // or learned from a response (affinity_learn): the kind's seed.
-func (k *KeySource) hashValue(v string) uint64 { return hashring.HashStringSeed(v, k.kind.seed) }
+func (k *Source) HashValue(v string) uint64 { return hashring.HashStringSeed(v, k.kind.seed) }
 
-// value returns the key's value in the request (not for kinds that hash
+// Value returns the key's value in the request (not for kinds that hash
 // something else). It does not allocate.
-func (k *KeySource) value(r *http.Request) (string, bool) {
+func (k *Source) Value(r *http.Request) (string, bool) {
 	if k.kind.read == nil {
 		return "", false
 	}
 	return k.kind.read(k, r)
 }
 
-func clientIPArgs(k *KeySource, args []string) error {
+func clientIPArgs(k *Source, args []string) error {
 	if len(args) > 2 {
 		return fmt.Errorf("key client_ip: at most two prefix lengths (IPv4, IPv6), got %d", len(args))
 	}
@@ -365,7 +459,7 @@ func clientIPArgs(k *KeySource, args []string) error {
 	return nil
 }
 
-func provisionClientIP(k *KeySource) error {
+func provisionClientIP(k *Source) error {
 	if k.IPv4Bits == 0 {
 		k.IPv4Bits = 32
 	}
@@ -382,7 +476,7 @@ func provisionClientIP(k *KeySource) error {
 }
 
 // hashClientIP hashes the client's address, cut to the key's prefix.
-func hashClientIP(k *KeySource, r *http.Request) (uint64, bool) {
+func hashClientIP(k *Source, r *http.Request) (uint64, bool) {
 	ip, ok := clientIP(r)
 	if !ok {
 		return 0, false
@@ -399,13 +493,13 @@ func hashClientIP(k *KeySource, r *http.Request) (uint64, bool) {
 	return hashring.HashSeed(b[:], k.kind.seed), true
 }
 
-// cookieValue returns the value of the cookie called name in the
+// CookieValue returns the value of the cookie called name in the
 // request's Cookie headers as net/http's r.Cookie reads it (which is what
 // Go apps, scs among them, see): the first cookie of that name with a
 // valid value, its double quotes removed; an empty value counts as
 // absent, and so `sid=; sid=b` carries no sid, as for the app. Unlike
 // r.Cookie it allocates nothing.
-func cookieValue(h http.Header, name string) (string, bool) {
+func CookieValue(h http.Header, name string) (string, bool) {
 	for _, line := range h["Cookie"] {
 		for line != "" {
 			var part string
@@ -508,6 +602,9 @@ var platformCookies = []string{
 	"sessionid",           // Django
 }
 
+// platformCookiesKind names the kind of the default keys.
+const platformCookiesKind = "platform_cookies"
+
 // platformCookiePrefix is classic ASP's cookie name prefix.
 const platformCookiePrefix = "ASPSESSIONID"
 
@@ -525,7 +622,7 @@ func platformCookie(name string) bool {
 }
 
 // platformCookieValue returns the value of the first platform session
-// cookie in the request, read as cookieValue reads one cookie, in one
+// cookie in the request, read as CookieValue reads one cookie, in one
 // pass over the Cookie headers. It does not allocate.
 func platformCookieValue(h http.Header) (string, bool) {
 	for _, line := range h["Cookie"] {
@@ -582,4 +679,42 @@ func clientIP(r *http.Request) (netip.Addr, bool) {
 		return netip.Addr{}, false
 	}
 	return ip.Unmap().WithZone(""), true
+}
+
+// Max bounds the number of key sources, so that a request's key hashes
+// fit in an array on the stack.
+const Max = 8
+
+// Read returns the hashes of the keys of sources present in request r,
+// in the sources' order and each once, in buf's storage, and the source
+// of the first (nil if none). skipShared leaves out the sources many
+// users may share a value of (client_ip). It does not allocate.
+//
+// One id under two keys (Tomcat's `JSESSIONID=X` and `;jsessionid=X` on
+// one request) is one key: recorded twice, its second record would turn
+// the session's entry into an alias, which counts as no session.
+func Read(r *http.Request, sources []Source, skipShared bool, buf *[Max]uint64) ([]uint64, *Source) {
+	hashes := buf[:0]
+	var first *Source
+next:
+	for i := range sources {
+		k := &sources[i]
+		if skipShared && k.Shared() {
+			continue
+		}
+		h, ok := k.Hash(r)
+		if !ok {
+			continue
+		}
+		for _, seen := range hashes {
+			if seen == h {
+				continue next
+			}
+		}
+		if len(hashes) == 0 {
+			first = k
+		}
+		hashes = append(hashes, h)
+	}
+	return hashes, first
 }
