@@ -270,6 +270,26 @@ func (p *Policy) readsTomcatRoutes() bool {
 	return false
 }
 
+// proxyNamed names a reverse_proxy by its upstreams, so that an error
+// found when the config loads (without the Caddyfile's lines) says which
+// one it is about.
+func proxyNamed(h *reverseproxy.Handler) string {
+	if h.DynamicUpstreams != nil {
+		return "dynamic upstreams"
+	}
+	var dials []string
+	for _, u := range h.Upstreams {
+		dials = append(dials, u.Dial)
+	}
+	if len(dials) > 3 {
+		dials = append(dials[:3], "...")
+	}
+	if len(dials) == 0 {
+		return "no upstreams"
+	}
+	return "to " + strings.Join(dials, ", ")
+}
+
 // checkHandler checks what the policy needs of its reverse_proxy, which
 // Provision finds among the modules that provision it: hold waits for a
 // pinned upstream by Caddy's retries, which only lb_try_duration makes.
@@ -292,7 +312,7 @@ func (p *Policy) checkHandler(ctx caddy.Context) error {
 		}
 		hold := time.Duration(p.Hold)
 		if try <= 0 {
-			return fmt.Errorf("hold %s needs retries: a held request waits for its upstream by Caddy's retries, and this reverse_proxy has no lb_try_duration; add `lb_try_duration %s` (at least the hold) next to lb_policy", hold, hold)
+			return fmt.Errorf("hold %s needs retries: a held request waits for its upstream by Caddy's retries, and this reverse_proxy (%s) has no lb_try_duration; add `lb_try_duration %s` (at least the hold) next to lb_policy", hold, proxyNamed(h), hold)
 		}
 		if try < hold {
 			p.logger.Warn("lb_try_duration is shorter than hold: a request waits at most lb_try_duration for its held upstream, and then fails rather than failing over; make lb_try_duration at least the hold",

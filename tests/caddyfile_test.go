@@ -155,8 +155,9 @@ func TestBadCaddyfile(t *testing.T) {
 // TestHoldNeedsTryDuration: hold waits for its upstream by Caddy's
 // retries, so a reverse_proxy without lb_try_duration cannot hold. The
 // policy's parser sees only its own block, so the check runs when the
-// config loads: `caddy validate` fails with the fix, and passes once
-// lb_try_duration is there.
+// config loads: `caddy validate` fails with the fix, naming the
+// reverse_proxy by its upstreams (the Caddyfile's lines are gone by
+// then), and passes once lb_try_duration is there.
 func TestHoldNeedsTryDuration(t *testing.T) {
 	needCaddy(t)
 	text, _ := badSite("key cookie "+appCookie, "hold 10s")
@@ -174,8 +175,8 @@ func TestHoldNeedsTryDuration(t *testing.T) {
 		return string(out), err
 	}
 	out, err := validate()
-	if err == nil || !strings.Contains(out, "lb_try_duration 10s") {
-		t.Fatalf("caddy validate of hold without lb_try_duration: %v, want an error giving the fix (lb_try_duration 10s):\n%s", err, out)
+	if err == nil || !strings.Contains(out, "lb_try_duration 10s") || !strings.Contains(out, "reverse_proxy (to 127.0.0.1:") {
+		t.Fatalf("caddy validate of hold without lb_try_duration: %v, want an error naming the reverse_proxy by its upstreams and giving the fix (lb_try_duration 10s):\n%s", err, out)
 	}
 	text = strings.Replace(text, "lb_retries 2", "lb_retries 2\n\t\tlb_try_duration 10s", 1)
 	if err := os.WriteFile(file, []byte(text), 0o644); err != nil {
