@@ -142,19 +142,5 @@ func usedMemory(b *testing.B, c *redis.Client) int64 {
 
 // allCommands returns the calls of every command but INFO.
 func allCommands(b *testing.B, c *redis.Client) int64 {
-	info, err := c.Info(context.Background(), "commandstats").Result()
-	if err != nil {
-		b.Fatal(err)
-	}
-	var n int64
-	for _, line := range strings.Split(info, "\n") {
-		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":calls=")
-		if !ok || name == "cmdstat_info" {
-			continue
-		}
-		calls, _, _ := strings.Cut(rest, ",")
-		v, _ := strconv.ParseInt(calls, 10, 64)
-		n += v
-	}
-	return n
+	return commandCalls(b, c, func(name string) bool { return name != "info" })
 }
