@@ -798,16 +798,12 @@ func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
 				continue
 			}
 			n.know([]string{w.dial})
-			kind := byte(kindNew)
-			if w.how == writeSlide {
-				kind = kindCarry
-			}
 			flag := byte(valMain)
 			if w.alias {
 				flag = valAlias
 			}
 			b := n.bucket(w.key)
-			sets[i] = pipe.HSetNX(ctx, n.bucketKey(b, g), field(w.key), entryValue(flag, kind, dialCode(w.dial)))
+			sets[i] = pipe.HSetNX(ctx, n.bucketKey(b, g), field(w.key), entryValue(flag, w.kind(), dialCode(w.dial)))
 			n.expireOnce(ctx, pipe, g, b)
 		}
 		return nil
@@ -823,11 +819,7 @@ func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
 	// generation, and a write back mostly finds the entry there.
 	for i, w := range ws {
 		if sets[i] != nil && !w.alias && sets[i].Val() {
-			kind := byte(kindNew)
-			if w.how == writeSlide {
-				kind = kindCarry
-			}
-			n.count(g, kind, dialCode(w.dial), 1)
+			n.count(g, w.kind(), dialCode(w.dial), 1)
 		}
 	}
 	if moves {
@@ -837,6 +829,15 @@ func (n *redisNS) record(ws []remoteWrite, deadline time.Time) {
 			}
 		}
 	}
+}
+
+// kind is the entry kind a write records: carried over (a slide) or
+// new in its generation (a new entry, a write back).
+func (w remoteWrite) kind() byte {
+	if w.how == writeSlide {
+		return kindCarry
+	}
+	return kindNew
 }
 
 func codeString(code uint32) string {
